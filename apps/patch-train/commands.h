@@ -1,0 +1,21 @@
+#pragma once
+// The subcommands: each turns a resolved configuration into library calls.
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "run.h"
+
+namespace patch::app {
+
+struct Command {
+  std::string name;
+  std::string description;
+  std::string data_key;  // config key that --data fills ("" when the command takes no data)
+  bool writes_outputs;   // has a run folder (output.dir)
+  std::function<int(RunContext&)> run;
+};
+
+const std::vector<Command>& commands();
+
+}  // namespace patch::app

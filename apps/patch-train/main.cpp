@@ -1,0 +1,114 @@
+// patch-train: a thin command line over the library. Parses options, resolves the
+// configuration (defaults < --config file < command line) and runs a subcommand.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <optional>
+
+#include "commands.h"
+#include "config/config.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "patch/version.h"
+
+namespace {
+
+using patch::config::Json;
+
+struct Options {
+  std::string config_file;
+  std::vector<std::string> sets;
+  bool dump_config = false;
+  std::string model, masks, out;
+  std::vector<std::string> data;
+  bool overwrite = false, resume = false;
+  int verbose = 0;
+  bool quiet = false;
+};
+
+void add_common_options(CLI::App* sub, Options& o, const patch::app::Command& cmd) {
+  sub->add_option("-c,--config", o.config_file, "Configuration file (.yaml, .yml or .json)");
+  sub->add_option("--set", o.sets, "Override a key: --set train.lr=5e-4 (repeatable)")
+      ->type_name("KEY=VALUE");
+  sub->add_flag("--dump-config", o.dump_config, "Print the resolved configuration as YAML and exit");
+  sub->add_option("--model", o.model, "Checkpoint (model.path)")->type_name("PATH");
+  if (!cmd.data_key.empty())
+    sub->add_option("--data", o.data, "Data file(s) (" + cmd.data_key + ")")->type_name("FILE");
+  sub->add_option("--masks", o.masks, "Mask file (model.masks)")->type_name("FILE");
+  if (cmd.writes_outputs) {
+    sub->add_option("--out", o.out, "Output directory (output.dir)")->type_name("DIR");
+    sub->add_flag("--overwrite", o.overwrite, "Allow a non-empty output directory");
+    sub->add_flag("--resume", o.resume, "Continue from the last checkpoint in the output directory");
+  }
+  sub->add_flag("-v,--verbose", o.verbose, "More log output (debug)");
+  sub->add_flag("-q,--quiet", o.quiet, "Only warnings and errors on the console");
+}
+
+patch::config::Overrides overrides_of(const Options& o, const patch::app::Command& cmd) {
+  patch::config::Overrides ov;
+  if (!o.model.empty()) ov.values.emplace_back("model.path", o.model);
+  if (!o.data.empty()) ov.values.emplace_back(cmd.data_key, Json(o.data));
+  if (!o.masks.empty()) ov.values.emplace_back("model.masks", o.masks);
+  if (!o.out.empty()) ov.values.emplace_back("output.dir", o.out);
+  if (o.overwrite) ov.values.emplace_back("output.overwrite", true);
+  if (o.resume) ov.values.emplace_back("output.resume", true);
+  ov.sets = o.sets;
+  return ov;
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{"patch-train: learn hybrid dense/2:4 sparsity masks for LLaMA-family models"};
+  app.set_version_flag("-V,--version", std::string("patch-train ") + PATCH_VERSION_STRING);
+  app.require_subcommand(1);
+  app.failure_message(CLI::FailureMessage::help);
+
+  Options opts;
+  std::map<CLI::App*, const patch::app::Command*> subs;
+  for (const auto& cmd : patch::app::commands()) {
+    CLI::App* sub = app.add_subcommand(cmd.name, cmd.description);
+    add_common_options(sub, opts, cmd);
+    subs[sub] = &cmd;
+  }
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int code = app.exit(e);
+    return code == 0 ? 0 : patch::core::kExitUsage;
+  }
+
+  CLI::App* sub = app.get_subcommands().front();
+  const patch::app::Command& cmd = *subs.at(sub);
+  using patch::core::log::Level;
+  patch::core::log::init(opts.quiet ? Level::kWarn : opts.verbose ? Level::kDebug : Level::kInfo);
+
+  std::optional<std::string> file;
+  if (!opts.config_file.empty()) file = opts.config_file;
+  patch::config::Config cfg = patch::config::resolve(file, overrides_of(opts, cmd), cmd.name);
+  if (opts.dump_config) {
+    std::cout << patch::config::dump_yaml(cfg);
+    return 0;
+  }
+  patch::app::RunContext ctx = patch::app::start_run(cmd.name, std::move(cfg), cmd.writes_outputs);
+  int rc = cmd.run(ctx);
+  patch::core::log::flush();
+  return rc;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const patch::core::Error& e) {
+    patch::core::log::error(e.what());
+    patch::core::log::flush();
+    return e.exit_code();
+  } catch (const std::exception& e) {
+    patch::core::log::error(std::string("unexpected error: ") + e.what());
+    patch::core::log::flush();
+    return patch::core::kExitFailure;
+  }
+}

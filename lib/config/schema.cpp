@@ -1,0 +1,171 @@
+// The configuration schema: every key the tool reads, in one place.
+#include <algorithm>
+
+#include "config/config.h"
+
+namespace patch::config {
+namespace {
+
+using T = Type;
+const std::vector<std::string> kModelCommands = {"train", "eval", "inspect", "prune", "export",
+                                                 "sweep"};
+
+KeyDef key(std::string k, Type t, Json def, std::string help) {
+  KeyDef d;
+  d.key = std::move(k);
+  d.type = t;
+  d.default_value = std::move(def);
+  d.help = std::move(help);
+  return d;
+}
+KeyDef range(KeyDef d, std::optional<double> lo, std::optional<double> hi) {
+  d.min = lo;
+  d.max = hi;
+  return d;
+}
+KeyDef choices(KeyDef d, std::vector<std::string> c) {
+  d.choices = std::move(c);
+  return d;
+}
+KeyDef required(KeyDef d, std::vector<std::string> by) {
+  d.required_by = std::move(by);
+  return d;
+}
+KeyDef sized(KeyDef d, size_t n) {
+  d.list_size = n;
+  return d;
+}
+
+std::vector<KeyDef> build() {
+  const double inf = 1e300;
+  std::vector<KeyDef> s = {
+      // model
+      required(key("model.path", T::kString, nullptr,
+                   "Checkpoint: a Hugging Face directory (config.json + safetensors) or a .gguf file"),
+               kModelCommands),
+      choices(key("model.dtype", T::kString, "auto",
+                  "Weight/compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"),
+              {"auto", "float32", "bfloat16", "float16"}),
+      key("model.device", T::kString, "auto", "Device: auto, cpu, cuda or cuda:N"),
+      key("model.masks", T::kString, "",
+          "Mask file (masks.safetensors) applied to the model by eval, export and verify"),
+      key("model.checkpointing", T::kBool, true,
+          "Recompute each decoder block in the backward pass (activation checkpointing)"),
+      // data
+      key("data.train", T::kStringList, Json::array(),
+          "Training text files (.txt, .jsonl, .bin); relative paths may use the data dir"),
+      key("data.valid", T::kStringList, Json::array(),
+          "Validation files; empty: hold out data.valid_blocks blocks of the training data"),
+      choices(key("data.format", T::kString, "auto", "File format: auto (by extension), text, jsonl, bin"),
+              {"auto", "text", "jsonl", "bin"}),
+      key("data.jsonl_field", T::kString, "text", "JSONL field holding the document text"),
+      key("data.document_separator", T::kString, "",
+          "Line separating documents in text files (e.g. <|endoftext|>); empty: one document per file"),
+      range(key("data.seq_len", T::kInt, 256, "Tokens per training/evaluation block"), 8, 1 << 20),
+      range(key("data.valid_blocks", T::kInt, 16,
+                "Blocks held out for validation when data.valid is empty"),
+            0, inf),
+      range(key("data.max_tokens", T::kInt, 0, "Use at most this many training tokens (0: all)"), 0, inf),
+      key("data.cache_dir", T::kString, "", "Token cache directory (empty: <output.dir>/../.cache/tokens)"),
+      // eval
+      key("eval.data", T::kStringList, Json::array(), "Files to compute perplexity on"),
+      range(key("eval.max_windows", T::kInt, 0, "Evaluate at most this many windows per file (0: all)"), 0,
+            inf),
+      range(key("eval.stride", T::kInt, 0, "Window stride in tokens (0: data.seq_len, non-overlapping)"), 0,
+            inf),
+      range(key("eval.batch_size", T::kInt, 4, "Windows per forward pass"), 1, 4096),
+      // mask
+      choices(key("mask.mode", T::kString, "joint",
+                  "joint (tile and 2:4 learned), tile (2:4 fixed from the prior), maskllm (2:4 only)"),
+              {"joint", "tile", "maskllm"}),
+      sized(range(key("mask.tile", T::kIntList, Json::array({128, 128}),
+                      "Tile size [rows, cols]; cols a multiple of 4"),
+                  1, inf),
+            2),
+      range(key("mask.target_sparsity", T::kFloat, 0.45,
+                "Target sparsity over all masked weights, in [0, 0.5] (0.45 = 90% of weights in 2:4 tiles)"),
+            0.0, 0.5),
+      choices(key("mask.budget", T::kString, "global", "Density budget: global or per_block"),
+              {"global", "per_block"}),
+      key("mask.include", T::kStringList, Json::array({"*"}),
+          "Glob patterns of linear layer names to mask (Hugging Face module names)"),
+      key("mask.exclude", T::kStringList, Json::array(), "Glob patterns of layer names never masked"),
+      range(key("mask.init_std", T::kFloat, 1.0, "Std of the N(0, sigma) logit initialisation"), 0.0, inf),
+      choices(key("mask.prior", T::kString, "magnitude", "Prior: none, magnitude, wanda, sparsegpt, file"),
+              {"none", "magnitude", "wanda", "sparsegpt", "file"}),
+      key("mask.prior_file", T::kString, "", "Mask file used as prior when mask.prior is 'file'"),
+      range(key("mask.prior_strength_24", T::kFloat, 3.0, "Prior strength s for the 2:4 logits"), 0.0, inf),
+      range(key("mask.prior_strength_tile", T::kFloat, 3.0, "Prior strength s for the tile logits"), 0.0,
+            inf),
+      key("mask.hard_24", T::kBool, false, "Straight-through hard sampling of the 2:4 choice"),
+      key("mask.hard_tile", T::kBool, false, "Straight-through hard sampling of the tile gates"),
+      sized(range(key("mask.tau_24", T::kFloatList, Json::array({4.0, 0.05}),
+                      "2:4 Gumbel temperature [start, end]"),
+                  1e-6, inf),
+            2),
+      sized(range(key("mask.scale_24", T::kFloatList, Json::array({100.0, 500.0}),
+                      "2:4 logit scale [start, end]"),
+                  0.0, inf),
+            2),
+      sized(range(key("mask.tau_tile", T::kFloatList, Json::array({4.0, 0.05}),
+                      "Tile Gumbel temperature [start, end]"),
+                  1e-6, inf),
+            2),
+      sized(range(key("mask.scale_tile", T::kFloatList, Json::array({25.0, 350.0}),
+                      "Tile logit scale [start, end]"),
+                  0.0, inf),
+            2),
+      choices(key("mask.anneal", T::kString, "linear", "Annealing of tau and scale: linear, cosine, exp"),
+              {"linear", "cosine", "exp"}),
+      // train
+      range(key("train.steps", T::kInt, 200, "Optimizer steps"), 1, inf),
+      range(key("train.lr", T::kFloat, 0.05, "Peak learning rate of the mask logits (AdamW)"), 0.0, inf),
+      range(key("train.min_lr_ratio", T::kFloat, 0.1, "Final learning rate as a fraction of train.lr"), 0.0,
+            1.0),
+      range(key("train.warmup_steps", T::kInt, 10, "Linear warm-up steps"), 0, inf),
+      range(key("train.weight_decay", T::kFloat, 0.0, "AdamW weight decay on the logits"), 0.0, inf),
+      sized(range(key("train.betas", T::kFloatList, Json::array({0.9, 0.999}), "AdamW betas"), 0.0, 1.0), 2),
+      range(key("train.micro_batch", T::kInt, 4, "Sequences per forward/backward"), 1, inf),
+      range(key("train.global_batch", T::kInt, 8,
+                "Sequences per optimizer step (a multiple of train.micro_batch)"),
+            1, inf),
+      range(key("train.grad_clip", T::kFloat, 1.0, "Gradient norm clip (0: off)"), 0.0, inf),
+      range(key("train.lambda_sparsity", T::kFloat, 10.0, "Weight of the density regularizer"), 0.0, inf),
+      range(key("train.lambda_weight", T::kFloat, 0.0, "Weight of the kept-weight-norm term"), 0.0, inf),
+      range(key("train.eval_every", T::kInt, 50, "Held-out evaluation every N steps (0: only at the end)"),
+            0, inf),
+      range(key("train.eval_blocks", T::kInt, 16, "Validation blocks per evaluation"), 1, inf),
+      range(key("train.checkpoint_every", T::kInt, 50, "Checkpoint every N steps (0: only at the end)"), 0,
+            inf),
+      range(key("train.log_every", T::kInt, 1, "Metrics line every N steps"), 1, inf),
+      range(key("train.seed", T::kInt, 0, "Seed of logits init, Gumbel noise and data order"), 0, inf),
+      choices(key("train.autocast", T::kString, "auto", "auto (bf16 on GPU, off on CPU), bf16, off"),
+              {"auto", "bf16", "off"}),
+      // output
+      key("output.dir", T::kString, "runs/latest", "Run directory (config, log, metrics, checkpoints, masks)"),
+      key("output.overwrite", T::kBool, false, "Allow writing into a non-empty output directory"),
+      key("output.resume", T::kBool, false, "Continue the run in output.dir from its last checkpoint"),
+      // sweep
+      range(key("sweep.targets", T::kFloatList, Json::array({0.25, 0.35, 0.45}),
+                "Target sparsities of a sweep"),
+            0.0, 0.5),
+      key("sweep.baselines", T::kStringList, Json::array(),
+          "Baselines run beside PATCH in a sweep: wanda, sparsegpt, magnitude, maskllm"),
+  };
+  return s;
+}
+
+}  // namespace
+
+const std::vector<KeyDef>& schema() {
+  static const std::vector<KeyDef> s = build();
+  return s;
+}
+
+const KeyDef* find_key(const std::string& k) {
+  const auto& s = schema();
+  auto it = std::find_if(s.begin(), s.end(), [&](const KeyDef& d) { return d.key == k; });
+  return it == s.end() ? nullptr : &*it;
+}
+
+}  // namespace patch::config

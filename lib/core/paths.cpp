@@ -1,0 +1,37 @@
+#include "core/paths.h"
+
+#include <cstdlib>
+#include <filesystem>
+
+#include "core/error.h"
+
+namespace patch::core {
+namespace fs = std::filesystem;
+
+std::string data_dir() {
+  if (const char* env = std::getenv("PATCH_DATA_DIR"); env && *env) return env;
+  return PATCH_DEFAULT_DATA_DIR;
+}
+
+std::string resolve_path(const std::string& path) {
+  static const std::string prefix = "@data/";
+  if (path.compare(0, prefix.size(), prefix) == 0) return data_dir() + "/" + path.substr(prefix.size());
+  return path;
+}
+
+void prepare_output_dir(const std::string& dir, bool overwrite, bool resume) {
+  std::error_code ec;
+  if (fs::exists(dir, ec)) {
+    if (!fs::is_directory(dir, ec))
+      throw ConfigError(str("output.dir: '", dir, "' exists and is not a directory"));
+    if (!fs::is_empty(dir, ec) && !overwrite && !resume)
+      throw ConfigError(str("output.dir: '", dir,
+                            "' is not empty; pass --overwrite to replace its outputs or --resume "
+                            "to continue the run in it"));
+    return;
+  }
+  fs::create_directories(dir, ec);
+  if (ec) throw Error(str("output.dir: cannot create '", dir, "': ", ec.message()));
+}
+
+}  // namespace patch::core

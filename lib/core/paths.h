@@ -1,0 +1,18 @@
+#pragma once
+#include <string>
+
+namespace patch::core {
+
+// The shared data directory: $PATCH_DATA_DIR, else the CMake cache value
+// PATCH_DATA_DIR (default ../shared/data beside the source tree).
+std::string data_dir();
+
+// Paths in configurations may start with "@data/" to name a file of the data
+// directory, so that the bundled configs work wherever the data lives.
+std::string resolve_path(const std::string& path);
+
+// Refuses a non-empty output directory unless overwrite or resume is set;
+// creates it when missing.
+void prepare_output_dir(const std::string& dir, bool overwrite, bool resume);
+
+}  // namespace patch::core

@@ -1,0 +1,35 @@
+#pragma once
+// Progress of a long loop: a live line on a terminal, periodic log lines otherwise.
+#include <chrono>
+#include <string>
+
+namespace patch::core {
+
+class Progress {
+ public:
+  // `every_seconds` is the interval of log lines when stderr is not a terminal.
+  Progress(std::string label, long total, double every_seconds = 10.0);
+  // Reports that `done` of `total` units are finished and `tokens` more tokens
+  // were processed since the last call; `extra` is appended (e.g. "loss 2.31").
+  void update(long done, long tokens = 0, const std::string& extra = "");
+  // Ends the live line.
+  void finish();
+  double elapsed_seconds() const;
+
+ private:
+  std::string line(long done, const std::string& extra) const;
+
+  std::string label_;
+  long total_;
+  double every_;
+  bool tty_;
+  long tokens_ = 0;
+  bool live_ = false;
+  std::chrono::steady_clock::time_point start_;
+  std::chrono::steady_clock::time_point last_print_;
+};
+
+// "1h02m", "3m05s", "12s".
+std::string format_duration(double seconds);
+
+}  // namespace patch::core

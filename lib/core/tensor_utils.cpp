@@ -1,0 +1,63 @@
+#include "core/tensor_utils.h"
+
+#include <ATen/Context.h>
+#if __has_include(<c10/cuda/CUDACachingAllocator.h>)
+#include <c10/cuda/CUDACachingAllocator.h>
+#define PATCH_HAS_CUDA_ALLOCATOR 1
+#endif
+
+#include "core/error.h"
+
+namespace patch::core {
+
+at::Device resolve_device(const std::string& name) {
+  if (name == "auto") return at::hasCUDA() ? at::Device(at::kCUDA, 0) : at::Device(at::kCPU);
+  try {
+    at::Device d(name);
+    if (d.is_cuda() && !at::hasCUDA())
+      throw ConfigError(str("model.device: '", name, "' requested but no CUDA device is available"));
+    return d;
+  } catch (const c10::Error&) {
+    throw ConfigError(str("model.device: expected auto, cpu, cuda or cuda:N, got '", name, "'"));
+  }
+}
+
+at::ScalarType resolve_dtype(const std::string& name, const at::Device& device) {
+  if (name == "auto") return device.is_cuda() ? at::kBFloat16 : at::kFloat;
+  if (name == "float32" || name == "fp32") return at::kFloat;
+  if (name == "bfloat16" || name == "bf16") return at::kBFloat16;
+  if (name == "float16" || name == "fp16") return at::kHalf;
+  throw ConfigError(str("model.dtype: expected auto, float32, bfloat16 or float16, got '", name, "'"));
+}
+
+std::string dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    case at::kDouble: return "float64";
+    default: return c10::toString(dtype);
+  }
+}
+
+double peak_memory_gib(const at::Device& device) {
+#ifdef PATCH_HAS_CUDA_ALLOCATOR
+  if (!device.is_cuda()) return 0.0;
+  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  auto peak = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  return static_cast<double>(peak) / (1024.0 * 1024.0 * 1024.0);
+#else
+  (void)device;
+  return 0.0;
+#endif
+}
+
+void reset_peak_memory(const at::Device& device) {
+#ifdef PATCH_HAS_CUDA_ALLOCATOR
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+#else
+  (void)device;
+#endif
+}
+
+}  // namespace patch::core

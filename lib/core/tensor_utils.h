@@ -1,0 +1,19 @@
+#pragma once
+// Device and dtype helpers shared by every module that touches tensors.
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace patch::core {
+
+// "auto" picks CUDA when a GPU is visible, else CPU; "cpu", "cuda", "cuda:N".
+at::Device resolve_device(const std::string& name);
+// "auto" is float32 on CPU and bfloat16 on CUDA; also float32|bfloat16|float16
+// (and the short forms fp32|bf16|fp16).
+at::ScalarType resolve_dtype(const std::string& name, const at::Device& device);
+std::string dtype_name(at::ScalarType dtype);
+// Peak device memory in GiB since the last reset (0 on CPU).
+double peak_memory_gib(const at::Device& device);
+void reset_peak_memory(const at::Device& device);
+
+}  // namespace patch::core

@@ -1,0 +1,67 @@
+#include "eval/perplexity.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <cmath>
+#include <vector>
+
+#include "core/error.h"
+#include "core/progress.h"
+
+namespace patch::eval {
+
+PerplexityResult perplexity(model::Decoder& model, const int32_t* tokens, int64_t num_tokens,
+                            const PerplexityOptions& opts) {
+  const int64_t seq = opts.seq_len;
+  const int64_t stride = opts.stride <= 0 ? seq : opts.stride;
+  core::check(seq >= 2, "eval", "seq_len must be at least 2");
+  core::check(stride <= seq, "eval.stride", core::str("must not exceed data.seq_len (", seq, ")"));
+  core::check(num_tokens >= seq, "eval",
+              core::str("the text has ", num_tokens, " tokens, fewer than one window of ", seq));
+
+  // Window starts and, per window, the first target position it scores.
+  struct Window {
+    int64_t start, first_scored;
+  };
+  std::vector<Window> windows;
+  for (int64_t start = 0; start + seq <= num_tokens; start += stride) {
+    int64_t first = windows.empty() || stride == seq ? 1 : seq - stride;
+    windows.push_back({start, first});
+    if (opts.max_windows > 0 && static_cast<int64_t>(windows.size()) >= opts.max_windows) break;
+  }
+
+  c10::NoGradGuard no_grad;
+  const auto device = model.options().device;
+  double nll_sum = 0.0;
+  int64_t count = 0;
+  core::Progress progress("eval", static_cast<long>(windows.size()));
+  for (size_t b = 0; b < windows.size(); b += opts.batch_size) {
+    size_t e = std::min(windows.size(), b + static_cast<size_t>(opts.batch_size));
+    auto ids = at::empty({static_cast<int64_t>(e - b), seq}, at::kLong);
+    auto acc = ids.accessor<int64_t, 2>();
+    for (size_t w = b; w < e; ++w)
+      for (int64_t t = 0; t < seq; ++t) acc[w - b][t] = tokens[windows[w].start + t];
+    auto logits = model.forward(ids.to(device));  // [n, seq, vocab] fp32
+    auto logp = at::log_softmax(logits.slice(1, 0, seq - 1), -1);
+    auto targets = ids.slice(1, 1, seq).to(device);
+    auto nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(at::kDouble).cpu();  // [n, seq-1]
+    for (size_t w = b; w < e; ++w) {
+      // Target position p (1-based in the window) is prediction index p - 1.
+      auto scored = nll[static_cast<int64_t>(w - b)].slice(0, windows[w].first_scored - 1);
+      nll_sum += scored.sum().item<double>();
+      count += scored.numel();
+    }
+    progress.update(static_cast<long>(e), static_cast<long>((e - b) * seq));
+  }
+  progress.finish();
+  PerplexityResult r;
+  r.predictions = count;
+  r.windows = static_cast<int64_t>(windows.size());
+  r.tokens = num_tokens;
+  r.mean_nll = nll_sum / static_cast<double>(count);
+  r.perplexity = std::exp(r.mean_nll);
+  return r;
+}
+
+}  // namespace patch::eval

@@ -1,0 +1,32 @@
+#pragma once
+// Perplexity by the usual protocol of WikiText-2 evaluations: the text's token
+// stream cut into windows of seq_len tokens, the loss averaged over every
+// next-token prediction inside the windows.
+#include <cstdint>
+
+#include "model/decoder.h"
+
+namespace patch::eval {
+
+struct PerplexityOptions {
+  int64_t seq_len = 256;
+  // 0 or seq_len: consecutive non-overlapping windows (the remainder that does
+  // not fill a window is dropped). Smaller: sliding windows that score only the
+  // tokens not scored by the previous window (the transformers recipe).
+  int64_t stride = 0;
+  int64_t max_windows = 0;  // 0: all windows; else the first ones
+  int64_t batch_size = 4;
+};
+
+struct PerplexityResult {
+  double mean_nll = 0.0;    // nats per predicted token
+  double perplexity = 0.0;  // exp(mean_nll)
+  int64_t predictions = 0;  // next-token predictions scored
+  int64_t windows = 0;
+  int64_t tokens = 0;       // tokens in the stream
+};
+
+PerplexityResult perplexity(model::Decoder& model, const int32_t* tokens, int64_t num_tokens,
+                            const PerplexityOptions& opts);
+
+}  // namespace patch::eval

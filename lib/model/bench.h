@@ -1,0 +1,30 @@
+#pragma once
+// GPU benchmark entry points for the decoder (not tests): forward+backward of
+// loss() on a random-weight model of a real model's shape.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "io/model_config.h"
+
+namespace patch::model {
+
+// Hyper-parameters of "qwen2.5-0.5b", "llama-3.2-1b", "llama-2-7b" and
+// "llama-3.1-8b" (from their Hugging Face config.json). Throws
+// core::ConfigError for other names.
+io::ModelConfig model_shape(const std::string& name);
+
+// Builds Decoder::random(cfg) on `device` in `dtype`, puts a provider W * s with
+// one scalar leaf s (requires grad) on every linear so that backward runs
+// through all blocks and computes every weight gradient (as mask training
+// does), then times `iters` steps of loss(ids).backward() on random ids
+// [batch, seq] after `warmup` untimed steps. Returns JSON with median_ms,
+// tokens_per_s, peak_gib (core::peak_memory_gib) and the run's parameters.
+nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device device,
+                                      at::ScalarType dtype, int64_t batch, int64_t seq,
+                                      bool checkpointing, int warmup, int iters);
+
+}  // namespace patch::model

@@ -1,0 +1,76 @@
+#pragma once
+// All LinearMasks of a model, keyed by Hugging Face module name, selected by
+// include/exclude globs, plus the aggregates the trainer needs.
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "sparsity/linear_mask.h"
+
+namespace patch::sparsity {
+
+// fnmatch-style match: '*' matches any run of characters (dots included), '?' one.
+bool glob_match(const std::string& pattern, const std::string& name);
+
+struct MaskSetOptions {
+  LinearMaskOptions mask;  // mode, init_std, seed, device, logits dtype
+  int64_t tile_rows = 128, tile_cols = 128;
+  std::vector<std::string> include = {"*"};
+  std::vector<std::string> exclude;
+};
+
+class MaskSet {
+ public:
+  // Called for each masked layer so the caller can install the mask as that
+  // linear's weight provider (sparsity does not know the model).
+  using Attach = std::function<void(const std::string& name, const std::shared_ptr<LinearMask>& mask)>;
+
+  MaskSet(MaskSetOptions opts, std::shared_ptr<SamplerState> state);
+
+  // Creates a mask for every (name, weight [out, in]) the globs select, in the
+  // given order; keeps a reference to each weight (for priors and the weight
+  // term). Throws core::Error on a duplicate name or a weight that is not 2-D
+  // with in % 4 == 0.
+  void add_layers(const std::vector<std::pair<std::string, at::Tensor>>& weights,
+                  const Attach& attach = {});
+  // True when `name` matches an include glob and no exclude glob.
+  bool selects(const std::string& name) const;
+
+  const std::vector<std::shared_ptr<LinearMask>>& masks() const { return masks_; }
+  size_t size() const { return masks_.size(); }
+  std::shared_ptr<LinearMask> find(const std::string& name) const;  // nullptr if absent
+  const at::Tensor& weight(size_t i) const { return weights_.at(i); }
+  SamplerState& state() { return *state_; }
+  const SamplerState& state() const { return *state_; }
+  std::shared_ptr<SamplerState> shared_state() const { return state_; }
+  const MaskSetOptions& options() const { return opts_; }
+
+  int64_t total_weights() const;
+  std::vector<int64_t> blocks() const;  // distinct block indices, ascending (-1 = outside blocks)
+
+  // Differentiable densities of this step's sampled masks, weighted by weights.
+  at::Tensor soft_density() const;                              // global scalar
+  std::map<int64_t, at::Tensor> block_soft_density() const;     // per decoder block
+  // Sum over layers of ||M * W||_F^2 with the stored weights (fp32 scalar).
+  at::Tensor weight_term() const;
+  std::vector<at::Tensor> parameters() const;
+
+  // Checkpoint support: every layer's named_state(), and loading it back
+  // (shapes checked; errors name `source` and the tensor).
+  std::vector<std::pair<std::string, at::Tensor>> named_state() const;
+  void load_state(const std::map<std::string, at::Tensor>& tensors, const std::string& source);
+
+ private:
+  MaskSetOptions opts_;
+  std::shared_ptr<SamplerState> state_;
+  std::vector<std::shared_ptr<LinearMask>> masks_;
+  std::vector<at::Tensor> weights_;
+  std::map<std::string, size_t> index_;
+};
+
+}  // namespace patch::sparsity

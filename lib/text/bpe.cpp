@@ -1,0 +1,198 @@
+#include "text/bpe.h"
+
+#include <cstdio>
+#include <queue>
+
+#include "core/error.h"
+#include "text/unicode.h"
+
+namespace patch::text {
+
+namespace {
+
+uint64_t pair_key(int32_t a, int32_t b) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
+}
+
+// Words longer than this are not cached (a pre-tokenizer-less tokenizer sees
+// whole documents as one word).
+constexpr size_t kMaxCachedWord = 256;
+constexpr size_t kMaxCacheEntries = size_t{1} << 18;
+
+}  // namespace
+
+BpeModel::BpeModel(std::unordered_map<std::string, int32_t> vocab,
+                   const std::vector<std::pair<std::string, std::string>>& merges, Options options,
+                   const std::string& context)
+    : vocab_(std::move(vocab)), opt_(std::move(options)) {
+  int32_t max_id = -1;
+  for (const auto& [tok, id] : vocab_) {
+    if (id < 0) throw core::Error(core::str(context, ": negative id ", id, " for token '", tok, "'"));
+    max_id = std::max(max_id, id);
+  }
+  id_to_token_.resize(static_cast<size_t>(max_id + 1));
+  has_id_.assign(static_cast<size_t>(max_id + 1), false);
+  for (const auto& [tok, id] : vocab_) {
+    id_to_token_[static_cast<size_t>(id)] = tok;
+    has_id_[static_cast<size_t>(id)] = true;
+  }
+  for (size_t rank = 0; rank < merges.size(); ++rank) {
+    const auto& [a, b] = merges[rank];
+    const int32_t ia = id(a), ib = id(b), inew = id(a + b);
+    if (ia < 0 || ib < 0 || inew < 0)
+      throw core::Error(core::str(context, ": merge #", rank, " '", a, " ", b,
+                                  "' uses a token missing from the vocabulary"));
+    merges_[pair_key(ia, ib)] = {static_cast<int32_t>(rank), inew};  // a repeated pair: last wins
+  }
+  if (!opt_.unk_token.empty()) {
+    unk_id_ = id(opt_.unk_token);
+    if (unk_id_ < 0)
+      throw core::Error(core::str(context, ": unk_token '", opt_.unk_token, "' is not in the vocabulary"));
+  }
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof(name), "<0x%02X>", b);
+    byte_ids_[b] = id(name);
+  }
+}
+
+const std::string* BpeModel::token(int32_t i) const {
+  if (i < 0 || static_cast<size_t>(i) >= id_to_token_.size() || !has_id_[static_cast<size_t>(i)])
+    return nullptr;
+  return &id_to_token_[static_cast<size_t>(i)];
+}
+
+int32_t BpeModel::id(const std::string& tok) const {
+  const auto it = vocab_.find(tok);
+  return it == vocab_.end() ? -1 : it->second;
+}
+
+void BpeModel::encode(std::string_view word, std::vector<int32_t>& out) const {
+  if (word.empty()) return;
+  if (opt_.ignore_merges) {
+    const auto it = vocab_.find(std::string(word));
+    if (it != vocab_.end()) {
+      out.push_back(it->second);
+      return;
+    }
+  }
+  if (word.size() > kMaxCachedWord) {
+    merge_word(word, out);
+    return;
+  }
+  std::string key(word);
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    const auto it = cache_.find(key);
+    if (it != cache_.end()) {
+      out.insert(out.end(), it->second.begin(), it->second.end());
+      return;
+    }
+  }
+  std::vector<int32_t> ids;
+  merge_word(word, ids);
+  out.insert(out.end(), ids.begin(), ids.end());
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  if (cache_.size() >= kMaxCacheEntries) cache_.clear();
+  cache_.emplace(std::move(key), std::move(ids));
+}
+
+void BpeModel::merge_word(std::string_view w, std::vector<int32_t>& out) const {
+  struct Symbol {
+    int32_t c;
+    int64_t prev, next;
+    size_t len;
+  };
+  std::vector<Symbol> symbols;
+  symbols.reserve(w.size());
+  auto add = [&](int32_t c, size_t byte_len) {
+    const int64_t n = static_cast<int64_t>(symbols.size());
+    if (!symbols.empty()) symbols.back().next = n;
+    symbols.push_back(Symbol{c, n - 1, -1, byte_len});
+  };
+
+  // Initial symbols: one per character, as in models/bpe/model.rs merge_word.
+  bool have_unk = false;
+  int32_t pending_unk = -1;
+  size_t pending_unk_len = 0;
+  std::string s;
+  for (size_t i = 0; i < w.size();) {
+    const size_t len = std::min<size_t>(unicode::utf8_length(static_cast<unsigned char>(w[i])),
+                                        w.size() - i);
+    const bool is_first = i == 0, is_last = i + len == w.size();
+    s.assign(w.substr(i, len));
+    i += len;
+    if (!is_first && !opt_.continuing_subword_prefix.empty()) s = opt_.continuing_subword_prefix + s;
+    if (is_last && !opt_.end_of_word_suffix.empty()) s += opt_.end_of_word_suffix;
+    const auto it = vocab_.find(s);
+    if (it != vocab_.end()) {
+      if (have_unk) {
+        add(pending_unk, pending_unk_len);
+        have_unk = false;
+      }
+      add(it->second, len);
+      continue;
+    }
+    if (opt_.byte_fallback) {
+      bool all = true;
+      for (unsigned char b : s) all = all && byte_ids_[b] >= 0;
+      if (all) {
+        for (unsigned char b : s) add(byte_ids_[b], 1);
+        continue;
+      }
+    }
+    if (unk_id_ < 0) continue;  // as Hugging Face: dropped without an unk token
+    if (have_unk && opt_.fuse_unk) {
+      pending_unk_len += len;
+    } else {
+      if (have_unk) add(pending_unk, pending_unk_len);
+      have_unk = true;
+      pending_unk = unk_id_;
+      pending_unk_len = len;
+    }
+  }
+  if (have_unk) add(pending_unk, pending_unk_len);
+
+  // merge_all: a min-heap on (rank, position); stale entries are skipped.
+  struct Merge {
+    int32_t rank;
+    int64_t pos;
+    int32_t new_id;
+    bool operator<(const Merge& o) const {  // "less" = lower priority
+      return rank != o.rank ? rank > o.rank : pos > o.pos;
+    }
+  };
+  std::priority_queue<Merge> queue;
+  for (size_t i = 0; i + 1 < symbols.size(); ++i) {
+    const auto it = merges_.find(pair_key(symbols[i].c, symbols[i + 1].c));
+    if (it != merges_.end()) queue.push(Merge{it->second.first, static_cast<int64_t>(i), it->second.second});
+  }
+  while (!queue.empty()) {
+    const Merge top = queue.top();
+    queue.pop();
+    Symbol& cur = symbols[static_cast<size_t>(top.pos)];
+    if (cur.len == 0 || cur.next == -1) continue;
+    const int64_t next_pos = cur.next;
+    const Symbol right = symbols[static_cast<size_t>(next_pos)];
+    const auto target = merges_.find(pair_key(cur.c, right.c));
+    if (target == merges_.end() || target->second.second != top.new_id) continue;
+    cur.c = top.new_id;
+    cur.len += right.len;
+    cur.next = right.next;
+    symbols[static_cast<size_t>(next_pos)].len = 0;
+    if (right.next > -1 && static_cast<size_t>(right.next) < symbols.size())
+      symbols[static_cast<size_t>(right.next)].prev = top.pos;
+    if (cur.prev >= 0) {
+      const auto it = merges_.find(pair_key(symbols[static_cast<size_t>(cur.prev)].c, cur.c));
+      if (it != merges_.end()) queue.push(Merge{it->second.first, cur.prev, it->second.second});
+    }
+    if (cur.next >= 0 && static_cast<size_t>(cur.next) < symbols.size()) {
+      const auto it = merges_.find(pair_key(cur.c, symbols[static_cast<size_t>(cur.next)].c));
+      if (it != merges_.end()) queue.push(Merge{it->second.first, top.pos, it->second.second});
+    }
+  }
+  for (const Symbol& sym : symbols)
+    if (sym.len != 0) out.push_back(sym.c);
+}
+
+}  // namespace patch::text

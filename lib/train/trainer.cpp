@@ -1,0 +1,504 @@
+#include "train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "core/paths.h"
+#include "core/progress.h"
+#include "core/tensor_utils.h"
+#include "data/dataset.h"
+#include "io/checkpoint.h"
+#include "io/safetensors.h"
+#include "maskfile/mask_file.h"
+#include "model/decoder.h"
+#include "sparsity/budget.h"
+#include "sparsity/mask_set.h"
+#include "sparsity/prior.h"
+#include "text/tokenizer.h"
+#include "train/optimizer.h"
+
+namespace patch::train {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using core::str;
+
+std::atomic<int> g_stop_signal{0};
+
+extern "C" void on_stop_signal(int sig) {
+  g_stop_signal.store(sig);
+  std::signal(sig, SIG_DFL);  // a second signal ends the process at once
+}
+
+constexpr const char* kCheckpointName = "checkpoint.safetensors";
+constexpr const char* kCheckpointFormat = "patch-train-checkpoint";
+
+// Installs precomputed hard masks (uint8 tile map + pattern, rebuilt per call so
+// no [out, in] mask is kept for every layer at once).
+class HardMaskProvider : public model::WeightProvider {
+ public:
+  HardMaskProvider(const sparsity::HardenedLayer& layer, const at::Device& device)
+      : grid_(layer.grid), tiles_(layer.tile_dense.to(device)), pattern_(layer.pattern.to(device)) {}
+  at::Tensor effective_weight(const at::Tensor& weight) override {
+    return weight * sparsity::build_mask(grid_, tiles_, pattern_, weight.scalar_type());
+  }
+
+ private:
+  sparsity::TileGrid grid_;
+  at::Tensor tiles_, pattern_;
+};
+
+struct Run {
+  const config::Config& cfg;
+  std::string out_dir;
+  at::Device device = at::kCPU;
+  int64_t steps = 0, micro = 0, global = 0, seq_len = 0;
+  double target = 0.0;
+  sparsity::BudgetKind budget = sparsity::BudgetKind::kGlobal;
+  std::unique_ptr<model::Decoder> model;
+  std::unique_ptr<data::BlockDataset> train_data, valid_data;
+  std::vector<int64_t> train_blocks, valid_blocks;
+  std::shared_ptr<sparsity::SamplerState> state;
+  std::unique_ptr<sparsity::MaskSet> masks;
+  sparsity::SamplerSchedule schedule;
+  std::unique_ptr<AdamW> opt;
+  double weight_norm_total = 0.0;  // sum over layers of ||W||, for the weight term
+  std::string model_path;
+
+  explicit Run(const config::Config& c, std::string dir) : cfg(c), out_dir(std::move(dir)) {}
+};
+
+std::vector<double> pair_of(const config::Config& cfg, const std::string& key) {
+  auto v = cfg.get_float_list(key);
+  return v;
+}
+
+void load_model_and_data(Run& r) {
+  const auto& cfg = r.cfg;
+  r.model_path = core::resolve_path(cfg.get_string("model.path"));
+  io::Checkpoint ckpt = io::load_checkpoint(r.model_path);
+  r.device = core::resolve_device(cfg.get_string("model.device"));
+  model::DecoderOptions mo;
+  mo.device = r.device;
+  std::string dtype = cfg.get_string("model.dtype");
+  mo.dtype = dtype == "auto" && !r.device.is_cuda() ? at::kFloat : core::resolve_dtype(dtype, r.device);
+  mo.checkpointing = cfg.get_bool("model.checkpointing");
+  r.model = std::make_unique<model::Decoder>(ckpt, mo);
+  core::log::info(str("model ", r.model_path, ": ", ckpt.config.num_layers, " layers on ", r.device.str(),
+                      " in ", core::dtype_name(mo.dtype)));
+
+  auto tok = text::load_tokenizer_for(r.model_path);
+  data::DataOptions dopts;
+  dopts.format = cfg.get_string("data.format");
+  dopts.jsonl_field = cfg.get_string("data.jsonl_field");
+  dopts.document_separator = cfg.get_string("data.document_separator");
+  dopts.cache_dir = cfg.get_string("data.cache_dir");
+  if (dopts.cache_dir.empty()) dopts.cache_dir = (fs::path(r.out_dir) / ".." / ".cache" / "tokens").string();
+
+  auto collect = [&](const std::vector<std::string>& files) {
+    std::vector<int32_t> all;
+    for (const auto& f : files) {
+      auto t = data::tokenize_file(core::resolve_path(f), *tok, dopts);
+      all.insert(all.end(), t.begin(), t.end());
+    }
+    return all;
+  };
+  auto train_files = cfg.get_string_list("data.train");
+  if (train_files.empty())
+    throw core::ConfigError("data.train: no training file given (use --data FILE or data.train in the config)");
+  std::vector<int32_t> train_tokens = collect(train_files);
+  const int64_t max_tokens = cfg.get_int("data.max_tokens");
+  if (max_tokens > 0 && static_cast<int64_t>(train_tokens.size()) > max_tokens) train_tokens.resize(max_tokens);
+  r.seq_len = cfg.get_int("data.seq_len");
+  const uint64_t seed = static_cast<uint64_t>(cfg.get_int("train.seed"));
+  r.train_data = std::make_unique<data::BlockDataset>(std::move(train_tokens), r.seq_len);
+  auto valid_files = cfg.get_string_list("data.valid");
+  if (valid_files.empty()) {
+    auto split = data::split_blocks(r.train_data->num_blocks(), cfg.get_int("data.valid_blocks"), seed);
+    r.train_blocks = split.train;
+    r.valid_blocks = split.valid;
+  } else {
+    for (int64_t i = 0; i < r.train_data->num_blocks(); ++i) r.train_blocks.push_back(i);
+    r.valid_data = std::make_unique<data::BlockDataset>(collect(valid_files), r.seq_len);
+    for (int64_t i = 0; i < r.valid_data->num_blocks(); ++i) r.valid_blocks.push_back(i);
+  }
+  const int64_t eval_blocks = cfg.get_int("train.eval_blocks");
+  if (static_cast<int64_t>(r.valid_blocks.size()) > eval_blocks) r.valid_blocks.resize(eval_blocks);
+  if (r.train_blocks.empty())
+    throw core::Error(str("data.train: fewer tokens than one block of data.seq_len + 1 = ", r.seq_len + 1,
+                          " after holding out ", r.valid_blocks.size(), " validation blocks"));
+  core::log::info(str("data: ", r.train_blocks.size(), " training blocks, ", r.valid_blocks.size(),
+                      " validation blocks of ", r.seq_len, " tokens"));
+}
+
+void build_masks(Run& r) {
+  const auto& cfg = r.cfg;
+  r.target = cfg.get_float("mask.target_sparsity");
+  r.budget = sparsity::parse_budget(cfg.get_string("mask.budget"));
+  sparsity::MaskSetOptions mo;
+  mo.mask.mode = sparsity::parse_mask_mode(cfg.get_string("mask.mode"));
+  mo.mask.init_std = cfg.get_float("mask.init_std");
+  mo.mask.seed = static_cast<uint64_t>(cfg.get_int("train.seed"));
+  mo.mask.device = r.device;
+  auto tile = cfg.get_int_list("mask.tile");
+  mo.tile_rows = tile[0];
+  mo.tile_cols = tile[1];
+  mo.include = cfg.get_string_list("mask.include");
+  mo.exclude = cfg.get_string_list("mask.exclude");
+
+  auto tau24 = pair_of(cfg, "mask.tau_24"), sc24 = pair_of(cfg, "mask.scale_24");
+  auto taut = pair_of(cfg, "mask.tau_tile"), sct = pair_of(cfg, "mask.scale_tile");
+  r.schedule = {tau24[0], tau24[1], sc24[0], sc24[1], taut[0], taut[1], sct[0], sct[1],
+                sparsity::parse_anneal(cfg.get_string("mask.anneal"))};
+  r.state = std::make_shared<sparsity::SamplerState>();
+  r.state->seed = mo.mask.seed;
+  r.state->hard_24 = cfg.get_bool("mask.hard_24");
+  r.state->hard_tile = cfg.get_bool("mask.hard_tile");
+  r.schedule.apply(*r.state, 0.0);
+
+  r.masks = std::make_unique<sparsity::MaskSet>(mo, r.state);
+  std::vector<std::pair<std::string, at::Tensor>> weights;
+  for (auto* lin : r.model->linears()) weights.emplace_back(lin->name(), lin->weight());
+  r.masks->add_layers(weights, [&](const std::string& name, const std::shared_ptr<sparsity::LinearMask>& m) {
+    r.model->linear(name)->set_provider(m);
+  });
+  if (r.masks->size() == 0)
+    throw core::ConfigError("mask.include: the patterns select no linear layer of the model");
+  core::log::info(str("masks: ", r.masks->size(), " layers, ", r.masks->total_weights(), " weights, mode ",
+                      cfg.get_string("mask.mode"), ", target sparsity ", r.target));
+
+  // Priors shift the N(0, sigma) initial logits towards a one-shot mask.
+  const std::string prior = cfg.get_string("mask.prior");
+  std::map<std::string, sparsity::Prior> priors;
+  if (prior == "magnitude") {
+    priors = sparsity::magnitude_priors(*r.masks, r.target);
+  } else if (prior == "file") {
+    auto file = maskfile::read_mask_file(core::resolve_path(cfg.get_string("mask.prior_file")));
+    priors = maskfile::priors_from_file(file);
+  } else if (prior == "wanda" || prior == "sparsegpt") {
+    throw core::ConfigError(str("mask.prior: '", prior,
+                                "' needs the one-shot pruning module, not built yet; use magnitude or file"));
+  }
+  if (prior == "none") {
+    if (mo.mask.mode == sparsity::MaskMode::kTile)
+      throw core::ConfigError("mask.prior: tile mode fixes the 2:4 patterns from a prior; 'none' gives none");
+  } else {
+    sparsity::PriorStrength strength{mo.mask.init_std, cfg.get_float("mask.prior_strength_24"),
+                                     cfg.get_float("mask.prior_strength_tile")};
+    sparsity::apply_prior(*r.masks, priors, r.target, r.budget, strength);
+  }
+
+  c10::NoGradGuard no_grad;
+  for (size_t i = 0; i < r.masks->size(); ++i)
+    r.weight_norm_total += r.masks->weight(i).to(at::kFloat).norm().item<double>();
+
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  for (auto& [name, t] : r.masks->named_state())
+    if (t.requires_grad()) params.emplace_back(name, t);
+  auto betas = cfg.get_float_list("train.betas");
+  r.opt = std::make_unique<AdamW>(params, AdamWOptions{betas[0], betas[1], 1e-8, cfg.get_float("train.weight_decay")});
+}
+
+// The training blocks of global sample positions [begin, end): epochs reshuffle
+// with the seed, so the data position is a pure function of the step.
+std::vector<int64_t> sample_blocks(const Run& r, int64_t begin, int64_t end) {
+  const auto n = static_cast<int64_t>(r.train_blocks.size());
+  const uint64_t seed = static_cast<uint64_t>(r.cfg.get_int("train.seed"));
+  std::vector<int64_t> out;
+  int64_t cached_epoch = -1;
+  std::vector<int64_t> order;
+  for (int64_t pos = begin; pos < end; ++pos) {
+    int64_t epoch = pos / n;
+    if (epoch != cached_epoch) {
+      order = data::epoch_order(r.train_blocks, seed, epoch);
+      cached_epoch = epoch;
+    }
+    out.push_back(order[pos % n]);
+  }
+  return out;
+}
+
+// Validation loss with the hardened masks installed, then the learnable ones back.
+double evaluate_hard(Run& r, const sparsity::Hardened& hard) {
+  c10::NoGradGuard no_grad;
+  for (const auto& layer : hard.layers)
+    r.model->linear(layer.name)->set_provider(std::make_shared<HardMaskProvider>(layer, r.device));
+  const data::BlockDataset& ds = r.valid_data ? *r.valid_data : *r.train_data;
+  double sum = 0.0;
+  int64_t n = 0;
+  for (size_t b = 0; b < r.valid_blocks.size(); b += static_cast<size_t>(r.micro)) {
+    std::vector<int64_t> idx(r.valid_blocks.begin() + static_cast<int64_t>(b),
+                             r.valid_blocks.begin() + static_cast<int64_t>(std::min(r.valid_blocks.size(), b + r.micro)));
+    auto ids = ds.blocks(idx).to(r.device);
+    sum += r.model->loss(ids).item<double>() * static_cast<double>(idx.size());
+    n += static_cast<int64_t>(idx.size());
+  }
+  for (const auto& m : r.masks->masks()) r.model->linear(m->name())->set_provider(m);
+  return n ? sum / static_cast<double>(n) : std::nan("");
+}
+
+std::string checkpoint_path(const Run& r) { return (fs::path(r.out_dir) / kCheckpointName).string(); }
+
+void save_checkpoint(const Run& r, int64_t step) {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (auto& [name, t] : r.masks->named_state()) tensors.emplace_back("mask/" + name, t.detach());
+  for (auto& [name, t] : r.opt->state()) tensors.emplace_back("adam/" + name, t);
+  std::map<std::string, std::string> meta = {
+      {"format", kCheckpointFormat},
+      {"step", std::to_string(step)},
+      {"adam_steps", std::to_string(r.opt->steps())},
+      {"data_position", std::to_string(step * r.global)},
+      {"seed", std::to_string(r.cfg.get_int("train.seed"))},
+      {"config", r.cfg.tree().dump()}};
+  io::write_safetensors(checkpoint_path(r), tensors, meta);
+  core::log::debug(str("checkpoint at step ", step, " -> ", checkpoint_path(r)));
+}
+
+// Returns the step to continue from (0 when there is nothing to resume).
+int64_t load_checkpoint(Run& r) {
+  const std::string path = checkpoint_path(r);
+  if (!fs::exists(path)) {
+    core::log::warn(str("output.resume: no checkpoint in ", r.out_dir, "; starting from step 0"));
+    return 0;
+  }
+  io::SafetensorsFile f(path);
+  const auto& meta = f.metadata();
+  auto get = [&](const std::string& k) {
+    auto it = meta.find(k);
+    if (it == meta.end()) throw core::Error(str(path, ": not a patch-train checkpoint (no '", k, "')"));
+    return it->second;
+  };
+  if (get("format") != kCheckpointFormat) throw core::Error(str(path, ": not a patch-train checkpoint"));
+  if (get("seed") != std::to_string(r.cfg.get_int("train.seed")))
+    throw core::ConfigError(str("train.seed: ", r.cfg.get_int("train.seed"), " differs from the checkpoint's ",
+                                get("seed"), "; resume with the run's configuration"));
+  std::map<std::string, at::Tensor> masks, adam;
+  for (const auto& e : f.entries()) {
+    if (e.name.rfind("mask/", 0) == 0) masks[e.name.substr(5)] = f.tensor(e.name);
+    if (e.name.rfind("adam/", 0) == 0) adam[e.name.substr(5)] = f.tensor(e.name);
+  }
+  {
+    c10::NoGradGuard no_grad;
+    r.masks->load_state(masks, path);
+  }
+  r.opt->load_state(adam, std::stoll(get("adam_steps")));
+  int64_t step = std::stoll(get("step"));
+  core::log::info(str("resuming from step ", step, " (", path, ")"));
+  return step;
+}
+
+// Keeps metrics lines up to `step` so a resumed run's metrics read as one run.
+void truncate_metrics(const std::string& path, int64_t step) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.value("step", int64_t{0}) <= step) kept += line + "\n";
+  }
+  core::write_file_atomic(path, kept);
+}
+
+double hard_density_by_sign(const Run& r) {
+  int64_t dense = 0;
+  for (const auto& m : r.masks->masks()) {
+    auto tiles = m->hard_tiles().to(at::kLong);
+    dense += (tiles * m->grid().counts()).sum().item<int64_t>();
+  }
+  const double total = static_cast<double>(r.masks->total_weights());
+  return (static_cast<double>(dense) + 0.5 * (total - static_cast<double>(dense))) / total;
+}
+
+void write_outputs(Run& r, const sparsity::Hardened& hard, double valid_loss) {
+  maskfile::MaskFileMeta meta;
+  meta.model_source = r.model_path;
+  meta.model_config_hash = std::to_string(std::hash<std::string>{}(io::config_fingerprint(r.model->config())));
+  meta.training_config = r.cfg.tree().dump();
+  auto file = maskfile::from_hardened(hard, meta);
+  const std::string masks_path = (fs::path(r.out_dir) / "masks.safetensors").string();
+  maskfile::write_mask_file(masks_path, file);
+
+  auto report = sparsity::density_report(*r.masks, hard);
+  core::log::info("density (kept fraction), learned vs hardened:\n" + report.format());
+  json rep;
+  rep["target_sparsity"] = r.target;
+  rep["achieved_sparsity"] = hard.achieved_sparsity();
+  rep["valid_loss"] = valid_loss;
+  rep["valid_perplexity"] = std::exp(valid_loss);
+  auto rows = [](const std::vector<sparsity::DensityRow>& v) {
+    json a = json::array();
+    for (const auto& d : v)
+      a.push_back({{"name", d.name}, {"block", d.block}, {"weights", d.weights}, {"soft_density", d.soft},
+                   {"hard_density", d.hard}});
+    return a;
+  };
+  rep["total"] = {{"weights", report.total.weights}, {"soft_density", report.total.soft},
+                  {"hard_density", report.total.hard}};
+  rep["blocks"] = rows(report.blocks);
+  rep["layers"] = rows(report.layers);
+  core::write_file_atomic((fs::path(r.out_dir) / "report.json").string(), rep.dump(2) + "\n");
+  core::log::info(str("masks written to ", masks_path, ": sparsity ", hard.achieved_sparsity(), " (target ",
+                      r.target, "), validation perplexity ", std::exp(valid_loss)));
+}
+
+}  // namespace
+
+void install_stop_handlers() {
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+}
+
+int run_training(const config::Config& cfg, const std::string& out_dir) {
+  Run r(cfg, out_dir);
+  r.steps = cfg.get_int("train.steps");
+  r.micro = cfg.get_int("train.micro_batch");
+  r.global = cfg.get_int("train.global_batch");
+  at::manual_seed(static_cast<uint64_t>(cfg.get_int("train.seed")));
+  load_model_and_data(r);
+  build_masks(r);
+
+  const std::string metrics_path = (fs::path(out_dir) / "metrics.jsonl").string();
+  int64_t start = 0;
+  if (cfg.get_bool("output.resume")) start = load_checkpoint(r);
+  truncate_metrics(metrics_path, start);
+  std::ofstream metrics(metrics_path, std::ios::app);
+
+  const double lr_peak = cfg.get_float("train.lr");
+  const double min_ratio = cfg.get_float("train.min_lr_ratio");
+  const int64_t warmup = cfg.get_int("train.warmup_steps");
+  const double clip = cfg.get_float("train.grad_clip");
+  const double lambda_s = cfg.get_float("train.lambda_sparsity");
+  const double lambda_w = cfg.get_float("train.lambda_weight");
+  const int64_t eval_every = cfg.get_int("train.eval_every");
+  const int64_t ckpt_every = cfg.get_int("train.checkpoint_every");
+  const int64_t log_every = cfg.get_int("train.log_every");
+  const bool per_block = r.budget == sparsity::BudgetKind::kPerBlock;
+  const double target_density = 1.0 - r.target;
+  const int64_t n_micro = r.global / r.micro;
+  int64_t last_checkpoint = start;
+
+  core::Progress progress("train", static_cast<long>(r.steps));
+  auto t_start = std::chrono::steady_clock::now();
+  for (int64_t step = start; step < r.steps; ++step) {
+    if (int sig = g_stop_signal.load()) {
+      save_checkpoint(r, step);
+      progress.finish();
+      core::log::warn(str("stopped by signal ", sig, " at step ", step, "; checkpoint written, continue with --resume"));
+      return core::kExitInterrupted;
+    }
+    auto t0 = std::chrono::steady_clock::now();
+    core::reset_peak_memory(r.device);
+    const double frac = r.steps > 1 ? static_cast<double>(step) / static_cast<double>(r.steps - 1) : 1.0;
+    r.schedule.apply(*r.state, frac);
+    r.state->step = step;
+    const double lr = lr_at(step, r.steps, warmup, lr_peak, min_ratio);
+
+    // LM loss, accumulated over micro-batches.
+    double ce = 0.0;
+    auto blocks = sample_blocks(r, step * r.global, (step + 1) * r.global);
+    for (int64_t k = 0; k < n_micro; ++k) {
+      std::vector<int64_t> idx(blocks.begin() + k * r.micro, blocks.begin() + (k + 1) * r.micro);
+      auto ids = r.train_data->blocks(idx).to(r.device);
+      at::Tensor loss = r.model->loss(ids);
+      (loss / static_cast<double>(n_micro)).backward();
+      ce += loss.item<double>() / static_cast<double>(n_micro);
+    }
+    // Regularizers: density towards the budget, minus the kept-weight term.
+    at::Tensor density = r.masks->soft_density();
+    at::Tensor reg;
+    if (per_block) {
+      reg = at::zeros({}, density.options());
+      for (auto& [b, d] : r.masks->block_soft_density()) reg = reg + (d - target_density).abs();
+    } else {
+      reg = (density - target_density).abs();
+    }
+    at::Tensor total_reg = reg * lambda_s;
+    double weight_term = 0.0;
+    const double w_coef = lambda_w * (1.0 - static_cast<double>(step) / static_cast<double>(r.steps));
+    if (w_coef > 0) {
+      at::Tensor kept = at::zeros({}, density.options());
+      for (size_t i = 0; i < r.masks->size(); ++i)
+        kept = kept + r.masks->masks()[i]->weight_term(r.masks->weight(i)).sqrt();
+      at::Tensor wt = kept / r.weight_norm_total;
+      weight_term = wt.item<double>();
+      total_reg = total_reg - w_coef * wt;
+    }
+    if (total_reg.requires_grad()) total_reg.backward();
+    const double reg_value = reg.item<double>();
+    const double loss_value = ce + lambda_s * reg_value - w_coef * weight_term;
+    if (!std::isfinite(loss_value)) {
+      progress.finish();
+      throw core::Error(str("step ", step + 1, ": the loss is ", loss_value, " (cross-entropy ", ce,
+                            "); stopping. The last good checkpoint (step ", last_checkpoint, ") is in ", out_dir,
+                            "; lower train.lr or check the data"));
+    }
+    const double grad_norm = r.opt->clip_grad_norm(clip);
+    r.opt->step(lr);
+    r.opt->zero_grad();
+
+    const int64_t done = step + 1;
+    const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double tokens = static_cast<double>(r.global * r.seq_len);
+    bool is_last = done == r.steps;
+    json m;
+    if (done % log_every == 0 || is_last || (eval_every > 0 && done % eval_every == 0)) {
+      m = {{"step", done},
+           {"lr", lr},
+           {"loss", loss_value},
+           {"ce", ce},
+           {"sparsity_reg", reg_value},
+           {"weight_term", weight_term},
+           {"soft_density", density.item<double>()},
+           {"hard_density", hard_density_by_sign(r)},
+           {"tau_24", r.state->tau_24},
+           {"scale_24", r.state->scale_24},
+           {"tau_tile", r.state->tau_tile},
+           {"scale_tile", r.state->scale_tile},
+           {"grad_norm", grad_norm},
+           {"tokens_per_s", tokens / step_s},
+           {"step_ms", step_s * 1e3},
+           {"peak_mem_gib", core::peak_memory_gib(r.device)}};
+    }
+    if ((eval_every > 0 && done % eval_every == 0) && !is_last) {
+      auto hard = sparsity::harden(*r.masks, r.target, r.budget);
+      double vl = evaluate_hard(r, hard);
+      m["valid_loss"] = vl;
+      m["valid_ppl"] = std::exp(vl);
+      m["hard_sparsity"] = hard.achieved_sparsity();
+    }
+    if (!m.is_null()) metrics << m.dump() << "\n" << std::flush;
+    progress.update(static_cast<long>(done), static_cast<long>(tokens),
+                    str("loss ", std::round(ce * 1000) / 1000, " density ",
+                        std::round(density.item<double>() * 1000) / 1000));
+    if ((ckpt_every > 0 && done % ckpt_every == 0) && !is_last) {
+      save_checkpoint(r, done);
+      last_checkpoint = done;
+    }
+  }
+  progress.finish();
+
+  auto hard = sparsity::harden(*r.masks, r.target, r.budget);
+  double vl = evaluate_hard(r, hard);
+  json fin = {{"step", r.steps}, {"final", true}, {"valid_loss", vl}, {"valid_ppl", std::exp(vl)},
+              {"hard_sparsity", hard.achieved_sparsity()},
+              {"elapsed_s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count()}};
+  metrics << fin.dump() << "\n" << std::flush;
+  save_checkpoint(r, r.steps);
+  write_outputs(r, hard, vl);
+  return 0;
+}
+
+}  // namespace patch::train

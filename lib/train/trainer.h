@@ -1,0 +1,21 @@
+#pragma once
+// Mask learning (PATCH-Joint, PATCH-Tile, MaskLLM): the training loop with its
+// schedules, regularizers, evaluation, checkpoints, resume and hardening.
+#include <string>
+
+#include "config/config.h"
+
+namespace patch::train {
+
+// Runs (or with output.resume continues) the run configured by `cfg` in
+// `out_dir`: metrics.jsonl, checkpoint.safetensors, masks.safetensors,
+// report.json. Returns the process exit status (0 done, 130 stopped by a
+// signal after writing a checkpoint); throws core::Error on failure (a NaN loss
+// among them, keeping the last good checkpoint).
+int run_training(const config::Config& cfg, const std::string& out_dir);
+
+// SIGINT/SIGTERM handlers that make the loop checkpoint and stop at the next
+// step boundary; a second signal kills the process as usual.
+void install_stop_handlers();
+
+}  // namespace patch::train

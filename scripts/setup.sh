@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# One idempotent command from a fresh Debian 12 machine to a built tree:
+#   system packages -> Python environment (LibTorch + test oracles) -> data -> build.
+# Installs only what is missing, so on a machine that has everything (the GPU
+# machine, which has no network) it installs nothing and still builds.
+#
+# Environment knobs:
+#   PATCH_BUILD_DIR   build directory (default: build)
+#   PATCH_BUILD_TYPE  CMake build type (default: Release)
+#   PATCH_WITH_CUDA   ON/OFF (default: ON when nvcc is found)
+#   PATCH_DATA_DIR    shared data directory (default: ../shared/data)
+#   PATCH_JOBS        parallel build jobs (default: nproc)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+BUILD_DIR=${PATCH_BUILD_DIR:-build}
+BUILD_TYPE=${PATCH_BUILD_TYPE:-Release}
+JOBS=${PATCH_JOBS:-$(nproc)}
+TORCH_VERSION=2.11.0
+# Test oracles, pinned to the versions the tests were written against.
+PY_PACKAGES=(transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0)
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+# ---- 1. system packages --------------------------------------------------
+have_header() {  # any of the given headers under the usual include roots
+  for h in "$@"; do
+    for d in /usr/include /usr/local/include /opt/include; do [[ -e "$d/$h" ]] && return 0; done
+  done
+  return 1
+}
+need_apt=0
+for c in g++ cmake ninja git python3; do command -v "$c" >/dev/null || need_apt=1; done
+have_header CLI/CLI.hpp || need_apt=1
+have_header nlohmann/json.hpp || need_apt=1
+have_header spdlog/spdlog.h || need_apt=1
+have_header yaml-cpp/yaml.h || need_apt=1
+have_header catch2/catch.hpp catch2/catch_test_macros.hpp || need_apt=1
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt=1
+if [[ $need_apt == 1 ]]; then
+  say "installing system packages"
+  SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq build-essential cmake ninja-build git curl ca-certificates \
+    python3 python3-venv python3-pip catch2 libcli11-dev nlohmann-json3-dev libspdlog-dev \
+    libfmt-dev libyaml-cpp-dev >/dev/null
+else
+  say "system packages present"
+fi
+
+# ---- 2. Python: LibTorch and the test oracles ----------------------------
+torch_ok() { "$1" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION%.*}') else 1)" 2>/dev/null; }
+oracles_ok() { "$1" -c "import transformers, tokenizers, safetensors, numpy, gguf" 2>/dev/null; }
+PY=""
+if [[ -x .venv/bin/python ]] && torch_ok .venv/bin/python && oracles_ok .venv/bin/python; then
+  PY=$ROOT/.venv/bin/python
+elif [[ ! -d .venv ]] && torch_ok python3; then
+  # A machine that ships torch (the GPU machine's /opt/torch/.venv) is used as
+  # it is: it may have no network, so nothing is installed into it.
+  PY=$(command -v python3)
+  oracles_ok "$PY" || say "warning: $PY lacks some test oracles (transformers, tokenizers, safetensors, numpy, gguf); tests that need them will fail"
+else
+  say "creating .venv with torch==$TORCH_VERSION and the test oracles (several GB, a few minutes)"
+  [[ -x .venv/bin/python ]] || python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  torch_ok .venv/bin/python || .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
+  .venv/bin/python -m pip install -q "${PY_PACKAGES[@]}"
+  PY=$ROOT/.venv/bin/python
+fi
+TORCH_PREFIX=$("$PY" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
+say "python: $PY (torch $("$PY" -c 'import torch; print(torch.__version__)'))"
+
+# ---- 3. data ---------------------------------------------------------------
+DATA_DIR=${PATCH_DATA_DIR:-$ROOT/../shared/data}
+if [[ ! -d "$DATA_DIR" ]]; then
+  DATA_DIR=$ROOT/data/external
+  say "no shared data directory; fetching the assets of data/manifest.json into $DATA_DIR"
+  "$PY" scripts/fetch_data.py --manifest data/manifest.json --dest "$DATA_DIR" ||
+    die "could not fetch the test data (no network?); set PATCH_DATA_DIR to a copy of shared/data"
+fi
+DATA_DIR=$(cd "$DATA_DIR" && pwd)
+
+# ---- 4. configure and build ---------------------------------------------
+cuda_flag=()
+if [[ -n ${PATCH_WITH_CUDA:-} ]]; then cuda_flag=(-DPATCH_WITH_CUDA="$PATCH_WITH_CUDA"); fi
+say "configuring $BUILD_DIR ($BUILD_TYPE)"
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
+  -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPATCH_PYTHON="$PY" -DPATCH_DATA_DIR="$DATA_DIR" \
+  "${cuda_flag[@]}" >"$BUILD_DIR.configure.log" 2>&1 || { cat "$BUILD_DIR.configure.log"; die "cmake configure failed"; }
+say "building with $JOBS jobs"
+cmake --build "$BUILD_DIR" -j "$JOBS"
+say "done: $BUILD_DIR/bin/patch-train --help"

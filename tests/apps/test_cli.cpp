@@ -1,0 +1,149 @@
+// The command line as a user meets it: exit codes, messages, precedence and
+// the run folder, by running the patch-train binary.
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "catch.h"
+#include "core/atomic_file.h"
+#include "core/paths.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+using patch::test::run_command;
+using patch::test::TempDir;
+
+namespace {
+
+std::string bin() { return patch::test::train_bin(); }
+std::string model_dir() { return patch::test::data_path("models/tinystories-656k"); }
+std::string valid_text() { return patch::test::data_path("text/tinystories/tinystories_validation_head.txt"); }
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+int lines(const std::string& s) {
+  int n = 0;
+  for (char c : s) n += c == '\n';
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("help, version and usage errors") {
+  auto help = run_command(bin() + " --help");
+  REQUIRE(help.exit_code == 0);
+  CHECK(contains(help.out, "eval"));
+  CHECK(contains(help.out, "inspect"));
+  auto sub_help = run_command(bin() + " eval --help");
+  REQUIRE(sub_help.exit_code == 0);
+  CHECK(contains(sub_help.out, "--dump-config"));
+  CHECK(contains(sub_help.out, "--set"));
+  auto version = run_command(bin() + " --version");
+  REQUIRE(version.exit_code == 0);
+  CHECK(contains(version.out, "patch-train "));
+  CHECK(run_command(bin()).exit_code == 2);                       // no subcommand
+  CHECK(run_command(bin() + " eval --no-such-flag").exit_code == 2);
+  CHECK(run_command(bin() + " frobnicate").exit_code == 2);
+}
+
+TEST_CASE("dump-config resolves defaults < file < command line and reloads identically") {
+  TempDir dir;
+  patch::core::write_file_atomic(dir.file("run.yaml"),
+                                 "train:\n  lr: 0.01\n  steps: 7\nmask:\n  target_sparsity: 0.25\n");
+  auto r = run_command(bin() + " eval --config " + dir.file("run.yaml") +
+                       " --set train.lr=5e-4 --model /m --dump-config");
+  REQUIRE(r.exit_code == 0);
+  CHECK(contains(r.out, "lr: 0.0005"));                 // --set beats the file
+  CHECK(contains(r.out, "steps: 7"));                   // the file beats the default
+  CHECK(contains(r.out, "target_sparsity: 0.25"));
+  CHECK(contains(r.out, "path: /m"));                   // shortcut
+  CHECK(contains(r.out, "tile: [128, 128]"));           // default
+  patch::core::write_file_atomic(dir.file("dump.yaml"), r.out);
+  auto again = run_command(bin() + " eval --config " + dir.file("dump.yaml") + " --dump-config");
+  REQUIRE(again.exit_code == 0);
+  CHECK(again.out == r.out);
+  // JSON configs work the same way.
+  patch::core::write_file_atomic(dir.file("run.json"), R"({"train": {"lr": 0.01, "steps": 7}})");
+  auto j = run_command(bin() + " eval --config " + dir.file("run.json") + " --model /m --dump-config");
+  REQUIRE(j.exit_code == 0);
+  CHECK(contains(j.out, "steps: 7"));
+}
+
+TEST_CASE("bad configurations exit 2 with one line naming file and key, and write nothing") {
+  TempDir dir;
+  const std::string out = dir.file("run");
+  patch::core::write_file_atomic(dir.file("bad.yaml"), "mask:\n  target_sparsty: 0.3\n");
+  auto r = run_command(bin() + " eval --config " + dir.file("bad.yaml") + " --model " + model_dir() +
+                       " --out " + out);
+  CHECK(r.exit_code == 2);
+  CHECK(contains(r.err, "bad.yaml"));
+  CHECK(contains(r.err, "mask.target_sparsity"));  // the suggestion
+  CHECK(lines(r.err) == 1);
+  CHECK_FALSE(fs::exists(out));
+
+  auto range = run_command(bin() + " eval --model " + model_dir() + " --set mask.target_sparsity=0.7 --out " + out);
+  CHECK(range.exit_code == 2);
+  CHECK(contains(range.err, "--set"));
+  CHECK(contains(range.err, "[0, 0.5]"));
+  CHECK_FALSE(fs::exists(out));
+
+  auto tile = run_command(bin() + " eval --model " + model_dir() + " --set mask.tile=[64,30] --out " + out);
+  CHECK(tile.exit_code == 2);
+  CHECK(contains(tile.err, "mask.tile"));
+
+  auto missing = run_command(bin() + " eval --data x.txt --out " + out);
+  CHECK(missing.exit_code == 2);
+  CHECK(contains(missing.err, "model.path"));
+  CHECK_FALSE(fs::exists(out));
+
+  auto no_file = run_command(bin() + " eval --config " + dir.file("nope.yaml"));
+  CHECK(no_file.exit_code == 2);
+  CHECK(contains(no_file.err, "nope.yaml"));
+}
+
+TEST_CASE("a non-empty output directory needs --overwrite or --resume") {
+  TempDir dir;
+  const std::string out = dir.file("run");
+  fs::create_directories(out);
+  std::ofstream(out + "/keep.txt") << "x";
+  auto r = run_command(bin() + " eval --model " + model_dir() + " --data " + valid_text() +
+                       " --set eval.max_windows=1 --out " + out);
+  CHECK(r.exit_code == 2);
+  CHECK(contains(r.err, "--overwrite"));
+  CHECK_FALSE(fs::exists(out + "/config.resolved.yaml"));
+}
+
+TEST_CASE("a corrupt checkpoint is a one-line error with exit status 1") {
+  TempDir dir;
+  fs::create_directories(dir.file("model"));
+  fs::copy_file(model_dir() + "/config.json", dir.file("model/config.json"));
+  fs::copy_file(model_dir() + "/tokenizer.json", dir.file("model/tokenizer.json"));
+  {
+    auto bytes = patch::core::read_file(model_dir() + "/model.safetensors");
+    patch::core::write_file_atomic(dir.file("model/model.safetensors"), bytes.substr(0, bytes.size() / 2));
+  }
+  auto r = run_command(bin() + " eval --model " + dir.file("model") + " --data " + valid_text() +
+                       " --out " + dir.file("run"));
+  CHECK(r.exit_code == 1);
+  CHECK(contains(r.err, "model.safetensors"));
+  CHECK(lines(r.err) == 1);
+}
+
+TEST_CASE("eval of TinyStories-656K matches transformers' perplexity within 0.5%") {
+  TempDir dir;
+  const std::string out = dir.file("run");
+  auto r = run_command(bin() + " eval --model " + model_dir() + " --data " + valid_text() +
+                       " --set data.seq_len=256 --set eval.max_windows=64 --out " + out);
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  auto got = nlohmann::json::parse(r.out);
+  auto ref = nlohmann::json::parse(patch::core::read_file(patch::test::fixtures_dir() + "/apps/hf_ppl.json"));
+  double ppl = got["perplexity"].get<double>();
+  double ref_ppl = ref["perplexity"].get<double>();
+  INFO("patch " << ppl << " transformers " << ref_ppl);
+  CHECK(got["windows"].get<int64_t>() == 64);
+  CHECK(got["predictions"].get<int64_t>() == ref["predictions"].get<int64_t>());
+  CHECK(std::abs(ppl / ref_ppl - 1.0) < 0.005);
+  // The run folder holds the resolved configuration, the log and the result.
+  CHECK(fs::exists(out + "/config.resolved.yaml"));
+  CHECK(fs::exists(out + "/run.log"));
+  CHECK(nlohmann::json::parse(patch::core::read_file(out + "/eval.json"))["perplexity"].get<double>() == ppl);
+}

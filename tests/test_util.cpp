@@ -1,0 +1,55 @@
+#include "test_util.h"
+
+#include <ftw.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "core/paths.h"
+
+namespace patch::test {
+namespace fs = std::filesystem;
+
+std::string data_dir() { return core::data_dir(); }
+
+TempDir::TempDir() {
+  std::random_device rd;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    auto p = fs::temp_directory_path() / ("patch-test-" + std::to_string(::getpid()) + "-" +
+                                          std::to_string(rd()));
+    if (fs::create_directory(p)) {
+      path_ = p.string();
+      return;
+    }
+  }
+  throw std::runtime_error("cannot create a temporary directory");
+}
+
+// Not fs::remove_all: libtorch exports its own copy of it, which calls a
+// libstdc++ symbol that Debian 12's library lacks and crashes.
+TempDir::~TempDir() {
+  ::nftw(
+      path_.c_str(),
+      [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+      FTW_DEPTH | FTW_PHYS);
+}
+
+static std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+RunResult run_command(const std::string& cmd) {
+  TempDir tmp;
+  std::string full = cmd + " >" + tmp.file("out") + " 2>" + tmp.file("err") + " </dev/null";
+  int status = std::system(full.c_str());
+  int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return {code, slurp(tmp.file("out")), slurp(tmp.file("err"))};
+}
+
+}  // namespace patch::test

@@ -1,0 +1,41 @@
+#pragma once
+// Helpers shared by the tests: where the data and fixtures are, temp dirs.
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+namespace patch::test {
+
+inline std::string env_or(const char* name, const std::string& fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::string(v) : fallback;
+}
+
+// The shared data directory ($PATCH_DATA_DIR, default ../shared/data).
+std::string data_dir();
+inline std::string data_path(const std::string& rel) { return data_dir() + "/" + rel; }
+inline std::string source_dir() { return env_or("PATCH_SOURCE_DIR", "."); }
+inline std::string fixtures_dir() { return env_or("PATCH_FIXTURES_DIR", "fixtures"); }
+inline std::string train_bin() { return env_or("PATCH_TRAIN_BIN", "patch-train"); }
+
+// A fresh empty directory under the system temp dir, removed on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+struct RunResult {
+  int exit_code;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+// Runs a shell command, capturing stdout and stderr.
+RunResult run_command(const std::string& cmd);
+
+}  // namespace patch::test
