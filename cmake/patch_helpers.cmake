@@ -33,8 +33,19 @@ function(patch_add_test name)
   target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(${name} PRIVATE ${ARG_DEPS} patch_test_util ${PATCH_CATCH_TARGET})
   target_compile_definitions(${name} PRIVATE ${PATCH_CATCH_DEFINE})
-  catch_discover_tests(${name}
-    TEST_PREFIX "${name}:"
-    PROPERTIES ENVIRONMENT "${PATCH_TEST_ENV}" LABELS "${ARG_LABELS}"
-               FIXTURES_REQUIRED "${ARG_FIXTURES}")
+  catch_discover_tests(${name} TEST_PREFIX "${name}:")
+  # catch_discover_tests splits list-valued PROPERTIES (ENVIRONMENT) apart, so
+  # the properties are set by a second CTest include file, run after the one
+  # that defines the discovered list ${name}_TESTS.
+  set(_props "ENVIRONMENT [==[${PATCH_TEST_ENV}]==]")
+  if(ARG_LABELS)
+    string(APPEND _props " LABELS [==[${ARG_LABELS}]==]")
+  endif()
+  if(ARG_FIXTURES)
+    string(APPEND _props " FIXTURES_REQUIRED [==[${ARG_FIXTURES}]==]")
+  endif()
+  set(_file "${CMAKE_CURRENT_BINARY_DIR}/${name}_properties.cmake")
+  file(GENERATE OUTPUT "${_file}" CONTENT
+    "if(${name}_TESTS)\n  set_tests_properties(\${${name}_TESTS} PROPERTIES ${_props})\nendif()\n")
+  set_property(DIRECTORY APPEND PROPERTY TEST_INCLUDE_FILES "${_file}")
 endfunction()

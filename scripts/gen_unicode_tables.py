@@ -54,7 +54,7 @@ def fmt_array(ctype, name, items, per_line=8):
     for i in range(0, len(items), per_line):
         lines.append("    " + ", ".join(items[i:i + per_line]) + ",")
     lines.append("};")
-    lines.append(f"extern const size_t {name}_size = {len(items)};")
+    lines.append(f"extern const size_t {name}_entries = {len(items)};")
     return "\n".join(lines)
 
 

@@ -151,6 +151,16 @@ std::vector<KeyDef> build() {
             0.0, 0.5),
       key("sweep.baselines", T::kStringList, Json::array(),
           "Baselines run beside PATCH in a sweep: wanda, sparsegpt, magnitude, maskllm"),
+      // bench
+      choices(key("bench.shape", T::kString, "qwen2.5-0.5b",
+                  "Model shape benchmarked with random weights"),
+              {"qwen2.5-0.5b", "llama-3.2-1b", "llama-2-7b", "llama-3.1-8b"}),
+      key("bench.modes", T::kStringList, Json::array({"dense", "joint", "tile", "maskllm"}),
+          "What to time: dense (forward+backward), joint, tile, maskllm (mask-learning steps)"),
+      range(key("bench.batch", T::kInt, 1, "Sequences per step"), 1, 4096),
+      range(key("bench.seq", T::kInt, 4096, "Tokens per sequence"), 2, 1 << 20),
+      range(key("bench.warmup", T::kInt, 2, "Untimed steps"), 0, 1000),
+      range(key("bench.iters", T::kInt, 5, "Timed steps (the median is reported)"), 1, 100000),
   };
   return s;
 }

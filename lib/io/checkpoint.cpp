@@ -22,7 +22,8 @@ const char* const kEmbed = "model.embed_tokens.weight";
 const char* const kLmHead = "lm_head.weight";
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 // Typed access to config.json keys; null counts as absent (HF writes nulls for
@@ -81,7 +82,8 @@ class ConfigKeys {
  private:
   int64_t as_int(const json& v, const std::string& key) const {
     if (v.is_number_integer()) return v.get<int64_t>();
-    if (v.is_number_float() && v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>())))
+    if (v.is_number_float() &&
+        v.get<double>() == static_cast<double>(static_cast<int64_t>(v.get<double>())))
       return static_cast<int64_t>(v.get<double>());
     throw error(key, "expected an integer, got " + v.dump());
   }
@@ -94,9 +96,10 @@ std::string model_type_of(const ConfigKeys& keys, const json& j, const std::stri
   std::string type = keys.string("model_type", "");
   if (type.empty() && j.contains("architectures") && j["architectures"].is_array() &&
       !j["architectures"].empty() && j["architectures"][0].is_string()) {
-    static const std::map<std::string, std::string> kArch = {
-        {"LlamaForCausalLM", "llama"}, {"MistralForCausalLM", "mistral"},
-        {"Qwen2ForCausalLM", "qwen2"}, {"Qwen3ForCausalLM", "qwen3"}};
+    static const std::map<std::string, std::string> kArch = {{"LlamaForCausalLM", "llama"},
+                                                             {"MistralForCausalLM", "mistral"},
+                                                             {"Qwen2ForCausalLM", "qwen2"},
+                                                             {"Qwen3ForCausalLM", "qwen3"}};
     const std::string arch = j["architectures"][0].get<std::string>();
     auto it = kArch.find(arch);
     if (it == kArch.end())
@@ -132,7 +135,8 @@ void parse_rope(const ConfigKeys& keys, const std::string& source, ModelConfig& 
   std::string type = s.string("rope_type", s.string("type", "default"));
   if (type == "default") return;
   if (type != "llama3")
-    throw keys.error(key, core::str("rope type '", type, "' is unsupported (supported: default, llama3)"));
+    throw keys.error(
+        key, core::str("rope type '", type, "' is unsupported (supported: default, llama3)"));
   auto required = [&](const std::string& k) {
     if (!s.find(k)) throw keys.error(key, core::str("llama3 rope scaling needs '", k, "'"));
     return s.number(k, 0.0);
@@ -142,7 +146,8 @@ void parse_rope(const ConfigKeys& keys, const std::string& source, ModelConfig& 
   r.factor = required("factor");
   r.low_freq_factor = required("low_freq_factor");
   r.high_freq_factor = required("high_freq_factor");
-  r.original_max_position_embeddings = static_cast<int64_t>(required("original_max_position_embeddings"));
+  r.original_max_position_embeddings =
+      static_cast<int64_t>(required("original_max_position_embeddings"));
   c.rope_scaling = r;
 }
 
@@ -160,8 +165,9 @@ ModelConfig parse_hf_config(const json& j, const std::string& source) {
   c.vocab_size = keys.positive("vocab_size");
   c.num_kv_heads = keys.integer("num_key_value_heads", c.num_heads);
   if (c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0)
-    throw keys.error("num_key_value_heads",
-                     core::str(c.num_kv_heads, " does not divide num_attention_heads ", c.num_heads));
+    throw keys.error(
+        "num_key_value_heads",
+        core::str(c.num_kv_heads, " does not divide num_attention_heads ", c.num_heads));
   if (keys.find("head_dim")) {
     c.head_dim = keys.integer("head_dim");
   } else {
@@ -183,8 +189,7 @@ ModelConfig parse_hf_config(const json& j, const std::string& source) {
   const std::string act = keys.string("hidden_act", "silu");
   if (act != "silu")
     throw keys.error("hidden_act", "activation '" + act + "' is unsupported (supported: silu)");
-  if (keys.boolean("mlp_bias", false))
-    throw keys.error("mlp_bias", "MLP biases are unsupported");
+  if (keys.boolean("mlp_bias", false)) throw keys.error("mlp_bias", "MLP biases are unsupported");
   if (c.model_type == "qwen2") {
     c.attention_bias = true;  // Qwen2 always has q/k/v biases
   } else {
@@ -204,8 +209,8 @@ ModelConfig parse_hf_config(const json& j, const std::string& source) {
   if (const json* layers = keys.find("layer_types")) {
     for (const auto& t : *layers)
       if (t != "full_attention")
-        throw keys.error("layer_types", "sliding window attention not supported (layer type " +
-                                            t.dump() + ")");
+        throw keys.error("layer_types",
+                         "sliding window attention not supported (layer type " + t.dump() + ")");
   }
   c.raw = j;
   return c;
@@ -254,10 +259,10 @@ std::string gguf_to_hf_name(const std::string& gguf_name) {
       {"output_norm.weight", "model.norm.weight"},
       {"output.weight", kLmHead}};
   static const std::map<std::string, std::string> kBlock = {
-      {"attn_q", "self_attn.q_proj"},     {"attn_k", "self_attn.k_proj"},
-      {"attn_v", "self_attn.v_proj"},     {"attn_output", "self_attn.o_proj"},
-      {"attn_norm", "input_layernorm"},   {"ffn_norm", "post_attention_layernorm"},
-      {"ffn_gate", "mlp.gate_proj"},      {"ffn_up", "mlp.up_proj"},
+      {"attn_q", "self_attn.q_proj"},   {"attn_k", "self_attn.k_proj"},
+      {"attn_v", "self_attn.v_proj"},   {"attn_output", "self_attn.o_proj"},
+      {"attn_norm", "input_layernorm"}, {"ffn_norm", "post_attention_layernorm"},
+      {"ffn_gate", "mlp.gate_proj"},    {"ffn_up", "mlp.up_proj"},
       {"ffn_down", "mlp.down_proj"}};
   if (auto it = kTop.find(gguf_name); it != kTop.end()) return it->second;
   // blk.<N>.<part>.<weight|bias>
@@ -281,12 +286,13 @@ namespace {
 ModelConfig config_from_gguf(const GgufFile& g) {
   const json& m = g.metadata();
   const std::string& path = g.path();
-  const std::string arch = m.contains("general.architecture") && m["general.architecture"].is_string()
-                               ? m["general.architecture"].get<std::string>()
-                               : "";
+  const std::string arch =
+      m.contains("general.architecture") && m["general.architecture"].is_string()
+          ? m["general.architecture"].get<std::string>()
+          : "";
   if (arch != "llama")
-    throw core::Error(core::str(path, ": general.architecture '", arch,
-                                "' is not supported (supported: llama)"));
+    throw core::Error(
+        core::str(path, ": general.architecture '", arch, "' is not supported (supported: llama)"));
   const ConfigKeys keys(m, path);
   ModelConfig c;
   c.model_type = "llama";
@@ -301,10 +307,11 @@ ModelConfig config_from_gguf(const GgufFile& g) {
   if (keys.integer("llama.expert_count", 0) > 0)
     throw keys.error("llama.expert_count", "mixture-of-experts models are unsupported");
   c.head_dim = keys.integer("llama.attention.key_length", c.hidden_size / c.num_heads);
-  if (c.head_dim <= 0 || c.head_dim % 2 != 0 || (!keys.find("llama.attention.key_length") &&
-                                                 c.hidden_size % c.num_heads != 0))
-    throw keys.error("llama.attention.head_count",
-                     core::str("gives no even head dimension for embedding length ", c.hidden_size));
+  if (c.head_dim <= 0 || c.head_dim % 2 != 0 ||
+      (!keys.find("llama.attention.key_length") && c.hidden_size % c.num_heads != 0))
+    throw keys.error(
+        "llama.attention.head_count",
+        core::str("gives no even head dimension for embedding length ", c.hidden_size));
   const int64_t rope_dims = keys.integer("llama.rope.dimension_count", c.head_dim);
   if (rope_dims != c.head_dim)
     throw keys.error("llama.rope.dimension_count",
@@ -324,7 +331,8 @@ ModelConfig config_from_gguf(const GgufFile& g) {
       if (t.name == "token_embd.weight" && t.dims.size() == 2) c.vocab_size = t.dims[1];
   }
   if (c.vocab_size <= 0)
-    throw core::Error(core::str(path, ": no vocabulary size (no tokenizer.ggml.tokens, no token_embd.weight)"));
+    throw core::Error(
+        core::str(path, ": no vocabulary size (no tokenizer.ggml.tokens, no token_embd.weight)"));
   c.bos_token_id = keys.integer("tokenizer.ggml.bos_token_id", -1);
   c.eos_token_id = keys.integer("tokenizer.ggml.eos_token_id", -1);
   c.tie_word_embeddings = !g.contains("output.weight");
@@ -416,8 +424,8 @@ Checkpoint load_safetensors_dir(const std::string& dir) {
     SafetensorsFile f(file);
     for (const auto& name : names)
       if (!f.contains(name))
-        throw core::Error(core::str(file, ": tensor '", name,
-                                    "' listed in the index's weight_map is missing"));
+        throw core::Error(
+            core::str(file, ": tensor '", name, "' listed in the index's weight_map is missing"));
     for (const auto& e : f.entries()) {
       if (!names.empty() && !names.count(e.name)) continue;
       check_weight_dtype(f, e);
@@ -446,11 +454,10 @@ void resolve_embeddings(Checkpoint& ck) {
   };
   if (ck.config.tie_word_embeddings && has(kEmbed) && !has(kLmHead)) alias(kLmHead, kEmbed);
   if (ck.config.tie_word_embeddings && has(kLmHead) && !has(kEmbed)) alias(kEmbed, kLmHead);
-  if (!has(kEmbed))
-    throw core::Error(core::str(ck.source, ": no tensor '", kEmbed, "'"));
+  if (!has(kEmbed)) throw core::Error(core::str(ck.source, ": no tensor '", kEmbed, "'"));
   if (!has(kLmHead))
-    throw core::Error(core::str(ck.source, ": no tensor '", kLmHead,
-                                "' and the embeddings are not tied"));
+    throw core::Error(
+        core::str(ck.source, ": no tensor '", kLmHead, "' and the embeddings are not tied"));
 }
 
 }  // namespace

@@ -24,17 +24,17 @@ struct GgmlType {
 };
 // ggml's type table (ggml.c type_traits), enough to size every tensor.
 constexpr GgmlType kGgmlTypes[] = {
-    {0, "F32", 1, 4},          {1, "F16", 1, 2},         {2, "Q4_0", 32, 18},
-    {3, "Q4_1", 32, 20},       {6, "Q5_0", 32, 22},      {7, "Q5_1", 32, 24},
-    {8, "Q8_0", 32, 34},       {9, "Q8_1", 32, 40},      {10, "Q2_K", 256, 84},
-    {11, "Q3_K", 256, 110},    {12, "Q4_K", 256, 144},   {13, "Q5_K", 256, 176},
-    {14, "Q6_K", 256, 210},    {15, "Q8_K", 256, 292},   {16, "IQ2_XXS", 256, 66},
-    {17, "IQ2_XS", 256, 74},   {18, "IQ3_XXS", 256, 98}, {19, "IQ1_S", 256, 50},
-    {20, "IQ4_NL", 32, 18},    {21, "IQ3_S", 256, 110},  {22, "IQ2_S", 256, 82},
-    {23, "IQ4_XS", 256, 136},  {24, "I8", 1, 1},         {25, "I16", 1, 2},
-    {26, "I32", 1, 4},         {27, "I64", 1, 8},        {28, "F64", 1, 8},
-    {29, "IQ1_M", 256, 56},    {30, "BF16", 1, 2},       {34, "TQ1_0", 256, 54},
-    {35, "TQ2_0", 256, 66},    {39, "MXFP4", 32, 17},
+    {0, "F32", 1, 4},         {1, "F16", 1, 2},         {2, "Q4_0", 32, 18},
+    {3, "Q4_1", 32, 20},      {6, "Q5_0", 32, 22},      {7, "Q5_1", 32, 24},
+    {8, "Q8_0", 32, 34},      {9, "Q8_1", 32, 40},      {10, "Q2_K", 256, 84},
+    {11, "Q3_K", 256, 110},   {12, "Q4_K", 256, 144},   {13, "Q5_K", 256, 176},
+    {14, "Q6_K", 256, 210},   {15, "Q8_K", 256, 292},   {16, "IQ2_XXS", 256, 66},
+    {17, "IQ2_XS", 256, 74},  {18, "IQ3_XXS", 256, 98}, {19, "IQ1_S", 256, 50},
+    {20, "IQ4_NL", 32, 18},   {21, "IQ3_S", 256, 110},  {22, "IQ2_S", 256, 82},
+    {23, "IQ4_XS", 256, 136}, {24, "I8", 1, 1},         {25, "I16", 1, 2},
+    {26, "I32", 1, 4},        {27, "I64", 1, 8},        {28, "F64", 1, 8},
+    {29, "IQ1_M", 256, 56},   {30, "BF16", 1, 2},       {34, "TQ1_0", 256, 54},
+    {35, "TQ2_0", 256, 66},   {39, "MXFP4", 32, 17},
 };
 
 const GgmlType* find_type(uint32_t id) {
@@ -44,19 +44,44 @@ const GgmlType* find_type(uint32_t id) {
 }
 
 enum ValueType : uint32_t {
-  kU8 = 0, kI8 = 1, kU16 = 2, kI16 = 3, kU32 = 4, kI32 = 5, kFloat32 = 6, kBool = 7,
-  kString = 8, kArray = 9, kU64 = 10, kI64 = 11, kFloat64 = 12,
+  kU8 = 0,
+  kI8 = 1,
+  kU16 = 2,
+  kI16 = 3,
+  kU32 = 4,
+  kI32 = 5,
+  kFloat32 = 6,
+  kBool = 7,
+  kString = 8,
+  kArray = 9,
+  kU64 = 10,
+  kI64 = 11,
+  kFloat64 = 12,
 };
 
 // Smallest encoding of one value of the type: bounds array counts by the bytes left.
 uint64_t min_value_bytes(uint32_t type) {
   switch (type) {
-    case kU8: case kI8: case kBool: return 1;
-    case kU16: case kI16: return 2;
-    case kU32: case kI32: case kFloat32: return 4;
-    case kU64: case kI64: case kFloat64: case kString: return 8;
-    case kArray: return 12;
-    default: return 0;
+    case kU8:
+    case kI8:
+    case kBool:
+      return 1;
+    case kU16:
+    case kI16:
+      return 2;
+    case kU32:
+    case kI32:
+    case kFloat32:
+      return 4;
+    case kU64:
+    case kI64:
+    case kFloat64:
+    case kString:
+      return 8;
+    case kArray:
+      return 12;
+    default:
+      return 0;
   }
 }
 
@@ -100,22 +125,34 @@ class Cursor {
 nlohmann::json read_value(Cursor& cur, uint32_t type, const std::string& key, int depth,
                           const std::string& path) {
   switch (type) {
-    case kU8: return cur.read<uint8_t>(key);
-    case kI8: return cur.read<int8_t>(key);
-    case kU16: return cur.read<uint16_t>(key);
-    case kI16: return cur.read<int16_t>(key);
-    case kU32: return cur.read<uint32_t>(key);
-    case kI32: return cur.read<int32_t>(key);
-    case kU64: return cur.read<uint64_t>(key);
-    case kI64: return cur.read<int64_t>(key);
-    case kFloat32: return cur.read<float>(key);
-    case kFloat64: return cur.read<double>(key);
-    case kBool: return cur.read<uint8_t>(key) != 0;
-    case kString: return cur.read_string("value of '" + key + "'");
+    case kU8:
+      return cur.read<uint8_t>(key);
+    case kI8:
+      return cur.read<int8_t>(key);
+    case kU16:
+      return cur.read<uint16_t>(key);
+    case kI16:
+      return cur.read<int16_t>(key);
+    case kU32:
+      return cur.read<uint32_t>(key);
+    case kI32:
+      return cur.read<int32_t>(key);
+    case kU64:
+      return cur.read<uint64_t>(key);
+    case kI64:
+      return cur.read<int64_t>(key);
+    case kFloat32:
+      return cur.read<float>(key);
+    case kFloat64:
+      return cur.read<double>(key);
+    case kBool:
+      return cur.read<uint8_t>(key) != 0;
+    case kString:
+      return cur.read_string("value of '" + key + "'");
     case kArray: {
       if (depth >= kMaxArrayDepth)
-        throw core::Error(core::str(path, ": key '", key, "': arrays nested deeper than ",
-                                    kMaxArrayDepth));
+        throw core::Error(
+            core::str(path, ": key '", key, "': arrays nested deeper than ", kMaxArrayDepth));
       const uint32_t elem = cur.read<uint32_t>(key + " array type");
       const uint64_t count = cur.read<uint64_t>(key + " array length");
       const uint64_t min_bytes = min_value_bytes(elem);
@@ -126,7 +163,8 @@ nlohmann::json read_value(Cursor& cur, uint32_t type, const std::string& key, in
                                     " exceeds the ", cur.left(), " bytes left in the file"));
       nlohmann::json arr = nlohmann::json::array();
       arr.get_ref<nlohmann::json::array_t&>().reserve(count);
-      for (uint64_t i = 0; i < count; ++i) arr.push_back(read_value(cur, elem, key, depth + 1, path));
+      for (uint64_t i = 0; i < count; ++i)
+        arr.push_back(read_value(cur, elem, key, depth + 1, path));
       return arr;
     }
     default:
@@ -144,7 +182,8 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
   cur.read<uint32_t>("magic");
   version_ = cur.read<uint32_t>("version");
   if (version_ != 2 && version_ != 3)
-    throw core::Error(core::str(path, ": unsupported GGUF version ", version_, " (expected 2 or 3)"));
+    throw core::Error(
+        core::str(path, ": unsupported GGUF version ", version_, " (expected 2 or 3)"));
   const uint64_t n_tensors = cur.read<uint64_t>("tensor count");
   const uint64_t n_kv = cur.read<uint64_t>("metadata count");
   // Each key/value needs at least 13 bytes and each tensor info 24: absurd
@@ -169,8 +208,8 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
     const auto& a = metadata_["general.alignment"];
     if (!a.is_number_unsigned() || a.get<uint64_t>() == 0 ||
         (a.get<uint64_t>() & (a.get<uint64_t>() - 1)) != 0)
-      throw core::Error(core::str(path, ": general.alignment ", a.dump(),
-                                  " is not a power of two"));
+      throw core::Error(
+          core::str(path, ": general.alignment ", a.dump(), " is not a power of two"));
     alignment = a.get<uint64_t>();
   }
 
@@ -196,29 +235,35 @@ GgufFile::GgufFile(const std::string& path) : path_(path) {
   }
 
   data_offset_ = (cur.pos() + alignment - 1) / alignment * alignment;
+  if (!tensors_.empty() && data_offset_ > map_->size)
+    throw core::Error(core::str(path, ": truncated: the data section would start at offset ",
+                                data_offset_, " but the file has ", map_->size, " bytes"));
   const uint64_t data_size = map_->size >= data_offset_ ? map_->size - data_offset_ : 0;
   for (const auto& t : tensors_) {
     const std::string ctx = core::str(path, ": tensor '", t.name, "'");
     const GgmlType* type = find_type(t.ggml_type);
     if (!type) throw core::Error(core::str(ctx, ": unknown ggml type ", t.ggml_type));
     if (!t.dims.empty() && t.dims[0] % type->block != 0)
-      throw core::Error(core::str(ctx, ": first dimension ", t.dims[0], " is not a multiple of the ",
-                                  type->name, " block size ", type->block));
+      throw core::Error(core::str(ctx, ": first dimension ", t.dims[0],
+                                  " is not a multiple of the ", type->name, " block size ",
+                                  type->block));
     // Saturating size: anything above the data section fails below.
     unsigned __int128 numel = 1;
     for (int64_t ne : t.dims)
       numel = std::min<unsigned __int128>(numel * static_cast<uint64_t>(ne), UINT64_MAX);
     const unsigned __int128 bytes = numel / type->block * type->bytes;
     if (t.offset % alignment != 0)
-      throw core::Error(core::str(ctx, ": offset ", t.offset, " is not a multiple of the alignment ",
-                                  alignment));
+      throw core::Error(
+          core::str(ctx, ": offset ", t.offset, " is not a multiple of the alignment ", alignment));
     if (t.offset > data_size || bytes > data_size - t.offset)
       throw core::Error(core::str(ctx, ": data at offset ", t.offset, " (", type->name,
                                   ") exceeds the data section of ", data_size, " bytes"));
   }
 }
 
-bool GgufFile::contains(const std::string& name) const { return index_.count(name) > 0; }
+bool GgufFile::contains(const std::string& name) const {
+  return index_.count(name) > 0;
+}
 
 at::Tensor GgufFile::tensor(const std::string& name) const {
   auto it = index_.find(name);
@@ -227,9 +272,12 @@ at::Tensor GgufFile::tensor(const std::string& name) const {
   const std::vector<int64_t> shape(t.dims.rbegin(), t.dims.rend());
   const size_t offset = data_offset_ + t.offset;
   switch (t.ggml_type) {
-    case kF32: return view_mapped(map_, offset, shape, at::kFloat);
-    case kF16: return view_mapped(map_, offset, shape, at::kHalf);
-    case kBF16: return view_mapped(map_, offset, shape, at::kBFloat16);
+    case kF32:
+      return view_mapped(map_, offset, shape, at::kFloat);
+    case kF16:
+      return view_mapped(map_, offset, shape, at::kHalf);
+    case kBF16:
+      return view_mapped(map_, offset, shape, at::kBFloat16);
     case kQ8_0: {
       // Blocks of 32: an fp16 scale d, then 32 int8 q; value = d * q.
       at::Tensor out = at::empty(shape, at::TensorOptions().dtype(at::kFloat));

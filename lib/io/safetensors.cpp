@@ -23,7 +23,7 @@ struct DtypeName {
   at::ScalarType dtype;
 };
 constexpr DtypeName kDtypes[] = {
-    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
     {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
     {"U8", at::kByte},    {"BOOL", at::kBool},
 };
@@ -71,14 +71,16 @@ SafetensorsEntry parse_entry(const std::string& file, const std::string& name,
     throw fail("data_offsets is not a pair of non-negative integers");
   e.begin = off[0].get<uint64_t>();
   e.end = off[1].get<uint64_t>();
-  if (e.begin > e.end) throw fail(core::str("data_offsets [", e.begin, ", ", e.end, ") are reversed"));
+  if (e.begin > e.end)
+    throw fail(core::str("data_offsets [", e.begin, ", ", e.end, ") are reversed"));
   if (e.end > data_size)
     throw fail(core::str("data_offsets [", e.begin, ", ", e.end, ") exceed the data section of ",
                          data_size, " bytes"));
   const unsigned __int128 bytes = numel * c10::elementSize(e.dtype);
   if (bytes != e.end - e.begin) {
     std::string dims;
-    for (size_t i = 0; i < e.shape.size(); ++i) dims += (i ? ", " : "") + std::to_string(e.shape[i]);
+    for (size_t i = 0; i < e.shape.size(); ++i)
+      dims += (i ? ", " : "") + std::to_string(e.shape[i]);
     throw fail(core::str("shape [", dims, "] of ", dts, " needs ",
                          bytes > UINT64_MAX ? std::string("more than 2^64")
                                             : std::to_string(static_cast<uint64_t>(bytes)),
@@ -119,7 +121,8 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
       if (!it->is_object()) throw core::Error(core::str(path, ": __metadata__ is not an object"));
       for (auto m = it->begin(); m != it->end(); ++m) {
         if (!m->is_string())
-          throw core::Error(core::str(path, ": __metadata__ value '", m.key(), "' is not a string"));
+          throw core::Error(
+              core::str(path, ": __metadata__ value '", m.key(), "' is not a string"));
         metadata_[m.key()] = m->get<std::string>();
       }
       continue;
@@ -143,7 +146,9 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   for (size_t i = 0; i < entries_.size(); ++i) index_[entries_[i].name] = i;
 }
 
-bool SafetensorsFile::contains(const std::string& name) const { return index_.count(name) > 0; }
+bool SafetensorsFile::contains(const std::string& name) const {
+  return index_.count(name) > 0;
+}
 
 at::Tensor SafetensorsFile::tensor(const std::string& name) const {
   auto it = index_.find(name);
@@ -169,7 +174,8 @@ void write_safetensors(const std::string& path,
                                   " cannot be stored in safetensors"));
     at::Tensor c = t.to(at::kCPU).contiguous();
     const uint64_t bytes = c.nbytes();
-    header[name] = {{"dtype", dtype}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
+    header[name] = {
+        {"dtype", dtype}, {"shape", c.sizes().vec()}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
     data.push_back(std::move(c));
   }

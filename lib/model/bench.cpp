@@ -29,8 +29,8 @@ void synchronize(const at::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.index());
 }
 
-io::ModelConfig llama(int64_t hidden, int64_t inter, int64_t layers, int64_t heads, int64_t kv_heads,
-                      int64_t vocab) {
+io::ModelConfig llama(int64_t hidden, int64_t inter, int64_t layers, int64_t heads,
+                      int64_t kv_heads, int64_t vocab) {
   io::ModelConfig c;
   c.model_type = "llama";
   c.hidden_size = hidden;
@@ -99,26 +99,29 @@ io::ModelConfig model_shape(const std::string& name) {
     c.torch_dtype = "bfloat16";
     return c;
   }
-  throw core::ConfigError(core::str("model shape: expected qwen2.5-0.5b, llama-3.2-1b, llama-2-7b or ",
-                                    "llama-3.1-8b, got '", name, "'"));
+  throw core::ConfigError(
+      core::str("model shape: expected qwen2.5-0.5b, llama-3.2-1b, llama-2-7b or ",
+                "llama-3.1-8b, got '", name, "'"));
 }
 
 nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device device,
                                       at::ScalarType dtype, int64_t batch, int64_t seq,
                                       bool checkpointing, int warmup, int iters) {
   if (batch < 1 || seq < 2 || warmup < 0 || iters < 1)
-    throw core::ConfigError(core::str("bench: expected batch >= 1, seq >= 2, warmup >= 0, iters >= 1, got ",
-                                      batch, ", ", seq, ", ", warmup, ", ", iters));
+    throw core::ConfigError(
+        core::str("bench: expected batch >= 1, seq >= 2, warmup >= 0, iters >= 1, got ", batch,
+                  ", ", seq, ", ", warmup, ", ", iters));
   DecoderOptions opts;
   opts.device = device;
   opts.dtype = dtype;
   opts.checkpointing = checkpointing;
   Decoder decoder = Decoder::random(cfg, opts);
-  at::Tensor scale = at::ones({}, at::TensorOptions().dtype(dtype).device(device)).requires_grad_(true);
+  at::Tensor scale =
+      at::ones({}, at::TensorOptions().dtype(dtype).device(device)).requires_grad_(true);
   auto provider = std::make_shared<ScaledWeight>(scale);
   for (LinearImpl* l : decoder.linears()) l->set_provider(provider);
-  const at::Tensor ids =
-      at::randint(cfg.vocab_size, {batch, seq}, at::TensorOptions().dtype(at::kLong).device(device));
+  const at::Tensor ids = at::randint(cfg.vocab_size, {batch, seq},
+                                     at::TensorOptions().dtype(at::kLong).device(device));
 
   auto step = [&] {
     scale.mutable_grad() = at::Tensor();
@@ -132,7 +135,8 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
     const auto t0 = std::chrono::steady_clock::now();
     step();
     synchronize(device);
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(ms.begin(), ms.end());
   const size_t n = ms.size();

@@ -29,7 +29,9 @@ std::string shape_str(at::IntArrayRef s) {
 }
 
 // Dtype of norms, softmax inputs and returned logits: at least float32.
-at::ScalarType upcast(at::ScalarType t) { return at::promote_types(t, at::kFloat); }
+at::ScalarType upcast(at::ScalarType t) {
+  return at::promote_types(t, at::kFloat);
+}
 
 // ---- activation checkpointing ------------------------------------------------
 
@@ -46,8 +48,7 @@ struct Recompute : torch::CustomClassHolder {
 // input comes from frozen embeddings, yet its providers' leaves need gradients).
 struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                            const at::Tensor& anchor, c10::intrusive_ptr<Recompute> f) {
-    (void)anchor;
+                            const at::Tensor& /*anchor*/, c10::intrusive_ptr<Recompute> f) {
     ctx->save_for_backward({x});
     ctx->saved_data["fn"] = at::IValue::make_capsule(f);
     return f->fn(x);
@@ -109,9 +110,10 @@ struct Rope {
 
 class AttentionImpl : public torch::nn::Module {
  public:
-  AttentionImpl(const io::ModelConfig& c, std::shared_ptr<LinearImpl> q, std::shared_ptr<LinearImpl> k,
-                std::shared_ptr<LinearImpl> v, std::shared_ptr<LinearImpl> o,
-                std::shared_ptr<RMSNormImpl> q_norm, std::shared_ptr<RMSNormImpl> k_norm)
+  AttentionImpl(const io::ModelConfig& c, std::shared_ptr<LinearImpl> q,
+                std::shared_ptr<LinearImpl> k, std::shared_ptr<LinearImpl> v,
+                std::shared_ptr<LinearImpl> o, std::shared_ptr<RMSNormImpl> q_norm,
+                std::shared_ptr<RMSNormImpl> k_norm)
       : heads_(c.num_heads), kv_heads_(c.num_kv_heads), head_dim_(c.head_dim) {
     q_proj = register_module("q_proj", std::move(q));
     k_proj = register_module("k_proj", std::move(k));
@@ -192,11 +194,11 @@ class TensorSource {
   at::Tensor get(const std::string& name, const Shape& shape) const {
     auto it = tensors_.find(name);
     if (it == tensors_.end())
-      throw core::Error(str(source_, ": tensor '", name, "' is missing (expected shape ",
-                            shape_str(shape), ")"));
+      throw core::Error(
+          str(source_, ": tensor '", name, "' is missing (expected shape ", shape_str(shape), ")"));
     if (it->second.sizes() != at::IntArrayRef(shape))
-      throw core::Error(str(source_, ": tensor '", name, "' has shape ", shape_str(it->second.sizes()),
-                            ", expected ", shape_str(shape)));
+      throw core::Error(str(source_, ": tensor '", name, "' has shape ",
+                            shape_str(it->second.sizes()), ", expected ", shape_str(shape)));
     return it->second.to(opts_.device, opts_.dtype).contiguous();
   }
 
@@ -216,8 +218,9 @@ class TensorSource {
 // fp32 roundings (and the band boundaries) match.
 at::Tensor rope_inv_freq(const io::ModelConfig& c, const at::Device& device) {
   const int64_t dim = c.head_dim;
-  at::Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong).device(device))
-                            .to(at::kFloat) / static_cast<double>(dim);
+  at::Tensor exponent =
+      at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong).device(device)).to(at::kFloat) /
+      static_cast<double>(dim);
   at::Tensor inv_freq = at::pow(c.rope_theta, exponent).reciprocal();
   if (!c.rope_scaling) return inv_freq;
   const io::RopeScaling& r = *c.rope_scaling;
@@ -226,7 +229,8 @@ at::Tensor rope_inv_freq(const io::ModelConfig& c, const at::Device& device) {
   const double high_freq_wavelen = old_ctx / r.high_freq_factor;
   at::Tensor wavelen = inv_freq.reciprocal() * (2 * kPi);
   at::Tensor scaled = at::where(wavelen > low_freq_wavelen, inv_freq / r.factor, inv_freq);
-  at::Tensor smooth = (wavelen.reciprocal() * old_ctx - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+  at::Tensor smooth = (wavelen.reciprocal() * old_ctx - r.low_freq_factor) /
+                      (r.high_freq_factor - r.low_freq_factor);
   at::Tensor smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled;
   at::Tensor medium = (wavelen >= high_freq_wavelen).logical_and(wavelen <= low_freq_wavelen);
   return at::where(medium, smoothed, scaled);
@@ -250,7 +254,8 @@ void validate(const io::ModelConfig& c, const DecoderOptions& opts, const std::s
   if (c.num_heads % c.num_kv_heads != 0)
     throw core::Error(str(source, ": num_attention_heads (", c.num_heads,
                           ") is not a multiple of num_key_value_heads (", c.num_kv_heads, ")"));
-  if (c.head_dim % 2 != 0) throw core::Error(str(source, ": head_dim must be even, got ", c.head_dim));
+  if (c.head_dim % 2 != 0)
+    throw core::Error(str(source, ": head_dim must be even, got ", c.head_dim));
 }
 
 }  // namespace
@@ -298,7 +303,8 @@ struct Decoder::Impl {
     auto layers = model->register_module("layers", std::make_shared<torch::nn::Module>("Layers"));
 
     auto linear = [&](const std::string& name, int64_t out, int64_t in, bool bias_required) {
-      at::Tensor b = bias_required ? src.get(name + ".bias", {out}) : src.get_optional(name + ".bias", {out});
+      at::Tensor b =
+          bias_required ? src.get(name + ".bias", {out}) : src.get_optional(name + ".bias", {out});
       auto l = std::make_shared<LinearImpl>(name, src.get(name + ".weight", {out, in}), b);
       linears.push_back(l.get());
       by_name[name] = l.get();
@@ -329,7 +335,8 @@ struct Decoder::Impl {
       blocks.push_back(layers->register_module(std::to_string(i), block));
     }
     norm = model->register_module("norm", rms("model.norm", h));
-    lm_head_weight = cfg.tie_word_embeddings ? embed_weight : src.get("lm_head.weight", {cfg.vocab_size, h});
+    lm_head_weight =
+        cfg.tie_word_embeddings ? embed_weight : src.get("lm_head.weight", {cfg.vocab_size, h});
     root->register_module("lm_head", std::make_shared<torch::nn::Module>("LMHead"))
         ->register_buffer("weight", lm_head_weight);
 
@@ -351,7 +358,9 @@ struct Decoder::Impl {
     return ids.to(opts.device);
   }
 
-  at::Tensor embed(const at::Tensor& ids) const { return at::embedding(embed_weight, ids_on_device(ids)); }
+  at::Tensor embed(const at::Tensor& ids) const {
+    return at::embedding(embed_weight, ids_on_device(ids));
+  }
 
   at::Tensor block(int64_t i, const at::Tensor& x, const Rope& r) {
     if (i < 0 || i >= static_cast<int64_t>(blocks.size()))
@@ -382,13 +391,16 @@ Decoder::Decoder(Decoder&&) noexcept = default;
 Decoder& Decoder::operator=(Decoder&&) noexcept = default;
 Decoder::~Decoder() = default;
 
-Decoder Decoder::random(const io::ModelConfig& config, const DecoderOptions& opts, double init_std) {
+Decoder Decoder::random(const io::ModelConfig& config, const DecoderOptions& opts,
+                        double init_std) {
   io::ModelConfig c = config;
   if (c.head_dim <= 0 && c.num_heads > 0) c.head_dim = c.hidden_size / c.num_heads;
   validate(c, opts, "random decoder");
   const auto o = at::TensorOptions().dtype(opts.dtype).device(opts.device);
   std::map<std::string, at::Tensor> t;
-  auto normal = [&](const std::string& name, const Shape& shape) { t[name] = at::randn(shape, o) * init_std; };
+  auto normal = [&](const std::string& name, const Shape& shape) {
+    t[name] = at::randn(shape, o) * init_std;
+  };
   auto ones = [&](const std::string& name, int64_t n) { t[name] = at::ones({n}, o); };
   const int64_t h = c.hidden_size, hd = c.head_dim, inter = c.intermediate_size;
   const int64_t q_out = c.num_heads * hd, kv_out = c.num_kv_heads * hd;
@@ -419,11 +431,14 @@ Decoder Decoder::random(const io::ModelConfig& config, const DecoderOptions& opt
   return Decoder(std::make_unique<Impl>(c, t, "random decoder", opts));
 }
 
-at::Tensor Decoder::forward(const at::Tensor& ids) { return impl_->logits(impl_->hidden(ids)); }
+at::Tensor Decoder::forward(const at::Tensor& ids) {
+  return impl_->logits(impl_->hidden(ids));
+}
 
 at::Tensor Decoder::loss(const at::Tensor& ids) {
   if (ids.dim() != 2 || ids.size(1) < 2)
-    throw core::Error(str("decoder loss: expected token ids [batch, seq >= 2], got ", shape_str(ids.sizes())));
+    throw core::Error(
+        str("decoder loss: expected token ids [batch, seq >= 2], got ", shape_str(ids.sizes())));
   const at::Tensor dev_ids = impl_->ids_on_device(ids);
   at::Tensor h = impl_->hidden(dev_ids);
   const int64_t hidden = h.size(-1);
@@ -441,7 +456,8 @@ at::Tensor Decoder::loss(const at::Tensor& ids) {
     const int64_t end = std::min(n, begin + rows);
     const at::Tensor tgt = targets.slice(0, begin, end);
     auto chunk_loss = [w, tgt, out](const at::Tensor& x) {
-      return at::cross_entropy_loss(at::linear(x, w).to(out), tgt, /*weight=*/{}, at::Reduction::Sum);
+      return at::cross_entropy_loss(at::linear(x, w).to(out), tgt, /*weight=*/{},
+                                    at::Reduction::Sum);
     };
     const at::Tensor hc = h.slice(0, begin, end);
     at::Tensor l = recompute ? checkpoint(chunk_loss, hc, impl_->anchor) : chunk_loss(hc);
@@ -450,9 +466,15 @@ at::Tensor Decoder::loss(const at::Tensor& ids) {
   return total / static_cast<double>(n);
 }
 
-const io::ModelConfig& Decoder::config() const { return impl_->cfg; }
-const DecoderOptions& Decoder::options() const { return impl_->opts; }
-std::vector<LinearImpl*> Decoder::linears() { return impl_->linears; }
+const io::ModelConfig& Decoder::config() const {
+  return impl_->cfg;
+}
+const DecoderOptions& Decoder::options() const {
+  return impl_->opts;
+}
+std::vector<LinearImpl*> Decoder::linears() {
+  return impl_->linears;
+}
 
 LinearImpl* Decoder::linear(const std::string& hf_name) {
   auto it = impl_->by_name.find(hf_name);
@@ -471,14 +493,20 @@ int64_t Decoder::block_index(const std::string& hf_name) {
   return index;
 }
 
-at::Tensor Decoder::embed(const at::Tensor& ids) { return impl_->embed(ids); }
+at::Tensor Decoder::embed(const at::Tensor& ids) {
+  return impl_->embed(ids);
+}
 
 at::Tensor Decoder::run_block(int64_t i, const at::Tensor& hidden) {
   return impl_->block(i, hidden, impl_->rope(hidden.size(1)));
 }
 
-at::Tensor Decoder::head(const at::Tensor& hidden) { return impl_->logits(impl_->norm->forward(hidden)); }
+at::Tensor Decoder::head(const at::Tensor& hidden) {
+  return impl_->logits(impl_->norm->forward(hidden));
+}
 
-int64_t Decoder::num_blocks() const { return static_cast<int64_t>(impl_->blocks.size()); }
+int64_t Decoder::num_blocks() const {
+  return static_cast<int64_t>(impl_->blocks.size());
+}
 
 }  // namespace patch::model

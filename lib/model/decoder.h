@@ -25,7 +25,7 @@ class LinearImpl : public torch::nn::Module {
   LinearImpl(std::string hf_name, at::Tensor weight, at::Tensor bias);
   at::Tensor forward(const at::Tensor& x);
 
-  const std::string& name() const { return name_; }  // e.g. "model.layers.3.mlp.down_proj"
+  const std::string& name() const { return name_; }     // e.g. "model.layers.3.mlp.down_proj"
   const at::Tensor& weight() const { return weight_; }  // frozen, never written
   const at::Tensor& bias() const { return bias_; }      // undefined when absent
   void set_provider(std::shared_ptr<WeightProvider> p) { provider_ = std::move(p); }

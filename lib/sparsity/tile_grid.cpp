@@ -53,9 +53,10 @@ at::Tensor build_mask(const TileGrid& grid, const at::Tensor& tile_dense, const 
                       at::ScalarType dtype) {
   core::check(pattern.dim() == 2 && pattern.size(0) == grid.out() && pattern.size(1) == grid.groups(),
               "build_mask", core::str("expected a [", grid.out(), ", ", grid.groups(), "] pattern for ", grid.str()));
-  auto m24 = expand_patterns(pattern.to(tile_dense.device()), dtype);
-  auto dense = grid.expand(tile_dense.ne(0).to(dtype));
-  return at::maximum(dense, m24);
+  // uint8 arithmetic, then one cast, so every dtype (bool included) works.
+  auto m24 = expand_patterns(pattern.to(tile_dense.device()), at::kByte);
+  auto dense = grid.expand(tile_dense.ne(0).to(at::kByte));
+  return at::maximum(dense, m24).to(dtype);
 }
 
 }  // namespace patch::sparsity

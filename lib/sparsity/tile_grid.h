@@ -49,7 +49,7 @@ class TileGrid {
 
 // A 0/1 mask [out, in] of `dtype` from hard decisions: tile_dense [rows, cols]
 // (nonzero = dense, all ones) and pattern [out, in/4] (2:4 pattern index used
-// inside sparse tiles). Lives on tile_dense's device.
+// inside sparse tiles). Any dtype, kBool included; lives on tile_dense's device.
 at::Tensor build_mask(const TileGrid& grid, const at::Tensor& tile_dense, const at::Tensor& pattern,
                       at::ScalarType dtype = at::kFloat);
 

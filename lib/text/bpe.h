@@ -37,11 +37,14 @@ class BpeModel {
 
  private:
   void merge_word(std::string_view word, std::vector<int32_t>& out) const;
+  template <typename Symbols, typename Queue>
+  void merge_all(Symbols& symbols, Queue& queue) const;
 
   std::unordered_map<std::string, int32_t> vocab_;
   std::vector<std::string> id_to_token_;
   std::vector<bool> has_id_;
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (a, b) -> (rank, new id)
+  size_t num_ranks_ = 0;
   Options opt_;
   int32_t unk_id_ = -1;
   int32_t byte_ids_[256];

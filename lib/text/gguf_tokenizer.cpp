@@ -27,7 +27,14 @@ using json = nlohmann::json;
 const std::string kSpace = "\xE2\x96\x81";  // U+2581, SentencePiece's space
 
 // llama_token_type / llama_vocab token types stored in tokenizer.ggml.token_type.
-enum TokenType : int32_t { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6 };
+enum TokenType : int32_t {
+  kNormal = 1,
+  kUnknown = 2,
+  kControl = 3,
+  kUserDefined = 4,
+  kUnused = 5,
+  kByte = 6
+};
 
 // llama.cpp's unicode_len_utf8: by the high nibble of the lead byte.
 size_t spm_char_len(unsigned char lead) {
@@ -52,8 +59,10 @@ class SpmTokenizer final : public Tokenizer {
       std::string escaped;
       escaped.reserve(s.size() + s.size() / 4);
       for (char c : s) {
-        if (c == ' ') escaped += kSpace;
-        else escaped.push_back(c);
+        if (c == ' ')
+          escaped += kSpace;
+        else
+          escaped.push_back(c);
       }
       encode_escaped(escaped, ids);
       prev_special = false;
@@ -94,11 +103,15 @@ class SpmTokenizer final : public Tokenizer {
           case kByte:
             piece.push_back(static_cast<char>(byte_value_[static_cast<size_t>(id)]));
             break;
-          case kUserDefined: piece = t; break;
-          case kControl: case kUnknown:
+          case kUserDefined:
+            piece = t;
+            break;
+          case kControl:
+          case kUnknown:
             if (!skip_special) piece = t;
             break;
-          default: break;  // unused tokens render as nothing
+          default:
+            break;  // unused tokens render as nothing
         }
       }
       if (strip && !piece.empty() && piece[0] == ' ') piece.erase(0, 1);
@@ -128,9 +141,10 @@ class SpmTokenizer final : public Tokenizer {
     }
     size_t start = 0;
     for (size_t i = 1; i <= text.size(); ++i) {
-      const bool boundary = i == text.size() ||
-                            (text.compare(i, kSpace.size(), kSpace) == 0 &&
-                             !(i >= kSpace.size() && text.compare(i - kSpace.size(), kSpace.size(), kSpace) == 0));
+      const bool boundary =
+          i == text.size() ||
+          (text.compare(i, kSpace.size(), kSpace) == 0 &&
+           !(i >= kSpace.size() && text.compare(i - kSpace.size(), kSpace.size(), kSpace) == 0));
       if (!boundary) continue;
       encode_word(std::string_view(text).substr(start, i - start), out);
       start = i;
@@ -177,7 +191,8 @@ class SpmTokenizer final : public Tokenizer {
     };
     std::vector<Symbol> symbols;
     for (size_t offs = 0; offs < text.size();) {
-      const size_t n = std::min(spm_char_len(static_cast<unsigned char>(text[offs])), text.size() - offs);
+      const size_t n =
+          std::min(spm_char_len(static_cast<unsigned char>(text[offs])), text.size() - offs);
       const int index = static_cast<int>(symbols.size());
       symbols.push_back(Symbol{index - 1, offs + n == text.size() ? -1 : index + 1, offs, n});
       offs += n;
@@ -186,15 +201,16 @@ class SpmTokenizer final : public Tokenizer {
     std::unordered_map<std::string_view, std::pair<int, int>> rev_merge;
     auto try_add = [&](int left, int right) {
       if (left == -1 || right == -1) return;
-      const std::string_view s = text.substr(symbols[static_cast<size_t>(left)].offset,
-                                             symbols[static_cast<size_t>(left)].n +
-                                                 symbols[static_cast<size_t>(right)].n);
+      const std::string_view s =
+          text.substr(symbols[static_cast<size_t>(left)].offset,
+                      symbols[static_cast<size_t>(left)].n + symbols[static_cast<size_t>(right)].n);
       const int32_t id = lookup(s);
       if (id < 0) return;
       queue.push(Bigram{left, right, scores_[static_cast<size_t>(id)], s.size()});
       rev_merge[s] = {left, right};
     };
-    for (size_t i = 1; i < symbols.size(); ++i) try_add(static_cast<int>(i) - 1, static_cast<int>(i));
+    for (size_t i = 1; i < symbols.size(); ++i)
+      try_add(static_cast<int>(i) - 1, static_cast<int>(i));
     while (!queue.empty()) {
       const Bigram bg = queue.top();
       queue.pop();
@@ -226,7 +242,8 @@ class SpmTokenizer final : public Tokenizer {
       resegment(symbols[static_cast<size_t>(p->second.second)]);
     };
     if (symbols.empty()) return;
-    for (int i = 0; i != -1; i = symbols[static_cast<size_t>(i)].next) resegment(symbols[static_cast<size_t>(i)]);
+    for (int i = 0; i != -1; i = symbols[static_cast<size_t>(i)].next)
+      resegment(symbols[static_cast<size_t>(i)]);
   }
 
   std::vector<std::string> tokens_;
@@ -248,7 +265,9 @@ class SpmTokenizer final : public Tokenizer {
 SpmTokenizer::SpmTokenizer(const io::GgufFile& gguf) {
   const json& m = gguf.metadata();
   const std::string& path = gguf.path();
-  auto fail = [&](const std::string& what) -> void { throw core::Error(core::str(path, ": ", what)); };
+  auto fail = [&](const std::string& what) -> void {
+    throw core::Error(core::str(path, ": ", what));
+  };
   auto array = [&](const char* key, bool required) -> const json* {
     if (!m.contains(key)) {
       if (required) fail(core::str("missing metadata key '", key, "'"));
@@ -266,18 +285,21 @@ SpmTokenizer::SpmTokenizer(const io::GgufFile& gguf) {
   }
   scores_.assign(n, 0.0f);
   if (const json* s = array("tokenizer.ggml.scores", false)) {
-    if (s->size() != n) fail(core::str("'tokenizer.ggml.scores' has ", s->size(), " entries, expected ", n));
+    if (s->size() != n)
+      fail(core::str("'tokenizer.ggml.scores' has ", s->size(), " entries, expected ", n));
     for (size_t i = 0; i < n; ++i) scores_[i] = (*s)[i].get<float>();
   }
   types_.assign(n, kNormal);
   if (const json* t = array("tokenizer.ggml.token_type", false)) {
-    if (t->size() != n) fail(core::str("'tokenizer.ggml.token_type' has ", t->size(), " entries, expected ", n));
+    if (t->size() != n)
+      fail(core::str("'tokenizer.ggml.token_type' has ", t->size(), " entries, expected ", n));
     for (size_t i = 0; i < n; ++i) types_[i] = (*t)[i].get<int32_t>();
   }
   auto opt_id = [&](const char* key, int32_t fallback) {
     if (!m.contains(key)) return fallback;
     const int64_t v = m.at(key).get<int64_t>();
-    if (v < 0 || v >= static_cast<int64_t>(n)) fail(core::str("'", key, "' = ", v, " is outside the vocabulary"));
+    if (v < 0 || v >= static_cast<int64_t>(n))
+      fail(core::str("'", key, "' = ", v, " is outside the vocabulary"));
     return static_cast<int32_t>(v);
   };
   auto opt_bool = [&](const char* key, bool fallback) {
@@ -326,8 +348,8 @@ SpmTokenizer::SpmTokenizer(const io::GgufFile& gguf) {
     h.update(tokens_[i]);
     h.update(core::str("\t", scores_[i], "\t", types_[i], "\n"));
   }
-  h.update(core::str("bos ", bos_, " eos ", eos_, " unk ", unk_, " add_bos ", add_bos_, " add_eos ", add_eos_,
-                     " space_prefix ", add_space_prefix_));
+  h.update(core::str("bos ", bos_, " eos ", eos_, " unk ", unk_, " add_bos ", add_bos_, " add_eos ",
+                     add_eos_, " space_prefix ", add_space_prefix_));
   fingerprint_ = "gguf-spm:" + h.hex_digest();
 }
 
@@ -341,7 +363,11 @@ std::unique_ptr<Tokenizer> load_gguf_tokenizer(const io::GgufFile& gguf) {
   if (model != "llama")
     throw core::Error(core::str(gguf.path(), ": tokenizer.ggml.model '", model,
                                 "' is not supported (only 'llama', SentencePiece with scores)"));
-  return std::make_unique<SpmTokenizer>(gguf);
+  try {
+    return std::make_unique<SpmTokenizer>(gguf);
+  } catch (const nlohmann::json::exception& e) {  // metadata of the wrong type
+    throw core::Error(core::str(gguf.path(), ": unexpected tokenizer metadata (", e.what(), ")"));
+  }
 }
 
 }  // namespace patch::text

@@ -6,9 +6,7 @@
 #include <algorithm>
 #include <cctype>
 #include <filesystem>
-#include <fstream>
 #include <functional>
-#include <optional>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -68,7 +66,7 @@ const ByteLevelTables& byte_level() {
 }
 
 // The GPT-2 pre-tokenizer regex of ByteLevel(use_regex=true).
-const char* kGpt2Pattern =
+constexpr const char* kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
 // ---- pattern matching shared by Split, Replace, Digits, Metaspace ----------
@@ -108,22 +106,15 @@ class Pattern {
       out.push_back({b, e, true});
       prev = e;
     };
-    if (regex_) {
+    if (regex_ || pred_) {
       const std::u32string u = uc::decode_utf8(s);
-      std::vector<size_t> offs(u.size() + 1, 0);
-      for (size_t i = 0; i < u.size(); ++i) {
-        const char32_t c = u[i];
-        offs[i + 1] = offs[i] + (c < 0x80 ? 1 : c < 0x800 ? 2 : (c >= 0xDC80 && c <= 0xDCFF) ? 1
-                                                                : c < 0x10000 ? 3 : 4);
-      }
-      for (const auto& [b, e] : regex_->find_all(u)) emit(offs[b], offs[e]);
-    } else if (pred_) {
-      size_t i = 0;
-      while (i < s.size()) {
-        const size_t len = std::min<size_t>(uc::utf8_length(static_cast<unsigned char>(s[i])), s.size() - i);
-        const std::u32string c = uc::decode_utf8(std::string_view(s).substr(i, len));
-        if (c.size() == 1 && pred_(c[0])) emit(i, i + len);
-        i += len;
+      std::vector<size_t> offs(u.size() + 1, 0);  // byte offset of each code point
+      for (size_t i = 0; i < u.size(); ++i) offs[i + 1] = offs[i] + uc::encoded_length(u[i]);
+      if (regex_) {
+        for (const auto& [b, e] : regex_->find_all(u)) emit(offs[b], offs[e]);
+      } else {
+        for (size_t i = 0; i < u.size(); ++i)
+          if (pred_(u[i])) emit(offs[i], offs[i + 1]);
       }
     } else if (!literal_.empty()) {
       for (size_t pos = s.find(literal_); pos != std::string::npos; pos = s.find(literal_, prev))
@@ -163,8 +154,10 @@ std::vector<std::pair<size_t, size_t>> apply_behavior(const std::vector<Span>& m
     case Behavior::kContiguous: {
       bool prev_match = false;
       for (const Span& s : m) {
-        if (s.is_match == prev_match && !keep.empty()) keep.back().second = s.end;
-        else keep.emplace_back(s.begin, s.end);
+        if (s.is_match == prev_match && !keep.empty())
+          keep.back().second = s.end;
+        else
+          keep.emplace_back(s.begin, s.end);
         prev_match = s.is_match;
       }
       break;
@@ -172,8 +165,10 @@ std::vector<std::pair<size_t, size_t>> apply_behavior(const std::vector<Span>& m
     case Behavior::kMergedWithPrevious: {
       bool prev_match = false;
       for (const Span& s : m) {
-        if (s.is_match && !prev_match && !keep.empty()) keep.back().second = s.end;
-        else keep.emplace_back(s.begin, s.end);
+        if (s.is_match && !prev_match && !keep.empty())
+          keep.back().second = s.end;
+        else
+          keep.emplace_back(s.begin, s.end);
         prev_match = s.is_match;
       }
       break;
@@ -181,8 +176,10 @@ std::vector<std::pair<size_t, size_t>> apply_behavior(const std::vector<Span>& m
     case Behavior::kMergedWithNext: {
       bool prev_match = false;
       for (auto it = m.rbegin(); it != m.rend(); ++it) {
-        if (it->is_match && !prev_match && !keep.empty()) keep.back().first = it->begin;
-        else keep.emplace_back(it->begin, it->end);
+        if (it->is_match && !prev_match && !keep.empty())
+          keep.back().first = it->begin;
+        else
+          keep.emplace_back(it->begin, it->end);
         prev_match = it->is_match;
       }
       std::reverse(keep.begin(), keep.end());
@@ -227,10 +224,11 @@ class Loader {
   }
   std::string opt_string(const json& j, const char* key, const std::string& fallback) const {
     return j.is_object() && j.contains(key) && j.at(key).is_string() ? j.at(key).get<std::string>()
-                                                                      : fallback;
+                                                                     : fallback;
   }
   bool opt_bool(const json& j, const char* key, bool fallback) const {
-    return j.is_object() && j.contains(key) && j.at(key).is_boolean() ? j.at(key).get<bool>() : fallback;
+    return j.is_object() && j.contains(key) && j.at(key).is_boolean() ? j.at(key).get<bool>()
+                                                                      : fallback;
   }
   std::string type_of(const json& j, const std::string& where) const {
     return get_string(j, "type", where);
@@ -281,8 +279,10 @@ class Loader {
       const std::string content = get_string(j, "content", w);
       return [p, content](std::string& s) { s = p.replace(s, content); };
     }
-    if (type == "NFC") return [](std::string& s) { s = uc::encode_utf8(uc::nfc(uc::decode_utf8(s))); };
-    if (type == "NFD") return [](std::string& s) { s = uc::encode_utf8(uc::nfd(uc::decode_utf8(s))); };
+    if (type == "NFC")
+      return [](std::string& s) { s = uc::encode_utf8(uc::nfc(uc::decode_utf8(s))); };
+    if (type == "NFD")
+      return [](std::string& s) { s = uc::encode_utf8(uc::nfd(uc::decode_utf8(s))); };
     if (type == "Strip") {
       const bool left = opt_bool(j, "strip_left", true), right = opt_bool(j, "strip_right", true);
       return [left, right](std::string& s) {
@@ -293,8 +293,9 @@ class Loader {
         s = uc::encode_utf8(std::u32string_view(u).substr(b, e - b));
       };
     }
-    fail(where, core::str("normalizer '", type,
-                          "' is not supported (supported: Sequence, Prepend, Replace, NFC, NFD, Strip)"));
+    fail(where,
+         core::str("normalizer '", type,
+                   "' is not supported (supported: Sequence, Prepend, Replace, NFC, NFD, Strip)"));
   }
 
   PreTokenizeFn pre_tokenizer(const json& j, const std::string& where) const {
@@ -392,7 +393,8 @@ class Loader {
     if (type == "Sequence") {
       std::vector<DecodeFn> fs;
       size_t i = 0;
-      for (const json& d : member(j, "decoders", w)) fs.push_back(decoder(d, core::str(w, "[", i++, "]")));
+      for (const json& d : member(j, "decoders", w))
+        fs.push_back(decoder(d, core::str(w, "[", i++, "]")));
       return [fs](std::vector<std::string>& toks) {
         for (const auto& f : fs) f(toks);
       };
@@ -431,8 +433,10 @@ class Loader {
         std::string bytes;
         auto flush = [&] {
           if (bytes.empty()) return;
-          if (uc::is_valid_utf8(bytes)) out.push_back(bytes);
-          else out.insert(out.end(), bytes.size(), "\xEF\xBF\xBD");
+          if (uc::is_valid_utf8(bytes))
+            out.push_back(bytes);
+          else
+            out.insert(out.end(), bytes.size(), "\xEF\xBF\xBD");
           bytes.clear();
         };
         for (std::string& t : toks) {
@@ -458,7 +462,8 @@ class Loader {
     }
     if (type == "Strip") {
       const char32_t content = single_char(j, "content", w, " ");
-      const size_t start = member(j, "start", w).get<size_t>(), stop = member(j, "stop", w).get<size_t>();
+      const size_t start = member(j, "start", w).get<size_t>(),
+                   stop = member(j, "stop", w).get<size_t>();
       return [content, start, stop](std::vector<std::string>& toks) {
         for (std::string& t : toks) {
           const std::u32string u = uc::decode_utf8(t);
@@ -479,16 +484,19 @@ class Loader {
           std::u32string u = uc::decode_utf8(toks[i]);
           std::u32string out;
           for (char32_t c : u) {
-            if (c != rep) out.push_back(c);
-            else if (!(i == 0 && strip_first)) out.push_back(' ');
+            if (c != rep)
+              out.push_back(c);
+            else if (!(i == 0 && strip_first))
+              out.push_back(' ');
           }
           toks[i] = uc::encode_utf8(out);
         }
       };
     }
-    fail(where, core::str("decoder '", type,
-                          "' is not supported (supported: Sequence, ByteLevel, Replace, ByteFallback, "
-                          "Fuse, Strip, Metaspace)"));
+    fail(where,
+         core::str("decoder '", type,
+                   "' is not supported (supported: Sequence, ByteLevel, Replace, ByteFallback, "
+                   "Fuse, Strip, Metaspace)"));
   }
 
   // Ids a post-processor puts before and after a single sequence.
@@ -513,7 +521,8 @@ class Loader {
           continue;
         }
         const std::string name = get_string(member(item, "SpecialToken", w), "id", w);
-        if (!specials.contains(name)) fail(w, core::str("special token '", name, "' missing from special_tokens"));
+        if (!specials.contains(name))
+          fail(w, core::str("special token '", name, "' missing from special_tokens"));
         for (const json& id : member(specials.at(name), "ids", w))
           (seen_a ? post : pre).push_back(id.get<int32_t>());
       }
@@ -543,7 +552,27 @@ struct AddedToken {
   std::string content;
   int32_t id;
   bool special, lstrip, rstrip, single_word, normalized;
+  std::string decoded;  // content, normalized when `normalized`
 };
+
+// The code point starting at byte `pos` (pos < s.size()) and its length.
+std::pair<char32_t, size_t> cp_at(const std::string& s, size_t pos) {
+  if (pos >= s.size()) return {0, 0};
+  const size_t len =
+      std::min<size_t>(uc::utf8_length(static_cast<unsigned char>(s[pos])), s.size() - pos);
+  const std::u32string u = uc::decode_utf8(std::string_view(s).substr(pos, len));
+  return {u[0], u.size() == 1 ? len : 1};
+}
+
+// The code point ending at byte `pos` (pos > 0) and its length.
+std::pair<char32_t, size_t> cp_before(const std::string& s, size_t pos) {
+  if (pos == 0) return {0, 0};
+  size_t start = pos - 1;
+  while (start > 0 && pos - start < 4 && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80)
+    --start;
+  const std::u32string u = uc::decode_utf8(std::string_view(s).substr(start, pos - start));
+  return {u.back(), u.size() == 1 ? pos - start : 1};
+}
 
 bool is_word_char(char32_t c) {
   if (c < 0x80) return std::isalnum(static_cast<int>(c)) || c == '_';
@@ -580,16 +609,20 @@ class HfTokenizer final : public Tokenizer {
   }
 
   std::string decode(const std::vector<int32_t>& ids, bool skip_special) const override {
+    // As tokenizers 0.23: an added token decodes to its content as normalized
+    // (so TinyStories' "<|start_story|>" comes back as "▁<|start_story|>"), and
+    // skip_special drops tokens whose string is a special token's content.
     std::vector<std::string> toks;
     toks.reserve(ids.size());
     for (int32_t id : ids) {
+      const std::string* t = nullptr;
       const auto added = added_by_id_.find(id);
-      if (added != added_by_id_.end()) {
-        const AddedToken& t = added_tokens_[added->second];
-        if (!(skip_special && t.special)) toks.push_back(t.content);
-        continue;
-      }
-      if (const std::string* t = model_->token(id)) toks.push_back(*t);
+      if (added != added_by_id_.end())
+        t = &added_tokens_[added->second].decoded;
+      else
+        t = model_->token(id);
+      if (!t || (skip_special && special_contents_.count(*t))) continue;
+      toks.push_back(*t);
     }
     if (!decoder_) {
       std::string out;
@@ -616,7 +649,8 @@ class HfTokenizer final : public Tokenizer {
 
   // AddedVocabulary::split_with_indices: added tokens cut out of `s`, honouring
   // lstrip / rstrip / single_word.
-  std::vector<Segment> split_added(const std::string& s, const TokenMatcher& m, bool at_start) const {
+  std::vector<Segment> split_added(const std::string& s, const TokenMatcher& m,
+                                   bool at_start) const {
     std::vector<Segment> out;
     size_t start_offset = 0, search = 0;
     size_t b, e;
@@ -625,34 +659,25 @@ class HfTokenizer final : public Tokenizer {
       const AddedToken& t = added_tokens_[static_cast<size_t>(tag)];
       search = e;
       if (t.single_word) {
-        const std::u32string before = uc::decode_utf8(std::string_view(s).substr(0, b));
-        const std::u32string after = uc::decode_utf8(std::string_view(s).substr(e));
-        const bool start_space = before.empty() || !is_word_char(before.back());
-        const bool stop_space = after.empty() || !is_word_char(after.front());
+        const bool start_space = b == 0 || !is_word_char(cp_before(s, b).first);
+        const bool stop_space = e == s.size() || !is_word_char(cp_at(s, e).first);
         if (!start_space || !stop_space) continue;
       }
       if (t.lstrip) {
-        const std::u32string before = uc::decode_utf8(std::string_view(s).substr(0, b));
         size_t nb = b;
-        for (auto it = before.rbegin(); it != before.rend() && uc::is_white_space(*it); ++it) {
-          std::string tmp;
-          uc::append_utf8(tmp, *it);
-          nb -= tmp.size();
-        }
+        for (auto c = cp_before(s, nb); nb > start_offset && uc::is_white_space(c.first);
+             c = cp_before(s, nb))
+          nb -= c.second;
         b = std::max(nb, start_offset);
       }
       if (t.rstrip) {
-        const std::u32string after = uc::decode_utf8(std::string_view(s).substr(e));
-        for (char32_t c : after) {
-          if (!uc::is_white_space(c)) break;
-          std::string tmp;
-          uc::append_utf8(tmp, c);
-          e += tmp.size();
-        }
+        for (auto c = cp_at(s, e); e < s.size() && uc::is_white_space(c.first); c = cp_at(s, e))
+          e += c.second;
         search = e;
       }
       if (start_offset < b)
-        out.push_back(Segment{s.substr(start_offset, b - start_offset), -1, at_start && start_offset == 0});
+        out.push_back(
+            Segment{s.substr(start_offset, b - start_offset), -1, at_start && start_offset == 0});
       out.push_back(Segment{"", t.id, false});
       start_offset = e;
     }
@@ -666,6 +691,7 @@ class HfTokenizer final : public Tokenizer {
   std::unique_ptr<BpeModel> model_;
   std::vector<AddedToken> added_tokens_;
   std::unordered_map<int32_t, size_t> added_by_id_;
+  std::unordered_set<std::string> special_contents_;
   TokenMatcher raw_matcher_, normalized_matcher_;
   NormalizeFn normalizer_;
   PreTokenizeFn pre_tokenizer_;
@@ -708,19 +734,22 @@ void HfTokenizer::load(const std::string& path) {
   const std::string model_type = L.opt_string(model, "type", "BPE");
   if (model_type != "BPE")
     L.fail("model", core::str("model type '", model_type, "' is not supported (only BPE)"));
-  if (model.contains("dropout") && model.at("dropout").is_number() && model.at("dropout").get<double>() > 0)
+  if (model.contains("dropout") && model.at("dropout").is_number() &&
+      model.at("dropout").get<double>() > 0)
     L.fail("model", "BPE dropout is not supported");
 
   // Model vocabulary and merges ("a b" strings, or [a, b] pairs since tokenizers 0.20).
   std::unordered_map<std::string, int32_t> vocab;
-  for (const auto& [tok, id] : L.member(model, "vocab", "model").items()) vocab[tok] = id.get<int32_t>();
+  for (const auto& [tok, id] : L.member(model, "vocab", "model").items())
+    vocab[tok] = id.get<int32_t>();
   std::vector<std::pair<std::string, std::string>> merges;
   for (const json& m : L.member(model, "merges", "model")) {
     if (m.is_string()) {
       const std::string s = m.get<std::string>();
       const size_t sp = s.find(' ');
       if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos)
-        L.fail("model.merges", core::str("merge '", s, "' is not two tokens separated by one space"));
+        L.fail("model.merges",
+               core::str("merge '", s, "' is not two tokens separated by one space"));
       merges.emplace_back(s.substr(0, sp), s.substr(sp + 1));
     } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
       merges.emplace_back(m[0].get<std::string>(), m[1].get<std::string>());
@@ -742,7 +771,8 @@ void HfTokenizer::load(const std::string& path) {
     normalizer_ = L.normalizer(j.at("normalizer"), "normalizer");
   if (j.contains("pre_tokenizer") && !j.at("pre_tokenizer").is_null())
     pre_tokenizer_ = L.pre_tokenizer(j.at("pre_tokenizer"), "pre_tokenizer");
-  if (j.contains("decoder") && !j.at("decoder").is_null()) decoder_ = L.decoder(j.at("decoder"), "decoder");
+  if (j.contains("decoder") && !j.at("decoder").is_null())
+    decoder_ = L.decoder(j.at("decoder"), "decoder");
 
   // Added tokens: those with normalized=false are matched in the raw text, the
   // others in the normalized text, with their content normalized the same way.
@@ -762,14 +792,11 @@ void HfTokenizer::load(const std::string& path) {
     }
   }
   for (size_t i = 0; i < added_tokens_.size(); ++i) {
-    const AddedToken& t = added_tokens_[i];
-    if (!t.normalized) {
-      raw_matcher_.add(t.content, static_cast<int32_t>(i));
-    } else {
-      std::string c = t.content;
-      if (normalizer_) normalizer_(c);
-      normalized_matcher_.add(c, static_cast<int32_t>(i));
-    }
+    AddedToken& t = added_tokens_[i];
+    t.decoded = t.content;
+    if (t.normalized && normalizer_) normalizer_(t.decoded);
+    (t.normalized ? normalized_matcher_ : raw_matcher_).add(t.decoded, static_cast<int32_t>(i));
+    if (t.special) special_contents_.insert(t.content);
   }
 
   auto id_of = [&](const std::string& tok) -> int32_t {
@@ -783,7 +810,8 @@ void HfTokenizer::load(const std::string& path) {
   // BOS/EOS: tokenizer_config.json, else config.json, else the template's first special.
   const std::filesystem::path dir = std::filesystem::path(path).parent_path();
   const json tcfg = read_json_if_exists(dir / "tokenizer_config.json");
-  const std::string bos_tok = config_token(tcfg, "bos_token"), eos_tok = config_token(tcfg, "eos_token");
+  const std::string bos_tok = config_token(tcfg, "bos_token"),
+                    eos_tok = config_token(tcfg, "eos_token");
   if (!bos_tok.empty()) bos_ = id_of(bos_tok);
   if (!eos_tok.empty()) eos_ = id_of(eos_tok);
   if (bos_ < 0 || eos_ < 0) {
@@ -816,7 +844,11 @@ void HfTokenizer::load(const std::string& path) {
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& tokenizer_json_path) {
-  return std::make_unique<HfTokenizer>(tokenizer_json_path);
+  try {
+    return std::make_unique<HfTokenizer>(tokenizer_json_path);
+  } catch (const nlohmann::json::exception& e) {  // a value of the wrong JSON type
+    throw core::Error(core::str(tokenizer_json_path, ": unexpected structure (", e.what(), ")"));
+  }
 }
 
 }  // namespace patch::text

@@ -15,14 +15,16 @@ namespace uc = unicode;
 
 // Simple case folding as far as the supported subset needs it: ASCII letters,
 // plus the two non-ASCII code points that fold onto ASCII (long s, Kelvin sign).
-char32_t fold(char32_t c) {
+char32_t fold_case(char32_t c) {
   if (c >= 'A' && c <= 'Z') return c + 32;
   if (c == 0x17F) return 's';
   if (c == 0x212A) return 'k';
   return c;
 }
 
-bool is_ascii_letter(char32_t c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+bool is_ascii_letter(char32_t c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
 
 struct Node {
   enum Kind { kEmpty, kChar, kAny, kClass, kConcat, kAlt, kRepeat, kLook } kind = kEmpty;
@@ -37,13 +39,19 @@ struct Node {
 
 bool nullable(const Node& n) {
   switch (n.kind) {
-    case Node::kEmpty: case Node::kLook: return true;
-    case Node::kChar: case Node::kAny: case Node::kClass: return false;
+    case Node::kEmpty:
+    case Node::kLook:
+      return true;
+    case Node::kChar:
+    case Node::kAny:
+    case Node::kClass:
+      return false;
     case Node::kConcat:
       return std::all_of(n.kids.begin(), n.kids.end(), [](const Node& k) { return nullable(k); });
     case Node::kAlt:
       return std::any_of(n.kids.begin(), n.kids.end(), [](const Node& k) { return nullable(k); });
-    case Node::kRepeat: return n.min == 0 || nullable(n.kids[0]);
+    case Node::kRepeat:
+      return n.min == 0 || nullable(n.kids[0]);
   }
   return false;
 }
@@ -60,30 +68,42 @@ uint32_t property_mask(const std::string& key, bool& white_space) {
   };
   static const Entry entries[] = {
       {"l", "letter", uc::kLetter},
-      {"lu", "uppercaseletter", bit(C::Lu)}, {"ll", "lowercaseletter", bit(C::Ll)},
-      {"lt", "titlecaseletter", bit(C::Lt)}, {"lm", "modifierletter", bit(C::Lm)},
+      {"lu", "uppercaseletter", bit(C::Lu)},
+      {"ll", "lowercaseletter", bit(C::Ll)},
+      {"lt", "titlecaseletter", bit(C::Lt)},
+      {"lm", "modifierletter", bit(C::Lm)},
       {"lo", "otherletter", bit(C::Lo)},
       {"m", "mark", uc::kMark},
-      {"mn", "nonspacingmark", bit(C::Mn)}, {"mc", "spacingmark", bit(C::Mc)},
+      {"mn", "nonspacingmark", bit(C::Mn)},
+      {"mc", "spacingmark", bit(C::Mc)},
       {"me", "enclosingmark", bit(C::Me)},
       {"n", "number", uc::kNumber},
-      {"nd", "decimalnumber", bit(C::Nd)}, {"nl", "letternumber", bit(C::Nl)},
+      {"nd", "decimalnumber", bit(C::Nd)},
+      {"nl", "letternumber", bit(C::Nl)},
       {"no", "othernumber", bit(C::No)},
-      {"p", "punctuation", bit(C::Pc) | bit(C::Pd) | bit(C::Ps) | bit(C::Pe) | bit(C::Pi) |
-                               bit(C::Pf) | bit(C::Po)},
-      {"pc", "connectorpunctuation", bit(C::Pc)}, {"pd", "dashpunctuation", bit(C::Pd)},
-      {"ps", "openpunctuation", bit(C::Ps)}, {"pe", "closepunctuation", bit(C::Pe)},
-      {"pi", "initialpunctuation", bit(C::Pi)}, {"pf", "finalpunctuation", bit(C::Pf)},
+      {"p", "punctuation",
+       bit(C::Pc) | bit(C::Pd) | bit(C::Ps) | bit(C::Pe) | bit(C::Pi) | bit(C::Pf) | bit(C::Po)},
+      {"pc", "connectorpunctuation", bit(C::Pc)},
+      {"pd", "dashpunctuation", bit(C::Pd)},
+      {"ps", "openpunctuation", bit(C::Ps)},
+      {"pe", "closepunctuation", bit(C::Pe)},
+      {"pi", "initialpunctuation", bit(C::Pi)},
+      {"pf", "finalpunctuation", bit(C::Pf)},
       {"po", "otherpunctuation", bit(C::Po)},
       {"s", "symbol", bit(C::Sm) | bit(C::Sc) | bit(C::Sk) | bit(C::So)},
-      {"sm", "mathsymbol", bit(C::Sm)}, {"sc", "currencysymbol", bit(C::Sc)},
-      {"sk", "modifiersymbol", bit(C::Sk)}, {"so", "othersymbol", bit(C::So)},
+      {"sm", "mathsymbol", bit(C::Sm)},
+      {"sc", "currencysymbol", bit(C::Sc)},
+      {"sk", "modifiersymbol", bit(C::Sk)},
+      {"so", "othersymbol", bit(C::So)},
       {"z", "separator", bit(C::Zs) | bit(C::Zl) | bit(C::Zp)},
-      {"zs", "spaceseparator", bit(C::Zs)}, {"zl", "lineseparator", bit(C::Zl)},
+      {"zs", "spaceseparator", bit(C::Zs)},
+      {"zl", "lineseparator", bit(C::Zl)},
       {"zp", "paragraphseparator", bit(C::Zp)},
       {"c", "other", bit(C::Cc) | bit(C::Cf) | bit(C::Cs) | bit(C::Co) | bit(C::Cn)},
-      {"cc", "control", bit(C::Cc)}, {"cf", "format", bit(C::Cf)},
-      {"cs", "surrogate", bit(C::Cs)}, {"co", "privateuse", bit(C::Co)},
+      {"cc", "control", bit(C::Cc)},
+      {"cf", "format", bit(C::Cf)},
+      {"cs", "surrogate", bit(C::Cs)},
+      {"co", "privateuse", bit(C::Co)},
       {"cn", "unassigned", bit(C::Cn)},
   };
   white_space = key == "whitespace" || key == "space";
@@ -130,7 +150,8 @@ class Parser {
     cat.kind = Node::kConcat;
     while (!at_end() && peek() != '|' && peek() != ')') {
       // (?i) and (?-i) switch case folding for the rest of the enclosing group.
-      if (peek() == '(' && peek(1) == '?' && (peek(2) == 'i' || (peek(2) == '-' && peek(3) == 'i'))) {
+      if (peek() == '(' && peek(1) == '?' &&
+          (peek(2) == 'i' || (peek(2) == '-' && peek(3) == 'i'))) {
         const size_t flag_end = peek(2) == 'i' ? 3 : 4;
         if (peek(flag_end) == ')') {
           fold_ = peek(2) == 'i';
@@ -190,8 +211,10 @@ class Parser {
       rep.kind = Node::kRepeat;
       rep.min = min;
       rep.max = max;
-      if (eat('?')) rep.greedy = false;
-      else if (peek() == '+' && !at_end()) fail("possessive quantifiers are not supported");
+      if (eat('?'))
+        rep.greedy = false;
+      else if (peek() == '+' && !at_end())
+        fail("possessive quantifiers are not supported");
       if (atom.kind == Node::kEmpty || atom.kind == Node::kLook) fail("nothing to repeat");
       if (max < 0 && nullable(atom)) fail("a repeated group that can match the empty string");
       rep.kids.push_back(std::move(atom));
@@ -204,9 +227,9 @@ class Parser {
     n.kind = Node::kChar;
     if (fold_ && (is_ascii_letter(c) || c == 0x17F || c == 0x212A)) {
       n.fold = true;
-      c = fold(c);
+      c = fold_case(c);
     } else if (fold_ && uc::in(c, uc::bit(uc::Category::Lu) | uc::bit(uc::Category::Ll) |
-                                     uc::bit(uc::Category::Lt))) {
+                                      uc::bit(uc::Category::Lt))) {
       fail("case-insensitive matching of non-ASCII letters is not supported");
     }
     n.c = c;
@@ -228,8 +251,10 @@ class Parser {
     if (at_end()) fail("unexpected end");
     const char32_t c = p_[i_++];
     switch (c) {
-      case '(': return parse_group();
-      case '[': return class_node(parse_class());
+      case '(':
+        return parse_group();
+      case '[':
+        return class_node(parse_class());
       case '.': {
         Node n;
         n.kind = Node::kAny;
@@ -241,9 +266,15 @@ class Parser {
         if (parse_escape(cls, lit, /*in_class=*/false)) return class_node(std::move(cls));
         return char_node(lit);
       }
-      case '^': case '$': fail("anchors are not supported");
-      case '*': case '+': case '?': fail("nothing to repeat");
-      default: return char_node(c);
+      case '^':
+      case '$':
+        fail("anchors are not supported");
+      case '*':
+      case '+':
+      case '?':
+        fail("nothing to repeat");
+      default:
+        return char_node(c);
     }
   }
 
@@ -283,10 +314,14 @@ class Parser {
     while (!at_end() && (braced || n < digits)) {
       const char32_t h = peek();
       int d;
-      if (h >= '0' && h <= '9') d = static_cast<int>(h - '0');
-      else if (h >= 'a' && h <= 'f') d = static_cast<int>(h - 'a' + 10);
-      else if (h >= 'A' && h <= 'F') d = static_cast<int>(h - 'A' + 10);
-      else break;
+      if (h >= '0' && h <= '9')
+        d = static_cast<int>(h - '0');
+      else if (h >= 'a' && h <= 'f')
+        d = static_cast<int>(h - 'a' + 10);
+      else if (h >= 'A' && h <= 'F')
+        d = static_cast<int>(h - 'A' + 10);
+      else
+        break;
       v = v * 16 + static_cast<char32_t>(d);
       ++i_;
       ++n;
@@ -303,21 +338,25 @@ class Parser {
     const char32_t e = p_[i_++];
     Regex::ClassItem item{};
     switch (e) {
-      case 's': case 'S':
+      case 's':
+      case 'S':
         item.kind = Regex::ClassItem::kWhiteSpace;
         item.negated = e == 'S';
         break;
-      case 'd': case 'D':
+      case 'd':
+      case 'D':
         item.kind = Regex::ClassItem::kCategories;
         item.categories = uc::bit(uc::Category::Nd);
         item.negated = e == 'D';
         break;
-      case 'w': case 'W':
+      case 'w':
+      case 'W':
         item.kind = Regex::ClassItem::kCategories;
         item.categories = uc::kLetter | uc::kMark | uc::kNumber | uc::bit(uc::Category::Pc);
         item.negated = e == 'W';
         break;
-      case 'p': case 'P': {
+      case 'p':
+      case 'P': {
         std::string name;
         bool negated = e == 'P';
         if (eat('{')) {
@@ -341,18 +380,36 @@ class Parser {
         item.negated = negated;
         break;
       }
-      case 'r': lit = '\r'; return false;
-      case 'n': lit = '\n'; return false;
-      case 't': lit = '\t'; return false;
-      case 'f': lit = '\f'; return false;
-      case 'v': lit = '\v'; return false;
-      case 'e': lit = 0x1B; return false;
-      case 'a': lit = 0x07; return false;
-      case '0': lit = 0; return false;
+      case 'r':
+        lit = '\r';
+        return false;
+      case 'n':
+        lit = '\n';
+        return false;
+      case 't':
+        lit = '\t';
+        return false;
+      case 'f':
+        lit = '\f';
+        return false;
+      case 'v':
+        lit = '\v';
+        return false;
+      case 'e':
+        lit = 0x1B;
+        return false;
+      case 'a':
+        lit = 0x07;
+        return false;
+      case '0':
+        lit = 0;
+        return false;
       case 'x':
         lit = eat('{') ? parse_hex(0, /*braced=*/true) : parse_hex(2, /*braced=*/false);
         return false;
-      case 'u': lit = parse_hex(4, /*braced=*/false); return false;
+      case 'u':
+        lit = parse_hex(4, /*braced=*/false);
+        return false;
       default:
         if (e < 0x80 && (std::isalnum(static_cast<int>(e)))) {
           if (in_class && e == 'b') {
@@ -388,7 +445,8 @@ class Parser {
         hi = p_[i_++];
         if (hi == '\\') {
           Regex::CharClass unused;
-          if (parse_escape(unused, hi, /*in_class=*/true)) fail("a class escape cannot end a range");
+          if (parse_escape(unused, hi, /*in_class=*/true))
+            fail("a class escape cannot end a range");
         } else if (hi == '[') {
           fail("nested classes are not supported");
         }
@@ -417,10 +475,17 @@ class Compiler {
   void emit(const Node& n) {
     using Op = Regex::Op;
     switch (n.kind) {
-      case Node::kEmpty: break;
-      case Node::kChar: add(n.fold ? Op::kCharFold : Op::kChar).c = n.c; break;
-      case Node::kAny: add(Op::kAny); break;
-      case Node::kClass: add(Op::kClass).x = n.cls; break;
+      case Node::kEmpty:
+        break;
+      case Node::kChar:
+        add(n.fold ? Op::kCharFold : Op::kChar).c = n.c;
+        break;
+      case Node::kAny:
+        add(Op::kAny);
+        break;
+      case Node::kClass:
+        add(Op::kClass).x = n.cls;
+        break;
       case Node::kConcat:
         for (const Node& k : n.kids) emit(k);
         break;
@@ -493,9 +558,15 @@ bool Regex::CharClass::contains_slow(char32_t c) const {
   auto item_has = [](const ClassItem& it, char32_t ch) {
     bool m = false;
     switch (it.kind) {
-      case ClassItem::kRange: m = ch >= it.lo && ch <= it.hi; break;
-      case ClassItem::kCategories: m = uc::in(ch, it.categories); break;
-      case ClassItem::kWhiteSpace: m = uc::is_white_space(ch); break;
+      case ClassItem::kRange:
+        m = ch >= it.lo && ch <= it.hi;
+        break;
+      case ClassItem::kCategories:
+        m = uc::in(ch, it.categories);
+        break;
+      case ClassItem::kWhiteSpace:
+        m = uc::is_white_space(ch);
+        break;
     }
     return m != it.negated;
   };
@@ -503,8 +574,9 @@ bool Regex::CharClass::contains_slow(char32_t c) const {
   for (const ClassItem& it : items) {
     m = item_has(it, c);
     if (!m && fold) {
-      const char32_t f = fold(c);
-      if (f != c || is_ascii_letter(c)) m = item_has(it, f) || (is_ascii_letter(f) && item_has(it, f - 32));
+      const char32_t f = fold_case(c);
+      if (f != c || is_ascii_letter(c))
+        m = item_has(it, f) || (is_ascii_letter(f) && item_has(it, f - 32));
     }
     if (m) break;
   }
@@ -536,10 +608,18 @@ bool Regex::match_at(int32_t start_pc, const char32_t* text, size_t n, size_t st
       const Inst& in = prog_[static_cast<size_t>(pc)];
       bool ok = true;
       switch (in.op) {
-        case Op::kChar: ok = pos < n && text[pos] == in.c; break;
-        case Op::kCharFold: ok = pos < n && fold(text[pos]) == in.c; break;
-        case Op::kAny: ok = pos < n && text[pos] != '\n'; break;
-        case Op::kClass: ok = pos < n && classes_[static_cast<size_t>(in.x)].contains(text[pos]); break;
+        case Op::kChar:
+          ok = pos < n && text[pos] == in.c;
+          break;
+        case Op::kCharFold:
+          ok = pos < n && fold_case(text[pos]) == in.c;
+          break;
+        case Op::kAny:
+          ok = pos < n && text[pos] != '\n';
+          break;
+        case Op::kClass:
+          ok = pos < n && classes_[static_cast<size_t>(in.x)].contains(text[pos]);
+          break;
         case Op::kSplit:
           stack.emplace_back(in.y, pos);
           pc = in.x;

@@ -37,7 +37,7 @@ class Regex {
   struct CharClass {
     std::vector<ClassItem> items;
     bool negated = false;
-    bool fold = false;  // case-insensitive
+    bool fold = false;           // case-insensitive
     uint64_t ascii[2] = {0, 0};  // precomputed membership of U+0000..U+007F
     bool contains(char32_t c) const;
     bool contains_slow(char32_t c) const;
@@ -47,7 +47,9 @@ class Regex {
     Op op;
     bool negate = false;  // kLook: (?!..)
     char32_t c = 0;       // kChar / kCharFold
-    int32_t x = 0, y = 0; // kSplit: try x then y; kJump: x; kClass: class index; kLook: body x, continue y
+    int32_t
+        x = 0,
+        y = 0;  // kSplit: try x then y; kJump: x; kClass: class index; kLook: body x, continue y
   };
 
  private:

@@ -19,9 +19,10 @@ std::unique_ptr<Tokenizer> load_tokenizer_for(const std::string& model_path) {
   if (!fs::exists(p)) throw core::Error(core::str(model_path, ": no such file or directory"));
   if (p.extension() == ".gguf") return load_gguf_tokenizer(io::GgufFile(model_path));
   if (p.extension() == ".json") return load_hf_tokenizer(model_path);
-  throw core::Error(core::str(model_path,
-                              ": cannot tell the tokenizer (expected a model directory with tokenizer.json, "
-                              "a tokenizer.json or a .gguf file)"));
+  throw core::Error(
+      core::str(model_path,
+                ": cannot tell the tokenizer (expected a model directory with tokenizer.json, "
+                "a tokenizer.json or a .gguf file)"));
 }
 
 }  // namespace patch::text

@@ -8,15 +8,15 @@ namespace patch::text::unicode {
 
 namespace tables {
 extern const uint32_t category_runs[];
-extern const size_t category_runs_size;
+extern const size_t category_runs_entries;
 extern const uint32_t combining_runs[];
-extern const size_t combining_runs_size;
+extern const size_t combining_runs_entries;
 extern const uint32_t decompositions[];
-extern const size_t decompositions_size;
+extern const size_t decompositions_entries;
 extern const uint32_t compositions[];
-extern const size_t compositions_size;
+extern const size_t compositions_entries;
 extern const uint32_t white_space[];
-extern const size_t white_space_size;
+extern const size_t white_space_entries;
 }  // namespace tables
 
 namespace {
@@ -32,7 +32,8 @@ struct AsciiCategories {
   Category cat[128];
   AsciiCategories() {
     for (char32_t c = 0; c < 128; ++c)
-      cat[c] = static_cast<Category>(run_value(tables::category_runs, tables::category_runs_size, c, 5));
+      cat[c] = static_cast<Category>(
+          run_value(tables::category_runs, tables::category_runs_entries, c, 5));
   }
 };
 
@@ -49,11 +50,14 @@ void decompose_into(char32_t cp, std::u32string& out) {
     return;
   }
   const uint32_t* d = tables::decompositions;
-  const size_t n = tables::decompositions_size / 3;
+  const size_t n = tables::decompositions_entries;
   size_t lo = 0, hi = n;
   while (lo < hi) {
     const size_t mid = (lo + hi) / 2;
-    if (d[3 * mid] < cp) lo = mid + 1; else hi = mid;
+    if (d[3 * mid] < cp)
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   if (lo < n && d[3 * lo] == cp) {
     decompose_into(d[3 * lo + 1], out);
@@ -71,11 +75,14 @@ char32_t compose(char32_t a, char32_t b) {
       b < kTBase + kTCount)
     return a + (b - kTBase);
   const uint32_t* c = tables::compositions;
-  const size_t n = tables::compositions_size / 3;
+  const size_t n = tables::compositions_entries;
   size_t lo = 0, hi = n;
   while (lo < hi) {
     const size_t mid = (lo + hi) / 2;
-    if (c[3 * mid] < a || (c[3 * mid] == a && c[3 * mid + 1] < b)) lo = mid + 1; else hi = mid;
+    if (c[3 * mid] < a || (c[3 * mid] == a && c[3 * mid + 1] < b))
+      lo = mid + 1;
+    else
+      hi = mid;
   }
   return lo < n && c[3 * lo] == a && c[3 * lo + 1] == b ? c[3 * lo + 2] : 0;
 }
@@ -122,12 +129,12 @@ Category category(char32_t cp) {
   if (cp < 128) return ascii.cat[cp];
   if (cp >= 0x110000) return Category::Cn;
   return static_cast<Category>(
-      run_value(tables::category_runs, tables::category_runs_size, cp, 5));
+      run_value(tables::category_runs, tables::category_runs_entries, cp, 5));
 }
 
 bool is_white_space(char32_t cp) {
   if (cp < 128) return cp == ' ' || (cp >= 0x09 && cp <= 0x0D);
-  for (size_t i = 0; i < tables::white_space_size; ++i)
+  for (size_t i = 0; i < tables::white_space_entries; ++i)
     if (cp >= tables::white_space[2 * i] && cp <= tables::white_space[2 * i + 1]) return true;
   return false;
 }
@@ -135,7 +142,7 @@ bool is_white_space(char32_t cp) {
 uint8_t combining_class(char32_t cp) {
   if (cp < 0x300 || cp >= 0x110000) return 0;
   return static_cast<uint8_t>(
-      run_value(tables::combining_runs, tables::combining_runs_size, cp, 8));
+      run_value(tables::combining_runs, tables::combining_runs_entries, cp, 8));
 }
 
 int utf8_length(unsigned char lead) {
@@ -227,7 +234,10 @@ std::u32string nfd(std::u32string_view s) {
   std::u32string out;
   out.reserve(s.size());
   for (char32_t cp : s) {
-    if (cp < 0xC0) out.push_back(cp); else decompose_into(cp, out);
+    if (cp < 0xC0)
+      out.push_back(cp);
+    else
+      decompose_into(cp, out);
   }
   // Canonical ordering: stable sort of each run of non-starters by class.
   size_t i = 0;
@@ -238,9 +248,9 @@ std::u32string nfd(std::u32string_view s) {
     }
     size_t j = i;
     while (j < out.size() && combining_class(out[j]) != 0) ++j;
-    std::stable_sort(out.begin() + static_cast<std::ptrdiff_t>(i),
-                     out.begin() + static_cast<std::ptrdiff_t>(j),
-                     [](char32_t a, char32_t b) { return combining_class(a) < combining_class(b); });
+    std::stable_sort(
+        out.begin() + static_cast<std::ptrdiff_t>(i), out.begin() + static_cast<std::ptrdiff_t>(j),
+        [](char32_t a, char32_t b) { return combining_class(a) < combining_class(b); });
     i = j;
   }
   return out;

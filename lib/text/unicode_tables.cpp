@@ -503,7 +503,7 @@ extern const uint32_t category_runs[] = {
     0x59D604u, 0x5D7C3Du, 0x5F0004u, 0x5F43DDu, 0x600004u, 0x62697Du, 0x1C0003Au, 0x1C0005Du,
     0x1C0041Au, 0x1C0101Du, 0x1C02005u, 0x1C03E1Du, 0x1E0001Cu, 0x1FFFFDDu, 0x200001Cu, 0x21FFFDDu,
 };
-extern const size_t category_runs_size = 3968;
+extern const size_t category_runs_entries = 3968;
 
 // (first << 8) | canonical combining class, one entry per run.
 extern const uint32_t combining_runs[] = {
@@ -580,7 +580,7 @@ extern const uint32_t combining_runs[] = {
     0x1E130E6u, 0x1E13700u, 0x1E2AEE6u, 0x1E2AF00u, 0x1E2ECE6u, 0x1E2F000u, 0x1E8D0DCu, 0x1E8D700u,
     0x1E944E6u, 0x1E94A07u, 0x1E94B00u,
 };
-extern const size_t combining_runs_size = 571;
+extern const size_t combining_runs_entries = 571;
 
 // Canonical decompositions: code point, first, second (0 for singletons).
 extern const uint32_t decompositions[] = {
@@ -1101,7 +1101,7 @@ extern const uint32_t decompositions[] = {
     0x2FA19u, 0x9F05u, 0x0u, 0x2FA1Au, 0x9F0Fu, 0x0u, 0x2FA1Bu, 0x9F16u, 0x0u, 0x2FA1Cu, 0x9F3Bu, 0x0u,
     0x2FA1Du, 0x2A600u, 0x0u,
 };
-extern const size_t decompositions_size = 2061;
+extern const size_t decompositions_entries = 2061;
 
 // Primary composites sorted by (first, second): first, second, composite.
 extern const uint32_t compositions[] = {
@@ -1342,7 +1342,7 @@ extern const uint32_t compositions[] = {
     0x114B9u, 0x114BAu, 0x114BBu, 0x114B9u, 0x114BDu, 0x114BEu, 0x115B8u, 0x115AFu, 0x115BAu, 0x115B9u, 0x115AFu, 0x115BBu,
     0x11935u, 0x11930u, 0x11938u,
 };
-extern const size_t compositions_size = 941;
+extern const size_t compositions_entries = 941;
 
 // White_Space ranges (inclusive).
 extern const uint32_t white_space[] = {
@@ -1350,6 +1350,6 @@ extern const uint32_t white_space[] = {
     0x1680u, 0x1680u, 0x2000u, 0x200Au, 0x2028u, 0x2029u, 0x202Fu, 0x202Fu,
     0x205Fu, 0x205Fu, 0x3000u, 0x3000u,
 };
-extern const size_t white_space_size = 10;
+extern const size_t white_space_entries = 10;
 
 }  // namespace patch::text::unicode::tables

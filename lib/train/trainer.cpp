@@ -20,6 +20,7 @@
 #include "data/dataset.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
+#include "maskfile/apply.h"
 #include "maskfile/mask_file.h"
 #include "model/decoder.h"
 #include "sparsity/budget.h"
@@ -44,21 +45,6 @@ extern "C" void on_stop_signal(int sig) {
 
 constexpr const char* kCheckpointName = "checkpoint.safetensors";
 constexpr const char* kCheckpointFormat = "patch-train-checkpoint";
-
-// Installs precomputed hard masks (uint8 tile map + pattern, rebuilt per call so
-// no [out, in] mask is kept for every layer at once).
-class HardMaskProvider : public model::WeightProvider {
- public:
-  HardMaskProvider(const sparsity::HardenedLayer& layer, const at::Device& device)
-      : grid_(layer.grid), tiles_(layer.tile_dense.to(device)), pattern_(layer.pattern.to(device)) {}
-  at::Tensor effective_weight(const at::Tensor& weight) override {
-    return weight * sparsity::build_mask(grid_, tiles_, pattern_, weight.scalar_type());
-  }
-
- private:
-  sparsity::TileGrid grid_;
-  at::Tensor tiles_, pattern_;
-};
 
 struct Run {
   const config::Config& cfg;
@@ -107,31 +93,36 @@ void load_model_and_data(Run& r) {
   dopts.cache_dir = cfg.get_string("data.cache_dir");
   if (dopts.cache_dir.empty()) dopts.cache_dir = (fs::path(r.out_dir) / ".." / ".cache" / "tokens").string();
 
-  auto collect = [&](const std::vector<std::string>& files) {
+  // Several files, or a token cap, make one in-memory stream; a single file
+  // stays memory-mapped.
+  const int64_t max_tokens = cfg.get_int("data.max_tokens");
+  auto stream_of = [&](const std::vector<std::string>& files, int64_t cap) {
+    std::vector<data::TokenStream> parts;
+    for (const auto& f : files) parts.push_back(data::load_tokens(core::resolve_path(f), *tok, dopts));
+    if (parts.size() == 1 && (cap <= 0 || parts[0].size() <= cap)) return parts[0];
     std::vector<int32_t> all;
-    for (const auto& f : files) {
-      auto t = data::tokenize_file(core::resolve_path(f), *tok, dopts);
-      all.insert(all.end(), t.begin(), t.end());
+    for (const auto& p : parts) {
+      int64_t n = cap > 0 ? std::min<int64_t>(p.size(), cap - static_cast<int64_t>(all.size())) : p.size();
+      std::vector<int64_t> buf(static_cast<size_t>(n));
+      p.read(0, n, buf.data());
+      all.insert(all.end(), buf.begin(), buf.end());
+      if (cap > 0 && static_cast<int64_t>(all.size()) >= cap) break;
     }
-    return all;
+    return data::TokenStream(std::move(all));
   };
   auto train_files = cfg.get_string_list("data.train");
   if (train_files.empty())
     throw core::ConfigError("data.train: no training file given (use --data FILE or data.train in the config)");
-  std::vector<int32_t> train_tokens = collect(train_files);
-  const int64_t max_tokens = cfg.get_int("data.max_tokens");
-  if (max_tokens > 0 && static_cast<int64_t>(train_tokens.size()) > max_tokens) train_tokens.resize(max_tokens);
   r.seq_len = cfg.get_int("data.seq_len");
-  const uint64_t seed = static_cast<uint64_t>(cfg.get_int("train.seed"));
-  r.train_data = std::make_unique<data::BlockDataset>(std::move(train_tokens), r.seq_len);
+  r.train_data = std::make_unique<data::BlockDataset>(stream_of(train_files, max_tokens), r.seq_len);
   auto valid_files = cfg.get_string_list("data.valid");
   if (valid_files.empty()) {
-    auto split = data::split_blocks(r.train_data->num_blocks(), cfg.get_int("data.valid_blocks"), seed);
+    auto split = data::split_blocks(r.train_data->num_blocks(), cfg.get_int("data.valid_blocks"));
     r.train_blocks = split.train;
     r.valid_blocks = split.valid;
   } else {
     for (int64_t i = 0; i < r.train_data->num_blocks(); ++i) r.train_blocks.push_back(i);
-    r.valid_data = std::make_unique<data::BlockDataset>(collect(valid_files), r.seq_len);
+    r.valid_data = std::make_unique<data::BlockDataset>(stream_of(valid_files, 0), r.seq_len);
     for (int64_t i = 0; i < r.valid_data->num_blocks(); ++i) r.valid_blocks.push_back(i);
   }
   const int64_t eval_blocks = cfg.get_int("train.eval_blocks");
@@ -233,8 +224,7 @@ std::vector<int64_t> sample_blocks(const Run& r, int64_t begin, int64_t end) {
 // Validation loss with the hardened masks installed, then the learnable ones back.
 double evaluate_hard(Run& r, const sparsity::Hardened& hard) {
   c10::NoGradGuard no_grad;
-  for (const auto& layer : hard.layers)
-    r.model->linear(layer.name)->set_provider(std::make_shared<HardMaskProvider>(layer, r.device));
+  maskfile::apply_masks(*r.model, hard.layers);
   const data::BlockDataset& ds = r.valid_data ? *r.valid_data : *r.train_data;
   double sum = 0.0;
   int64_t n = 0;
@@ -389,6 +379,18 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   const double target_density = 1.0 - r.target;
   const int64_t n_micro = r.global / r.micro;
   int64_t last_checkpoint = start;
+
+  if (start == 0) {
+    // The hardened starting point (init + prior) as step 0, the baseline of the run.
+    auto hard0 = sparsity::harden(*r.masks, r.target, r.budget);
+    double vl0 = evaluate_hard(r, hard0);
+    metrics << json({{"step", 0}, {"valid_loss", vl0}, {"valid_ppl", std::exp(vl0)},
+                     {"hard_sparsity", hard0.achieved_sparsity()}})
+                   .dump()
+            << "\n"
+            << std::flush;
+    core::log::info(str("start: validation loss ", vl0, " with hardened initial masks"));
+  }
 
   core::Progress progress("train", static_cast<long>(r.steps));
   auto t_start = std::chrono::steady_clock::now();

@@ -27,7 +27,7 @@ int lines(const std::string& s) {
 
 }  // namespace
 
-TEST_CASE("help, version and usage errors") {
+TEST_CASE("help - version and usage errors") {
   auto help = run_command(bin() + " --help");
   REQUIRE(help.exit_code == 0);
   CHECK(contains(help.out, "eval"));
@@ -67,7 +67,7 @@ TEST_CASE("dump-config resolves defaults < file < command line and reloads ident
   CHECK(contains(j.out, "steps: 7"));
 }
 
-TEST_CASE("bad configurations exit 2 with one line naming file and key, and write nothing") {
+TEST_CASE("bad configurations exit 2 with one line naming file and key - and write nothing") {
   TempDir dir;
   const std::string out = dir.file("run");
   patch::core::write_file_atomic(dir.file("bad.yaml"), "mask:\n  target_sparsty: 0.3\n");

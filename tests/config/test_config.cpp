@@ -47,7 +47,7 @@ config::Config resolve_yaml(const test::TempDir& dir, const std::string& text,
 
 }  // namespace
 
-TEST_CASE("defaults come from the schema, in schema order") {
+TEST_CASE("defaults come from the schema - in schema order") {
   const auto cfg = config::resolve(std::nullopt, {}, kNoRequirements);
   CHECK(cfg.get_float("mask.target_sparsity") == 0.45);
   CHECK(cfg.get_int_list("mask.tile") == std::vector<int64_t>{128, 128});
@@ -122,7 +122,7 @@ TEST_CASE("precedence: defaults < file < shortcut options < --set") {
   CHECK(cfg.get_string("data.document_separator") == "<|endoftext|>");
 }
 
-TEST_CASE("invalid files name the file, the key and the expectation") {
+TEST_CASE("invalid files name the file - the key and the expectation") {
   test::TempDir dir;
   struct Case {
     std::string yaml;

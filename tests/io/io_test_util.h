@@ -14,7 +14,9 @@
 
 namespace patch::test {
 
-inline std::string io_fixture(const std::string& name) { return fixtures_dir() + "/io/" + name; }
+inline std::string io_fixture(const std::string& name) {
+  return fixtures_dir() + "/io/" + name;
+}
 
 inline nlohmann::json read_json(const std::string& path) {
   return nlohmann::json::parse(core::read_file(path));
@@ -49,7 +51,8 @@ std::string error_of(Fn&& fn) {
 }
 
 inline void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  std::ofstream(path, std::ios::binary)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
 }
 
 }  // namespace patch::test

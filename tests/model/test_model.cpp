@@ -18,7 +18,9 @@ using namespace patch;
 
 namespace {
 
-std::string fixture(const std::string& rel) { return test::fixtures_dir() + "/model/" + rel; }
+std::string fixture(const std::string& rel) {
+  return test::fixtures_dir() + "/model/" + rel;
+}
 
 struct Oracle {
   at::Tensor ids, logits, loss;
@@ -57,7 +59,9 @@ void check_against_transformers(const std::string& ckpt_path, const std::string&
 class SigmoidScale : public model::WeightProvider {
  public:
   explicit SigmoidScale(at::Tensor leaf) : leaf_(std::move(leaf)) {}
-  at::Tensor effective_weight(const at::Tensor& weight) override { return weight * at::sigmoid(leaf_); }
+  at::Tensor effective_weight(const at::Tensor& weight) override {
+    return weight * at::sigmoid(leaf_);
+  }
 
  private:
   at::Tensor leaf_;
@@ -75,7 +79,7 @@ class Zero : public model::WeightProvider {
 
 io::ModelConfig tiny_config() {
   io::ModelConfig c;
-  c.model_type = "qwen2";
+  c.model_type = "qwen3";  // with q/k/v biases too: every optional term is exercised
   c.vocab_size = 50;
   c.hidden_size = 16;
   c.intermediate_size = 24;
@@ -104,8 +108,8 @@ std::vector<at::Tensor> attach_leaves(model::Decoder& d) {
 }  // namespace
 
 TEST_CASE("logits match transformers for every architecture fixture") {
-  for (const char* name : {"llama3", "llama_tied", "mistral", "qwen2", "qwen3", "smollm", "llama_sharded",
-                           "llama_bf16"})
+  for (const char* name : {"llama3", "llama_tied", "mistral", "qwen2", "qwen3", "smollm",
+                           "llama_sharded", "llama_bf16"})
     check_against_transformers(fixture(name), name);
 }
 
@@ -114,9 +118,11 @@ TEST_CASE("logits match transformers for TinyStories-656K") {
 }
 
 TEST_CASE("stories260K GGUF greedy decoding reproduces the reference continuation") {
-  model::Decoder d(io::load_checkpoint(test::data_path("models/stories260K/stories260K.gguf")), options());
-  const std::vector<int64_t> expected = {403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421,
-                                         395, 317, 426, 338, 401, 396, 267, 337, 410, 408, 419, 292};
+  model::Decoder d(io::load_checkpoint(test::data_path("models/stories260K/stories260K.gguf")),
+                   options());
+  const std::vector<int64_t> expected = {403, 407, 261, 378, 432, 383, 286, 261,
+                                         376, 298, 315, 421, 395, 317, 426, 338,
+                                         401, 396, 267, 337, 410, 408, 419, 292};
   at::NoGradGuard no_grad;
   std::vector<int64_t> ids = {1};
   for (size_t i = 0; i < expected.size(); ++i) {
@@ -131,9 +137,9 @@ TEST_CASE("linears are named like Hugging Face modules and found by name") {
   model::Decoder d(io::load_checkpoint(fixture("qwen2")), options());
   const auto ls = d.linears();
   REQUIRE(ls.size() == 2 * 7);
-  const std::vector<std::string> order = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                          "self_attn.o_proj", "mlp.gate_proj",    "mlp.up_proj",
-                                          "mlp.down_proj"};
+  const std::vector<std::string> order = {
+      "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+      "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
   for (size_t i = 0; i < ls.size(); ++i) {
     const std::string expected = "model.layers." + std::to_string(i / 7) + "." + order[i % 7];
     CHECK(ls[i]->name() == expected);
@@ -181,7 +187,7 @@ TEST_CASE("the weight provider seam changes exactly what it should") {
   CHECK(at::equal(d.forward(o.ids), base));
 }
 
-TEST_CASE("embed, run_block and head compose to forward") {
+TEST_CASE("embed - run_block and head compose to forward") {
   const Oracle o = load_oracle("qwen3");
   model::Decoder d(io::load_checkpoint(fixture("qwen3")), options());
   at::NoGradGuard no_grad;
@@ -190,7 +196,7 @@ TEST_CASE("embed, run_block and head compose to forward") {
   CHECK(at::equal(d.head(h), d.forward(o.ids)));
 }
 
-TEST_CASE("loss equals the cross-entropy of the forward logits, chunked or not") {
+TEST_CASE("loss equals the cross-entropy of the forward logits - chunked or not") {
   const Oracle o = load_oracle("smollm");
   io::Checkpoint ckpt = io::load_checkpoint(fixture("smollm"));
   model::DecoderOptions opts = options();
@@ -199,15 +205,16 @@ TEST_CASE("loss equals the cross-entropy of the forward logits, chunked or not")
   model::Decoder chunked(ckpt, opts);
   at::NoGradGuard no_grad;
   const at::Tensor logits = whole.forward(o.ids);
-  const at::Tensor ce = at::cross_entropy_loss(logits.slice(1, 0, -1).reshape({-1, logits.size(-1)}),
-                                               o.ids.slice(1, 1).reshape({-1}));
+  const at::Tensor ce = at::cross_entropy_loss(
+      logits.slice(1, 0, -1).reshape({-1, logits.size(-1)}), o.ids.slice(1, 1).reshape({-1}));
   CHECK(whole.loss(o.ids).item<double>() == Approx(ce.item<double>()).epsilon(1e-6));
   CHECK(chunked.loss(o.ids).item<double>() == Approx(ce.item<double>()).epsilon(1e-6));
 }
 
 TEST_CASE("checkpointed gradients equal plain ones and finite differences (float64)") {
   at::manual_seed(3);
-  model::Decoder plain = model::Decoder::random(tiny_config(), options(at::kDouble), /*init_std=*/0.3);
+  model::Decoder plain =
+      model::Decoder::random(tiny_config(), options(at::kDouble), /*init_std=*/0.3);
   at::manual_seed(3);
   model::DecoderOptions ck = options(at::kDouble, /*checkpointing=*/true);
   ck.loss_chunk_rows = 4;  // the loss chunks are recomputed in backward as well
@@ -267,9 +274,11 @@ TEST_CASE("half-precision forwards run and stay close to float32") {
 
 TEST_CASE("benchmark entry point runs on a tiny shape and model shapes are known") {
   io::ModelConfig c = tiny_config();
-  const nlohmann::json r = model::bench_forward_backward(c, at::kCPU, at::kFloat, /*batch=*/2, /*seq=*/8,
-                                                         /*checkpointing=*/true, /*warmup=*/1, /*iters=*/2);
-  for (const char* key : {"median_ms", "tokens_per_s", "peak_gib", "batch", "seq", "dtype", "checkpointing"})
+  const nlohmann::json r =
+      model::bench_forward_backward(c, at::kCPU, at::kFloat, /*batch=*/2, /*seq=*/8,
+                                    /*checkpointing=*/true, /*warmup=*/1, /*iters=*/2);
+  for (const char* key :
+       {"median_ms", "tokens_per_s", "peak_gib", "batch", "seq", "dtype", "checkpointing"})
     CHECK(r.contains(key));
   CHECK(r["median_ms"].get<double>() > 0.0);
   CHECK(r["tokens_per_s"].get<double>() > 0.0);

@@ -101,7 +101,7 @@ TEST_CASE("hardening hits the budget within one tile on random ragged layers", "
   CHECK_THROWS_AS(select_dense_tiles({}, 0.6, BudgetKind::kGlobal), patch::core::ConfigError);
 }
 
-TEST_CASE("harden: exact budget from the logits, 2:4 by argmax or fixed", "[budget]") {
+TEST_CASE("harden: exact budget from the logits - 2:4 by argmax or fixed", "[budget]") {
   auto joint = toy_set(MaskMode::kJoint);
   auto h = harden(joint, 0.3, BudgetKind::kGlobal);
   REQUIRE(h.layers.size() == 4);
@@ -132,7 +132,7 @@ TEST_CASE("harden: exact budget from the logits, 2:4 by argmax or fixed", "[budg
   CHECK(hm.achieved_sparsity() == 0.5);
 }
 
-TEST_CASE("magnitude prior: best pattern by brute force, survivors per tile", "[prior]") {
+TEST_CASE("magnitude prior: best pattern by brute force - survivors per tile", "[prior]") {
   TileGrid g(7, 24, 4, 8);
   auto w = at::randn({7, 24});
   auto prior = magnitude_prior(w, g, 0.4);
@@ -205,7 +205,7 @@ TEST_CASE("apply_prior shifts the logits as the formula says", "[prior]") {
   CHECK_THROWS_AS(apply_prior(tile, tile_priors, target, BudgetKind::kGlobal, {}), patch::core::Error);
 }
 
-TEST_CASE("density report: soft and hard per layer, block and total", "[budget]") {
+TEST_CASE("density report: soft and hard per layer - block and total", "[budget]") {
   auto set = toy_set(MaskMode::kJoint);
   auto h = harden(set, 0.25, BudgetKind::kGlobal);
   auto rep = density_report(set, h);

@@ -1,0 +1,194 @@
+#include "data/corpus.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+
+#include <nlohmann/json.hpp>
+
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "core/progress.h"
+#include "text/sha256.h"
+
+namespace patch::data {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+enum class Format { kText, kJsonl, kBin };
+
+Format resolve_format(const std::string& path, const std::string& format) {
+  if (format == "text") return Format::kText;
+  if (format == "jsonl") return Format::kJsonl;
+  if (format == "bin") return Format::kBin;
+  if (format != "auto")
+    throw core::ConfigError(
+        core::str("data format '", format, "' is not one of auto, text, jsonl, bin"));
+  const std::string ext = fs::path(path).extension().string();
+  if (ext == ".jsonl" || ext == ".json") return Format::kJsonl;
+  if (ext == ".bin") return Format::kBin;
+  return Format::kText;
+}
+
+const char* format_name(Format f) {
+  switch (f) {
+    case Format::kText:
+      return "text";
+    case Format::kJsonl:
+      return "jsonl";
+    case Format::kBin:
+      return "bin";
+  }
+  return "";
+}
+
+bool blank(const std::string& s) {
+  return s.find_first_not_of(" \t\r\n") == std::string::npos;
+}
+
+// Streams the documents of a text or JSONL file to `fn`, skipping blank ones;
+// `progress` gets the bytes read so far.
+void for_each_document(const std::string& path, Format format, const DataOptions& opts,
+                       const std::function<void(const std::string&)>& fn,
+                       const std::function<void(long)>& progress) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw core::Error(core::str(path, ": cannot open for reading"));
+  if (format == Format::kText && opts.document_separator.empty()) {
+    const std::string all = core::read_file(path);
+    if (!blank(all)) fn(all);
+    progress(static_cast<long>(all.size()));
+    return;
+  }
+  std::string line, doc;
+  bool has_lines = false;
+  long bytes = 0;
+  for (long lineno = 1; std::getline(in, line); ++lineno) {
+    bytes += static_cast<long>(line.size()) + 1;
+    if (format == Format::kJsonl) {
+      if (blank(line)) continue;
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(line);
+      } catch (const nlohmann::json::exception& e) {
+        throw core::Error(core::str(path, ":", lineno, ": invalid JSON (", e.what(), ")"));
+      }
+      if (!j.is_object() || !j.contains(opts.jsonl_field) || !j.at(opts.jsonl_field).is_string())
+        throw core::Error(core::str(path, ":", lineno, ": expected an object with a string field '",
+                                    opts.jsonl_field, "'"));
+      const std::string& text = j.at(opts.jsonl_field).get_ref<const std::string&>();
+      if (!blank(text)) fn(text);
+    } else {
+      const bool separator = line == opts.document_separator ||
+                             (!line.empty() && line.back() == '\r' &&
+                              line.compare(0, line.size() - 1, opts.document_separator) == 0);
+      if (separator) {
+        if (!blank(doc)) fn(doc);
+        doc.clear();
+        has_lines = false;
+        continue;
+      }
+      if (has_lines) doc += '\n';
+      doc += line;
+      has_lines = true;
+    }
+    if (lineno % 1024 == 0) progress(bytes);
+  }
+  if (in.bad()) throw core::Error(core::str(path, ": read error"));
+  if (!blank(doc)) fn(doc);
+  progress(bytes);
+}
+
+// Tokenizes every document of `path` and hands the ids (document + separator)
+// to `sink`; returns the number of documents.
+long tokenize_documents(const std::string& path, Format format, const text::Tokenizer& tok,
+                        const DataOptions& opts,
+                        const std::function<void(const std::vector<int32_t>&)>& sink) {
+  const int32_t sep = tok.eos_id() >= 0 ? tok.eos_id() : tok.bos_id();
+  std::error_code ec;
+  const auto size = fs::file_size(path, ec);
+  const long total = ec ? 0L : static_cast<long>(size);
+  core::Progress progress("tokenizing " + fs::path(path).filename().string(), total);
+  long docs = 0;
+  std::vector<int32_t> ids;
+  for_each_document(
+      path, format, opts,
+      [&](const std::string& doc) {
+        ids = tok.encode(doc, /*add_special=*/false);
+        if (sep >= 0) ids.push_back(sep);
+        sink(ids);
+        ++docs;
+      },
+      [&](long bytes) { progress.update(std::min(bytes, total), 0); });
+  progress.finish();
+  return docs;
+}
+
+// Ids of a .bin file must index the tokenizer's vocabulary.
+void check_ids(const TokenStream& s, const text::Tokenizer& tok) {
+  const int64_t vocab = tok.vocab_size();
+  for (int64_t i = 0; i < s.size(); ++i) {
+    const int32_t id = s[i];
+    if (id >= vocab)
+      throw core::Error(core::str(s.path(), ": token ", i, " has id ", id,
+                                  ", outside the tokenizer's vocabulary of ", vocab));
+  }
+}
+
+}  // namespace
+
+TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
+                        const DataOptions& opts) {
+  const Format format = resolve_format(path, opts.format);
+  if (format == Format::kBin) {
+    TokenStream s = TokenStream::open(path);
+    check_ids(s, tok);
+    return s;
+  }
+  if (opts.cache_dir.empty()) {
+    std::vector<int32_t> all;
+    tokenize_documents(path, format, tok, opts, [&](const std::vector<int32_t>& ids) {
+      all.insert(all.end(), ids.begin(), ids.end());
+    });
+    return TokenStream(std::move(all));
+  }
+
+  // The cache key covers everything that changes the tokens.
+  const std::string key = text::sha256_hex(
+      core::str("patch token cache v1\n", tok.fingerprint(), "\n", format_name(format), "\n",
+                opts.jsonl_field, "\n", opts.document_separator, "\n", text::sha256_file(path)));
+  std::error_code ec;
+  fs::create_directories(opts.cache_dir, ec);
+  if (ec)
+    throw core::Error(
+        core::str(opts.cache_dir, ": cannot create the cache directory (", ec.message(), ")"));
+  const std::string cache = (fs::path(opts.cache_dir) / (fs::path(path).filename().string() + "." +
+                                                         key.substr(0, 16) + ".tokens.bin"))
+                                .string();
+  if (fs::exists(cache)) {
+    try {
+      TokenStream s = TokenStream::open(cache);
+      core::log::info(
+          core::str("tokens of ", path, " from cache ", cache, " (", s.size(), " tokens)"));
+      return s;
+    } catch (const core::Error& e) {
+      core::log::warn(core::str("ignoring a broken token cache: ", e.what()));
+    }
+  }
+  TokenFileWriter writer(cache, dtype_for_vocab(tok.vocab_size()));
+  const long docs = tokenize_documents(
+      path, format, tok, opts, [&](const std::vector<int32_t>& ids) { writer.append(ids); });
+  writer.commit();
+  core::log::info(core::str("tokenized ", path, ": ", docs, " documents, ", writer.count(),
+                            " tokens, cached in ", cache));
+  return TokenStream::open(cache);
+}
+
+std::vector<int32_t> tokenize_eval_text(const std::string& path, const text::Tokenizer& tok) {
+  return tok.encode(core::read_file(path), /*add_special=*/false);
+}
+
+}  // namespace patch::data

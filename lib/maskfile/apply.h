@@ -1,0 +1,33 @@
+#pragma once
+// Hard masks into the model through the weight-provider seam: evaluation and
+// training's periodic evaluation see W * M without any weight being written.
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "maskfile/mask_file.h"
+#include "model/decoder.h"
+#include "sparsity/budget.h"
+
+namespace patch::maskfile {
+
+// Multiplies by the mask rebuilt from the small tile map and pattern on each
+// call, so no [out, in] mask is held for every layer at once.
+class HardMaskProvider : public model::WeightProvider {
+ public:
+  HardMaskProvider(const sparsity::HardenedLayer& layer, const at::Device& device);
+  at::Tensor effective_weight(const at::Tensor& weight) override;
+
+ private:
+  sparsity::TileGrid grid_;
+  at::Tensor tiles_, pattern_;
+};
+
+// Installs each layer's hard mask on the decoder's linear of the same name.
+// Throws core::Error naming the file and layer for a layer the model lacks or a
+// shape that does not fit.
+void apply_masks(model::Decoder& decoder, const MaskFile& file);
+void apply_masks(model::Decoder& decoder, const std::vector<sparsity::HardenedLayer>& layers);
+
+}  // namespace patch::maskfile

@@ -1,0 +1,89 @@
+#include "train/bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <vector>
+
+#include "core/error.h"
+#include "core/tensor_utils.h"
+#include "model/decoder.h"
+#include "sparsity/mask_set.h"
+#include "sparsity/prior.h"
+#include "train/optimizer.h"
+
+#if __has_include(<torch/cuda.h>)
+#include <torch/cuda.h>
+#endif
+
+namespace patch::train {
+
+nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOptions& o) {
+  model::DecoderOptions mo;
+  mo.device = o.device;
+  mo.dtype = o.dtype;
+  mo.checkpointing = o.checkpointing;
+  model::Decoder decoder = model::Decoder::random(shape, mo);
+
+  auto state = std::make_shared<sparsity::SamplerState>();
+  sparsity::MaskSetOptions so;
+  so.mask.mode = sparsity::parse_mask_mode(o.mode);
+  so.mask.device = o.device;
+  so.tile_rows = o.tile_rows;
+  so.tile_cols = o.tile_cols;
+  sparsity::MaskSet masks(so, state);
+  std::vector<std::pair<std::string, at::Tensor>> weights;
+  for (auto* lin : decoder.linears()) weights.emplace_back(lin->name(), lin->weight());
+  masks.add_layers(weights, [&](const std::string& name, const std::shared_ptr<sparsity::LinearMask>& m) {
+    decoder.linear(name)->set_provider(m);
+  });
+  if (so.mask.mode == sparsity::MaskMode::kTile)
+    sparsity::apply_prior(masks, sparsity::magnitude_priors(masks, o.target_sparsity), o.target_sparsity,
+                          sparsity::BudgetKind::kGlobal, {});
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  for (auto& [n, t] : masks.named_state())
+    if (t.requires_grad()) params.emplace_back(n, t);
+  AdamW opt(params, {});
+
+  const at::Tensor ids =
+      at::randint(shape.vocab_size, {o.batch, o.seq}, at::TensorOptions().dtype(at::kLong).device(o.device));
+  auto sync = [&] {
+#if __has_include(<torch/cuda.h>)
+    if (o.device.is_cuda()) torch::cuda::synchronize(o.device.index());
+#endif
+  };
+  int64_t step = 0;
+  auto run_step = [&] {
+    state->step = step++;
+    decoder.loss(ids).backward();
+    ((masks.soft_density() - (1.0 - o.target_sparsity)).abs() * 10.0).backward();
+    opt.clip_grad_norm(1.0);
+    opt.step(1e-3);
+    opt.zero_grad();
+  };
+  for (int i = 0; i < o.warmup; ++i) run_step();
+  sync();
+  core::reset_peak_memory(o.device);
+  std::vector<double> ms;
+  for (int i = 0; i < o.iters; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    run_step();
+    sync();
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  const double median = ms[ms.size() / 2];
+  return {{"mode", o.mode},
+          {"median_ms", median},
+          {"tokens_per_s", static_cast<double>(o.batch * o.seq) / (median / 1e3)},
+          {"peak_gib", core::peak_memory_gib(o.device)},
+          {"batch", o.batch},
+          {"seq", o.seq},
+          {"tile", {o.tile_rows, o.tile_cols}},
+          {"checkpointing", o.checkpointing},
+          {"dtype", core::dtype_name(o.dtype)},
+          {"device", o.device.str()},
+          {"masked_layers", masks.size()},
+          {"iters", o.iters}};
+}
+
+}  // namespace patch::train

@@ -1,0 +1,28 @@
+#pragma once
+// Benchmark of one mask-learning step (not a test): a random-weight model of a
+// real model's shape, the masks of a mode, loss + regularizer backward and the
+// AdamW update, timed beside nothing else.
+#include <ATen/ATen.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "io/model_config.h"
+
+namespace patch::train {
+
+struct MaskBenchOptions {
+  std::string mode = "joint";  // joint | tile | maskllm
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kBFloat16;
+  int64_t batch = 1, seq = 4096;
+  int64_t tile_rows = 128, tile_cols = 128;
+  double target_sparsity = 0.45;
+  bool checkpointing = true;
+  int warmup = 2, iters = 5;
+};
+
+// Median step ms, tokens/s and peak GiB of the mode.
+nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOptions& opts);
+
+}  // namespace patch::train

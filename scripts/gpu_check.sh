@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build with CUDA, run the test suite, then the
+# benchmarks beside the PyTorch peer baseline (../shared/bench/py_patch_ref.py).
+# Results go to $OUT (or ./gpu-out): build/test logs and bench JSON lines.
+set -uo pipefail
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PATCH_JOBS=${PATCH_JOBS:-16}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+scripts/setup.sh > "$OUT/setup.log" 2>&1 || { tail -50 "$OUT/setup.log"; exit 1; }
+tail -3 "$OUT/setup.log"
+PATCH_TEST_JOBS=4 scripts/test.sh > "$OUT/test.log" 2>&1
+grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/test.log" | tail -30
+SHAPE=${SHAPE:-qwen2.5-0.5b}
+build/bin/patch-train bench --set bench.shape=$SHAPE --set bench.modes=[dense,joint,tile,maskllm] \
+  --set bench.iters=${ITERS:-5} 2>&1 | tee "$OUT/bench_patch.jsonl"
+REF=${PATCH_BENCH_REF:-../shared/bench/py_patch_ref.py}
+python3 "$REF" --arch $SHAPE --ckpt --seq 4096 2>&1 | tee "$OUT/bench_pyref.jsonl"
