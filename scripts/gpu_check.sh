@@ -6,6 +6,10 @@ set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export PATCH_JOBS=${PATCH_JOBS:-16}
+# Python packages missing on that machine travel as wheels in .whl/.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 scripts/setup.sh > "$OUT/setup.log" 2>&1 || { tail -50 "$OUT/setup.log"; exit 1; }
 tail -3 "$OUT/setup.log"

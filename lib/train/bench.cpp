@@ -55,7 +55,8 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   auto run_step = [&] {
     state->step = step++;
     decoder.loss(ids).backward();
-    ((masks.soft_density() - (1.0 - o.target_sparsity)).abs() * 10.0).backward();
+    at::Tensor reg = (masks.soft_density() - (1.0 - o.target_sparsity)).abs() * 10.0;
+    if (reg.requires_grad()) reg.backward();  // maskllm has no tile logits to pull
     opt.clip_grad_norm(1.0);
     opt.step(1e-3);
     opt.zero_grad();

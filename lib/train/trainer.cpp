@@ -305,7 +305,7 @@ void truncate_metrics(const std::string& path, int64_t step) {
 double hard_density_by_sign(const Run& r) {
   int64_t dense = 0;
   for (const auto& m : r.masks->masks()) {
-    auto tiles = m->hard_tiles().to(at::kLong);
+    auto tiles = m->hard_tiles().to(at::kLong).cpu();
     dense += (tiles * m->grid().counts()).sum().item<int64_t>();
   }
   const double total = static_cast<double>(r.masks->total_weights());
