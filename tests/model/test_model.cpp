@@ -291,3 +291,33 @@ TEST_CASE("benchmark entry point runs on a tiny shape and model shapes are known
   CHECK(model::model_shape("llama-2-7b").num_kv_heads == 32);
   CHECK_THROWS_AS(model::model_shape("gpt2"), core::ConfigError);
 }
+
+// GPU oracle (skipped without one): float32 on CUDA within 1e-3 of transformers'
+// CPU float32 (cuBLAS/SDPA reduce in another order); bfloat16 within 10% of the
+// largest logit at worst and 2% on average, as on the CPU.
+TEST_CASE("on CUDA logits match transformers in float32 and bfloat16") {
+  if (!at::hasCUDA()) {
+    WARN("no CUDA device: skipped");
+    return;
+  }
+  at::NoGradGuard no_grad;
+  for (const char* name : {"llama3", "mistral", "qwen2", "qwen3", "smollm"}) {
+    INFO(name);
+    const Oracle o = load_oracle(name);
+    const io::Checkpoint ckpt = io::load_checkpoint(fixture(name));
+    const double scale = o.logits.abs().max().item<double>();
+    for (at::ScalarType t : {at::kFloat, at::kBFloat16}) {
+      INFO(c10::toString(t));
+      model::DecoderOptions opts = options(t);
+      opts.device = at::Device(at::kCUDA, 0);
+      model::Decoder d(ckpt, opts);
+      const at::Tensor logits = d.forward(o.ids.to(opts.device)).cpu();
+      if (t == at::kFloat) {
+        CHECK(max_abs_diff(logits, o.logits) <= 1e-3);
+      } else {
+        CHECK(max_abs_diff(logits, o.logits) <= 0.1 * scale);
+        CHECK((logits - o.logits).abs().mean().item<double>() <= 0.02 * scale);
+      }
+    }
+  }
+}

@@ -104,7 +104,7 @@ TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
     const std::string out = dir.file(sig == SIGTERM ? "term" : "kill");
     pid_t pid = fork();
     if (pid == 0) {
-      execl("/bin/sh", "sh", "-c", (train_cmd(out, steps) + " 2>/dev/null").c_str(), nullptr);
+      execl("/bin/sh", "sh", "-c", ("exec " + train_cmd(out, steps) + " 2>/dev/null").c_str(), nullptr);
       _exit(127);
     }
     // Wait until the run is past its first periodic checkpoint (step 5).
@@ -113,7 +113,7 @@ TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
       if (!m.empty() && m.back().value("step", 0) >= 7) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
-    // sh -c execs its single command, so pid is patch-train itself.
+    // `exec` makes pid patch-train itself, not the shell.
     REQUIRE(::kill(pid, sig) == 0);
     int status = 0;
     waitpid(pid, &status, 0);
