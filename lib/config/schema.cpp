@@ -139,8 +139,6 @@ std::vector<KeyDef> build() {
             inf),
       range(key("train.log_every", T::kInt, 1, "Metrics line every N steps"), 1, inf),
       range(key("train.seed", T::kInt, 0, "Seed of logits init, Gumbel noise and data order"), 0, inf),
-      choices(key("train.autocast", T::kString, "auto", "auto (bf16 on GPU, off on CPU), bf16, off"),
-              {"auto", "bf16", "off"}),
       // output
       key("output.dir", T::kString, "runs/latest", "Run directory (config, log, metrics, checkpoints, masks)"),
       key("output.overwrite", T::kBool, false, "Allow writing into a non-empty output directory"),

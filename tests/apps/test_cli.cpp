@@ -147,3 +147,16 @@ TEST_CASE("eval of TinyStories-656K matches transformers' perplexity within 0.5%
   CHECK(fs::exists(out + "/run.log"));
   CHECK(nlohmann::json::parse(patch::core::read_file(out + "/eval.json"))["perplexity"].get<double>() == ppl);
 }
+
+TEST_CASE("inspect lists every linear layer with the checkpoint's shapes") {
+  auto r = run_command(bin() + " inspect --model " + model_dir());
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  // TinyStories-656K (PROVENANCE.md): 2 layers of q/k/v/o and gate/up/down.
+  CHECK(contains(r.out, "model.layers.1.mlp.down_proj"));
+  CHECK(contains(r.out, "[128, 384]"));
+  CHECK(contains(r.out, "[64, 128]"));
+  CHECK(contains(r.out, "14 linear layers, " + std::to_string(2 * (2 * 128 * 128 + 2 * 64 * 128 + 3 * 384 * 128)) +
+                            " parameters"));
+  CHECK_FALSE(contains(r.out, "lm_head"));
+}
