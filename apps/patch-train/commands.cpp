@@ -30,9 +30,7 @@ using nlohmann::ordered_json;
 model::DecoderOptions decoder_options(const config::Config& cfg) {
   model::DecoderOptions o;
   o.device = core::resolve_device(cfg.get_string("model.device"));
-  std::string dtype = cfg.get_string("model.dtype");
-  // On the CPU, "auto" keeps float32 (bf16 matmuls there are slow and inexact).
-  o.dtype = dtype == "auto" && !o.device.is_cuda() ? at::kFloat : core::resolve_dtype(dtype, o.device);
+  o.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), o.device);
   return o;
 }
 

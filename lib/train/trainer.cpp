@@ -66,11 +66,6 @@ struct Run {
   explicit Run(const config::Config& c, std::string dir) : cfg(c), out_dir(std::move(dir)) {}
 };
 
-std::vector<double> pair_of(const config::Config& cfg, const std::string& key) {
-  auto v = cfg.get_float_list(key);
-  return v;
-}
-
 void load_model_and_data(Run& r) {
   const auto& cfg = r.cfg;
   r.model_path = core::resolve_path(cfg.get_string("model.path"));
@@ -78,8 +73,7 @@ void load_model_and_data(Run& r) {
   r.device = core::resolve_device(cfg.get_string("model.device"));
   model::DecoderOptions mo;
   mo.device = r.device;
-  std::string dtype = cfg.get_string("model.dtype");
-  mo.dtype = dtype == "auto" && !r.device.is_cuda() ? at::kFloat : core::resolve_dtype(dtype, r.device);
+  mo.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), r.device);
   mo.checkpointing = cfg.get_bool("model.checkpointing");
   r.model = std::make_unique<model::Decoder>(ckpt, mo);
   core::log::info(str("model ", r.model_path, ": ", ckpt.config.num_layers, " layers on ", r.device.str(),
@@ -149,8 +143,8 @@ void build_masks(Run& r) {
   mo.include = cfg.get_string_list("mask.include");
   mo.exclude = cfg.get_string_list("mask.exclude");
 
-  auto tau24 = pair_of(cfg, "mask.tau_24"), sc24 = pair_of(cfg, "mask.scale_24");
-  auto taut = pair_of(cfg, "mask.tau_tile"), sct = pair_of(cfg, "mask.scale_tile");
+  auto tau24 = cfg.get_float_list("mask.tau_24"), sc24 = cfg.get_float_list("mask.scale_24");
+  auto taut = cfg.get_float_list("mask.tau_tile"), sct = cfg.get_float_list("mask.scale_tile");
   r.schedule = {tau24[0], tau24[1], sc24[0], sc24[1], taut[0], taut[1], sct[0], sct[1],
                 sparsity::parse_anneal(cfg.get_string("mask.anneal"))};
   r.state = std::make_shared<sparsity::SamplerState>();
@@ -440,6 +434,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     }
     if (total_reg.requires_grad()) total_reg.backward();
     const double reg_value = reg.item<double>();
+    const double density_value = density.item<double>();
     const double loss_value = ce + lambda_s * reg_value - w_coef * weight_term;
     if (!std::isfinite(loss_value)) {
       progress.finish();
@@ -463,7 +458,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
            {"ce", ce},
            {"sparsity_reg", reg_value},
            {"weight_term", weight_term},
-           {"soft_density", density.item<double>()},
+           {"soft_density", density_value},
            {"hard_density", hard_density_by_sign(r)},
            {"tau_24", r.state->tau_24},
            {"scale_24", r.state->scale_24},
@@ -484,7 +479,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     if (!m.is_null()) metrics << m.dump() << "\n" << std::flush;
     progress.update(static_cast<long>(done), static_cast<long>(tokens),
                     str("loss ", std::round(ce * 1000) / 1000, " density ",
-                        std::round(density.item<double>() * 1000) / 1000));
+                        std::round(density_value * 1000) / 1000));
     if ((ckpt_every > 0 && done % ckpt_every == 0) && !is_last) {
       save_checkpoint(r, done);
       last_checkpoint = done;
