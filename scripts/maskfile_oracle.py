@@ -3,7 +3,7 @@
 
   read PATH   print JSON: metadata, and per layer the shapes, the rebuilt 0/1
               mask (rows as strings) and its zero count, using the safetensors
-              library and numpy only.
+              library and numpy only (hybrid and unstructured files).
   write PATH  write a small mask file with known contents (see the C++ test).
 """
 import json
@@ -35,6 +35,15 @@ def read(path):
         result["metadata"] = meta
         rows, cols = (int(x) for x in meta["tile"].split("x"))
         names = sorted({k.rsplit(".", 1)[0] for k in f.keys()})
+        if meta.get("structure") == "unstructured":
+            # Bit j % 8 of byte j // 8, least significant first.
+            for name in names:
+                bits = f.get_tensor(name + ".keep")
+                mask = np.unpackbits(bits, axis=1, bitorder="little")
+                result["layers"][name] = {"dtype": [str(bits.dtype)], "zeros": int((mask == 0).sum()),
+                                          "mask": ["".join(str(int(v)) for v in row) for row in mask]}
+            print(json.dumps(result))
+            return
         for name in names:
             td = f.get_tensor(name + ".tile_dense")
             pat = f.get_tensor(name + ".pattern_2_4")

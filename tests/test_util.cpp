@@ -1,6 +1,5 @@
 #include "test_util.h"
 
-#include <ftw.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,14 +27,7 @@ TempDir::TempDir() {
   throw std::runtime_error("cannot create a temporary directory");
 }
 
-// Not fs::remove_all: libtorch exports its own copy of it, which calls a
-// libstdc++ symbol that Debian 12's library lacks and crashes.
-TempDir::~TempDir() {
-  ::nftw(
-      path_.c_str(),
-      [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-      FTW_DEPTH | FTW_PHYS);
-}
+TempDir::~TempDir() { patch::core::remove_tree(path_); }
 
 static std::string slurp(const std::string& path) {
   std::ifstream in(path);

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <chrono>
+#include <functional>
 #include <iomanip>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -16,9 +18,11 @@
 #include "io/checkpoint.h"
 #include "maskfile/apply.h"
 #include "maskfile/mask_file.h"
-#include "model/decoder.h"
-#include "text/tokenizer.h"
+#include "deploy/export.h"
 #include "model/bench.h"
+#include "model/decoder.h"
+#include "prune/pruner.h"
+#include "text/tokenizer.h"
 #include "train/bench.h"
 #include "train/trainer.h"
 
@@ -34,35 +38,20 @@ model::DecoderOptions decoder_options(const config::Config& cfg) {
   return o;
 }
 
-int run_eval(RunContext& ctx) {
-  const auto& cfg = ctx.config;
+// Perplexity of `decoder` on every eval.data file into out["results"] (and,
+// for a single file, its numbers at the top level too).
+void evaluate(model::Decoder& decoder, const text::Tokenizer& tok, const config::Config& cfg, ordered_json& out) {
   auto files = cfg.get_string_list("eval.data");
-  if (files.empty())
-    throw core::ConfigError("eval.data: no evaluation file given (use --data FILE or eval.data in the config)");
-  const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
-  io::Checkpoint ckpt = io::load_checkpoint(model_path);
-  auto tok = text::load_tokenizer_for(model_path);
-  model::Decoder decoder(ckpt, decoder_options(cfg));
-  ordered_json out;
-  if (const std::string masks = cfg.get_string("model.masks"); !masks.empty()) {
-    auto file = maskfile::read_mask_file(core::resolve_path(masks));
-    maskfile::apply_masks(decoder, file);
-    out["masks"] = file.path;
-    out["sparsity"] = file.sparsity();
-    core::log::info(core::str("masks ", file.path, ": ", file.layers.size(), " layers, sparsity ", file.sparsity()));
-  }
-
   eval::PerplexityOptions po;
   po.seq_len = cfg.get_int("data.seq_len");
   po.stride = cfg.get_int("eval.stride");
   po.max_windows = cfg.get_int("eval.max_windows");
   po.batch_size = cfg.get_int("eval.batch_size");
-  out["model"] = model_path;
   out["seq_len"] = po.seq_len;
   out["results"] = ordered_json::array();
   for (const auto& f : files) {
     const std::string path = core::resolve_path(f);
-    auto tokens = data::tokenize_eval_text(path, *tok);
+    auto tokens = data::tokenize_eval_text(path, tok);
     core::log::info(core::str("eval ", path, ": ", tokens.size(), " tokens"));
     auto r = eval::perplexity(decoder, tokens.data(), static_cast<int64_t>(tokens.size()), po);
     out["results"].push_back({{"data", path},
@@ -76,15 +65,138 @@ int run_eval(RunContext& ctx) {
   if (files.size() == 1)
     for (const auto& k : {"perplexity", "mean_nll", "predictions", "windows", "tokens"})
       out[k] = out["results"][0][k];
+}
+
+int run_eval(RunContext& ctx) {
+  const auto& cfg = ctx.config;
+  if (cfg.get_string_list("eval.data").empty())
+    throw core::ConfigError("eval.data: no evaluation file given (use --data FILE or eval.data in the config)");
+  const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
+  io::Checkpoint ckpt = io::load_checkpoint(model_path);
+  auto tok = text::load_tokenizer_for(model_path);
+  model::Decoder decoder(ckpt, decoder_options(cfg));
+  ordered_json out;
+  out["model"] = model_path;
+  if (const std::string masks = cfg.get_string("model.masks"); !masks.empty()) {
+    auto file = maskfile::read_mask_file(core::resolve_path(masks));
+    maskfile::apply_masks(decoder, file);
+    out["masks"] = file.path;
+    out["sparsity"] = file.sparsity();
+    core::log::info(core::str("masks ", file.path, ": ", file.layers.size() + file.bitmasks.size(),
+                              " layers, sparsity ", file.sparsity()));
+  }
+  evaluate(decoder, *tok, cfg, out);
   std::string text = out.dump(2);
   std::cout << text << std::endl;
   core::write_file_atomic(ctx.out_dir + "/eval.json", text + "\n");
   return 0;
 }
 
+// One-shot pruning: masks.safetensors (and SparseGPT's updated weights as a
+// pruned checkpoint), prune.json, and the pruned model's perplexity on eval.data.
+int run_prune(RunContext& ctx) {
+  const auto& cfg = ctx.config;
+  const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
+  io::Checkpoint ckpt = io::load_checkpoint(model_path);
+  auto tok = text::load_tokenizer_for(model_path);
+  model::Decoder decoder(ckpt, decoder_options(cfg));
+  auto po = prune::prune_options(cfg);
+  const bool update = po.method == prune::Method::kSparseGPT && po.sparsegpt.update_weights;
+  if (po.sparsegpt.update_weights && !update)
+    core::log::warn("prune.update_weights: only sparsegpt updates weights; writing masks only");
+  if (update && ckpt.format != "safetensors")
+    throw core::ConfigError(core::str("prune.update_weights: the pruned checkpoint is written in the input's "
+                                      "safetensors layout; ", model_path, " is ", ckpt.format));
+
+  at::Tensor calib;
+  if (po.method != prune::Method::kMagnitude) {
+    auto files = cfg.get_string_list("data.train");
+    if (files.empty())
+      throw core::ConfigError("data.train: wanda and sparsegpt need calibration text (use --data FILE)");
+    data::DataOptions dopts;
+    dopts.format = cfg.get_string("data.format");
+    dopts.jsonl_field = cfg.get_string("data.jsonl_field");
+    dopts.document_separator = cfg.get_string("data.document_separator");
+    dopts.cache_dir = cfg.get_string("data.cache_dir");
+    calib = prune::calibration_ids(data::load_tokens(core::resolve_path(files.front()), *tok, dopts),
+                                   prune::calibration_options(cfg));
+    core::log::info(core::str("calibration: ", calib.size(0), " sequences of ", calib.size(1), " tokens from ",
+                              files.front()));
+  }
+  core::reset_peak_memory(decoder.options().device);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto result = prune::prune_model(decoder, calib, po);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto& file = result.masks;
+  file.meta.model_source = model_path;
+  file.meta.model_config_hash = std::to_string(std::hash<std::string>{}(io::config_fingerprint(ckpt.config)));
+  file.meta.training_config = cfg.tree().dump();
+  maskfile::write_mask_file(ctx.out_dir + "/masks.safetensors", file);
+  if (update) deploy::export_checkpoint(ckpt, file, result.weights, ctx.out_dir + "/model");
+
+  ordered_json out;
+  out["model"] = model_path;
+  out["method"] = prune::method_name(po.method);
+  out["pattern"] = prune::structure_name(po.structure);
+  out["target_sparsity"] = file.meta.target_sparsity;
+  out["sparsity"] = file.sparsity();
+  out["layers"] = file.layers.size() + file.bitmasks.size();
+  out["calibration_sequences"] = calib.defined() ? calib.size(0) : 0;
+  out["calibration_passes"] = result.calibration_passes;
+  out["prune_seconds"] = seconds;
+  out["peak_memory_gib"] = core::peak_memory_gib(decoder.options().device);
+  if (!result.percdamp.empty()) {
+    double max_damp = 0;
+    for (const auto& [name, d] : result.percdamp) max_damp = std::max(max_damp, d);
+    out["max_percdamp"] = max_damp;
+  }
+  out["masks"] = ctx.out_dir + "/masks.safetensors";
+  if (update) out["pruned_model"] = ctx.out_dir + "/model";
+  if (!cfg.get_string_list("eval.data").empty()) evaluate(decoder, *tok, cfg, out);
+  std::string text = out.dump(2);
+  std::cout << text << std::endl;
+  core::write_file_atomic(ctx.out_dir + "/prune.json", text + "\n");
+  return 0;
+}
+
 int run_train(RunContext& ctx) {
   train::install_stop_handlers();
   return train::run_training(ctx.config, ctx.out_dir);
+}
+
+// One-shot 2:4 pruning (mask only) of a random model of `shape` with random
+// calibration ids [prune.calib_samples, prune.calib_seq_len]: time and peak
+// memory of the block-by-block calibration.
+nlohmann::json bench_prune(const config::Config& cfg, const io::ModelConfig& shape, at::Device device,
+                           at::ScalarType dtype, const std::string& method) {
+  model::DecoderOptions mo;
+  mo.device = device;
+  mo.dtype = dtype;
+  at::manual_seed(0);
+  auto decoder = model::Decoder::random(shape, mo);
+  auto co = prune::calibration_options(cfg);
+  auto calib = at::randint(shape.vocab_size, {co.samples, co.seq_len}, at::kLong);
+  auto po = prune::prune_options(cfg);
+  po.method = prune::parse_method(method);
+  po.structure = prune::Structure::k24;
+  po.sparsegpt.update_weights = false;
+  double weights_gib = 0;
+  for (auto* lin : decoder.linears()) weights_gib += lin->weight().numel() * lin->weight().element_size();
+  weights_gib /= 1024.0 * 1024.0 * 1024.0;
+  core::reset_peak_memory(device);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = prune::prune_model(decoder, calib, po);
+  if (device.is_cuda()) at::empty({1}, at::TensorOptions().device(device)).cpu();  // synchronize
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return {{"mode", "prune_" + method},
+          {"calib_samples", calib.size(0)},
+          {"calib_seq_len", calib.size(1)},
+          {"seconds", seconds},
+          {"peak_gib", core::peak_memory_gib(device)},
+          {"block_linear_weights_gib", weights_gib},
+          {"sparsity", r.masks.sparsity()},
+          {"dtype", core::dtype_name(dtype)},
+          {"device", device.str()}};
 }
 
 // Timings as JSON lines, one per mode, all measured in this process.
@@ -102,6 +214,8 @@ int run_bench(RunContext& ctx) {
     if (mode == "dense") {
       j = model::bench_forward_backward(shape, device, dtype, batch, seq, ckpt, warmup, iters);
       j["mode"] = "dense_fwd_bwd";
+    } else if (mode == "prune_wanda" || mode == "prune_sparsegpt") {
+      j = bench_prune(cfg, shape, device, dtype, mode.substr(6));
     } else {
       train::MaskBenchOptions o;
       o.mode = mode;
@@ -154,6 +268,13 @@ const std::vector<Command>& commands() {
   static const std::vector<Command> cmds = {
       {"train", "Learn hybrid dense/2:4 masks (PATCH-Joint, PATCH-Tile or MaskLLM) and write masks.safetensors",
        "data.train", /*writes_outputs=*/true, run_train},
+      {"prune",
+       "One-shot pruning (magnitude, Wanda, SparseGPT) to 2:4, unstructured or hybrid masks; "
+       "writes masks.safetensors and prune.json",
+       "data.train", /*writes_outputs=*/true, run_prune,
+       {{"--method", "prune.method", "magnitude, wanda or sparsegpt"},
+        {"--pattern", "prune.pattern", "2:4, unstructured or hybrid"},
+        {"--target", "mask.target_sparsity", "Target sparsity"}}},
       {"eval", "Perplexity of the model on text files (JSON to stdout and <out>/eval.json)",
        "eval.data", /*writes_outputs=*/true, run_eval},
       {"bench", "Time forward+backward and mask-learning steps on a random model of a real shape (JSON lines)",

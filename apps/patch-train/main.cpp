@@ -26,6 +26,7 @@ struct Options {
   bool overwrite = false, resume = false;
   int verbose = 0;
   bool quiet = false;
+  std::map<std::string, std::string> shortcut_values;  // config key -> value
 };
 
 void add_common_options(CLI::App* sub, Options& o, const patch::app::Command& cmd) {
@@ -42,6 +43,8 @@ void add_common_options(CLI::App* sub, Options& o, const patch::app::Command& cm
     sub->add_flag("--overwrite", o.overwrite, "Allow a non-empty output directory");
     sub->add_flag("--resume", o.resume, "Continue from the last checkpoint in the output directory");
   }
+  for (const auto& sc : cmd.shortcuts)
+    sub->add_option(sc.flag, o.shortcut_values[sc.key], sc.help + " (" + sc.key + ")");
   sub->add_flag("-v,--verbose", o.verbose, "More log output (debug)");
   sub->add_flag("-q,--quiet", o.quiet, "Only warnings and errors on the console");
 }
@@ -54,6 +57,13 @@ patch::config::Overrides overrides_of(const Options& o, const patch::app::Comman
   if (!o.out.empty()) ov.values.emplace_back("output.dir", o.out);
   if (o.overwrite) ov.values.emplace_back("output.overwrite", true);
   if (o.resume) ov.values.emplace_back("output.resume", true);
+  for (const auto& sc : cmd.shortcuts) {
+    auto it = o.shortcut_values.find(sc.key);
+    if (it == o.shortcut_values.end() || it->second.empty()) continue;
+    // A number stays a number ("--target 0.35"); anything else is a string.
+    Json v = Json::parse(it->second, nullptr, /*allow_exceptions=*/false);
+    ov.values.emplace_back(sc.key, v.is_number() ? v : Json(it->second));
+  }
   ov.sets = o.sets;
   return ov;
 }

@@ -36,7 +36,8 @@ const std::map<std::string, std::string> kShortcutOptions = {
     {"model.path", "--model"},     {"model.masks", "--masks"},
     {"output.dir", "--out"},       {"output.overwrite", "--overwrite"},
     {"output.resume", "--resume"}, {"eval.data", "--data"},
-    {"data.train", "--data"}};
+    {"data.train", "--data"},      {"prune.method", "--method"},
+    {"prune.pattern", "--pattern"}, {"mask.target_sparsity", "--target"}};
 
 // Where each key's resolved value came from (higher rank wins), so that
 // cross-key errors can name the file or option the user should fix.

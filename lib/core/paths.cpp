@@ -1,5 +1,8 @@
 #include "core/paths.h"
 
+#include <ftw.h>
+
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 
@@ -32,6 +35,12 @@ void prepare_output_dir(const std::string& dir, bool overwrite, bool resume) {
   }
   fs::create_directories(dir, ec);
   if (ec) throw Error(str("output.dir: cannot create '", dir, "': ", ec.message()));
+}
+
+void remove_tree(const std::string& path) {
+  ::nftw(
+      path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+      FTW_DEPTH | FTW_PHYS);
 }
 
 }  // namespace patch::core

@@ -15,4 +15,9 @@ std::string resolve_path(const std::string& path);
 // creates it when missing.
 void prepare_output_dir(const std::string& dir, bool overwrite, bool resume);
 
+// Removes a file or a directory tree (a missing path is fine). Not
+// fs::remove_all: libtorch exports its own copy of it, which calls a libstdc++
+// symbol that Debian 12's library lacks and crashes.
+void remove_tree(const std::string& path);
+
 }  // namespace patch::core

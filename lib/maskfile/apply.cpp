@@ -11,6 +11,14 @@ at::Tensor HardMaskProvider::effective_weight(const at::Tensor& weight) {
   return weight * sparsity::build_mask(grid_, tiles_, pattern_, weight.scalar_type());
 }
 
+BitmaskProvider::BitmaskProvider(const BitmaskLayer& layer, const at::Device& device) : layer_(layer) {
+  layer_.bits = layer.bits.to(device);
+}
+
+at::Tensor BitmaskProvider::effective_weight(const at::Tensor& weight) {
+  return weight * layer_.mask(weight.scalar_type());
+}
+
 void apply_masks(model::Decoder& decoder, const std::vector<sparsity::HardenedLayer>& layers) {
   for (const auto& layer : layers) {
     model::LinearImpl* lin = decoder.linear(layer.name);
@@ -27,6 +35,14 @@ void apply_masks(model::Decoder& decoder, const MaskFile& file) {
     check_layer_shape(file, layer, lin->weight().size(0), lin->weight().size(1));
   }
   apply_masks(decoder, file.layers);
+  for (const auto& b : file.bitmasks) {
+    model::LinearImpl* lin = decoder.linear(b.name);
+    if (!lin) throw core::Error(core::str(file.path, ": layer '", b.name, "' is not a linear layer of the model"));
+    if (lin->weight().size(0) != b.out || lin->weight().size(1) != b.in)
+      throw core::Error(core::str(file.path, ": layer '", b.name, "': mask is [", b.out, ", ", b.in,
+                                  "] but the weight is ", lin->weight().sizes()));
+    lin->set_provider(std::make_shared<BitmaskProvider>(b, decoder.options().device));
+  }
 }
 
 }  // namespace patch::maskfile

@@ -24,6 +24,16 @@ class HardMaskProvider : public model::WeightProvider {
   at::Tensor tiles_, pattern_;
 };
 
+// W * unpacked bitmask (unstructured one-shot masks).
+class BitmaskProvider : public model::WeightProvider {
+ public:
+  BitmaskProvider(const BitmaskLayer& layer, const at::Device& device);
+  at::Tensor effective_weight(const at::Tensor& weight) override;
+
+ private:
+  BitmaskLayer layer_;
+};
+
 // Installs each layer's hard mask on the decoder's linear of the same name.
 // Throws core::Error naming the file and layer for a layer the model lacks or a
 // shape that does not fit.

@@ -16,6 +16,7 @@ namespace {
 
 const std::string kTileSuffix = ".tile_dense";
 const std::string kPatternSuffix = ".pattern_2_4";
+const std::string kKeepSuffix = ".keep";
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -46,8 +47,20 @@ void validate_meta(const std::string& where, const MaskFileMeta& meta) {
   if (meta.tile_rows <= 0 || meta.tile_cols <= 0 || meta.tile_cols % 4 != 0)
     throw core::Error(core::str(where, ": tile ", meta.tile_rows, "x", meta.tile_cols,
                                 " is invalid (expected positive rows and cols a multiple of 4)"));
-  if (meta.mode != "joint" && meta.mode != "tile" && meta.mode != "maskllm")
-    throw core::Error(core::str(where, ": unknown mode '", meta.mode, "' (expected joint, tile or maskllm)"));
+  if (meta.mode != "joint" && meta.mode != "tile" && meta.mode != "maskllm" && meta.mode != "oneshot")
+    throw core::Error(
+        core::str(where, ": unknown mode '", meta.mode, "' (expected joint, tile, maskllm or oneshot)"));
+  if (meta.structure != "hybrid" && meta.structure != "unstructured")
+    throw core::Error(
+        core::str(where, ": unknown structure '", meta.structure, "' (expected hybrid or unstructured)"));
+  if (meta.structure == "unstructured" && meta.mode != "oneshot")
+    throw core::Error(core::str(where, ": unstructured masks come from mode oneshot, not '", meta.mode, "'"));
+}
+
+void validate_bitmask(const std::string& where, const std::string& name, const at::Tensor& bits) {
+  if (bits.scalar_type() != at::kByte || bits.dim() != 2 || bits.size(0) == 0 || bits.size(1) == 0)
+    throw core::Error(core::str(where, ": layer '", name, "': keep must be a uint8 [out, in/8] bitmask, got ",
+                                bits.scalar_type(), " ", bits.sizes()));
 }
 
 // Checks one layer's tensors against each other and the tile size; returns its grid.
@@ -74,6 +87,20 @@ sparsity::TileGrid validate_layer(const std::string& where, const std::string& n
 
 }  // namespace
 
+at::Tensor BitmaskLayer::mask(at::ScalarType dtype) const {
+  auto shifts = at::arange(8, bits.options().dtype(at::kByte));
+  return bits.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and(1).reshape({out, in}).to(dtype);
+}
+
+int64_t BitmaskLayer::zero_weights() const { return out * in - mask(at::kLong).sum().item<int64_t>(); }
+
+at::Tensor pack_bits(const at::Tensor& keep) {
+  core::check(keep.dim() == 2 && keep.size(1) % 8 == 0, "pack_bits",
+              core::str("expected [out, in] with in a multiple of 8, got ", keep.sizes()));
+  auto weights = at::pow(2, at::arange(8, keep.options().dtype(at::kLong)));
+  return (keep.ne(0).to(at::kLong).view({keep.size(0), keep.size(1) / 8, 8}) * weights).sum(-1).to(at::kByte);
+}
+
 const LayerMask* MaskFile::find(const std::string& name) const {
   for (const auto& l : layers)
     if (l.name == name) return &l;
@@ -83,12 +110,14 @@ const LayerMask* MaskFile::find(const std::string& name) const {
 int64_t MaskFile::total_weights() const {
   int64_t n = 0;
   for (const auto& l : layers) n += l.grid.numel();
+  for (const auto& b : bitmasks) n += b.out * b.in;
   return n;
 }
 
 double MaskFile::sparsity() const {
   int64_t zeros = 0;
   for (const auto& l : layers) zeros += l.zero_weights();
+  for (const auto& b : bitmasks) zeros += b.zero_weights();
   const int64_t total = total_weights();
   return total ? static_cast<double>(zeros) / static_cast<double>(total) : 0.0;
 }
@@ -110,9 +139,21 @@ MaskFile from_hardened(const sparsity::Hardened& hard, MaskFileMeta meta) {
 void write_mask_file(const std::string& path, const MaskFile& file) {
   const auto& meta = file.meta;
   validate_meta(path, meta);
-  core::check(!file.layers.empty(), path, "no masked layers to write");
+  const bool unstructured = meta.structure == "unstructured";
+  core::check(unstructured ? !file.bitmasks.empty() && file.layers.empty()
+                           : !file.layers.empty() && file.bitmasks.empty(),
+              path, core::str("a ", meta.structure, " mask file needs ", unstructured ? "bitmask" : "hybrid",
+                              " layers and no others"));
   std::set<std::string> names;
   std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& b : file.bitmasks) {
+    core::check(names.insert(b.name).second, path, core::str("layer '", b.name, "' appears twice"));
+    auto bits = b.bits.to(at::kCPU).contiguous();
+    validate_bitmask(path, b.name, bits);
+    core::check(bits.size(0) == b.out && bits.size(1) * 8 == b.in, path,
+                core::str("layer '", b.name, "': keep ", bits.sizes(), " does not describe [", b.out, ", ", b.in, "]"));
+    tensors.emplace_back(b.name + kKeepSuffix, bits);
+  }
   for (const auto& l : file.layers) {
     core::check(names.insert(l.name).second, path, core::str("layer '", l.name, "' appears twice"));
     auto tile_dense = l.tile_dense.to(at::kCPU).contiguous();
@@ -128,10 +169,12 @@ void write_mask_file(const std::string& path, const MaskFile& file) {
       {"format_version", kFormatVersion},
       {"tile", core::str(meta.tile_rows, "x", meta.tile_cols)},
       {"mode", meta.mode},
+      {"structure", meta.structure},
       {"model_config_hash", meta.model_config_hash},
       {"model_source", meta.model_source},
       {"training_config", meta.training_config},
       {"created_by", meta.created_by.empty() ? std::string("patch-train ") + PATCH_VERSION_STRING : meta.created_by}};
+  if (!meta.method.empty()) md["method"] = meta.method;
   if (!std::isnan(meta.target_sparsity)) md["target_sparsity"] = format_double(meta.target_sparsity);
   if (!std::isnan(meta.achieved_sparsity)) md["achieved_sparsity"] = format_double(meta.achieved_sparsity);
   io::write_safetensors(path, tensors, md);
@@ -170,6 +213,8 @@ MaskFile read_mask_file(const std::string& path) {
   if (!parse_tile(tile, f.meta.tile_rows, f.meta.tile_cols))
     throw core::Error(core::str(path, ": metadata tile is '", tile, "', expected ROWSxCOLS with COLS a multiple of 4"));
   f.meta.mode = required("mode");
+  if (auto st = optional("structure"); !st.empty()) f.meta.structure = st;
+  f.meta.method = optional("method");
   validate_meta(path, f.meta);
   f.meta.target_sparsity = number("target_sparsity");
   f.meta.achieved_sparsity = number("achieved_sparsity");
@@ -184,6 +229,18 @@ MaskFile read_mask_file(const std::string& path) {
                    [](const io::SafetensorsEntry& a, const io::SafetensorsEntry& b) { return a.begin < b.begin; });
   std::vector<std::string> order;
   std::set<std::string> seen;
+  if (f.meta.structure == "unstructured") {
+    for (const auto& e : entries) {
+      if (!ends_with(e.name, kKeepSuffix))
+        throw core::Error(core::str(path, ": unexpected tensor '", e.name, "' (expected <layer>", kKeepSuffix, ")"));
+      const std::string name = e.name.substr(0, e.name.size() - kKeepSuffix.size());
+      auto bits = st.tensor(e.name);
+      validate_bitmask(path, name, bits);
+      f.bitmasks.push_back({name, bits.size(0), bits.size(1) * 8, bits});
+    }
+    core::check(!f.bitmasks.empty(), path, "no masked layers");
+    return f;
+  }
   for (const auto& e : entries) {
     std::string layer;
     if (ends_with(e.name, kTileSuffix)) {
@@ -213,11 +270,19 @@ void check_layer_shape(const MaskFile& file, const LayerMask& layer, int64_t out
                                 layer.grid.in(), "] but the weight is [", out, ", ", in, "]"));
 }
 
+at::Tensor layer_mask(const MaskFile& file, const std::string& name, at::ScalarType dtype) {
+  if (const auto* l = file.find(name)) return l->mask(dtype);
+  for (const auto& b : file.bitmasks)
+    if (b.name == name) return b.mask(dtype);
+  return {};
+}
+
 sparsity::Prior prior_from_layer(const LayerMask& layer) {
   return {layer.pattern, layer.tile_dense.to(at::kFloat)};
 }
 
 std::map<std::string, sparsity::Prior> priors_from_file(const MaskFile& file) {
+  core::check(file.meta.structure == "hybrid", label(file.path), "an unstructured mask file cannot be a 2:4 prior");
   std::map<std::string, sparsity::Prior> out;
   for (const auto& l : file.layers) out[l.name] = prior_from_layer(l);
   return out;

@@ -269,6 +269,7 @@ LinearImpl::LinearImpl(std::string hf_name, at::Tensor weight, at::Tensor bias)
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
+  if (observer_) observer_(x);
   return at::linear(x, provider_ ? provider_->effective_weight(weight_) : weight_, bias_);
 }
 

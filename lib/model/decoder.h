@@ -8,6 +8,7 @@
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,11 +31,16 @@ class LinearImpl : public torch::nn::Module {
   const at::Tensor& bias() const { return bias_; }      // undefined when absent
   void set_provider(std::shared_ptr<WeightProvider> p) { provider_ = std::move(p); }
   const std::shared_ptr<WeightProvider>& provider() const { return provider_; }
+  // Called with the layer's input on every forward (calibration statistics);
+  // an empty function removes it.
+  using InputObserver = std::function<void(const at::Tensor& x)>;
+  void set_input_observer(InputObserver f) { observer_ = std::move(f); }
 
  private:
   std::string name_;
   at::Tensor weight_, bias_;
   std::shared_ptr<WeightProvider> provider_;
+  InputObserver observer_;
 };
 
 struct DecoderOptions {

@@ -23,6 +23,7 @@
 #include "maskfile/apply.h"
 #include "maskfile/mask_file.h"
 #include "model/decoder.h"
+#include "prune/pruner.h"
 #include "sparsity/budget.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/prior.h"
@@ -153,6 +154,18 @@ void build_masks(Run& r) {
   r.state->hard_tile = cfg.get_bool("mask.hard_tile");
   r.schedule.apply(*r.state, 0.0);
 
+  // Wanda/SparseGPT priors calibrate on the dense model, before any mask is attached.
+  const std::string prior = cfg.get_string("mask.prior");
+  std::map<std::string, sparsity::Prior> priors;
+  if (prior == "wanda" || prior == "sparsegpt") {
+    auto po = prune::prune_options(cfg);
+    po.method = prune::parse_method(prior);
+    auto calib = prune::calibration_ids(r.train_data->tokens(), prune::calibration_options(cfg));
+    core::log::info(str("prior: ", prior, " on ", calib.size(0), " calibration sequences of ", calib.size(1),
+                        " tokens"));
+    priors = prune::oneshot_priors(*r.model, calib, po);
+  }
+
   r.masks = std::make_unique<sparsity::MaskSet>(mo, r.state);
   std::vector<std::pair<std::string, at::Tensor>> weights;
   for (auto* lin : r.model->linears()) weights.emplace_back(lin->name(), lin->weight());
@@ -165,16 +178,11 @@ void build_masks(Run& r) {
                       cfg.get_string("mask.mode"), ", target sparsity ", r.target));
 
   // Priors shift the N(0, sigma) initial logits towards a one-shot mask.
-  const std::string prior = cfg.get_string("mask.prior");
-  std::map<std::string, sparsity::Prior> priors;
   if (prior == "magnitude") {
     priors = sparsity::magnitude_priors(*r.masks, r.target);
   } else if (prior == "file") {
     auto file = maskfile::read_mask_file(core::resolve_path(cfg.get_string("mask.prior_file")));
     priors = maskfile::priors_from_file(file);
-  } else if (prior == "wanda" || prior == "sparsegpt") {
-    throw core::ConfigError(str("mask.prior: '", prior,
-                                "' needs the one-shot pruning module, not built yet; use magnitude or file"));
   }
   if (prior == "none") {
     if (mo.mask.mode == sparsity::MaskMode::kTile)

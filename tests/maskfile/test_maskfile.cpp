@@ -197,3 +197,42 @@ TEST_CASE("broken mask files are rejected with one-line errors", "[maskfile]") {
   f.layers.push_back({layer, sparsity::TileGrid(6, 16, 4, 8), 0, tiles, bad_pattern});
   CHECK_THROWS_AS(maskfile::write_mask_file(dir.file("w.safetensors"), f), core::Error);
 }
+
+TEST_CASE("unstructured bitmask files round trip and Python unpacks them", "[maskfile][python]") {
+  test::TempDir dir;
+  at::manual_seed(3);
+  auto keep = at::rand({5, 24}) > 0.4;
+  MaskFile f;
+  f.meta.mode = "oneshot";
+  f.meta.method = "wanda";
+  f.meta.structure = "unstructured";
+  f.bitmasks.push_back({"model.layers.0.mlp.up_proj", 5, 24, maskfile::pack_bits(keep)});
+  CHECK(f.bitmasks[0].bits.sizes() == at::IntArrayRef({5, 3}));
+  CHECK(f.bitmasks[0].mask(at::kBool).equal(keep));
+  const std::string path = dir.file("u.safetensors");
+  maskfile::write_mask_file(path, f);
+  auto g = maskfile::read_mask_file(path);
+  REQUIRE(g.bitmasks.size() == 1);
+  CHECK(g.layers.empty());
+  CHECK(g.meta.method == "wanda");
+  CHECK(maskfile::layer_mask(g, "model.layers.0.mlp.up_proj", at::kBool).equal(keep));
+  CHECK(g.sparsity() == Approx(1.0 - keep.to(at::kDouble).mean().item<double>()));
+  CHECK_THROWS_AS(maskfile::priors_from_file(g), core::Error);
+
+  auto j = nlohmann::json::parse(oracle("read", path));
+  CHECK(j["metadata"]["structure"] == "unstructured");
+  const auto& pl = j["layers"]["model.layers.0.mlp.up_proj"];
+  for (int64_t i = 0; i < 5; ++i) {
+    std::string row;
+    for (int64_t c = 0; c < 24; ++c) row += keep[i][c].item<bool>() ? '1' : '0';
+    CHECK(pl["mask"][i].get<std::string>() == row);
+  }
+
+  // A hybrid tensor in an unstructured file, and unstructured from a learned mode.
+  io::write_safetensors(dir.file("bad.safetensors"), {{"a.tile_dense", at::zeros({1, 1}, at::kByte)}},
+                        {{"format", "patch-masks"}, {"format_version", "1"}, {"tile", "4x8"},
+                         {"mode", "oneshot"}, {"structure", "unstructured"}});
+  CHECK(read_error(dir.file("bad.safetensors")).find("unexpected tensor 'a.tile_dense'") != std::string::npos);
+  f.meta.mode = "joint";
+  CHECK_THROWS_AS(maskfile::write_mask_file(dir.file("j.safetensors"), f), core::Error);
+}

@@ -27,7 +27,8 @@ std::string train_cmd(const std::string& out, int steps, const std::string& extr
          test::data_path("text/tinystories/tinystories_train_first2MiB.txt") +
          " --set data.document_separator='<|endoftext|>' --set data.seq_len=64 --set data.max_tokens=200000"
          " --set data.valid_blocks=16 --set train.eval_blocks=16 --set mask.tile=[32,32]"
-         " --set mask.target_sparsity=0.35 --set train.micro_batch=4 --set train.global_batch=8"
+         " --set mask.target_sparsity=0.35 --set prune.calib_samples=16 --set prune.calib_seq_len=64"
+         " --set train.micro_batch=4 --set train.global_batch=8"
          " --set train.steps=" +
          std::to_string(steps) + " --set train.eval_every=0 --set train.checkpoint_every=5 --set train.seed=11 " +
          extra + " --out " + out + " -q";
@@ -127,6 +128,9 @@ TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
     // The metrics read as one run: every step once.
     auto m = read_metrics(out + "/metrics.jsonl");
     std::set<int64_t> seen;
+    std::string steps;
+    for (const auto& j : m) steps += j.dump() + "\n";
+    INFO(steps);
     for (const auto& j : m)
       if (!j.value("final", false)) CHECK(seen.insert(j["step"].get<int64_t>()).second);
   }

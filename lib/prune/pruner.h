@@ -1,0 +1,74 @@
+#pragma once
+// One-shot pruning of a whole model, block by block as SparseGPT and Wanda do:
+// the calibration hidden states go through decoder block i, its layers'
+// input statistics are taken and the layers pruned, and the inputs of block
+// i + 1 are block i's outputs with the pruned weights. Beside the model, memory
+// holds the calibration hidden states (two copies) and one block's statistics.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "config/config.h"
+#include "data/token_file.h"
+#include "maskfile/mask_file.h"
+#include "model/decoder.h"
+#include "prune/methods.h"
+#include "sparsity/budget.h"
+#include "sparsity/prior.h"
+
+namespace patch::prune {
+
+struct CalibrationOptions {
+  int64_t samples = 128;
+  int64_t seq_len = 2048;
+  uint64_t seed = 0;
+};
+
+// `samples` distinct windows of seq_len tokens (non-overlapping, in a seeded
+// order) -> int64 [n, seq_len] on the CPU; n < samples (with a warning) when the
+// stream is short. Throws core::Error when it holds no window at all.
+at::Tensor calibration_ids(const data::TokenStream& tokens, const CalibrationOptions& opts);
+
+struct PruneOptions {
+  Method method = Method::kWanda;
+  Structure structure = Structure::k24;
+  double target_sparsity = 0.5;  // unstructured and hybrid (2:4 is 0.5 by definition)
+  int64_t tile_rows = 128, tile_cols = 128;
+  sparsity::BudgetKind budget = sparsity::BudgetKind::kGlobal;
+  std::vector<std::string> include = {"*"}, exclude;
+  SparseGPTOptions sparsegpt;  // update_weights: keep SparseGPT's updated weights
+  int64_t micro_batch = 4;     // calibration sequences per block forward
+};
+
+struct PruneResult {
+  maskfile::MaskFile masks;  // hybrid (2:4, hybrid) or unstructured, mode "oneshot"
+  // SparseGPT with update_weights: the pruned, updated weight of every masked
+  // layer under "<name>.weight", on the CPU in the model's dtype.
+  std::map<std::string, at::Tensor> weights;
+  std::map<std::string, double> percdamp;  // SparseGPT: the dampening each layer needed
+  int calibration_passes = 0;
+};
+
+// Prunes the selected linears of `decoder` (weights are never written: each
+// pruned layer gets a provider with its pruned weight, so the decoder computes
+// the pruned model afterwards). calib: int64 [n, seq] token ids (unused by
+// magnitude). Hybrid runs two passes: an unstructured prune at the target gives
+// each tile's survivor fraction, the exact budget picks the dense tiles, and a
+// second pass prunes 2:4 inside the other tiles.
+PruneResult prune_model(model::Decoder& decoder, const at::Tensor& calib, const PruneOptions& opts);
+
+// PATCH priors from a one-shot method, for every selected layer: the 2:4
+// pattern of a 2:4 prune and, as tile scores, each tile's survivor fraction of
+// an unstructured prune at the target (mask only, two calibration passes;
+// magnitude needs none). Leaves the decoder dense.
+std::map<std::string, sparsity::Prior> oneshot_priors(model::Decoder& decoder, const at::Tensor& calib,
+                                                      const PruneOptions& opts);
+
+// The prune.* / mask.* keys of a resolved configuration.
+PruneOptions prune_options(const config::Config& cfg);
+CalibrationOptions calibration_options(const config::Config& cfg);
+
+}  // namespace patch::prune
