@@ -20,3 +20,6 @@ build/bin/patch-train bench --set bench.shape=$SHAPE --set bench.modes=[dense,jo
   --set bench.iters=${ITERS:-5} 2>&1 | tee "$OUT/bench_patch.jsonl"
 REF=${PATCH_BENCH_REF:-../shared/bench/py_patch_ref.py}
 python3 "$REF" --arch $SHAPE --ckpt --seq 4096 2>&1 | tee "$OUT/bench_pyref.jsonl"
+# One-shot calibration memory on a 1B-shaped model (128 x 2048 calibration tokens).
+build/bin/patch-train bench --set bench.shape=llama-3.2-1b --set bench.modes=[prune_wanda,prune_sparsegpt] \
+  --set prune.calib_samples=128 --set prune.calib_seq_len=2048 2>&1 | grep '^{' | tee "$OUT/bench_prune.jsonl"

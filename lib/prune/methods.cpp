@@ -197,7 +197,7 @@ SparseGPTResult sparsegpt(const at::Tensor& weight, const at::Tensor& hessian, c
     keep.slice(1, i1, i2).copy_(~prune1);
   }
   r.keep = keep;
-  if (opts.update_weights) r.weight = W.to(weight.scalar_type());
+  if (opts.update_weights) r.weight = W;
   return r;
 }
 

@@ -57,7 +57,7 @@ struct SparseGPTOptions {
 
 struct SparseGPTResult {
   at::Tensor keep;      // bool [out, in]
-  at::Tensor weight;    // the OBS-updated pruned weight (dtype of the input); undefined if !update_weights
+  at::Tensor weight;    // the OBS-updated pruned weight in the compute precision; undefined if !update_weights
   double percdamp = 0;  // the dampening that factorized
 };
 

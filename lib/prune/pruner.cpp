@@ -90,7 +90,7 @@ void prune_layer(const LayerSpec& spec, const InputStats* stats, const PruneOpti
       break;
     }
   }
-  auto pruned = sg.weight.defined() ? sg.weight : w * keep.to(w.scalar_type());
+  auto pruned = sg.weight.defined() ? sg.weight.to(w.scalar_type()) : w * keep.to(w.scalar_type());
   spec.lin->set_provider(std::make_shared<FixedWeight>(pruned));
   sink(spec, keep, sg_ptr);
 }

@@ -46,7 +46,8 @@ struct PruneOptions {
 struct PruneResult {
   maskfile::MaskFile masks;  // hybrid (2:4, hybrid) or unstructured, mode "oneshot"
   // SparseGPT with update_weights: the pruned, updated weight of every masked
-  // layer under "<name>.weight", on the CPU in the model's dtype.
+  // layer under "<name>.weight", on the CPU in float32 (float64 for a float64
+  // model), so that export rounds once, to the checkpoint's dtype.
   std::map<std::string, at::Tensor> weights;
   std::map<std::string, double> percdamp;  // SparseGPT: the dampening each layer needed
   int calibration_passes = 0;

@@ -166,7 +166,7 @@ TEST_CASE("prune sparsegpt 2:4 writes masks and a pruned checkpoint that transfo
   const std::string out = dir.file("run");
   const std::string train_text = patch::test::data_path("text/tinystories/tinystories_train_first2MiB.txt");
   auto r = run_command(bin() + " prune --model " + model_dir() + " --data " + train_text +
-                       " --method sparsegpt --pattern 2:4 --set prune.update_weights=true" +
+                       " --method sparsegpt --pattern 2:4 --set prune.update_weights=true --set model.device=cpu" +
                        " --set prune.calib_samples=16 --set prune.calib_seq_len=256 --set mask.tile=[32,32]" +
                        " --set eval.data=[" + valid_text() + "] --set data.seq_len=256 --set eval.max_windows=16" +
                        " --set data.document_separator='<|endoftext|>' --out " + out);
