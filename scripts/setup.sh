@@ -18,7 +18,7 @@ BUILD_TYPE=${PATCH_BUILD_TYPE:-Release}
 JOBS=${PATCH_JOBS:-$(nproc)}
 TORCH_VERSION=2.11.0
 # Test oracles, pinned to the versions the tests were written against.
-PY_PACKAGES=(transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0)
+PY_PACKAGES=(transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0 matplotlib==3.11.2)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -52,7 +52,7 @@ fi
 
 # ---- 2. Python: LibTorch and the test oracles ----------------------------
 torch_ok() { "$1" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION%.*}') else 1)" 2>/dev/null; }
-oracles_ok() { "$1" -c "import transformers, tokenizers, safetensors, numpy, gguf" 2>/dev/null; }
+oracles_ok() { "$1" -c "import transformers, tokenizers, safetensors, numpy, gguf, matplotlib" 2>/dev/null; }
 PY=""
 if [[ -x .venv/bin/python ]] && torch_ok .venv/bin/python && oracles_ok .venv/bin/python; then
   PY=$ROOT/.venv/bin/python
@@ -60,7 +60,7 @@ elif [[ ! -d .venv ]] && torch_ok python3; then
   # A machine that ships torch (the GPU machine's /opt/torch/.venv) is used as
   # it is: it may have no network, so nothing is installed into it.
   PY=$(command -v python3)
-  oracles_ok "$PY" || say "warning: $PY lacks some test oracles (transformers, tokenizers, safetensors, numpy, gguf); tests that need them will fail"
+  oracles_ok "$PY" || say "warning: $PY lacks some test oracles (transformers, tokenizers, safetensors, numpy, gguf, matplotlib); tests that need them will fail"
 else
   say "creating .venv with torch==$TORCH_VERSION and the test oracles (several GB, a few minutes)"
   [[ -x .venv/bin/python ]] || python3 -m venv .venv

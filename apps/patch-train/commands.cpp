@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <functional>
 #include <iomanip>
 #include <iostream>
@@ -19,6 +20,7 @@
 #include "maskfile/apply.h"
 #include "maskfile/mask_file.h"
 #include "deploy/export.h"
+#include "deploy/verify.h"
 #include "model/bench.h"
 #include "model/decoder.h"
 #include "prune/pruner.h"
@@ -159,6 +161,37 @@ int run_prune(RunContext& ctx) {
   return 0;
 }
 
+maskfile::MaskFile required_masks(const config::Config& cfg, const std::string& command) {
+  const std::string masks = cfg.get_string("model.masks");
+  if (masks.empty())
+    throw core::ConfigError(core::str("model.masks: ", command, " needs a mask file (use --masks FILE)"));
+  return maskfile::read_mask_file(core::resolve_path(masks));
+}
+
+// A pruned Hugging Face checkpoint: the input's layout with masked weights zeroed.
+int run_export(RunContext& ctx) {
+  const auto& cfg = ctx.config;
+  const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
+  auto file = required_masks(cfg, "export");
+  io::Checkpoint ckpt = io::load_checkpoint(model_path);
+  deploy::export_checkpoint(ckpt, file, {}, ctx.out_dir);
+  ordered_json out{{"model", model_path},       {"masks", file.path},
+                   {"sparsity", file.sparsity()}, {"layers", file.layers.size() + file.bitmasks.size()},
+                   {"out", ctx.out_dir}};
+  std::cout << out.dump(2) << std::endl;
+  return 0;
+}
+
+int run_verify(RunContext& ctx) {
+  const auto& cfg = ctx.config;
+  const std::string masks = cfg.get_string("model.masks");
+  if (masks.empty()) throw core::ConfigError("model.masks: verify needs a mask file (use --masks FILE)");
+  const std::string model = cfg.has("model.path") ? core::resolve_path(cfg.get_string("model.path")) : "";
+  auto report = deploy::verify(core::resolve_path(masks), model, cfg.get_string("verify.pruned"));
+  std::cout << report.format() << std::flush;
+  return report.ok() ? 0 : 1;
+}
+
 int run_train(RunContext& ctx) {
   train::install_stop_handlers();
   return train::run_training(ctx.config, ctx.out_dir);
@@ -238,8 +271,19 @@ int run_bench(RunContext& ctx) {
   return 0;
 }
 
-int run_inspect(RunContext& ctx) {
-  const std::string model_path = core::resolve_path(ctx.config.get_string("model.path"));
+// Runs scripts/plot.py with the build's Python; throws core::Error when it fails.
+void plot(const std::string& what, const std::string& input, const std::string& png) {
+  const char* py = std::getenv("PATCH_PYTHON");
+  const char* dir = std::getenv("PATCH_SCRIPTS_DIR");
+  const std::string cmd = core::str("'", py && *py ? py : PATCH_DEFAULT_PYTHON, "' '",
+                                    dir && *dir ? dir : PATCH_DEFAULT_SCRIPTS_DIR, "/plot.py' ", what, " '", input,
+                                    "' --out '", png, "'");
+  if (std::system(cmd.c_str()) != 0)
+    throw core::Error(core::str("plot: '", cmd, "' failed (the figure needs matplotlib in that Python)"));
+  core::log::info("wrote " + png);
+}
+
+void inspect_model(const std::string& model_path) {
   io::Checkpoint ckpt = io::load_checkpoint(model_path);
   const auto& mc = ckpt.config;
   std::cout << model_path << " (" << ckpt.format << ", " << mc.model_type << "): " << mc.num_layers
@@ -259,6 +303,24 @@ int run_inspect(RunContext& ctx) {
     total += w.numel();
   }
   std::cout << decoder.linears().size() << " linear layers, " << total << " parameters\n";
+}
+
+int run_inspect(RunContext& ctx) {
+  const auto& cfg = ctx.config;
+  const std::string masks = cfg.get_string("model.masks");
+  if (!cfg.has("model.path") && masks.empty())
+    throw core::ConfigError("model.path: inspect needs a model (--model PATH) or a mask file (--masks FILE)");
+  if (cfg.has("model.path")) inspect_model(core::resolve_path(cfg.get_string("model.path")));
+  if (!masks.empty()) {
+    auto file = maskfile::read_mask_file(core::resolve_path(masks));
+    std::cout << file.path << ": " << file.meta.structure << ", mode " << file.meta.mode
+              << (file.meta.method.empty() ? "" : " (" + file.meta.method + ")") << ", tile " << file.meta.tile_rows
+              << "x" << file.meta.tile_cols << ", sparsity " << file.sparsity() << "\n"
+              << maskfile::density_table(file);
+    if (const std::string png = cfg.get_string("inspect.plot"); !png.empty()) plot("masks", file.path, png);
+  } else if (!cfg.get_string("inspect.plot").empty()) {
+    throw core::ConfigError("inspect.plot: --plot draws a mask file; give one with --masks FILE");
+  }
   return 0;
 }
 
@@ -275,12 +337,23 @@ const std::vector<Command>& commands() {
        {{"--method", "prune.method", "magnitude, wanda or sparsegpt"},
         {"--pattern", "prune.pattern", "2:4, unstructured or hybrid"},
         {"--target", "mask.target_sparsity", "Target sparsity"}}},
+      {"export",
+       "Write a pruned Hugging Face checkpoint (input layout and dtypes, masked weights zeroed, mask file "
+       "referenced from config.json) into --out",
+       "", /*writes_outputs=*/true, run_export},
+      {"verify",
+       "Check a mask file (shapes, 2:4 in every sparse tile, declared sparsity), optionally against a model "
+       "and a pruned checkpoint; exit status 0 or 1",
+       "", /*writes_outputs=*/false, run_verify,
+       {{"--pruned", "verify.pruned", "Pruned checkpoint directory to check against the masks"}}},
       {"eval", "Perplexity of the model on text files (JSON to stdout and <out>/eval.json)",
        "eval.data", /*writes_outputs=*/true, run_eval},
       {"bench", "Time forward+backward and mask-learning steps on a random model of a real shape (JSON lines)",
        "", /*writes_outputs=*/false, run_bench},
-      {"inspect", "List the model's linear layers with shapes, dtypes and parameter counts", "",
-       /*writes_outputs=*/false, run_inspect},
+      {"inspect",
+       "List the model's linear layers (--model) and/or a mask file's density per layer and block (--masks)",
+       "", /*writes_outputs=*/false, run_inspect,
+       {{"--plot", "inspect.plot", "With --masks: write a PNG of the tile maps and density per block"}}},
   };
   return cmds;
 }

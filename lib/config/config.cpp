@@ -37,7 +37,8 @@ const std::map<std::string, std::string> kShortcutOptions = {
     {"output.dir", "--out"},       {"output.overwrite", "--overwrite"},
     {"output.resume", "--resume"}, {"eval.data", "--data"},
     {"data.train", "--data"},      {"prune.method", "--method"},
-    {"prune.pattern", "--pattern"}, {"mask.target_sparsity", "--target"}};
+    {"prune.pattern", "--pattern"}, {"mask.target_sparsity", "--target"},
+    {"verify.pruned", "--pruned"},   {"inspect.plot", "--plot"}};
 
 // Where each key's resolved value came from (higher rank wins), so that
 // cross-key errors can name the file or option the user should fix.

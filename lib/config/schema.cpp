@@ -7,8 +7,7 @@ namespace patch::config {
 namespace {
 
 using T = Type;
-const std::vector<std::string> kModelCommands = {"train", "eval", "inspect", "prune", "export",
-                                                 "sweep"};
+const std::vector<std::string> kModelCommands = {"train", "eval", "prune", "export", "sweep"};
 
 KeyDef key(std::string k, Type t, Json def, std::string help) {
   KeyDef d;
@@ -162,6 +161,11 @@ std::vector<KeyDef> build() {
             inf),
       key("prune.update_weights", T::kBool, false,
           "SparseGPT: also write its OBS-updated weights as a pruned checkpoint (<out>/model)"),
+      // inspect
+      key("inspect.plot", T::kString, "",
+          "inspect --masks: write a PNG of every layer's tile map and the density per block"),
+      // verify
+      key("verify.pruned", T::kString, "", "verify: a pruned checkpoint directory to check against the masks"),
       // sweep
       range(key("sweep.targets", T::kFloatList, Json::array({0.25, 0.35, 0.45}),
                 "Target sparsities of a sweep"),

@@ -277,6 +277,54 @@ at::Tensor layer_mask(const MaskFile& file, const std::string& name, at::ScalarT
   return {};
 }
 
+std::string density_table(const MaskFile& file) {
+  struct Row {
+    std::string name, shape, tiles;
+    int64_t weights = 0, zeros = 0;
+  };
+  std::vector<Row> rows;
+  std::map<int64_t, Row> blocks;
+  Row total{"total", "", "", 0, 0};
+  int64_t dense_tiles = 0, tiles = 0;
+  auto add = [&](Row r, int64_t block) {
+    auto& b = blocks[block];
+    b.name = block >= 0 ? core::str("block ", block) : "other";
+    b.weights += r.weights;
+    b.zeros += r.zeros;
+    total.weights += r.weights;
+    total.zeros += r.zeros;
+    rows.push_back(std::move(r));
+  };
+  for (const auto& l : file.layers) {
+    const int64_t d = l.tile_dense.to(at::kLong).sum().item<int64_t>();
+    dense_tiles += d;
+    tiles += l.grid.num_tiles();
+    add({l.name, core::str(l.grid.out(), "x", l.grid.in()), core::str(d, "/", l.grid.num_tiles()), l.grid.numel(),
+         l.zero_weights()},
+        l.block);
+  }
+  for (const auto& b : file.bitmasks)
+    add({b.name, core::str(b.out, "x", b.in), "-", b.out * b.in, b.zero_weights()}, sparsity::block_index(b.name));
+  if (tiles) total.tiles = core::str(dense_tiles, "/", tiles);
+  size_t width = 5;
+  for (const auto& r : rows) width = std::max(width, r.name.size());
+  std::string out;
+  char line[512];
+  auto emit = [&](const Row& r) {
+    const double density = r.weights ? 1.0 - static_cast<double>(r.zeros) / static_cast<double>(r.weights) : 0.0;
+    std::snprintf(line, sizeof line, "%-*s  %-12s  %-11s  %12lld  %7.4f\n", static_cast<int>(width), r.name.c_str(),
+                  r.shape.c_str(), r.tiles.c_str(), static_cast<long long>(r.weights), density);
+    out += line;
+  };
+  std::snprintf(line, sizeof line, "%-*s  %-12s  %-11s  %12s  %7s\n", static_cast<int>(width), "layer", "shape",
+                "dense tiles", "weights", "density");
+  out += line;
+  for (const auto& r : rows) emit(r);
+  for (const auto& [b, r] : blocks) emit(r);
+  emit(total);
+  return out;
+}
+
 sparsity::Prior prior_from_layer(const LayerMask& layer) {
   return {layer.pattern, layer.tile_dense.to(at::kFloat)};
 }

@@ -79,6 +79,10 @@ void check_layer_shape(const MaskFile& file, const LayerMask& layer, int64_t out
 // file has no such layer.
 at::Tensor layer_mask(const MaskFile& file, const std::string& name, at::ScalarType dtype = at::kFloat);
 
+// Kept fraction per layer, per decoder block and in total, with the dense tile
+// count of hybrid layers: a fixed-width table, one row per line.
+std::string density_table(const MaskFile& file);
+
 // A hybrid mask file as a prior: the file's pattern and tile_dense as the tile score.
 sparsity::Prior prior_from_layer(const LayerMask& layer);
 std::map<std::string, sparsity::Prior> priors_from_file(const MaskFile& file);
