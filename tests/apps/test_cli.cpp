@@ -206,3 +206,109 @@ TEST_CASE("prune sparsegpt 2:4 writes masks and a pruned checkpoint that transfo
   CHECK(no_data.exit_code == 2);
   CHECK(contains(no_data.err, "data.train"));
 }
+
+namespace {
+
+bool has_matplotlib() {
+  return run_command(patch::test::env_or("PATCH_PYTHON", "python3") + " -c 'import matplotlib'").exit_code == 0;
+}
+
+// A PNG: the 8-byte signature, then an IHDR chunk with a non-zero width and height.
+bool is_png(const std::string& path) {
+  const std::string b = fs::exists(path) ? patch::core::read_file(path) : "";
+  if (b.size() < 33 || b.compare(0, 8, "\x89PNG\r\n\x1a\n") != 0 || b.compare(12, 4, "IHDR") != 0) return false;
+  auto be32 = [&](size_t at) {
+    return (uint32_t(uint8_t(b[at])) << 24) | (uint32_t(uint8_t(b[at + 1])) << 16) |
+           (uint32_t(uint8_t(b[at + 2])) << 8) | uint32_t(uint8_t(b[at + 3]));
+  };
+  return be32(16) > 0 && be32(20) > 0;
+}
+
+}  // namespace
+
+TEST_CASE("export - verify - inspect: transformers scores the export like eval --masks and verify catches corruption") {
+  TempDir dir;
+  const std::string train_text = patch::test::data_path("text/tinystories/tinystories_train_first2MiB.txt");
+  const std::string common = " --set model.device=cpu --set mask.tile=[32,32] --set data.seq_len=256"
+                             " --set eval.max_windows=16 --set data.document_separator='<|endoftext|>'";
+  auto pr = run_command(bin() + " prune --model " + model_dir() + " --data " + train_text +
+                        " --method wanda --pattern hybrid --target 0.35 --set prune.calib_samples=16" +
+                        " --set prune.calib_seq_len=256" + common + " --out " + dir.file("p"));
+  INFO(pr.err);
+  REQUIRE(pr.exit_code == 0);
+  const std::string masks = dir.file("p/masks.safetensors");
+  auto ev = run_command(bin() + " eval --model " + model_dir() + " --masks " + masks + " --data " + valid_text() +
+                        common + " --out " + dir.file("ev"));
+  REQUIRE(ev.exit_code == 0);
+  const double ours = nlohmann::json::parse(ev.out)["perplexity"].get<double>();
+
+  auto ex = run_command(bin() + " export --model " + model_dir() + " --masks " + masks + " --out " + dir.file("x"));
+  INFO(ex.err);
+  REQUIRE(ex.exit_code == 0);
+  auto hf = run_command(patch::test::env_or("PATCH_PYTHON", "python3") + " " + patch::test::source_dir() +
+                        "/scripts/hf_perplexity.py --model " + dir.file("x") + " --data " + valid_text() +
+                        " --seq-len 256 --max-windows 16 --out " + dir.file("hf.json"));
+  INFO(hf.err);
+  REQUIRE(hf.exit_code == 0);
+  const double ref = nlohmann::json::parse(patch::core::read_file(dir.file("hf.json")))["perplexity"].get<double>();
+  INFO("eval --masks " << ours << ", transformers on the export " << ref);
+  CHECK(std::abs(ours / ref - 1.0) < 1e-3);
+
+  // verify: the good pair passes.
+  auto ok = run_command(bin() + " verify --masks " + masks + " --model " + model_dir() + " --pruned " + dir.file("x"));
+  INFO(ok.out);
+  CHECK(ok.exit_code == 0);
+  CHECK(contains(ok.out, "verify: OK"));
+
+  // A pattern index out of range, a tile map of the wrong shape, a declared
+  // sparsity that lies: each fails with its reason.
+  const std::string py = patch::test::env_or("PATCH_PYTHON", "python3");
+  auto corrupt = [&](const std::string& name, const std::string& edit) {
+    const std::string out = dir.file(name + ".safetensors");
+    auto r = run_command(py + " -c \"from safetensors.numpy import load_file, save_file; "
+                              "from safetensors import safe_open; import numpy as np; "
+                              "m = safe_open('" + masks + "', 'np').metadata(); t = load_file('" + masks + "'); " +
+                         edit + "; save_file(t, '" + out + "', metadata=m)\"");
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    return run_command(bin() + " verify --masks " + out);
+  };
+  auto pat = corrupt("pattern", "t['model.layers.0.mlp.up_proj.pattern_2_4'][3, 2] = 6");
+  CHECK(pat.exit_code == 1);
+  CHECK(contains(pat.out, "FAIL  mask file is valid"));
+  CHECK(contains(pat.out, "pattern_2_4 holds index 6"));
+  auto tiles = corrupt("tiles", "k = 'model.layers.1.self_attn.q_proj.tile_dense'; t[k] = t[k][:, :-1].copy()");
+  CHECK(tiles.exit_code == 1);
+  CHECK(contains(tiles.out, "tile_dense has shape"));
+  auto lie = corrupt("lie", "m['achieved_sparsity'] = '0.45'");
+  CHECK(lie.exit_code == 1);
+  CHECK(contains(lie.out, "FAIL  declared sparsity"));
+
+  // A pruned checkpoint where a 2:4 group keeps three weights.
+  auto three = run_command(py + " -c \"from safetensors.numpy import load_file, save_file; import numpy as np; "
+                                "from safetensors import safe_open; p = '" + dir.file("x/model.safetensors") +
+                           "'; m = safe_open(p, 'np').metadata(); t = load_file(p); "
+                           "w = t['model.layers.0.mlp.up_proj.weight']; "
+                           "r, c = [int(v) for v in np.argwhere(w == 0)[0]]; w[r, c] = 0.5; "
+                           "save_file(t, p, metadata=m)\"");
+  REQUIRE(three.exit_code == 0);
+  auto bad = run_command(bin() + " verify --masks " + masks + " --pruned " + dir.file("x"));
+  CHECK(bad.exit_code == 1);
+  CHECK(contains(bad.out, "FAIL  pruned weights are zero where masked"));
+  CHECK(contains(bad.out, "model.layers.0.mlp.up_proj: 1 nonzero"));
+
+  // inspect --masks: the density table; --plot: a PNG.
+  auto in = run_command(bin() + " inspect --masks " + masks);
+  REQUIRE(in.exit_code == 0);
+  CHECK(contains(in.out, "block 1"));
+  CHECK(contains(in.out, "model.layers.1.mlp.down_proj"));
+  CHECK(contains(in.out, "total"));
+  if (!has_matplotlib()) {
+    WARN("matplotlib missing: --plot not tested");
+    return;
+  }
+  auto pl = run_command(bin() + " inspect --masks " + masks + " --plot " + dir.file("m.png"));
+  INFO(pl.err);
+  CHECK(pl.exit_code == 0);
+  CHECK(is_png(dir.file("m.png")));
+}
