@@ -24,6 +24,7 @@
 #include "model/bench.h"
 #include "model/decoder.h"
 #include "prune/pruner.h"
+#include "sweep/sweep.h"
 #include "text/tokenizer.h"
 #include "train/bench.h"
 #include "train/trainer.h"
@@ -40,33 +41,21 @@ model::DecoderOptions decoder_options(const config::Config& cfg) {
   return o;
 }
 
-// Perplexity of `decoder` on every eval.data file into out["results"] (and,
-// for a single file, its numbers at the top level too).
+// Runs scripts/plot.py with the build's Python; throws core::Error when it fails.
+void plot(const std::string& what, const std::string& input, const std::string& png) {
+  const char* py = std::getenv("PATCH_PYTHON");
+  const char* dir = std::getenv("PATCH_SCRIPTS_DIR");
+  const std::string cmd = core::str("'", py && *py ? py : PATCH_DEFAULT_PYTHON, "' '",
+                                    dir && *dir ? dir : PATCH_DEFAULT_SCRIPTS_DIR, "/plot.py' ", what, " '", input,
+                                    "' --out '", png, "'");
+  if (std::system(cmd.c_str()) != 0)
+    throw core::Error(core::str("plot: '", cmd, "' failed (the figure needs matplotlib in that Python)"));
+  core::log::info("wrote " + png);
+}
+
+// Perplexity of `decoder` on every eval.data file, merged into `out`.
 void evaluate(model::Decoder& decoder, const text::Tokenizer& tok, const config::Config& cfg, ordered_json& out) {
-  auto files = cfg.get_string_list("eval.data");
-  eval::PerplexityOptions po;
-  po.seq_len = cfg.get_int("data.seq_len");
-  po.stride = cfg.get_int("eval.stride");
-  po.max_windows = cfg.get_int("eval.max_windows");
-  po.batch_size = cfg.get_int("eval.batch_size");
-  out["seq_len"] = po.seq_len;
-  out["results"] = ordered_json::array();
-  for (const auto& f : files) {
-    const std::string path = core::resolve_path(f);
-    auto tokens = data::tokenize_eval_text(path, tok);
-    core::log::info(core::str("eval ", path, ": ", tokens.size(), " tokens"));
-    auto r = eval::perplexity(decoder, tokens.data(), static_cast<int64_t>(tokens.size()), po);
-    out["results"].push_back({{"data", path},
-                              {"perplexity", r.perplexity},
-                              {"mean_nll", r.mean_nll},
-                              {"predictions", r.predictions},
-                              {"windows", r.windows},
-                              {"tokens", r.tokens}});
-  }
-  // A single file's numbers also sit at the top level, where scripts look first.
-  if (files.size() == 1)
-    for (const auto& k : {"perplexity", "mean_nll", "predictions", "windows", "tokens"})
-      out[k] = out["results"][0][k];
+  out.update(eval::evaluate_config(decoder, tok, cfg));
 }
 
 int run_eval(RunContext& ctx) {
@@ -192,6 +181,19 @@ int run_verify(RunContext& ctx) {
   return report.ok() ? 0 : 1;
 }
 
+int run_sweep(RunContext& ctx) {
+  train::install_stop_handlers();
+  const int rc = sweep::run_sweep(ctx.config, ctx.out_dir);
+  if (rc != 0) return rc;
+  std::cout << core::read_file(ctx.out_dir + "/sweep.csv");
+  try {
+    plot("sweep", ctx.out_dir + "/sweep.json", ctx.out_dir + "/sweep.png");
+  } catch (const core::Error& e) {
+    core::log::warn(std::string(e.what()) + "; sweep.json and sweep.csv are complete");
+  }
+  return 0;
+}
+
 int run_train(RunContext& ctx) {
   train::install_stop_handlers();
   return train::run_training(ctx.config, ctx.out_dir);
@@ -271,18 +273,6 @@ int run_bench(RunContext& ctx) {
   return 0;
 }
 
-// Runs scripts/plot.py with the build's Python; throws core::Error when it fails.
-void plot(const std::string& what, const std::string& input, const std::string& png) {
-  const char* py = std::getenv("PATCH_PYTHON");
-  const char* dir = std::getenv("PATCH_SCRIPTS_DIR");
-  const std::string cmd = core::str("'", py && *py ? py : PATCH_DEFAULT_PYTHON, "' '",
-                                    dir && *dir ? dir : PATCH_DEFAULT_SCRIPTS_DIR, "/plot.py' ", what, " '", input,
-                                    "' --out '", png, "'");
-  if (std::system(cmd.c_str()) != 0)
-    throw core::Error(core::str("plot: '", cmd, "' failed (the figure needs matplotlib in that Python)"));
-  core::log::info("wrote " + png);
-}
-
 void inspect_model(const std::string& model_path) {
   io::Checkpoint ckpt = io::load_checkpoint(model_path);
   const auto& mc = ckpt.config;
@@ -346,6 +336,12 @@ const std::vector<Command>& commands() {
        "and a pruned checkpoint; exit status 0 or 1",
        "", /*writes_outputs=*/false, run_verify,
        {{"--pruned", "verify.pruned", "Pruned checkpoint directory to check against the masks"}}},
+      {"sweep",
+       "PATCH at several targets beside dense and baselines, each evaluated: sweep.csv, sweep.json, sweep.png "
+       "(--resume continues a stopped sweep)",
+       "data.train", /*writes_outputs=*/true, run_sweep,
+       {{"--targets", "sweep.targets", "Target sparsities, comma separated"},
+        {"--baselines", "sweep.baselines", "Baselines, comma separated: wanda, sparsegpt, magnitude, maskllm"}}},
       {"eval", "Perplexity of the model on text files (JSON to stdout and <out>/eval.json)",
        "eval.data", /*writes_outputs=*/true, run_eval},
       {"bench", "Time forward+backward and mask-learning steps on a random model of a real shape (JSON lines)",

@@ -60,9 +60,28 @@ patch::config::Overrides overrides_of(const Options& o, const patch::app::Comman
   for (const auto& sc : cmd.shortcuts) {
     auto it = o.shortcut_values.find(sc.key);
     if (it == o.shortcut_values.end() || it->second.empty()) continue;
-    // A number stays a number ("--target 0.35"); anything else is a string.
-    Json v = Json::parse(it->second, nullptr, /*allow_exceptions=*/false);
-    ov.values.emplace_back(sc.key, v.is_number() ? v : Json(it->second));
+    // A number stays a number ("--target 0.35"); list keys take comma-separated items.
+    auto typed = [](const std::string& text) {
+      Json v = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+      return v.is_number() ? v : Json(text);
+    };
+    const auto* def = patch::config::find_key(sc.key);
+    using T = patch::config::Type;
+    if (def && (def->type == T::kFloatList || def->type == T::kIntList || def->type == T::kStringList)) {
+      Json items = Json::array();
+      std::string item;
+      for (size_t i = 0; i <= it->second.size(); ++i) {
+        if (i == it->second.size() || it->second[i] == ',') {
+          if (!item.empty()) items.push_back(typed(item));
+          item.clear();
+        } else {
+          item += it->second[i];
+        }
+      }
+      ov.values.emplace_back(sc.key, items);
+    } else {
+      ov.values.emplace_back(sc.key, typed(it->second));
+    }
   }
   ov.sets = o.sets;
   return ov;

@@ -38,7 +38,8 @@ const std::map<std::string, std::string> kShortcutOptions = {
     {"output.resume", "--resume"}, {"eval.data", "--data"},
     {"data.train", "--data"},      {"prune.method", "--method"},
     {"prune.pattern", "--pattern"}, {"mask.target_sparsity", "--target"},
-    {"verify.pruned", "--pruned"},   {"inspect.plot", "--plot"}};
+    {"verify.pruned", "--pruned"},   {"inspect.plot", "--plot"},
+    {"sweep.targets", "--targets"},   {"sweep.baselines", "--baselines"}};
 
 // Where each key's resolved value came from (higher rank wins), so that
 // cross-key errors can name the file or option the user should fix.

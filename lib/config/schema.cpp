@@ -94,6 +94,8 @@ std::vector<KeyDef> build() {
                   "Prior: none, magnitude, wanda or sparsegpt (calibrated with the prune.* keys), file"),
               {"none", "magnitude", "wanda", "sparsegpt", "file"}),
       key("mask.prior_file", T::kString, "", "Mask file used as prior when mask.prior is 'file'"),
+      key("mask.prior_cache", T::kString, "",
+          "Directory caching wanda/sparsegpt priors across runs (a sweep sets it); empty: no cache"),
       range(key("mask.prior_strength_24", T::kFloat, 3.0, "Prior strength s for the 2:4 logits"), 0.0, inf),
       range(key("mask.prior_strength_tile", T::kFloat, 3.0, "Prior strength s for the tile logits"), 0.0,
             inf),

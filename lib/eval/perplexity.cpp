@@ -7,6 +7,11 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/log.h"
+#include "core/paths.h"
+#include "data/corpus.h"
+
+#include "core/error.h"
 #include "core/progress.h"
 
 namespace patch::eval {
@@ -62,6 +67,43 @@ PerplexityResult perplexity(model::Decoder& model, const int32_t* tokens, int64_
   r.mean_nll = nll_sum / static_cast<double>(count);
   r.perplexity = std::exp(r.mean_nll);
   return r;
+}
+
+nlohmann::ordered_json evaluate_files(model::Decoder& model, const text::Tokenizer& tok,
+                                      const std::vector<std::string>& files, const PerplexityOptions& opts) {
+  nlohmann::ordered_json out;
+  out["seq_len"] = opts.seq_len;
+  out["results"] = nlohmann::ordered_json::array();
+  for (const auto& path : files) {
+    auto tokens = data::tokenize_eval_text(path, tok);
+    core::log::info(core::str("eval ", path, ": ", tokens.size(), " tokens"));
+    auto r = perplexity(model, tokens.data(), static_cast<int64_t>(tokens.size()), opts);
+    out["results"].push_back({{"data", path},
+                              {"perplexity", r.perplexity},
+                              {"mean_nll", r.mean_nll},
+                              {"predictions", r.predictions},
+                              {"windows", r.windows},
+                              {"tokens", r.tokens}});
+  }
+  if (files.size() == 1)
+    for (const auto& k : {"perplexity", "mean_nll", "predictions", "windows", "tokens"})
+      out[k] = out["results"][0][k];
+  return out;
+}
+
+PerplexityOptions perplexity_options(const config::Config& cfg) {
+  PerplexityOptions po;
+  po.seq_len = cfg.get_int("data.seq_len");
+  po.stride = cfg.get_int("eval.stride");
+  po.max_windows = cfg.get_int("eval.max_windows");
+  po.batch_size = cfg.get_int("eval.batch_size");
+  return po;
+}
+
+nlohmann::ordered_json evaluate_config(model::Decoder& model, const text::Tokenizer& tok, const config::Config& cfg) {
+  std::vector<std::string> files;
+  for (const auto& f : cfg.get_string_list("eval.data")) files.push_back(core::resolve_path(f));
+  return evaluate_files(model, tok, files, perplexity_options(cfg));
 }
 
 }  // namespace patch::eval

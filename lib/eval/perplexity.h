@@ -3,8 +3,13 @@
 // stream cut into windows of seq_len tokens, the loss averaged over every
 // next-token prediction inside the windows.
 #include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
+#include "config/config.h"
 #include "model/decoder.h"
+#include "text/tokenizer.h"
 
 namespace patch::eval {
 
@@ -28,5 +33,16 @@ struct PerplexityResult {
 
 PerplexityResult perplexity(model::Decoder& model, const int32_t* tokens, int64_t num_tokens,
                             const PerplexityOptions& opts);
+
+// Perplexity on each text file (tokenized whole, data::tokenize_eval_text):
+// {"seq_len", "results": [{data, perplexity, mean_nll, predictions, windows,
+// tokens}]}, and with a single file its numbers at the top level too.
+nlohmann::ordered_json evaluate_files(model::Decoder& model, const text::Tokenizer& tok,
+                                      const std::vector<std::string>& files, const PerplexityOptions& opts);
+
+// The eval.* / data.seq_len keys, and evaluate_files on eval.data (paths
+// resolved, "@data/" allowed).
+PerplexityOptions perplexity_options(const config::Config& cfg);
+nlohmann::ordered_json evaluate_config(model::Decoder& model, const text::Tokenizer& tok, const config::Config& cfg);
 
 }  // namespace patch::eval

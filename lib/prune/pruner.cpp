@@ -8,6 +8,7 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "data/dataset.h"
+#include "io/safetensors.h"
 #include "sparsity/linear_mask.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/patterns.h"
@@ -240,6 +241,29 @@ std::map<std::string, sparsity::Prior> oneshot_priors(model::Decoder& decoder, c
              priors[s.lin->name()] = {patterns_from_keep(s, keep), scores[i++].score};
            });
   for (const auto& s : specs) s.lin->set_provider(nullptr);
+  return priors;
+}
+
+void save_priors(const std::string& path, const std::map<std::string, sparsity::Prior>& priors) {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& [name, p] : priors) {
+    tensors.emplace_back(name + ".pattern", p.pattern.to(at::kCPU, at::kByte));
+    tensors.emplace_back(name + ".tile_score", p.tile_score.to(at::kCPU, at::kFloat));
+  }
+  io::write_safetensors(path, tensors, {{"format", "patch-priors"}});
+}
+
+std::map<std::string, sparsity::Prior> load_priors(const std::string& path) {
+  io::SafetensorsFile f(path);
+  std::map<std::string, sparsity::Prior> priors;
+  const std::string suffix = ".pattern";
+  for (const auto& e : f.entries()) {
+    if (e.name.size() <= suffix.size() || e.name.compare(e.name.size() - suffix.size(), suffix.size(), suffix) != 0)
+      continue;
+    const std::string name = e.name.substr(0, e.name.size() - suffix.size());
+    core::check(f.contains(name + ".tile_score"), path, core::str("no tile_score for layer '", name, "'"));
+    priors[name] = {f.tensor(e.name).clone(), f.tensor(name + ".tile_score").clone()};
+  }
   return priors;
 }
 

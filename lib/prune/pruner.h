@@ -68,6 +68,11 @@ PruneResult prune_model(model::Decoder& decoder, const at::Tensor& calib, const 
 std::map<std::string, sparsity::Prior> oneshot_priors(model::Decoder& decoder, const at::Tensor& calib,
                                                       const PruneOptions& opts);
 
+// Priors as safetensors (<layer>.pattern uint8, <layer>.tile_score float32),
+// written atomically, so that a sweep computes each one once.
+void save_priors(const std::string& path, const std::map<std::string, sparsity::Prior>& priors);
+std::map<std::string, sparsity::Prior> load_priors(const std::string& path);
+
 // The prune.* / mask.* keys of a resolved configuration.
 PruneOptions prune_options(const config::Config& cfg);
 CalibrationOptions calibration_options(const config::Config& cfg);

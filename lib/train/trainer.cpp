@@ -27,6 +27,7 @@
 #include "sparsity/budget.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/prior.h"
+#include "text/sha256.h"
 #include "text/tokenizer.h"
 #include "train/optimizer.h"
 
@@ -160,10 +161,31 @@ void build_masks(Run& r) {
   if (prior == "wanda" || prior == "sparsegpt") {
     auto po = prune::prune_options(cfg);
     po.method = prune::parse_method(prior);
-    auto calib = prune::calibration_ids(r.train_data->tokens(), prune::calibration_options(cfg));
-    core::log::info(str("prior: ", prior, " on ", calib.size(0), " calibration sequences of ", calib.size(1),
-                        " tokens"));
-    priors = prune::oneshot_priors(*r.model, calib, po);
+    // A sweep's runs share one cache: the key is everything the priors depend on.
+    std::string cached;
+    if (const std::string dir = cfg.get_string("mask.prior_cache"); !dir.empty()) {
+      json key = {prior,
+                  r.model_path,
+                  cfg.at("data.train"),
+                  cfg.at("mask.target_sparsity"),
+                  cfg.at("mask.tile"),
+                  cfg.at("mask.include"),
+                  cfg.at("mask.exclude"),
+                  cfg.at("model.dtype"),
+                  cfg.tree()["prune"]};
+      fs::create_directories(dir);
+      cached = (fs::path(dir) / (prior + "-" + text::sha256_hex(key.dump()).substr(0, 16) + ".safetensors")).string();
+    }
+    if (!cached.empty() && fs::exists(cached)) {
+      priors = prune::load_priors(cached);
+      core::log::info(str("prior: ", prior, " from ", cached));
+    } else {
+      auto calib = prune::calibration_ids(r.train_data->tokens(), prune::calibration_options(cfg));
+      core::log::info(str("prior: ", prior, " on ", calib.size(0), " calibration sequences of ", calib.size(1),
+                          " tokens"));
+      priors = prune::oneshot_priors(*r.model, calib, po);
+      if (!cached.empty()) prune::save_priors(cached, priors);
+    }
   }
 
   r.masks = std::make_unique<sparsity::MaskSet>(mo, r.state);
@@ -347,6 +369,8 @@ void write_outputs(Run& r, const sparsity::Hardened& hard, double valid_loss) {
 }
 
 }  // namespace
+
+int stop_signal() { return g_stop_signal.load(); }
 
 void install_stop_handlers() {
   std::signal(SIGINT, on_stop_signal);

@@ -17,5 +17,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir);
 // SIGINT/SIGTERM handlers that make the loop checkpoint and stop at the next
 // step boundary; a second signal kills the process as usual.
 void install_stop_handlers();
+// The signal received since install_stop_handlers (0: none).
+int stop_signal();
 
 }  // namespace patch::train

@@ -1,0 +1,21 @@
+#pragma once
+// A sweep: PATCH at several target sparsities beside the dense model and the
+// baselines (MaskLLM, Wanda/SparseGPT/magnitude 2:4), each trained or pruned,
+// then evaluated, with the same data and steps.
+#include <string>
+
+#include "config/config.h"
+
+namespace patch::sweep {
+
+// Runs every point of `cfg` (sweep.targets, sweep.baselines) under
+// out_dir/points/<name>/, each finished by an atomic result.json; a point with
+// a result is skipped and an interrupted training point resumes from its
+// checkpoint, so rerunning with output.resume continues a stopped sweep
+// (output.overwrite alone starts every point afresh). All points share the
+// token cache and the prior cache under out_dir/cache. Writes sweep.json and
+// sweep.csv (name, method, target, sparsity, perplexity). Returns the exit
+// status: 0, or 130 when a SIGINT/SIGTERM stopped it (train::install_stop_handlers).
+int run_sweep(const config::Config& cfg, const std::string& out_dir);
+
+}  // namespace patch::sweep

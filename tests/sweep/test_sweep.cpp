@@ -1,0 +1,111 @@
+// patch-train sweep as a user runs it: stopped by SIGTERM in the middle of a
+// training point, then continued with --resume, skipping finished points.
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "catch.h"
+#include "core/atomic_file.h"
+#include "test_util.h"
+
+using namespace patch;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string sweep_cmd(const std::string& out, const std::string& extra) {
+  return test::train_bin() + " sweep --config " + test::source_dir() + "/configs/tinystories-656k.yaml" +
+         " --set model.path=" + test::data_path("models/tinystories-656k") + " --data " +
+         test::data_path("text/tinystories/tinystories_train_first2MiB.txt") + " --set eval.data=[" +
+         test::data_path("text/tinystories/tinystories_validation_head.txt") + "]" +
+         " --targets 0.25,0.4 --baselines wanda --set data.seq_len=64 --set data.max_tokens=100000" +
+         " --set prune.calib_samples=8 --set prune.calib_seq_len=64 --set train.micro_batch=4" +
+         " --set train.global_batch=4 --set train.steps=40 --set train.eval_every=0 --set train.checkpoint_every=5" +
+         " --set eval.max_windows=8 --out " + out + " " + extra;
+}
+
+int64_t last_step(const std::string& metrics) {
+  std::ifstream in(metrics);
+  std::string line;
+  int64_t step = -1;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_object() && j.contains("step")) step = j["step"].get<int64_t>();
+  }
+  return step;
+}
+
+double mtime(const std::string& path) {
+  struct stat st {};
+  ::stat(path.c_str(), &st);
+  return static_cast<double>(st.st_mtim.tv_sec) + 1e-9 * static_cast<double>(st.st_mtim.tv_nsec);
+}
+
+bool has_matplotlib() {
+  return test::run_command(test::env_or("PATCH_PYTHON", "python3") + " -c 'import matplotlib'").exit_code == 0;
+}
+
+}  // namespace
+
+TEST_CASE("an interrupted sweep resumes and skips finished points", "[sweep]") {
+  test::TempDir dir;
+  const std::string out = dir.file("sweep");
+  pid_t pid = fork();
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", ("exec " + sweep_cmd(out, "-q") + " >/dev/null 2>&1").c_str(), nullptr);
+    _exit(127);
+  }
+  // Stop it inside the second PATCH point, after its first checkpoint.
+  const std::string second = out + "/points/patch-joint-0.4";
+  for (int i = 0; i < 1800 && last_step(second + "/metrics.jsonl") < 7; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  REQUIRE(::kill(pid, SIGTERM) == 0);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WEXITSTATUS(status) == 130);
+  REQUIRE(fs::exists(out + "/points/patch-joint-0.25/result.json"));
+  REQUIRE_FALSE(fs::exists(second + "/result.json"));
+  REQUIRE(fs::exists(second + "/checkpoint.safetensors"));
+  CHECK_FALSE(fs::exists(out + "/sweep.json"));
+  const double first_done = mtime(out + "/points/patch-joint-0.25/result.json");
+
+  auto again = test::run_command(sweep_cmd(out, "--resume"));
+  INFO(again.err);
+  REQUIRE(again.exit_code == 0);
+  CHECK(again.err.find("patch-joint-0.25: done before, skipped") != std::string::npos);
+  CHECK(again.err.find("resuming from step") != std::string::npos);
+  CHECK(mtime(out + "/points/patch-joint-0.25/result.json") == first_done);
+  auto sweep = nlohmann::json::parse(core::read_file(out + "/sweep.json"));
+  REQUIRE(sweep["points"].size() == 4);  // dense, two PATCH targets, Wanda 2:4
+  for (const auto& p : sweep["points"]) {
+    INFO(p.dump());
+    CHECK(p["perplexity"].get<double>() > 1.0);
+    CHECK(std::abs(p["sparsity"].get<double>() - p["target"].get<double>()) < 0.01);
+  }
+  const std::string csv = core::read_file(out + "/sweep.csv");
+  CHECK(csv.rfind("name,method,target,sparsity,perplexity\n", 0) == 0);
+  CHECK(csv.find("wanda-2-4,wanda 2:4,0.5,0.500000,") != std::string::npos);
+  // The resumed training point's metrics read as one run: every step once.
+  std::ifstream in(second + "/metrics.jsonl");
+  std::set<int64_t> steps;
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (!j.value("final", false)) CHECK(steps.insert(j["step"].get<int64_t>()).second);
+  }
+  CHECK(steps.size() == 41);
+  if (!has_matplotlib()) {
+    WARN("matplotlib missing: sweep.png not checked");
+    return;
+  }
+  const std::string png = core::read_file(out + "/sweep.png");
+  CHECK(png.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0);
+  CHECK(png.compare(12, 4, "IHDR") == 0);
+}
