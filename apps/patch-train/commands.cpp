@@ -100,20 +100,7 @@ int run_prune(RunContext& ctx) {
                                       "safetensors layout; ", model_path, " is ", ckpt.format));
 
   at::Tensor calib;
-  if (po.method != prune::Method::kMagnitude) {
-    auto files = cfg.get_string_list("data.train");
-    if (files.empty())
-      throw core::ConfigError("data.train: wanda and sparsegpt need calibration text (use --data FILE)");
-    data::DataOptions dopts;
-    dopts.format = cfg.get_string("data.format");
-    dopts.jsonl_field = cfg.get_string("data.jsonl_field");
-    dopts.document_separator = cfg.get_string("data.document_separator");
-    dopts.cache_dir = cfg.get_string("data.cache_dir");
-    calib = prune::calibration_ids(data::load_tokens(core::resolve_path(files.front()), *tok, dopts),
-                                   prune::calibration_options(cfg));
-    core::log::info(core::str("calibration: ", calib.size(0), " sequences of ", calib.size(1), " tokens from ",
-                              files.front()));
-  }
+  if (po.method != prune::Method::kMagnitude) calib = prune::calibration_from_config(cfg, *tok);
   core::reset_peak_memory(decoder.options().device);
   const auto t0 = std::chrono::steady_clock::now();
   auto result = prune::prune_model(decoder, calib, po);

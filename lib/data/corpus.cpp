@@ -191,4 +191,13 @@ std::vector<int32_t> tokenize_eval_text(const std::string& path, const text::Tok
   return tok.encode(core::read_file(path), /*add_special=*/false);
 }
 
+DataOptions data_options(const config::Config& cfg) {
+  DataOptions o;
+  o.format = cfg.get_string("data.format");
+  o.jsonl_field = cfg.get_string("data.jsonl_field");
+  o.document_separator = cfg.get_string("data.document_separator");
+  o.cache_dir = cfg.get_string("data.cache_dir");
+  return o;
+}
+
 }  // namespace patch::data

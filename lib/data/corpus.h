@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "config/config.h"
 #include "data/token_file.h"
 #include "text/tokenizer.h"
 
@@ -30,6 +31,9 @@ struct DataOptions {
 // Empty documents are skipped. A .bin file is mapped as is; its ids are checked
 // against the tokenizer's vocabulary. Errors name file:line (JSONL: invalid
 // JSON, missing or non-string field).
+// The data.* keys (format, jsonl_field, document_separator, cache_dir as given).
+DataOptions data_options(const config::Config& cfg);
+
 TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
                         const DataOptions& opts);
 

@@ -7,6 +7,8 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "core/paths.h"
+#include "data/corpus.h"
 #include "data/dataset.h"
 #include "io/safetensors.h"
 #include "sparsity/linear_mask.h"
@@ -184,6 +186,16 @@ at::Tensor calibration_ids(const data::TokenStream& tokens, const CalibrationOpt
                         opts.samples, ")"));
   order.resize(static_cast<size_t>(std::min(opts.samples, ds.num_blocks())));
   return ds.blocks(order).narrow(1, 0, opts.seq_len).contiguous();
+}
+
+at::Tensor calibration_from_config(const config::Config& cfg, const text::Tokenizer& tok) {
+  auto files = cfg.get_string_list("data.train");
+  if (files.empty()) throw core::ConfigError("data.train: wanda and sparsegpt need calibration text (use --data FILE)");
+  auto calib = calibration_ids(data::load_tokens(core::resolve_path(files.front()), tok, data::data_options(cfg)),
+                               calibration_options(cfg));
+  core::log::info(core::str("calibration: ", calib.size(0), " sequences of ", calib.size(1), " tokens from ",
+                            files.front()));
+  return calib;
 }
 
 PruneResult prune_model(model::Decoder& decoder, const at::Tensor& calib, const PruneOptions& o) {

@@ -18,6 +18,7 @@
 #include "prune/methods.h"
 #include "sparsity/budget.h"
 #include "sparsity/prior.h"
+#include "text/tokenizer.h"
 
 namespace patch::prune {
 
@@ -31,6 +32,10 @@ struct CalibrationOptions {
 // order) -> int64 [n, seq_len] on the CPU; n < samples (with a warning) when the
 // stream is short. Throws core::Error when it holds no window at all.
 at::Tensor calibration_ids(const data::TokenStream& tokens, const CalibrationOptions& opts);
+
+// Calibration windows from the first data.train file (prune.calib_* keys);
+// core::ConfigError when data.train is empty.
+at::Tensor calibration_from_config(const config::Config& cfg, const text::Tokenizer& tok);
 
 struct PruneOptions {
   Method method = Method::kWanda;

@@ -10,7 +10,6 @@
 #include "core/log.h"
 #include "core/paths.h"
 #include "core/tensor_utils.h"
-#include "data/corpus.h"
 #include "eval/perplexity.h"
 #include "io/checkpoint.h"
 #include "maskfile/apply.h"
@@ -101,16 +100,7 @@ json run_point(const config::Config& cfg, const Point& p, const std::string& dir
     auto po = prune::prune_options(pcfg);
     po.sparsegpt.update_weights = true;
     at::Tensor calib;
-    if (po.method != prune::Method::kMagnitude) {
-      data::DataOptions dopts;
-      dopts.format = cfg.get_string("data.format");
-      dopts.jsonl_field = cfg.get_string("data.jsonl_field");
-      dopts.document_separator = cfg.get_string("data.document_separator");
-      dopts.cache_dir = cfg.get_string("data.cache_dir");
-      calib = prune::calibration_ids(
-          data::load_tokens(core::resolve_path(cfg.get_string_list("data.train").at(0)), *tok, dopts),
-          prune::calibration_options(pcfg));
-    }
+    if (po.method != prune::Method::kMagnitude) calib = prune::calibration_from_config(pcfg, *tok);
     core::prepare_output_dir(dir, /*overwrite=*/true, /*resume=*/false);
     auto r = prune::prune_model(decoder, calib, po);
     maskfile::write_mask_file(dir + "/masks.safetensors", r.masks);

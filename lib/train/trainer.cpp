@@ -82,11 +82,7 @@ void load_model_and_data(Run& r) {
                       " in ", core::dtype_name(mo.dtype)));
 
   auto tok = text::load_tokenizer_for(r.model_path);
-  data::DataOptions dopts;
-  dopts.format = cfg.get_string("data.format");
-  dopts.jsonl_field = cfg.get_string("data.jsonl_field");
-  dopts.document_separator = cfg.get_string("data.document_separator");
-  dopts.cache_dir = cfg.get_string("data.cache_dir");
+  data::DataOptions dopts = data::data_options(cfg);
   if (dopts.cache_dir.empty()) dopts.cache_dir = (fs::path(r.out_dir) / ".." / ".cache" / "tokens").string();
 
   // Several files, or a token cap, make one in-memory stream; a single file
