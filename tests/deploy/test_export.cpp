@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "catch.h"
@@ -106,4 +107,34 @@ TEST_CASE("a GGUF input exports to a checkpoint that transformers runs like our 
   for (size_t t = 0; t < j.size(); ++t)
     for (size_t v = 0; v < j[t].size(); ++v) hf[t][v] = j[t][v].get<float>();
   CHECK((hf - expect).abs().max().item<double>() < 1e-4);
+}
+
+TEST_CASE("sharded and bfloat16 checkpoints export shard for shard in their dtype", "[deploy]") {
+  for (const std::string name : {"llama_sharded", "llama_bf16", "qwen2"}) {
+    INFO(name);
+    test::TempDir dir;
+    const std::string src = test::fixtures_dir() + "/model/" + name;
+    auto masks = magnitude_masks(src, prune::Structure::k24, 16);
+    auto ckpt = io::load_checkpoint(src);
+    deploy::export_checkpoint(ckpt, masks, {}, dir.file("out"));
+    std::set<std::string> in_files, out_files;
+    for (const auto& e : fs::directory_iterator(src)) in_files.insert(e.path().filename().string());
+    for (const auto& e : fs::directory_iterator(dir.file("out"))) out_files.insert(e.path().filename().string());
+    in_files.insert("masks.safetensors");
+    CHECK(in_files == out_files);
+    if (name == "llama_sharded") {
+      CHECK(core::read_file(src + "/model.safetensors.index.json") ==
+            core::read_file(dir.file("out/model.safetensors.index.json")));
+    }
+    auto back = io::load_checkpoint(dir.file("out"));
+    CHECK(back.tensor_file.size() == ckpt.tensor_file.size());
+    for (const auto& [tname, t] : ckpt.tensors) {
+      INFO(tname);
+      const auto& u = back.tensors.at(tname);
+      CHECK(u.scalar_type() == t.scalar_type());
+      CHECK(fs::path(back.tensor_file.at(tname)).filename() == fs::path(ckpt.tensor_file.at(tname)).filename());
+      auto m = maskfile::layer_mask(masks, tname.substr(0, tname.size() - 7), t.scalar_type());
+      CHECK(u.equal(m.defined() && tname.size() > 7 ? t * m : t));
+    }
+  }
 }
