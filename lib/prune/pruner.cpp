@@ -19,7 +19,7 @@ namespace patch::prune {
 namespace {
 
 
-// The pruned weight of a layer, handed to the model in place of the dense one.
+// SparseGPT's updated weight of a layer, handed to the model in place of the dense one.
 class FixedWeight : public model::WeightProvider {
  public:
   explicit FixedWeight(at::Tensor w) : w_(std::move(w)) {}
@@ -27,6 +27,24 @@ class FixedWeight : public model::WeightProvider {
 
  private:
   at::Tensor w_;
+};
+
+// W * keep with keep held as bits (1/16 of a bf16 weight), so that a pruned
+// model costs little more memory than the dense one.
+class KeepBits : public model::WeightProvider {
+ public:
+  explicit KeepBits(const at::Tensor& keep) : in_(keep.size(1)) {
+    const int64_t pad = (8 - in_ % 8) % 8;
+    auto k = keep.to(at::kByte);
+    bits_ = {"", keep.size(0), in_ + pad, maskfile::pack_bits(pad ? at::constant_pad_nd(k, {0, pad}) : k)};
+  }
+  at::Tensor effective_weight(const at::Tensor& w) override {
+    return w * bits_.mask(w.scalar_type()).narrow(1, 0, in_);
+  }
+
+ private:
+  int64_t in_;
+  maskfile::BitmaskLayer bits_;
 };
 
 struct LayerSpec {
@@ -93,8 +111,10 @@ void prune_layer(const LayerSpec& spec, const InputStats* stats, const PruneOpti
       break;
     }
   }
-  auto pruned = sg.weight.defined() ? sg.weight.to(w.scalar_type()) : w * keep.to(w.scalar_type());
-  spec.lin->set_provider(std::make_shared<FixedWeight>(pruned));
+  if (sg.weight.defined())
+    spec.lin->set_provider(std::make_shared<FixedWeight>(sg.weight.to(w.scalar_type())));
+  else
+    spec.lin->set_provider(std::make_shared<KeepBits>(keep));
   sink(spec, keep, sg_ptr);
 }
 

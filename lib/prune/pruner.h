@@ -3,7 +3,8 @@
 // the calibration hidden states go through decoder block i, its layers'
 // input statistics are taken and the layers pruned, and the inputs of block
 // i + 1 are block i's outputs with the pruned weights. Beside the model, memory
-// holds the calibration hidden states (two copies) and one block's statistics.
+// holds the calibration hidden states (two copies), one block's statistics and
+// the masks as bits (SparseGPT's updated weights when they are kept).
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -59,8 +60,8 @@ struct PruneResult {
 };
 
 // Prunes the selected linears of `decoder` (weights are never written: each
-// pruned layer gets a provider with its pruned weight, so the decoder computes
-// the pruned model afterwards). calib: int64 [n, seq] token ids (unused by
+// pruned layer gets a provider, its mask as bits or SparseGPT's updated weight,
+// so the decoder computes the pruned model afterwards). calib: int64 [n, seq] token ids (unused by
 // magnitude). Hybrid runs two passes: an unstructured prune at the target gives
 // each tile's survivor fraction, the exact budget picks the dense tiles, and a
 // second pass prunes 2:4 inside the other tiles.
