@@ -385,7 +385,8 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   const std::string metrics_path = (fs::path(out_dir) / "metrics.jsonl").string();
   int64_t start = 0;
   if (cfg.get_bool("output.resume")) start = load_checkpoint(r);
-  truncate_metrics(metrics_path, start);
+  // A run stopped before its first step resumes at 0 and writes the step-0 line again.
+  truncate_metrics(metrics_path, start == 0 ? -1 : start);
   std::ofstream metrics(metrics_path, std::ios::app);
 
   const double lr_peak = cfg.get_float("train.lr");
