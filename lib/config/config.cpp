@@ -39,7 +39,8 @@ const std::map<std::string, std::string> kShortcutOptions = {
     {"data.train", "--data"},      {"prune.method", "--method"},
     {"prune.pattern", "--pattern"}, {"mask.target_sparsity", "--target"},
     {"verify.pruned", "--pruned"},   {"inspect.plot", "--plot"},
-    {"sweep.targets", "--targets"},   {"sweep.baselines", "--baselines"}};
+    {"sweep.targets", "--targets"},   {"sweep.baselines", "--baselines"},
+    {"bench.shape", "--shape"},       {"bench.modes", "--mode"}};
 
 // Where each key's resolved value came from (higher rank wins), so that
 // cross-key errors can name the file or option the user should fix.
