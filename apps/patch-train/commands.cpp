@@ -54,11 +54,6 @@ void plot(const std::string& what, const std::string& input, const std::string& 
   core::log::info("wrote " + png);
 }
 
-// Perplexity of `decoder` on every eval.data file, merged into `out`.
-void evaluate(model::Decoder& decoder, const text::Tokenizer& tok, const config::Config& cfg, ordered_json& out) {
-  out.update(eval::evaluate_config(decoder, tok, cfg));
-}
-
 int run_eval(RunContext& ctx) {
   const auto& cfg = ctx.config;
   if (cfg.get_string_list("eval.data").empty())
@@ -77,7 +72,7 @@ int run_eval(RunContext& ctx) {
     core::log::info(core::str("masks ", file.path, ": ", file.layers.size() + file.bitmasks.size(),
                               " layers, sparsity ", file.sparsity()));
   }
-  evaluate(decoder, *tok, cfg, out);
+  out.update(eval::evaluate_config(decoder, *tok, cfg));
   std::string text = out.dump(2);
   std::cout << text << std::endl;
   core::write_file_atomic(ctx.out_dir + "/eval.json", text + "\n");
@@ -108,7 +103,7 @@ int run_prune(RunContext& ctx) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   auto& file = result.masks;
   file.meta.model_source = model_path;
-  file.meta.model_config_hash = std::to_string(std::hash<std::string>{}(io::config_fingerprint(ckpt.config)));
+  file.meta.model_config_hash = io::config_hash(ckpt.config);
   file.meta.training_config = cfg.tree().dump();
   maskfile::write_mask_file(ctx.out_dir + "/masks.safetensors", file);
   if (update) deploy::export_checkpoint(ckpt, file, result.weights, ctx.out_dir + "/model");
@@ -131,7 +126,7 @@ int run_prune(RunContext& ctx) {
   }
   out["masks"] = ctx.out_dir + "/masks.safetensors";
   if (update) out["pruned_model"] = ctx.out_dir + "/model";
-  if (!cfg.get_string_list("eval.data").empty()) evaluate(decoder, *tok, cfg, out);
+  if (!cfg.get_string_list("eval.data").empty()) out.update(eval::evaluate_config(decoder, *tok, cfg));
   std::string text = out.dump(2);
   std::cout << text << std::endl;
   core::write_file_atomic(ctx.out_dir + "/prune.json", text + "\n");

@@ -19,23 +19,27 @@ int64_t bad_sparse_groups(const maskfile::LayerMask& l) {
   return (kept.ne(2) & sparse).sum().item<int64_t>();
 }
 
-std::vector<std::string> layer_names(const maskfile::MaskFile& f) {
-  std::vector<std::string> names;
-  for (const auto& l : f.layers) names.push_back(l.name);
-  for (const auto& b : f.bitmasks) names.push_back(b.name);
-  return names;
+struct LayerShape {
+  std::string name;
+  int64_t out, in;
+};
+
+std::vector<LayerShape> layer_shapes(const maskfile::MaskFile& f) {
+  std::vector<LayerShape> shapes;
+  for (const auto& l : f.layers) shapes.push_back({l.name, l.grid.out(), l.grid.in()});
+  for (const auto& b : f.bitmasks) shapes.push_back({b.name, b.out, b.in});
+  return shapes;
 }
 
 // "name: problem" for every masked layer that a checkpoint lacks or whose shape differs.
 std::vector<std::string> shape_problems(const maskfile::MaskFile& f, const io::Checkpoint& ck) {
   std::vector<std::string> out;
-  for (const auto& name : layer_names(f)) {
-    auto it = ck.tensors.find(name + ".weight");
-    auto mask = maskfile::layer_mask(f, name, at::kByte);
+  for (const auto& s : layer_shapes(f)) {
+    auto it = ck.tensors.find(s.name + ".weight");
     if (it == ck.tensors.end())
-      out.push_back(name + ": missing");
-    else if (!it->second.sizes().equals(mask.sizes()))
-      out.push_back(core::str(name, ": weight ", it->second.sizes(), " vs mask ", mask.sizes()));
+      out.push_back(s.name + ": missing");
+    else if (it->second.dim() != 2 || it->second.size(0) != s.out || it->second.size(1) != s.in)
+      out.push_back(core::str(s.name, ": weight ", it->second.sizes(), " vs mask [", s.out, ", ", s.in, "]"));
   }
   return out;
 }
@@ -107,10 +111,10 @@ VerifyReport verify(const std::string& masks_path, const std::string& model_path
     if (problems.empty()) {
       std::vector<std::string> leaks;
       int64_t total = 0;
-      for (const auto& name : layer_names(f)) {
-        auto zero_here = maskfile::layer_mask(f, name, at::kBool).logical_not();
-        const int64_t n = (ck.tensors.at(name + ".weight").ne(0) & zero_here).sum().item<int64_t>();
-        if (n) leaks.push_back(core::str(name, ": ", n, " nonzero weights where the mask is 0"));
+      for (const auto& s : layer_shapes(f)) {
+        auto zero_here = maskfile::layer_mask(f, s.name, at::kBool).logical_not();
+        const int64_t n = (ck.tensors.at(s.name + ".weight").ne(0) & zero_here).sum().item<int64_t>();
+        if (n) leaks.push_back(core::str(s.name, ": ", n, " nonzero weights where the mask is 0"));
         total += n;
       }
       r.checks.push_back({"pruned weights are zero where masked", leaks.empty(),

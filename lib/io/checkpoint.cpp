@@ -3,6 +3,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <set>
 
@@ -252,6 +253,8 @@ std::string config_fingerprint(const ModelConfig& c) {
                   {"torch_dtype", c.torch_dtype}};
   return j.dump();
 }
+
+std::string config_hash(const ModelConfig& c) { return std::to_string(std::hash<std::string>{}(config_fingerprint(c))); }
 
 std::string gguf_to_hf_name(const std::string& gguf_name) {
   static const std::map<std::string, std::string> kTop = {

@@ -45,5 +45,7 @@ ModelConfig parse_hf_config(const nlohmann::json& j, const std::string& source);
 ModelConfig load_hf_config(const std::string& config_json_path);
 // Canonical JSON of the fields above (for hashing a model's shape into mask files).
 std::string config_fingerprint(const ModelConfig& c);
+// A short hash of the fingerprint, as mask files record it (model_config_hash).
+std::string config_hash(const ModelConfig& c);
 
 }  // namespace patch::io

@@ -335,7 +335,7 @@ double hard_density_by_sign(const Run& r) {
 void write_outputs(Run& r, const sparsity::Hardened& hard, double valid_loss) {
   maskfile::MaskFileMeta meta;
   meta.model_source = r.model_path;
-  meta.model_config_hash = std::to_string(std::hash<std::string>{}(io::config_fingerprint(r.model->config())));
+  meta.model_config_hash = io::config_hash(r.model->config());
   meta.training_config = r.cfg.tree().dump();
   auto file = maskfile::from_hardened(hard, meta);
   const std::string masks_path = (fs::path(r.out_dir) / "masks.safetensors").string();
