@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build with CUDA, run the test suite, then the
-# benchmarks beside the PyTorch peer baseline (../shared/bench/py_patch_ref.py).
+# The GPU machine's checks, in stages that fit one device call each:
+#   STAGE=test  build with CUDA and run the whole test suite
+#   STAGE=bench mask-learning benchmarks beside the PyTorch peer baseline
+#               (../shared/bench/py_patch_ref.py), in the same call
 # Results go to $OUT (or ./gpu-out): build/test logs and bench JSON lines.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
+STAGE=${STAGE:-test}
 mkdir -p "$OUT"
 export PATCH_JOBS=${PATCH_JOBS:-16}
 # Python packages missing on that machine travel as wheels in .whl/.
@@ -12,14 +15,26 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 scripts/setup.sh > "$OUT/setup.log" 2>&1 || { tail -50 "$OUT/setup.log"; exit 1; }
-tail -3 "$OUT/setup.log"
-PATCH_TEST_JOBS=4 scripts/test.sh > "$OUT/test.log" 2>&1
-grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/test.log" | tail -30
-SHAPE=${SHAPE:-qwen2.5-0.5b}
-build/bin/patch-train bench --set bench.shape=$SHAPE --set bench.modes=[dense,joint,tile,maskllm] \
-  --set bench.iters=${ITERS:-5} 2>&1 | tee "$OUT/bench_patch.jsonl"
+tail -2 "$OUT/setup.log"
+if [[ $STAGE == test ]]; then
+  PATCH_TEST_JOBS=4 scripts/test.sh > "$OUT/test.log" 2>&1
+  grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/test.log" | tail -30
+  exit 0
+fi
+
+ITERS=${ITERS:-5}
 REF=${PATCH_BENCH_REF:-../shared/bench/py_patch_ref.py}
-python3 "$REF" --arch $SHAPE --ckpt --seq 4096 2>&1 | tee "$OUT/bench_pyref.jsonl"
-# One-shot calibration memory on a 1B-shaped model (128 x 2048 calibration tokens).
-build/bin/patch-train bench --set bench.shape=llama-3.2-1b --set bench.modes=[prune_wanda,prune_sparsegpt] \
-  --set prune.calib_samples=128 --set prune.calib_seq_len=2048 2>&1 | grep '^{' | tee "$OUT/bench_prune.jsonl"
+bench() {  # bench SHAPE MODES [--set ...]: JSON lines on stdout and in bench_patch.jsonl
+  local shape=$1 modes=$2
+  shift 2
+  build/bin/patch-train bench --shape "$shape" --mode "$modes" --set bench.iters="$ITERS" "$@" 2>&1 |
+    grep '^{' | tee -a "$OUT/bench_patch.jsonl"
+}
+for SHAPE in ${SHAPES:-qwen2.5-0.5b llama-3.2-1b}; do
+  bench "$SHAPE" dense,joint,tile,maskllm
+  bench "$SHAPE" joint --set train.state=compact
+  python3 "$REF" --arch "$SHAPE" --ckpt --seq 4096 2>&1 | grep '^{' | tee -a "$OUT/bench_pyref.jsonl"
+done
+[[ ${REFERENCE:-1} == 1 ]] && bench qwen2.5-0.5b joint --set mask.kernel=reference
+[[ ${BIG:-1} == 1 ]] && bench llama-2-7b joint,tile --set train.state=compact --set bench.warmup=1
+exit 0

@@ -251,6 +251,8 @@ int run_bench(RunContext& ctx) {
       o.tile_cols = tile[1];
       o.target_sparsity = cfg.get_float("mask.target_sparsity");
       o.checkpointing = ckpt;
+      o.fused = cfg.get_string("mask.kernel") == "fused";
+      o.compact = cfg.get_string("train.state") == "compact";
       o.warmup = warmup;
       o.iters = iters;
       j = train::bench_mask_step(shape, o);

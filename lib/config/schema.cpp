@@ -119,6 +119,9 @@ std::vector<KeyDef> build() {
             2),
       choices(key("mask.anneal", T::kString, "linear", "Annealing of tau and scale: linear, cosine, exp"),
               {"linear", "cosine", "exp"}),
+      choices(key("mask.kernel", T::kString, "fused",
+                  "Mask computation: fused (kernels that never store the mask) or reference (ATen ops)"),
+              {"fused", "reference"}),
       // train
       range(key("train.steps", T::kInt, 200, "Optimizer steps"), 1, inf),
       range(key("train.lr", T::kFloat, 0.05, "Peak learning rate of the mask logits (AdamW)"), 0.0, inf),
@@ -127,6 +130,10 @@ std::vector<KeyDef> build() {
       range(key("train.warmup_steps", T::kInt, 10, "Linear warm-up steps"), 0, inf),
       range(key("train.weight_decay", T::kFloat, 0.0, "AdamW weight decay on the logits"), 0.0, inf),
       sized(range(key("train.betas", T::kFloatList, Json::array({0.9, 0.999}), "AdamW betas"), 0.0, 1.0), 2),
+      choices(key("train.state", T::kString, "full",
+                  "Optimizer state: full (fp32 logits, gradients and moments) or compact (bf16 2:4 logits and "
+                  "moments, updated inside the backward; needs one micro-batch per step and lambda_weight 0)"),
+              {"full", "compact"}),
       range(key("train.micro_batch", T::kInt, 4, "Sequences per forward/backward"), 1, inf),
       range(key("train.global_batch", T::kInt, 8,
                 "Sequences per optimizer step (a multiple of train.micro_batch)"),

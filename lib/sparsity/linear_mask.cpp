@@ -1,12 +1,15 @@
 #include "sparsity/linear_mask.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <cctype>
+#include <cmath>
 #include <limits>
 #include <mutex>
 
 #include "core/error.h"
+#include "sparsity/mask_kernels.h"
 #include "sparsity/patterns.h"
 
 namespace patch::sparsity {
@@ -28,7 +31,7 @@ uint64_t fnv1a(const std::string& s) {
 }
 
 // Streams of random numbers a layer draws; each gets its own generator.
-enum Stream : uint64_t { kTileNoise = 0, kPatternNoise = 1, kTileInit = 2, kPatternInit = 3 };
+enum Stream : uint64_t { kTileNoise = 0, kPatternNoise = 1, kTileInit = 2, kPatternInit = 3, kRounding = 4 };
 constexpr uint64_t kNoiseTag = 0x6e6f697365ULL, kInitTag = 0x696e6974ULL;
 
 // A fresh generator on `device` with a fixed seed. CPU: a Mersenne twister,
@@ -46,23 +49,103 @@ at::Generator make_generator(uint64_t seed, const at::Device& device) {
   return gen;
 }
 
-// Uniform samples kept away from 0 and 1 so the logs below stay finite.
-at::Tensor open_uniform(at::IntArrayRef shape, const at::Generator& gen, const at::TensorOptions& opts) {
-  const double eps = opts.dtype() == at::kDouble ? 1e-12 : std::numeric_limits<float>::epsilon();
-  return at::rand(shape, gen, opts).clamp_(eps, 1.0 - eps);
-}
-
-at::Tensor gumbel(at::IntArrayRef shape, const at::Generator& gen, const at::TensorOptions& opts) {
-  return open_uniform(shape, gen, opts).log_().neg_().log_().neg_();
-}
-
-// g1 - g2 for independent Gumbel(0, 1) g1, g2 is Logistic(0, 1): one uniform suffices.
-at::Tensor logistic(at::IntArrayRef shape, const at::Generator& gen, const at::TensorOptions& opts) {
-  auto u = open_uniform(shape, gen, opts);
-  return u.log() - u.neg().log1p_();
-}
-
 }  // namespace
+
+// One fused call: what the kernels need, fixed at forward time so that the
+// backward rebuilds exactly the forward's mask (the noise from its keys).
+struct FusedMask : torch::CustomClassHolder {
+  LinearMask* owner;
+  at::Tensor weight, pattern;  // pattern: detached 2:4 logits, or the fixed patterns
+  at::Tensor gates, soft;      // tile gates T (forward values) and their soft values
+  GroupSampling s;
+
+  FusedMask(LinearMask& m, const at::Tensor& w) : owner(&m), weight(w) {
+    const SamplerState& st = *m.state_;
+    s.fixed = m.opts_.mode == MaskMode::kTile;
+    s.has_tiles = m.opts_.mode != MaskMode::kMaskLLM;
+    s.scale = st.scale_24;
+    s.tau = st.tau_24;
+    s.hard = st.hard_24;
+    s.key = m.noise_seed(kPatternNoise);
+    s.tile_rows = m.grid_.tile_rows();
+    s.tile_cols = m.grid_.tile_cols();
+    pattern = s.fixed ? m.fixed_pattern_ : m.pattern_logits_.detach();
+    if (s.has_tiles) {
+      at::NoGradGuard no_grad;
+      auto x = m.tile_logits_.detach() * st.scale_tile +
+               logistic_noise(m.grid_.rows(), m.grid_.cols(), m.noise_seed(kTileNoise), m.tile_logits_.options());
+      soft = at::sigmoid(x / st.tau_tile);
+      gates = st.hard_tile ? soft.gt(0.5).to(soft.scalar_type()) : soft;
+    }
+  }
+
+  at::Tensor forward(at::ScalarType out_dtype) const {
+    return masked_weight_forward(weight, gates, pattern, s, out_dtype);
+  }
+
+  // Logit gradients from dL/d(W * M); compact state updates the 2:4 logits instead.
+  std::pair<at::Tensor, at::Tensor> backward(const at::Tensor& grad, bool tile_grad, bool inline_update) const {
+    LinearMask& m = *owner;
+    InlineAdam adam;
+    const bool inline_adam = inline_update && m.opts_.compact && !s.fixed;
+    if (inline_adam) {
+      const auto& u = m.state_->update;
+      adam = {u.lr, u.beta1, u.beta2, u.eps, u.weight_decay,
+              1.0 - std::pow(u.beta1, static_cast<double>(u.steps)), 1.0 - std::pow(u.beta2, static_cast<double>(u.steps)),
+              u.grad_scale, m.noise_seed(kRounding), m.exp_avg_, m.exp_avg_sq_};
+    }
+    auto g = masked_weight_backward(grad, weight, gates, pattern, s, inline_adam ? &adam : nullptr);
+    if (inline_adam) m.pattern_sq_norm_ = m.pattern_sq_norm_.defined() ? m.pattern_sq_norm_ + g.sq_norm : g.sq_norm;
+    at::Tensor dtile;
+    if (s.has_tiles && tile_grad) {
+      // [out, cols] partial sums -> per tile (the last tile row may be short),
+      // then through T = sigmoid((scale l + noise) / tau).
+      const int64_t rows = m.grid_.rows(), tr = m.grid_.tile_rows(), out = grad.size(0);
+      auto per_tile = at::constant_pad_nd(g.tile_rows, {0, 0, 0, rows * tr - out}).view({rows, tr, -1}).sum(1);
+      const double k = m.state_->scale_tile / m.state_->tau_tile;
+      dtile = (per_tile * soft * (1.0 - soft) * k).to(m.tile_logits_.scalar_type());
+    }
+    at::Tensor dpattern = g.pattern.defined() ? g.pattern.to(m.pattern_logits_.scalar_type()) : at::Tensor();
+    return {dtile, dpattern};
+  }
+};
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+c10::intrusive_ptr<FusedMask> fused_of(AutogradContext* ctx) {
+  return c10::static_intrusive_pointer_cast<FusedMask>(ctx->saved_data["fused"].toCapsule());
+}
+
+// W * M with inputs (tile logits, 2:4 logits or fixed patterns).
+struct MaskedWeightFn : torch::autograd::Function<MaskedWeightFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& /*tiles*/, const at::Tensor& /*patterns*/,
+                            c10::intrusive_ptr<FusedMask> f) {
+    ctx->saved_data["fused"] = at::IValue::make_capsule(f);
+    return f->forward(f->weight.scalar_type());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    auto [dtile, dpattern] = fused_of(ctx)->backward(grad_out[0], ctx->needs_input_grad(0), /*inline_update=*/true);
+    return {dtile, dpattern, at::Tensor()};
+  }
+};
+
+// ||W * M||_F^2; its backward is the masked weight's with dL/d(W*M) = 2 g W*M,
+// the product recomputed instead of kept.
+struct WeightTermFn : torch::autograd::Function<WeightTermFn> {
+  static at::ScalarType acc(const FusedMask& f) { return at::promote_types(f.owner->options().dtype, at::kFloat); }
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& /*tiles*/, const at::Tensor& /*patterns*/,
+                            c10::intrusive_ptr<FusedMask> f) {
+    ctx->saved_data["fused"] = at::IValue::make_capsule(f);
+    return f->forward(acc(*f)).square().sum();
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    auto f = fused_of(ctx);
+    auto grad = f->forward(acc(*f)) * (2.0 * grad_out[0]);
+    auto [dtile, dpattern] = f->backward(grad, ctx->needs_input_grad(0), /*inline_update=*/false);
+    return {dtile, dpattern, at::Tensor()};
+  }
+};
 
 MaskMode parse_mask_mode(const std::string& name) {
   if (name == "joint") return MaskMode::kJoint;
@@ -103,6 +186,7 @@ LinearMask::LinearMask(std::string name, TileGrid grid, std::shared_ptr<const Sa
   core::check(state_ != nullptr, name_, "LinearMask needs a sampler state");
   core::check(opts.dtype == at::kFloat || opts.dtype == at::kDouble, name_,
               "mask logits must be float32 or float64");
+  core::check(!opts.compact || opts.fused, name_, "compact state needs the fused mask kernels");
   const auto topts = at::TensorOptions().dtype(opts.dtype).device(opts.device);
   auto init = [&](at::IntArrayRef shape, Stream stream) {
     if (opts.init_std <= 0.0) return at::zeros(shape, topts);
@@ -117,6 +201,13 @@ LinearMask::LinearMask(std::string name, TileGrid grid, std::shared_ptr<const Sa
     fixed_pattern_ = at::zeros({grid_.out(), grid_.groups()}, at::TensorOptions().dtype(at::kByte).device(opts.device));
   } else {
     pattern_logits_ = init({grid_.out(), grid_.groups(), kNumPatterns}, kPatternInit);
+    if (opts.compact) {
+      pattern_logits_ = pattern_logits_.to(at::kBFloat16);
+      exp_avg_ = at::zeros_like(pattern_logits_);
+      exp_avg_sq_ = at::zeros_like(pattern_logits_);
+    }
+    // Compact logits never receive a .grad, but requiring one makes autograd
+    // run the fused backward (which updates them) even in maskllm mode.
     pattern_logits_.set_requires_grad(true);
   }
 }
@@ -133,8 +224,14 @@ void LinearMask::set_fixed_pattern(const at::Tensor& pattern) {
 
 std::vector<at::Tensor> LinearMask::parameters() const {
   std::vector<at::Tensor> out;
-  if (tile_logits_.requires_grad()) out.push_back(tile_logits_);
-  if (pattern_logits_.defined()) out.push_back(pattern_logits_);
+  for (auto& [name, t] : named_parameters()) out.push_back(t);
+  return out;
+}
+
+std::vector<std::pair<std::string, at::Tensor>> LinearMask::named_parameters() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  if (tile_logits_.requires_grad()) out.emplace_back(name_ + ".tile_logits", tile_logits_);
+  if (pattern_logits_.defined() && !opts_.compact) out.emplace_back(name_ + ".pattern_logits", pattern_logits_);
   return out;
 }
 
@@ -142,6 +239,16 @@ std::vector<std::pair<std::string, at::Tensor>> LinearMask::named_state() const 
   std::vector<std::pair<std::string, at::Tensor>> out{{name_ + ".tile_logits", tile_logits_}};
   if (pattern_logits_.defined()) out.emplace_back(name_ + ".pattern_logits", pattern_logits_);
   if (fixed_pattern_.defined()) out.emplace_back(name_ + ".fixed_pattern", fixed_pattern_);
+  if (exp_avg_.defined()) {
+    out.emplace_back(name_ + ".pattern_exp_avg", exp_avg_);
+    out.emplace_back(name_ + ".pattern_exp_avg_sq", exp_avg_sq_);
+  }
+  return out;
+}
+
+at::Tensor LinearMask::take_pattern_sq_norm() {
+  at::Tensor out = pattern_sq_norm_;
+  pattern_sq_norm_ = at::Tensor();
   return out;
 }
 
@@ -153,9 +260,7 @@ uint64_t LinearMask::noise_seed(uint64_t stream) const {
 at::Tensor LinearMask::gates(bool noise, bool hard) const {
   if (opts_.mode == MaskMode::kMaskLLM) return at::zeros_like(tile_logits_);
   auto x = tile_logits_ * state_->scale_tile;
-  if (noise)
-    x = x + logistic(tile_logits_.sizes(), make_generator(noise_seed(kTileNoise), opts_.device),
-                     tile_logits_.options());
+  if (noise) x = x + logistic_noise(grid_.rows(), grid_.cols(), noise_seed(kTileNoise), tile_logits_.options());
   auto y = at::sigmoid(x / state_->tau_tile);
   // Straight-through, written y_hard + (y - y.detach()) so the forward value is exactly 0/1.
   if (hard) y = y.gt(0.5).to(y.scalar_type()) + (y - y.detach());
@@ -164,10 +269,8 @@ at::Tensor LinearMask::gates(bool noise, bool hard) const {
 
 at::Tensor LinearMask::mask_24(bool noise, bool hard) const {
   if (opts_.mode == MaskMode::kTile) return expand_patterns(fixed_pattern_, opts_.dtype);
-  auto x = pattern_logits_ * state_->scale_24;
-  if (noise)
-    x = x + gumbel(pattern_logits_.sizes(), make_generator(noise_seed(kPatternNoise), opts_.device),
-                   pattern_logits_.options());
+  auto x = pattern_logits_.to(opts_.dtype) * state_->scale_24;
+  if (noise) x = x + gumbel_noise(grid_.out(), grid_.groups(), noise_seed(kPatternNoise), x.options());
   auto p = at::softmax(x / state_->tau_24, -1);
   if (hard) p = at::zeros_like(p).scatter_(-1, p.argmax(-1, /*keepdim=*/true), 1.0) + (p - p.detach());
   auto table = pattern_table(at::TensorOptions().dtype(opts_.dtype).device(opts_.device));
@@ -190,7 +293,9 @@ at::Tensor LinearMask::effective_weight(const at::Tensor& weight) {
               core::str("weight ", weight.sizes(), " does not match the mask ", grid_.str()));
   core::check(weight.device() == tile_logits_.device(), name_,
               core::str("weight on ", weight.device(), " but mask logits on ", tile_logits_.device()));
-  return weight * sampled_mask().to(weight.scalar_type());
+  if (!opts_.fused) return weight * sampled_mask().to(weight.scalar_type());
+  auto f = c10::make_intrusive<FusedMask>(*this, weight);
+  return MaskedWeightFn::apply(tile_logits_, f->s.fixed ? fixed_pattern_ : pattern_logits_, f);
 }
 
 at::Tensor LinearMask::hard_tiles() const {
@@ -220,6 +325,12 @@ double LinearMask::expected_density() const {
 }
 
 at::Tensor LinearMask::weight_term(const at::Tensor& weight) const {
+  if (opts_.fused) {
+    // Its backward must not run the compact in-backward update a second time.
+    core::check(!opts_.compact, name_, "the kept-weight term is not available with compact state");
+    auto f = c10::make_intrusive<FusedMask>(const_cast<LinearMask&>(*this), weight);
+    return WeightTermFn::apply(tile_logits_, f->s.fixed ? fixed_pattern_ : pattern_logits_, f);
+  }
   const auto dtype = at::promote_types(opts_.dtype, at::kFloat);
   return (weight.to(dtype) * sampled_mask().to(dtype)).square().sum();
 }

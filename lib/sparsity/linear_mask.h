@@ -5,8 +5,9 @@
 //   M24 = sum_k softmax((scale_24 * l + g) / tau_24)_k * pattern_k      [out, in]
 //   T   = sigmoid((scale_tile * l_tile + g1 - g2) / tau_tile)           [rows, cols]
 //   M   = T + (1 - T) * M24   (T broadcast over its tile's weights)
-// The noise is a deterministic function of (seed, step, layer name), so the
-// activation-checkpointing recompute in backward sees the identical mask.
+// The noise is a deterministic function of (seed, step, layer name) drawn from
+// Philox (mask_kernels.h), so the activation-checkpointing recompute and the
+// fused backward regenerate the identical mask instead of storing it.
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -36,6 +37,12 @@ struct LinearMaskOptions {
   uint64_t seed = 0;      // seeds the initialisation (with the layer name)
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;  // logits and mask arithmetic (kDouble for gradient checks)
+  // effective_weight and weight_term through the fused kernels (mask_kernels.h)
+  // instead of ATen ops on a materialised mask (the reference path).
+  bool fused = true;
+  // Compact state (needs fused): bf16 2:4 logits with bf16 AdamW moments, the
+  // update applied inside the backward so no 2:4 gradient is ever stored.
+  bool compact = false;
 };
 
 class LinearMask : public model::WeightProvider {
@@ -62,11 +69,17 @@ class LinearMask : public model::WeightProvider {
   const at::Tensor& pattern_logits() const { return pattern_logits_; }
   const at::Tensor& fixed_pattern() const { return fixed_pattern_; }
   void set_fixed_pattern(const at::Tensor& pattern);  // tile mode only
-  // The trainable leaves (what the optimizer updates).
+  // The leaves the optimizer updates from .grad (compact state: the tile
+  // logits only; the 2:4 logits update themselves in the backward).
   std::vector<at::Tensor> parameters() const;
+  std::vector<std::pair<std::string, at::Tensor>> named_parameters() const;
   // Everything a checkpoint needs: "<name>.tile_logits", "<name>.pattern_logits"
-  // or "<name>.fixed_pattern" (the live tensors).
+  // or "<name>.fixed_pattern", and in compact state "<name>.pattern_exp_avg" and
+  // "<name>.pattern_exp_avg_sq" (the live tensors).
   std::vector<std::pair<std::string, at::Tensor>> named_state() const;
+  // Sum of squared 2:4 logit gradients over the backward passes since the last
+  // call (compact state clips with it), then reset; undefined if none ran.
+  at::Tensor take_pattern_sq_norm();
 
   // Tile gates T [rows, cols] for this step (noise as in the forward when
   // `noise`, straight-through hard when state().hard_tile). Zeros in maskllm mode.
@@ -97,6 +110,8 @@ class LinearMask : public model::WeightProvider {
   at::Tensor mask_24(bool noise, bool hard) const;
   at::Tensor mask(bool noise, bool hard_24, bool hard_tile) const;
   uint64_t noise_seed(uint64_t stream) const;
+  friend struct FusedMask;
+
 
   std::string name_;
   int64_t block_ = -1;
@@ -105,6 +120,7 @@ class LinearMask : public model::WeightProvider {
   std::shared_ptr<const SamplerState> state_;
   LinearMaskOptions opts_;
   at::Tensor tile_logits_, pattern_logits_, fixed_pattern_;
+  at::Tensor exp_avg_, exp_avg_sq_, pattern_sq_norm_;  // compact state
 };
 
 // A provider with a precomputed mask (hard masks for evaluation and export):

@@ -114,6 +114,20 @@ std::vector<at::Tensor> MaskSet::parameters() const {
   return out;
 }
 
+std::vector<std::pair<std::string, at::Tensor>> MaskSet::named_parameters() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& m : masks_)
+    for (auto& kv : m->named_parameters()) out.push_back(kv);
+  return out;
+}
+
+double MaskSet::take_pattern_sq_norm() {
+  at::Tensor sum;
+  for (const auto& m : masks_)
+    if (auto t = m->take_pattern_sq_norm(); t.defined()) sum = sum.defined() ? sum + t : t;
+  return sum.defined() ? sum.item<double>() : 0.0;  // one device sync
+}
+
 std::vector<std::pair<std::string, at::Tensor>> MaskSet::named_state() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& m : masks_)

@@ -59,6 +59,10 @@ class MaskSet {
   // Sum over layers of ||M * W||_F^2 with the stored weights (fp32 scalar).
   at::Tensor weight_term() const;
   std::vector<at::Tensor> parameters() const;
+  std::vector<std::pair<std::string, at::Tensor>> named_parameters() const;
+  // Compact state: the squared norm of the 2:4 logit gradients the last
+  // backward passes applied (summed over layers), then reset; 0 if none.
+  double take_pattern_sq_norm();
 
   // Checkpoint support: every layer's named_state(), and loading it back
   // (shapes checked; errors name `source` and the tensor).

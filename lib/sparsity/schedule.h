@@ -20,6 +20,12 @@ struct SamplerState {
   bool hard_24 = false, hard_tile = false;  // straight-through hard samples
   int64_t step = 0;   // with seed and the layer, fixes the Gumbel noise
   uint64_t seed = 0;
+  // Compact state: the AdamW step the fused backward applies to the 2:4 logits
+  // (steps counts updates including this one; grad_scale is the clip factor).
+  struct PatternUpdate {
+    double lr = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0, grad_scale = 1.0;
+    int64_t steps = 1;
+  } update;
 };
 
 // Start/end values of tau and scale (the defaults of mask.tau_24 etc.).

@@ -28,6 +28,8 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   sparsity::MaskSetOptions so;
   so.mask.mode = sparsity::parse_mask_mode(o.mode);
   so.mask.device = o.device;
+  so.mask.fused = o.fused;
+  so.mask.compact = o.compact;
   so.tile_rows = o.tile_rows;
   so.tile_cols = o.tile_cols;
   sparsity::MaskSet masks(so, state);
@@ -39,10 +41,7 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   if (so.mask.mode == sparsity::MaskMode::kTile)
     sparsity::apply_prior(masks, sparsity::magnitude_priors(masks, o.target_sparsity), o.target_sparsity,
                           sparsity::BudgetKind::kGlobal, {});
-  std::vector<std::pair<std::string, at::Tensor>> params;
-  for (auto& [n, t] : masks.named_state())
-    if (t.requires_grad()) params.emplace_back(n, t);
-  AdamW opt(params, {});
+  MaskOptimizer opt(masks, {}, o.compact);
 
   const at::Tensor ids =
       at::randint(shape.vocab_size, {o.batch, o.seq}, at::TensorOptions().dtype(at::kLong).device(o.device));
@@ -54,12 +53,11 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   int64_t step = 0;
   auto run_step = [&] {
     state->step = step++;
+    opt.begin_step(1e-3);
     decoder.loss(ids).backward();
     at::Tensor reg = (masks.soft_density() - (1.0 - o.target_sparsity)).abs() * 10.0;
     if (reg.requires_grad()) reg.backward();  // maskllm has no tile logits to pull
-    opt.clip_grad_norm(1.0);
-    opt.step(1e-3);
-    opt.zero_grad();
+    opt.finish_step(1e-3, 1.0);
   };
   for (int i = 0; i < o.warmup; ++i) run_step();
   sync();
@@ -81,6 +79,8 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
           {"seq", o.seq},
           {"tile", {o.tile_rows, o.tile_cols}},
           {"checkpointing", o.checkpointing},
+          {"kernel", o.fused ? "fused" : "reference"},
+          {"state", o.compact ? "compact" : "full"},
           {"dtype", core::dtype_name(o.dtype)},
           {"device", o.device.str()},
           {"masked_layers", masks.size()},

@@ -19,10 +19,13 @@ struct MaskBenchOptions {
   int64_t tile_rows = 128, tile_cols = 128;
   double target_sparsity = 0.45;
   bool checkpointing = true;
+  bool fused = true;     // mask.kernel
+  bool compact = false;  // train.state
   int warmup = 2, iters = 5;
 };
 
-// Median step ms, tokens/s and peak GiB of the mode.
+// Median step ms, tokens/s and peak GiB of the mode (the step as the trainer
+// runs it: loss and density regularizer backward, clipping, AdamW).
 nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOptions& opts);
 
 }  // namespace patch::train

@@ -19,18 +19,22 @@ AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOption
 void AdamW::step(double lr) {
   c10::NoGradGuard no_grad;
   ++steps_;
-  const double bc1 = 1.0 - std::pow(opts_.beta1, static_cast<double>(steps_));
-  const double bc2 = 1.0 - std::pow(opts_.beta2, static_cast<double>(steps_));
+  std::vector<at::Tensor> ps, gs, ms, vs;
   for (size_t i = 0; i < params_.size(); ++i) {
-    at::Tensor p = params_[i].second;
-    const at::Tensor& g = p.grad();
-    if (!g.defined()) continue;
-    if (opts_.weight_decay > 0) p.mul_(1.0 - lr * opts_.weight_decay);
-    exp_avg_[i].mul_(opts_.beta1).add_(g, 1.0 - opts_.beta1);
-    exp_avg_sq_[i].mul_(opts_.beta2).addcmul_(g, g, 1.0 - opts_.beta2);
-    at::Tensor denom = (exp_avg_sq_[i] / bc2).sqrt_().add_(opts_.eps);
-    p.addcdiv_(exp_avg_[i], denom, -lr / bc1);
+    const at::Tensor& p = params_[i].second;
+    if (!p.grad().defined()) continue;
+    ps.push_back(p);
+    gs.push_back(p.grad());
+    ms.push_back(exp_avg_[i]);
+    vs.push_back(exp_avg_sq_[i]);
   }
+  if (ps.empty()) return;
+  if (!step_.defined() || step_.device() != ps[0].device())
+    step_ = at::zeros({}, ps[0].options().dtype(at::kFloat));
+  step_.fill_(static_cast<double>(steps_));
+  const std::vector<at::Tensor> steps(ps.size(), step_);
+  at::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, opts_.beta1, opts_.beta2, opts_.weight_decay,
+                    opts_.eps, /*amsgrad=*/false, /*maximize=*/false);
 }
 
 void AdamW::zero_grad() {
@@ -38,13 +42,14 @@ void AdamW::zero_grad() {
     if (p.grad().defined()) p.mutable_grad() = at::Tensor();
 }
 
-double AdamW::clip_grad_norm(double max_norm) {
+double AdamW::clip_grad_norm(double max_norm, double extra_sq) {
   c10::NoGradGuard no_grad;
   std::vector<at::Tensor> norms;
   for (auto& [name, p] : params_)
     if (p.grad().defined()) norms.push_back(p.grad().norm(2).to(at::kDouble));
-  if (norms.empty()) return 0.0;
-  double total = at::stack(norms).norm(2).item<double>();
+  double sq = extra_sq;
+  if (!norms.empty()) sq += at::stack(norms).square().sum().item<double>();
+  const double total = std::sqrt(sq);
   if (max_norm > 0 && total > max_norm) {
     double scale = max_norm / (total + 1e-6);
     for (auto& [name, p] : params_)
@@ -76,6 +81,22 @@ void AdamW::load_state(const std::map<std::string, at::Tensor>& tensors, int64_t
     }
   }
   steps_ = steps;
+}
+
+MaskOptimizer::MaskOptimizer(sparsity::MaskSet& masks, AdamWOptions opts, bool compact)
+    : masks_(masks), opts_(opts), adam_(masks.named_parameters(), opts), compact_(compact) {}
+
+void MaskOptimizer::begin_step(double lr) {
+  if (!compact_) return;
+  masks_.state().update = {lr, opts_.beta1, opts_.beta2, opts_.eps, opts_.weight_decay, clip_scale_, adam_.steps() + 1};
+}
+
+double MaskOptimizer::finish_step(double lr, double clip) {
+  const double norm = adam_.clip_grad_norm(clip, compact_ ? masks_.take_pattern_sq_norm() : 0.0);
+  if (compact_) clip_scale_ = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
+  adam_.step(lr);
+  adam_.zero_grad();
+  return norm;
 }
 
 double lr_at(int64_t step, int64_t total, int64_t warmup, double peak, double min_ratio) {

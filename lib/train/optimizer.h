@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "sparsity/mask_set.h"
+
 namespace patch::train {
 
 struct AdamWOptions {
@@ -18,12 +20,13 @@ class AdamW {
   AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions opts);
 
   // One update at learning rate `lr` from the params' .grad (params without a
-  // gradient are skipped).
+  // gradient are skipped), through ATen's fused multi-tensor AdamW kernel.
   void step(double lr);
   void zero_grad();
   // Scales gradients so their global L2 norm is at most max_norm (0: no clip);
-  // returns the norm before clipping.
-  double clip_grad_norm(double max_norm);
+  // returns the norm before clipping. `extra_sq` adds the squared norm of
+  // gradients applied elsewhere (compact state's 2:4 logits) to the total.
+  double clip_grad_norm(double max_norm, double extra_sq = 0.0);
 
   int64_t steps() const { return steps_; }
   // "<param>.exp_avg" / "<param>.exp_avg_sq" tensors and the step count.
@@ -33,8 +36,35 @@ class AdamW {
  private:
   std::vector<std::pair<std::string, at::Tensor>> params_;
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  at::Tensor step_;  // the fused kernel reads the step count from a tensor
   AdamWOptions opts_;
   int64_t steps_ = 0;
+};
+
+// The optimizer of a mask-learning step. Full state: AdamW on every logit's
+// .grad with global-norm clipping. Compact state: AdamW on the tile logits
+// here, while the fused backward updates the 2:4 logits in place; as their
+// gradients are gone by the time the global norm is known, they are clipped
+// with the factor of the previous step's norm.
+class MaskOptimizer {
+ public:
+  MaskOptimizer(sparsity::MaskSet& masks, AdamWOptions opts, bool compact);
+  // Before the step's backward passes: the in-backward update's settings.
+  void begin_step(double lr);
+  // After them: clip, update, clear the gradients; returns the gradient norm.
+  double finish_step(double lr, double clip);
+
+  AdamW& adam() { return adam_; }
+  bool compact() const { return compact_; }
+  double clip_scale() const { return clip_scale_; }  // checkpoint state (compact)
+  void set_clip_scale(double s) { clip_scale_ = s; }
+
+ private:
+  sparsity::MaskSet& masks_;
+  AdamWOptions opts_;
+  AdamW adam_;
+  bool compact_;
+  double clip_scale_ = 1.0;
 };
 
 // Linear warm-up to `peak` over `warmup` steps, then cosine decay to

@@ -61,7 +61,7 @@ struct Run {
   std::shared_ptr<sparsity::SamplerState> state;
   std::unique_ptr<sparsity::MaskSet> masks;
   sparsity::SamplerSchedule schedule;
-  std::unique_ptr<AdamW> opt;
+  std::unique_ptr<MaskOptimizer> opt;
   double weight_norm_total = 0.0;  // sum over layers of ||W||, for the weight term
   std::string model_path;
 
@@ -135,6 +135,19 @@ void build_masks(Run& r) {
   mo.mask.init_std = cfg.get_float("mask.init_std");
   mo.mask.seed = static_cast<uint64_t>(cfg.get_int("train.seed"));
   mo.mask.device = r.device;
+  mo.mask.fused = cfg.get_string("mask.kernel") == "fused";
+  mo.mask.compact = cfg.get_string("train.state") == "compact";
+  if (mo.mask.compact) {
+    // The 2:4 logits are updated inside the backward, once per backward pass.
+    if (!mo.mask.fused)
+      throw core::ConfigError("train.state: compact state needs mask.kernel=fused");
+    if (cfg.get_int("train.global_batch") != cfg.get_int("train.micro_batch"))
+      throw core::ConfigError(str("train.state: compact state updates inside the backward, so it needs one "
+                                  "micro-batch per step (train.global_batch = train.micro_batch), got ",
+                                  cfg.get_int("train.global_batch"), " and ", cfg.get_int("train.micro_batch")));
+    if (cfg.get_float("train.lambda_weight") > 0)
+      throw core::ConfigError("train.state: compact state does not support train.lambda_weight > 0");
+  }
   auto tile = cfg.get_int_list("mask.tile");
   mo.tile_rows = tile[0];
   mo.tile_cols = tile[1];
@@ -215,11 +228,9 @@ void build_masks(Run& r) {
   for (size_t i = 0; i < r.masks->size(); ++i)
     r.weight_norm_total += r.masks->weight(i).to(at::kFloat).norm().item<double>();
 
-  std::vector<std::pair<std::string, at::Tensor>> params;
-  for (auto& [name, t] : r.masks->named_state())
-    if (t.requires_grad()) params.emplace_back(name, t);
   auto betas = cfg.get_float_list("train.betas");
-  r.opt = std::make_unique<AdamW>(params, AdamWOptions{betas[0], betas[1], 1e-8, cfg.get_float("train.weight_decay")});
+  r.opt = std::make_unique<MaskOptimizer>(*r.masks, AdamWOptions{betas[0], betas[1], 1e-8, cfg.get_float("train.weight_decay")},
+                                          mo.mask.compact);
 }
 
 // The training blocks of global sample positions [begin, end): epochs reshuffle
@@ -264,11 +275,12 @@ std::string checkpoint_path(const Run& r) { return (fs::path(r.out_dir) / kCheck
 void save_checkpoint(const Run& r, int64_t step) {
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (auto& [name, t] : r.masks->named_state()) tensors.emplace_back("mask/" + name, t.detach());
-  for (auto& [name, t] : r.opt->state()) tensors.emplace_back("adam/" + name, t);
+  for (auto& [name, t] : r.opt->adam().state()) tensors.emplace_back("adam/" + name, t);
   std::map<std::string, std::string> meta = {
       {"format", kCheckpointFormat},
       {"step", std::to_string(step)},
-      {"adam_steps", std::to_string(r.opt->steps())},
+      {"adam_steps", std::to_string(r.opt->adam().steps())},
+      {"clip_scale", json(r.opt->clip_scale()).dump()},
       {"data_position", std::to_string(step * r.global)},
       {"seed", std::to_string(r.cfg.get_int("train.seed"))},
       {"config", r.cfg.tree().dump()}};
@@ -303,7 +315,8 @@ int64_t load_checkpoint(Run& r) {
     c10::NoGradGuard no_grad;
     r.masks->load_state(masks, path);
   }
-  r.opt->load_state(adam, std::stoll(get("adam_steps")));
+  r.opt->adam().load_state(adam, std::stoll(get("adam_steps")));
+  if (auto it = meta.find("clip_scale"); it != meta.end()) r.opt->set_clip_scale(json::parse(it->second).get<double>());
   int64_t step = std::stoll(get("step"));
   core::log::info(str("resuming from step ", step, " (", path, ")"));
   return step;
@@ -432,6 +445,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     const double lr = lr_at(step, r.steps, warmup, lr_peak, min_ratio);
 
     // LM loss, accumulated over micro-batches.
+    r.opt->begin_step(lr);
     double ce = 0.0;
     auto blocks = sample_blocks(r, step * r.global, (step + 1) * r.global);
     for (int64_t k = 0; k < n_micro; ++k) {
@@ -471,9 +485,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
                             "); stopping. The last good checkpoint (step ", last_checkpoint, ") is in ", out_dir,
                             "; lower train.lr or check the data"));
     }
-    const double grad_norm = r.opt->clip_grad_norm(clip);
-    r.opt->step(lr);
-    r.opt->zero_grad();
+    const double grad_norm = r.opt->finish_step(lr, clip);
 
     const int64_t done = step + 1;
     const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

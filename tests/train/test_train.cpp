@@ -1,5 +1,6 @@
 // End-to-end mask learning on the tiny real TinyStories-656K model on the CPU,
 // through the patch-train binary as a user runs it.
+#include <ATen/ATen.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -94,18 +95,63 @@ TEST_CASE("training lowers the masked loss - hits the budget and writes a reload
   CHECK(evj["perplexity"].get<double>() < 200.0);
 }
 
+TEST_CASE("fused kernels and the ATen reference learn the same mask") {
+  // Same seed, same noise: the two paths differ only in float rounding order.
+  std::vector<std::string> devices = {"cpu"};
+  if (at::hasCUDA()) devices.push_back("cuda");
+  for (const auto& device : devices) {
+    test::TempDir dir;
+    const std::string dev = " --set model.device=" + device;
+    auto fused = test::run_command(train_cmd(dir.file("fused"), 10, dev));
+    auto ref = test::run_command(train_cmd(dir.file("ref"), 10, dev + " --set mask.kernel=reference"));
+    INFO(device << ": " << fused.err << ref.err);
+    REQUIRE(fused.exit_code == 0);
+    REQUIRE(ref.exit_code == 0);
+    require_same_masks(dir.file("fused") + "/masks.safetensors", dir.file("ref") + "/masks.safetensors");
+  }
+}
+
+TEST_CASE("compact state learns a mask and checks its limits") {
+  test::TempDir dir;
+  const std::string compact = " --set train.state=compact --set train.micro_batch=8";
+  auto r = test::run_command(train_cmd(dir.file("run"), 20, compact));
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  auto metrics = read_metrics(dir.file("run") + "/metrics.jsonl");
+  CHECK(metrics.back()["valid_loss"].get<double>() < metrics.front()["valid_loss"].get<double>());
+  auto file = maskfile::read_mask_file(dir.file("run") + "/masks.safetensors");
+  CHECK(std::abs(file.sparsity() - 0.35) < 0.005);
+  // The in-backward update runs once per backward pass: one micro-batch per step.
+  auto bad = test::run_command(train_cmd(dir.file("bad"), 2, " --set train.state=compact"));
+  CHECK(bad.exit_code == 2);
+  CHECK(bad.err.find("train.global_batch = train.micro_batch") != std::string::npos);
+  auto bad2 = test::run_command(train_cmd(dir.file("bad2"), 2, compact + " --set mask.kernel=reference"));
+  CHECK(bad2.exit_code == 2);
+  CHECK(bad2.err.find("mask.kernel=fused") != std::string::npos);
+}
+
 TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
   test::TempDir dir;
   const int steps = 14;
-  auto full = test::run_command(train_cmd(dir.file("full"), steps));
-  INFO(full.err);
-  REQUIRE(full.exit_code == 0);
-
-  for (int sig : {SIGTERM, SIGKILL}) {
-    const std::string out = dir.file(sig == SIGTERM ? "term" : "kill");
+  // Full state is stopped both ways; compact state (bf16 logits and moments,
+  // the clip factor carried across steps) by SIGTERM.
+  struct Case {
+    std::string name, extra;
+    int sig;
+  };
+  const std::string compact = "--set train.state=compact --set train.micro_batch=8";
+  for (const auto& c : {Case{"term", "", SIGTERM}, Case{"kill", "", SIGKILL}, Case{"compact", compact, SIGTERM}}) {
+    const std::string full_dir = dir.file(c.extra.empty() ? "full" : "full-compact");
+    if (!fs::exists(full_dir + "/masks.safetensors")) {
+      auto full = test::run_command(train_cmd(full_dir, steps, c.extra));
+      INFO(full.err);
+      REQUIRE(full.exit_code == 0);
+    }
+    const int sig = c.sig;
+    const std::string out = dir.file(c.name);
     pid_t pid = fork();
     if (pid == 0) {
-      execl("/bin/sh", "sh", "-c", ("exec " + train_cmd(out, steps) + " 2>/dev/null").c_str(), nullptr);
+      execl("/bin/sh", "sh", "-c", ("exec " + train_cmd(out, steps, c.extra) + " 2>/dev/null").c_str(), nullptr);
       _exit(127);
     }
     // Wait until the run is past its first periodic checkpoint (step 5).
@@ -121,10 +167,10 @@ TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
     if (sig == SIGTERM) CHECK(WEXITSTATUS(status) == 130);
     REQUIRE_FALSE(fs::exists(out + "/masks.safetensors"));
     REQUIRE(fs::exists(out + "/checkpoint.safetensors"));
-    auto resumed = test::run_command(train_cmd(out, steps, "--resume"));
-    INFO(resumed.err);
+    auto resumed = test::run_command(train_cmd(out, steps, c.extra + " --resume"));
+    INFO(c.name << ": " << resumed.err);
     REQUIRE(resumed.exit_code == 0);
-    require_same_masks(dir.file("full") + "/masks.safetensors", out + "/masks.safetensors");
+    require_same_masks(full_dir + "/masks.safetensors", out + "/masks.safetensors");
     // The metrics read as one run: every step once.
     auto m = read_metrics(out + "/metrics.jsonl");
     std::set<int64_t> seen;

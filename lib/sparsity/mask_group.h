@@ -1,0 +1,122 @@
+#pragma once
+// Per-group math shared by the CPU reference and the CUDA kernels of
+// mask_kernels.h (host and device). A group is four consecutive input weights
+// of one output row; `q` = row * groups + group indexes its noise stream.
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "sparsity/philox.h"
+
+namespace patch::sparsity::group {
+
+// Kept positions of the six patterns (DESIGN.md order), as 4-bit masks.
+PATCH_HD uint32_t pattern_bits(int k) {
+  constexpr uint32_t kBits = (0x3u << 0) | (0x5u << 4) | (0x9u << 8) | (0x6u << 12) | (0xAu << 16) | (0xCu << 20);
+  return (kBits >> (4 * k)) & 0xFu;
+}
+
+// Gumbel(0, 1) noise of the six patterns of group q: two Philox blocks.
+PATCH_HD void gumbel6(uint64_t key, uint64_t q, float g[6]) {
+  const Philox4 a = philox4x32(key, q, 0), b = philox4x32(key, q, 1);
+  const uint32_t x[6] = {a.v[0], a.v[1], a.v[2], a.v[3], b.v[0], b.v[1]};
+  for (int k = 0; k < 6; ++k) g[k] = -std::log(-std::log(uniform_open(x[k])));
+}
+
+// Logistic(0, 1) noise of tile t (the difference of two Gumbels).
+PATCH_HD float logistic1(uint64_t key, uint64_t t) {
+  const float u = uniform_open(philox4x32(key, t, 0).v[0]);
+  return std::log(u) - std::log1p(-u);
+}
+
+// The sample of one group: soft probabilities p = softmax((scale l + g) / tau)
+// and the forward value of the 2:4 mask m24 (from one-hot argmax when hard).
+template <typename Acc, typename L>
+PATCH_HD void sample(const L* logits, uint64_t key, uint64_t q, Acc scale, Acc inv_tau, bool noise, bool hard,
+                     Acc p[6], Acc m24[4]) {
+  float g[6] = {0, 0, 0, 0, 0, 0};
+  if (noise) gumbel6(key, q, g);
+  Acc y[6], top = 0;
+  int best = 0;
+  for (int k = 0; k < 6; ++k) {
+    y[k] = (scale * static_cast<Acc>(logits[k]) + static_cast<Acc>(g[k])) * inv_tau;
+    if (k == 0 || y[k] > top) {
+      top = y[k];
+      best = k;
+    }
+  }
+  Acc sum = 0;
+  for (int k = 0; k < 6; ++k) {
+    p[k] = std::exp(y[k] - top);
+    sum += p[k];
+  }
+  for (int k = 0; k < 6; ++k) p[k] /= sum;
+  for (int j = 0; j < 4; ++j) {
+    Acc m = 0;
+    if (hard) {
+      m = (pattern_bits(best) >> j) & 1u ? Acc(1) : Acc(0);
+    } else {
+      for (int k = 0; k < 6; ++k)
+        if ((pattern_bits(k) >> j) & 1u) m += p[k];
+    }
+    m24[j] = m;
+  }
+}
+
+// dL/dlogits of a group from dL/dm24 (straight-through: the soft p carries
+// the gradient whatever the forward value was).
+template <typename Acc>
+PATCH_HD void logit_grad(const Acc p[6], const Acc dm24[4], Acc scale, Acc inv_tau, Acc dl[6]) {
+  Acc dp[6], dot = 0;
+  for (int k = 0; k < 6; ++k) {
+    const uint32_t b = pattern_bits(k);
+    dp[k] = 0;
+    for (int j = 0; j < 4; ++j)
+      if ((b >> j) & 1u) dp[k] += dm24[j];
+    dot += p[k] * dp[k];
+  }
+  for (int k = 0; k < 6; ++k) dl[k] = p[k] * (dp[k] - dot) * inv_tau * scale;
+}
+
+// Stochastic rounding to bf16: adding 16 random low bits before truncation
+// rounds up with probability equal to the dropped fraction.
+PATCH_HD c10::BFloat16 round_stochastic(float x, uint32_t r) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7f800000u) != 0x7f800000u) bits += r & 0xffffu;  // leave inf/nan alone
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+PATCH_HD float to_float(float x) { return x; }
+PATCH_HD float to_float(double x) { return static_cast<float>(x); }
+PATCH_HD float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// Stores an updated logit: bf16 stochastically, wider types as they are.
+PATCH_HD void store_logit(float* dst, double x, uint32_t) { *dst = static_cast<float>(x); }
+PATCH_HD void store_logit(double* dst, double x, uint32_t) { *dst = x; }
+PATCH_HD void store_logit(c10::BFloat16* dst, double x, uint32_t r) { *dst = round_stochastic(static_cast<float>(x), r); }
+
+// One AdamW step of the six logits of group q (see InlineAdam).
+struct AdamArgs {
+  float lr, beta1, beta2, eps, decay, inv_bias1, inv_bias2, grad_scale;
+  uint64_t round_key;
+};
+template <typename L, typename Acc>
+PATCH_HD void adam6(L* logits, L* m, L* v, const Acc dl[6], const AdamArgs& a, uint64_t q) {
+  const Philox4 r0 = philox4x32(a.round_key, q, 0), r1 = philox4x32(a.round_key, q, 1);
+  const uint32_t r[6] = {r0.v[0], r0.v[1], r0.v[2], r0.v[3], r1.v[0], r1.v[1]};
+  for (int k = 0; k < 6; ++k) {
+    const float g = static_cast<float>(dl[k]) * a.grad_scale;
+    const float mk = a.beta1 * to_float(m[k]) + (1.0f - a.beta1) * g;
+    const float vk = a.beta2 * to_float(v[k]) + (1.0f - a.beta2) * g * g;
+    m[k] = static_cast<L>(mk);
+    v[k] = static_cast<L>(vk);
+    const float l = to_float(logits[k]) * (1.0f - a.lr * a.decay) -
+                    a.lr * a.inv_bias1 * mk / (std::sqrt(vk * a.inv_bias2) + a.eps);
+    store_logit(&logits[k], l, r[k]);
+  }
+}
+
+}  // namespace patch::sparsity::group

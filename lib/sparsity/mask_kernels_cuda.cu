@@ -1,0 +1,275 @@
+// CUDA kernels of mask_kernels.h. Memory-bound: one pass over W (and the
+// incoming gradient) and the logits per call; the noise is regenerated from
+// Philox instead of being read, the mask is never stored.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "sparsity/mask_group.h"
+#include "sparsity/mask_kernels.h"
+
+namespace patch::sparsity::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Params {
+  int64_t rows, groups, cols, tile_rows, tile_cols;
+  float scale, inv_tau;
+  bool fixed, has_tiles, hard, noise;
+  uint64_t key;
+};
+
+Params params_of(const at::Tensor& weight, const GroupSampling& s) {
+  Params p;
+  p.rows = weight.size(0);
+  p.groups = weight.size(1) / 4;
+  p.cols = (weight.size(1) + s.tile_cols - 1) / s.tile_cols;
+  p.tile_rows = s.tile_rows;
+  p.tile_cols = s.tile_cols;
+  p.scale = static_cast<float>(s.scale);
+  p.inv_tau = static_cast<float>(1.0 / s.tau);
+  p.fixed = s.fixed;
+  p.has_tiles = s.has_tiles;
+  p.hard = s.hard;
+  p.noise = s.noise;
+  p.key = s.key;
+  return p;
+}
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+template <typename T>
+struct alignas(2 * sizeof(T)) Vec2 {
+  T v[2];
+};
+
+// The group's six logits through three aligned pair loads (24 or 12 bytes).
+template <typename L>
+__device__ __forceinline__ void load6(const L* src, L dst[6]) {
+  const auto* pairs = reinterpret_cast<const Vec2<L>*>(src);
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    const Vec2<L> pr = pairs[i];
+    dst[2 * i] = pr.v[0];
+    dst[2 * i + 1] = pr.v[1];
+  }
+}
+
+template <typename L>
+__device__ __forceinline__ void sample_group(const Params& p, const float* gates, const L* logits,
+                                             const uint8_t* fixed, int64_t q, int64_t o, int64_t grp, float& t,
+                                             float pr[6], float m24[4]) {
+  t = p.has_tiles ? gates[(o / p.tile_rows) * p.cols + (4 * grp) / p.tile_cols] : 0.0f;
+  if (p.fixed) {
+    const uint32_t bits = group::pattern_bits(fixed[q]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) m24[j] = (bits >> j) & 1u ? 1.0f : 0.0f;
+  } else {
+    L l[6];
+    load6(logits + 6 * q, l);
+    group::sample<float, L>(l, p.key, static_cast<uint64_t>(q), p.scale, p.inv_tau, p.noise, p.hard, pr, m24);
+  }
+}
+
+template <typename W, typename L, typename O>
+__global__ void forward_kernel(const W* __restrict__ w, const float* __restrict__ gates, const L* __restrict__ logits,
+                               const uint8_t* __restrict__ fixed, O* __restrict__ out, Params p) {
+  const int64_t total = p.rows * p.groups;
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < total;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t o = q / p.groups, grp = q - o * p.groups;
+    float t, pr[6], m24[4];
+    sample_group(p, gates, logits, fixed, q, o, grp, t, pr, m24);
+    const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
+    Vec4<O> ov;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) ov.v[j] = static_cast<O>(static_cast<float>(wv.v[j]) * (t + (1.0f - t) * m24[j]));
+    reinterpret_cast<Vec4<O>*>(out)[q] = ov;
+  }
+}
+
+// One warp per (row, tile column): the lanes walk the tile's groups of that
+// row, and the tile gradient and squared-norm partials are reduced in a fixed
+// order (deterministic, no atomics).
+template <typename W, typename G, typename L>
+__global__ void backward_kernel(const G* __restrict__ grad, const W* __restrict__ w, const float* __restrict__ gates,
+                                L* __restrict__ logits, const uint8_t* __restrict__ fixed, float* __restrict__ dlogits,
+                                float* __restrict__ tile_rows, float* __restrict__ sq_rows, Params p,
+                                group::AdamArgs adam, bool inline_adam, L* __restrict__ m, L* __restrict__ v) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = p.rows * p.cols;
+  const int64_t per_tile = p.tile_cols / 4;
+  for (int64_t wid = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; wid < warps;
+       wid += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
+    const int64_t o = wid / p.cols, c = wid - o * p.cols;
+    const int64_t g0 = c * per_tile, g1 = min(g0 + per_tile, p.groups);
+    float dt = 0.0f, sq = 0.0f;
+    for (int64_t grp = g0 + lane; grp < g1; grp += 32) {
+      const int64_t q = o * p.groups + grp;
+      float t, pr[6], m24[4], dm24[4];
+      sample_group(p, gates, logits, fixed, q, o, grp, t, pr, m24);
+      const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
+      const Vec4<G> gv = reinterpret_cast<const Vec4<G>*>(grad)[q];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float dm = static_cast<float>(gv.v[j]) * static_cast<float>(wv.v[j]);
+        dm24[j] = dm * (1.0f - t);
+        dt += dm * (1.0f - m24[j]);
+      }
+      if (p.fixed) continue;
+      float dl[6];
+      group::logit_grad<float>(pr, dm24, p.scale, p.inv_tau, dl);
+#pragma unroll
+      for (int k = 0; k < 6; ++k) sq += dl[k] * dl[k];
+      if (inline_adam) {
+        group::adam6<L, float>(logits + 6 * q, m + 6 * q, v + 6 * q, dl, adam, static_cast<uint64_t>(q));
+      } else {
+        auto* dst = reinterpret_cast<float2*>(dlogits + 6 * q);
+        dst[0] = make_float2(dl[0], dl[1]);
+        dst[1] = make_float2(dl[2], dl[3]);
+        dst[2] = make_float2(dl[4], dl[5]);
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      dt += __shfl_xor_sync(0xffffffffu, dt, off);
+      sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    }
+    if (lane == 0) {
+      tile_rows[wid] = dt;
+      sq_rows[wid] = sq;
+    }
+  }
+}
+
+__global__ void gumbel_kernel(float* out, int64_t total, uint64_t key) {
+  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < total;
+       q += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    group::gumbel6(key, static_cast<uint64_t>(q), out + 6 * q);
+}
+
+__global__ void logistic_kernel(float* out, int64_t total, uint64_t key) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[t] = group::logistic1(key, static_cast<uint64_t>(t));
+}
+
+int blocks_for(int64_t threads) {
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, sms * 16)));
+}
+
+void check_launch(const char* what) {
+  const cudaError_t err = cudaGetLastError();
+  core::check(err == cudaSuccess, what, cudaGetErrorString(err));
+}
+
+at::Tensor float_gates(const at::Tensor& gates, const GroupSampling& s, const at::Tensor& like) {
+  return s.has_tiles ? gates.to(like.device(), at::kFloat).contiguous() : at::zeros({1}, like.options().dtype(at::kFloat));
+}
+
+}  // namespace
+
+void gumbel_noise(at::Tensor& out, uint64_t key) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t total = out.numel() / 6;
+  if (total == 0) return;
+  gumbel_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<float>(), total, key);
+  check_launch("gumbel_noise");
+}
+
+void logistic_noise(at::Tensor& out, uint64_t key) {
+  const c10::cuda::CUDAGuard guard(out.device());
+  const int64_t total = out.numel();
+  if (total == 0) return;
+  logistic_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<float>(), total,
+                                                                                          key);
+  check_launch("logistic_noise");
+}
+
+void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, const at::Tensor& pattern,
+                           const GroupSampling& s, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const Params p = params_of(weight, s);
+  const int64_t total = p.rows * p.groups;
+  if (total == 0) return;
+  auto w = weight.contiguous();
+  auto g = float_gates(gates, s, weight);
+  auto pat = pattern.contiguous();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_forward_cuda", [&] {
+    using W = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "masked_weight_forward_out", [&] {
+      using O = scalar_t;
+      if (s.fixed) {
+        forward_kernel<W, float, O><<<blocks_for(total), kThreads, 0, stream>>>(
+            w.data_ptr<W>(), g.data_ptr<float>(), nullptr, pat.data_ptr<uint8_t>(), out.data_ptr<O>(), p);
+      } else if (pat.scalar_type() == at::kBFloat16) {
+        forward_kernel<W, c10::BFloat16, O><<<blocks_for(total), kThreads, 0, stream>>>(
+            w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<c10::BFloat16>(), nullptr, out.data_ptr<O>(), p);
+      } else {
+        core::check(pat.scalar_type() == at::kFloat, "mask kernels", "CUDA 2:4 logits must be float32 or bfloat16");
+        forward_kernel<W, float, O><<<blocks_for(total), kThreads, 0, stream>>>(
+            w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(), nullptr, out.data_ptr<O>(), p);
+      }
+    });
+  });
+  check_launch("masked_weight_forward");
+}
+
+void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& gates,
+                            const at::Tensor& pattern, const GroupSampling& s, InlineAdam* adam,
+                            const at::Tensor& pattern_grad, const at::Tensor& tile_rows, const at::Tensor& sq_rows) {
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const Params p = params_of(weight, s);
+  const int64_t warps = p.rows * p.cols;
+  if (warps == 0) return;
+  core::check(tile_rows.scalar_type() == at::kFloat, "mask kernels", "CUDA mask gradients are float32");
+  auto w = weight.contiguous();
+  auto gr = grad.contiguous();
+  auto g = float_gates(gates, s, weight);
+  at::Tensor pat = pattern.is_contiguous() ? pattern : pattern.contiguous();
+  const group::AdamArgs args =
+      adam ? group::AdamArgs{static_cast<float>(adam->lr),          static_cast<float>(adam->beta1),
+                             static_cast<float>(adam->beta2),       static_cast<float>(adam->eps),
+                             static_cast<float>(adam->weight_decay), static_cast<float>(1.0 / adam->bias1),
+                             static_cast<float>(1.0 / adam->bias2), static_cast<float>(adam->grad_scale),
+                             adam->round_key}
+           : group::AdamArgs{};
+  float* dl = pattern_grad.defined() ? pattern_grad.data_ptr<float>() : nullptr;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int blocks = blocks_for(warps * 32);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_backward_cuda", [&] {
+    using W = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gr.scalar_type(), "masked_weight_backward_grad", [&] {
+      using G = scalar_t;
+      if (s.fixed) {
+        backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
+            gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), nullptr, pat.data_ptr<uint8_t>(), dl,
+            tile_rows.data_ptr<float>(), sq_rows.data_ptr<float>(), p, args, false, nullptr, nullptr);
+      } else if (pat.scalar_type() == at::kBFloat16) {
+        using L = c10::BFloat16;
+        backward_kernel<W, G, L><<<blocks, kThreads, 0, stream>>>(
+            gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<L>(), nullptr, dl,
+            tile_rows.data_ptr<float>(), sq_rows.data_ptr<float>(), p, args, adam != nullptr,
+            adam ? adam->exp_avg.data_ptr<L>() : nullptr, adam ? adam->exp_avg_sq.data_ptr<L>() : nullptr);
+      } else {
+        core::check(pat.scalar_type() == at::kFloat, "mask kernels", "CUDA 2:4 logits must be float32 or bfloat16");
+        backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
+            gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(), nullptr, dl,
+            tile_rows.data_ptr<float>(), sq_rows.data_ptr<float>(), p, args, adam != nullptr,
+            adam ? adam->exp_avg.data_ptr<float>() : nullptr, adam ? adam->exp_avg_sq.data_ptr<float>() : nullptr);
+      }
+    });
+  });
+  check_launch("masked_weight_backward");
+}
+
+}  // namespace patch::sparsity::cuda
