@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's checks, in stages that fit one device call each:
 #   STAGE=test  build with CUDA and run the whole test suite
-#   STAGE=bench mask-learning benchmarks beside the PyTorch peer baseline
+#   STAGE=bench [TESTS=regex] mask-learning benchmarks beside the PyTorch peer baseline
 #               (../shared/bench/py_patch_ref.py), in the same call
 # Results go to $OUT (or ./gpu-out): build/test logs and bench JSON lines.
 set -uo pipefail
@@ -22,6 +22,11 @@ if [[ $STAGE == test ]]; then
   exit 0
 fi
 
+# TESTS=regex reruns some tests before the benchmarks.
+if [[ -n ${TESTS:-} ]]; then
+  (cd build && ctest -R "$TESTS" --output-on-failure) > "$OUT/test.log" 2>&1
+  grep -aE "tests passed|tests failed|Failed" "$OUT/test.log" | tail -10
+fi
 ITERS=${ITERS:-5}
 REF=${PATCH_BENCH_REF:-../shared/bench/py_patch_ref.py}
 bench() {  # bench SHAPE MODES [--set ...]: JSON lines on stdout and in bench_patch.jsonl

@@ -16,6 +16,8 @@ at::Device resolve_device(const std::string& name) {
     at::Device d(name);
     if (d.is_cuda() && !at::hasCUDA())
       throw ConfigError(str("model.device: '", name, "' requested but no CUDA device is available"));
+    // A bare "cuda" means device 0: memory statistics need an explicit index.
+    if (d.is_cuda() && !d.has_index()) d = at::Device(at::kCUDA, 0);
     return d;
   } catch (const c10::Error&) {
     throw ConfigError(str("model.device: expected auto, cpu, cuda or cuda:N, got '", name, "'"));
