@@ -71,11 +71,10 @@ struct FusedMask : torch::CustomClassHolder {
     s.tile_cols = m.grid_.tile_cols();
     pattern = s.fixed ? m.fixed_pattern_ : m.pattern_logits_.detach();
     if (s.has_tiles) {
-      at::NoGradGuard no_grad;
-      auto x = m.tile_logits_.detach() * st.scale_tile +
-               logistic_noise(m.grid_.rows(), m.grid_.cols(), m.noise_seed(kTileNoise), m.tile_logits_.options());
-      soft = at::sigmoid(x / st.tau_tile);
-      gates = st.hard_tile ? soft.gt(0.5).to(soft.scalar_type()) : soft;
+      auto g = tile_gates(m.tile_logits_.detach(), st.scale_tile, st.tau_tile, st.hard_tile, /*noise=*/true,
+                          m.noise_seed(kTileNoise));
+      gates = g[0];
+      soft = g[1];
     }
   }
 
@@ -97,14 +96,9 @@ struct FusedMask : torch::CustomClassHolder {
     auto g = masked_weight_backward(grad, weight, gates, pattern, s, inline_adam ? &adam : nullptr);
     if (inline_adam) m.pattern_sq_norm_ = m.pattern_sq_norm_.defined() ? m.pattern_sq_norm_ + g.sq_norm : g.sq_norm;
     at::Tensor dtile;
-    if (s.has_tiles && tile_grad) {
-      // [out, cols] partial sums -> per tile (the last tile row may be short),
-      // then through T = sigmoid((scale l + noise) / tau).
-      const int64_t rows = m.grid_.rows(), tr = m.grid_.tile_rows(), out = grad.size(0);
-      auto per_tile = at::constant_pad_nd(g.tile_rows, {0, 0, 0, rows * tr - out}).view({rows, tr, -1}).sum(1);
-      const double k = m.state_->scale_tile / m.state_->tau_tile;
-      dtile = (per_tile * soft * (1.0 - soft) * k).to(m.tile_logits_.scalar_type());
-    }
+    if (s.has_tiles && tile_grad)
+      dtile = tile_logit_grad(g.tile_rows, soft, m.grid_.tile_rows(), m.state_->scale_tile / m.state_->tau_tile)
+                  .to(m.tile_logits_.scalar_type());
     at::Tensor dpattern = g.pattern.defined() ? g.pattern.to(m.pattern_logits_.scalar_type()) : at::Tensor();
     return {dtile, dpattern};
   }
@@ -116,6 +110,23 @@ using torch::autograd::variable_list;
 c10::intrusive_ptr<FusedMask> fused_of(AutogradContext* ctx) {
   return c10::static_intrusive_pointer_cast<FusedMask>(ctx->saved_data["fused"].toCapsule());
 }
+
+// Tile gates with a straight-through hard forward value: the soft gate's
+// derivative soft (1 - soft) k carries the gradient.
+struct GatesFn : torch::autograd::Function<GatesFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, double scale, double tau, bool hard,
+                            bool noise, uint64_t key) {
+    auto g = tile_gates(logits.detach(), scale, tau, hard, noise, key).to(logits.scalar_type());
+    ctx->save_for_backward({g[1]});
+    ctx->saved_data["k"] = scale / tau;
+    return g[0];
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    const auto soft = ctx->get_saved_variables()[0];
+    const double k = ctx->saved_data["k"].toDouble();
+    return {grad_out[0] * soft * (1.0 - soft) * k, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
 
 // W * M with inputs (tile logits, 2:4 logits or fixed patterns).
 struct MaskedWeightFn : torch::autograd::Function<MaskedWeightFn> {
@@ -197,6 +208,7 @@ LinearMask::LinearMask(std::string name, TileGrid grid, std::shared_ptr<const Sa
   tile_logits_ = learn_tiles ? init({grid_.rows(), grid_.cols()}, kTileInit)
                              : at::zeros({grid_.rows(), grid_.cols()}, topts);
   tile_logits_.set_requires_grad(learn_tiles);
+  counts_ = grid_.counts().to(opts.device, opts.dtype);  // on the device once: no copy per step
   if (opts.mode == MaskMode::kTile) {
     fixed_pattern_ = at::zeros({grid_.out(), grid_.groups()}, at::TensorOptions().dtype(at::kByte).device(opts.device));
   } else {
@@ -259,12 +271,7 @@ uint64_t LinearMask::noise_seed(uint64_t stream) const {
 
 at::Tensor LinearMask::gates(bool noise, bool hard) const {
   if (opts_.mode == MaskMode::kMaskLLM) return at::zeros_like(tile_logits_);
-  auto x = tile_logits_ * state_->scale_tile;
-  if (noise) x = x + logistic_noise(grid_.rows(), grid_.cols(), noise_seed(kTileNoise), tile_logits_.options());
-  auto y = at::sigmoid(x / state_->tau_tile);
-  // Straight-through, written y_hard + (y - y.detach()) so the forward value is exactly 0/1.
-  if (hard) y = y.gt(0.5).to(y.scalar_type()) + (y - y.detach());
-  return y;
+  return GatesFn::apply(tile_logits_, state_->scale_tile, state_->tau_tile, hard, noise, noise_seed(kTileNoise));
 }
 
 at::Tensor LinearMask::mask_24(bool noise, bool hard) const {
@@ -313,8 +320,7 @@ at::Tensor LinearMask::hard_mask() const { return build_mask(grid_, hard_tiles()
 at::Tensor LinearMask::soft_density() const {
   if (opts_.mode == MaskMode::kMaskLLM) return at::full({}, 0.5, at::TensorOptions().dtype(opts_.dtype).device(opts_.device));
   auto t = gates(/*noise=*/true, state_->hard_tile);
-  auto counts = grid_.counts().to(t.device(), t.scalar_type());
-  return 0.5 + 0.5 * (counts * t).sum() / static_cast<double>(grid_.numel());
+  return 0.5 + (counts_ * t).sum() * (0.5 / static_cast<double>(grid_.numel()));
 }
 
 double LinearMask::expected_density() const {

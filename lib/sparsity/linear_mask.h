@@ -120,6 +120,7 @@ class LinearMask : public model::WeightProvider {
   std::shared_ptr<const SamplerState> state_;
   LinearMaskOptions opts_;
   at::Tensor tile_logits_, pattern_logits_, fixed_pattern_;
+  at::Tensor counts_;  // weights per tile, in the logits' dtype and device
   at::Tensor exp_avg_, exp_avg_sq_, pattern_sq_norm_;  // compact state
 };
 

@@ -3,6 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
+
 #include "core/error.h"
 #include "sparsity/mask_group.h"
 
@@ -86,11 +89,12 @@ void backward_cpu(const Acc* grad, const Acc* w, const Acc* gates, L* logits, co
         if (s.fixed) continue;
         Acc dl[6];
         group::logit_grad<Acc>(p, dm24, static_cast<Acc>(s.scale), static_cast<Acc>(1.0 / s.tau), dl);
-        for (int k = 0; k < 6; ++k) sq_rows[o * cols + c] += dl[k] * dl[k];
-        if (adam)
+        if (adam) {
+          for (int k = 0; k < 6; ++k) sq_rows[o * cols + c] += dl[k] * dl[k];
           group::adam6<L, Acc>(logits + 6 * q, m + 6 * q, v + 6 * q, dl, *adam, static_cast<uint64_t>(q));
-        else
+        } else {
           for (int k = 0; k < 6; ++k) dlogits[6 * q + k] = dl[k];
+        }
       }
   });
 }
@@ -131,6 +135,62 @@ at::Tensor logistic_noise(int64_t rows, int64_t cols, uint64_t key, const at::Te
   float* n = noise.data_ptr<float>();
   for (int64_t t = 0; t < rows * cols; ++t) n[t] = group::logistic1(key, static_cast<uint64_t>(t));
   return noise.to(opts.dtype());
+}
+
+at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise, uint64_t key) {
+  core::check(logits.dim() == 2, "tile_gates", "tile logits must be [rows, cols]");
+#if PATCH_WITH_CUDA
+  if (logits.is_cuda()) {
+    auto out = at::empty({2, logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
+    cuda::tile_gates(logits, scale, tau, hard, noise, key, out);
+    return out;
+  }
+#endif
+  core::check(logits.is_cpu(), "tile_gates", "CUDA tensors need a build with PATCH_WITH_CUDA");
+  auto l = logits.contiguous();
+  auto out = at::empty({2, l.size(0), l.size(1)}, l.options());
+  AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "tile_gates", [&] {
+    const scalar_t* src = l.data_ptr<scalar_t>();
+    scalar_t* fwd = out.data_ptr<scalar_t>();
+    scalar_t* soft = fwd + l.numel();
+    for (int64_t t = 0; t < l.numel(); ++t) {
+      const double n = noise ? group::logistic1(key, static_cast<uint64_t>(t)) : 0.0;
+      const double y = 1.0 / (1.0 + std::exp(-(scale * static_cast<double>(src[t]) + n) / tau));
+      soft[t] = static_cast<scalar_t>(y);
+      fwd[t] = hard ? static_cast<scalar_t>(y > 0.5 ? 1 : 0) : soft[t];
+    }
+  });
+  return out;
+}
+
+at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k) {
+  core::check(partial.dim() == 2 && soft.dim() == 2 && partial.size(1) == soft.size(1) &&
+                  (partial.size(0) + tile_rows - 1) / tile_rows == soft.size(0),
+              "tile_logit_grad", "partial sums and tile gates do not match");
+#if PATCH_WITH_CUDA
+  if (partial.is_cuda()) {
+    auto out = at::empty(soft.sizes(), partial.options().dtype(at::kFloat));
+    cuda::tile_logit_grad(partial, soft, tile_rows, k, out);
+    return out;
+  }
+#endif
+  auto p = partial.contiguous();
+  auto s = soft.to(p.scalar_type()).contiguous();
+  auto out = at::empty(s.sizes(), p.options());
+  const int64_t rows = s.size(0), cols = s.size(1), out_rows = p.size(0);
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "tile_logit_grad", [&] {
+    const scalar_t* src = p.data_ptr<scalar_t>();
+    const scalar_t* sv = s.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        scalar_t sum = 0;
+        for (int64_t o = r * tile_rows; o < std::min(out_rows, (r + 1) * tile_rows); ++o) sum += src[o * cols + c];
+        const scalar_t y = sv[r * cols + c];
+        dst[r * cols + c] = sum * y * (scalar_t(1) - y) * static_cast<scalar_t>(k);
+      }
+  });
+  return out;
 }
 
 at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, const at::Tensor& pattern,
@@ -177,16 +237,19 @@ MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tenso
   const int64_t rows = weight.size(0), groups = weight.size(1) / 4, cols = tile_cols_of(weight, s);
   const auto aopts = weight.options().dtype(acc);
   MaskedWeightGrads res;
-  res.tile_rows = at::zeros({rows, cols}, aopts);
-  auto sq_rows = at::zeros({rows, cols}, aopts);
+  // Every (row, tile column) entry is written, so no zero fill is needed.
+  res.tile_rows = at::empty({rows, cols}, aopts);
+  auto sq_rows = adam ? at::empty({rows, cols}, aopts) : at::Tensor();
   if (!s.fixed && !adam) res.pattern = at::empty({rows, groups, 6}, aopts);
 #if PATCH_WITH_CUDA
   if (weight.is_cuda()) {
     cuda::masked_weight_backward(grad, weight, gates, pattern, s, adam, res.pattern, res.tile_rows, sq_rows);
-    if (!s.fixed) res.sq_norm = sq_rows.sum();
+    if (adam) res.sq_norm = sq_rows.sum();
     return res;
   }
 #endif
+  res.tile_rows.zero_();
+  if (adam) sq_rows.zero_();
   core::check(weight.is_cpu(), "mask kernels", "CUDA tensors need a build with PATCH_WITH_CUDA");
   auto w = weight.to(acc).contiguous();
   auto gr = grad.to(acc).contiguous();
@@ -199,19 +262,20 @@ MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tenso
     Acc* dl = res.pattern.defined() ? res.pattern.data_ptr<Acc>() : nullptr;
     if (s.fixed) {
       backward_cpu<Acc, Acc>(gr.data_ptr<Acc>(), w.data_ptr<Acc>(), g.data_ptr<Acc>(), nullptr,
-                             pat.data_ptr<uint8_t>(), dl, res.tile_rows.data_ptr<Acc>(), sq_rows.data_ptr<Acc>(), rows,
-                             groups, cols, s, nullptr, nullptr, nullptr);
+                             pat.data_ptr<uint8_t>(), dl, res.tile_rows.data_ptr<Acc>(), nullptr, rows, groups,
+                             cols, s, nullptr, nullptr, nullptr);
     } else {
       AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pat.scalar_type(), "masked_weight_backward_logits", [&] {
         backward_cpu<Acc, scalar_t>(gr.data_ptr<Acc>(), w.data_ptr<Acc>(), g.data_ptr<Acc>(),
                                     pat.data_ptr<scalar_t>(), nullptr, dl, res.tile_rows.data_ptr<Acc>(),
-                                    sq_rows.data_ptr<Acc>(), rows, groups, cols, s, adam ? &args : nullptr,
+                                    adam ? sq_rows.data_ptr<Acc>() : nullptr, rows, groups, cols, s,
+                                    adam ? &args : nullptr,
                                     adam ? adam->exp_avg.data_ptr<scalar_t>() : nullptr,
                                     adam ? adam->exp_avg_sq.data_ptr<scalar_t>() : nullptr);
       });
     }
   });
-  if (!s.fixed) res.sq_norm = sq_rows.sum();
+  if (adam) res.sq_norm = sq_rows.sum();
   return res;
 }
 

@@ -42,6 +42,16 @@ struct InlineAdam {
 at::Tensor gumbel_noise(int64_t out, int64_t groups, uint64_t key, const at::TensorOptions& opts);
 at::Tensor logistic_noise(int64_t rows, int64_t cols, uint64_t key, const at::TensorOptions& opts);
 
+// The tile gates of one step, T = sigmoid((scale l + n) / tau) with n the
+// Logistic noise of `key` (when `noise`): [2, rows, cols] in the logits' dtype
+// (float32 on CUDA); [0] is the forward value (0/1 by T > 0.5 when hard), [1]
+// the soft T that carries the gradient.
+at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise, uint64_t key);
+// dL/d(tile logits) [rows, cols] from a backward's per-row partial sums [out,
+// cols] of dL/dT: each tile's rows summed, times dT/dl = soft (1 - soft) k
+// with k = scale / tau.
+at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k);
+
 // W * M in `out_dtype`, M = T + (1 - T) * M24. weight [out, in]; gates [rows,
 // cols] the forward values of T (ignored without tiles); pattern the logits
 // [out, in/4, 6] or, when fixed, the pattern indices [out, in/4] uint8.
@@ -51,7 +61,7 @@ at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gat
 struct MaskedWeightGrads {
   at::Tensor pattern;     // dL/d(2:4 logits) [out, in/4, 6]; undefined when fixed or applied inline
   at::Tensor tile_rows;   // dL/dT summed over each row's part of each tile [out, cols]
-  at::Tensor sq_norm;     // sum of squared 2:4 logit gradients (scalar); undefined when fixed
+  at::Tensor sq_norm;     // sum of squared 2:4 logit gradients (scalar); only with `adam`
 };
 // The backward of masked_weight_forward for grad = dL/d(W * M) [out, in].
 // With `adam`, the 2:4 logits (pattern) are updated in place instead.
@@ -62,6 +72,9 @@ MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tenso
 namespace cuda {
 void gumbel_noise(at::Tensor& out, uint64_t key);
 void logistic_noise(at::Tensor& out, uint64_t key);
+void tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise, uint64_t key,
+                at::Tensor& out);
+void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k, at::Tensor& out);
 void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, const at::Tensor& pattern,
                            const GroupSampling& s, at::Tensor& out);
 void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& gates,

@@ -144,7 +144,7 @@ __global__ void backward_kernel(const G* __restrict__ grad, const W* __restrict_
     }
     if (lane == 0) {
       tile_rows[wid] = dt;
-      sq_rows[wid] = sq;
+      if (sq_rows) sq_rows[wid] = sq;
     }
   }
 }
@@ -159,6 +159,29 @@ __global__ void logistic_kernel(float* out, int64_t total, uint64_t key) {
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[t] = group::logistic1(key, static_cast<uint64_t>(t));
+}
+
+__global__ void gates_kernel(const float* logits, float* out, int64_t total, float scale, float inv_tau, bool hard,
+                             bool noise, uint64_t key) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float n = noise ? group::logistic1(key, static_cast<uint64_t>(t)) : 0.0f;
+    const float y = 1.0f / (1.0f + expf(-(scale * logits[t] + n) * inv_tau));
+    out[total + t] = y;
+    out[t] = hard ? (y > 0.5f ? 1.0f : 0.0f) : y;
+  }
+}
+
+__global__ void tile_grad_kernel(const float* partial, const float* soft, float* out, int64_t out_rows, int64_t rows,
+                                 int64_t cols, int64_t tile_rows, float k) {
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < rows * cols;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = t / cols, c = t - r * cols, end = (r + 1) * tile_rows < out_rows ? (r + 1) * tile_rows : out_rows;
+    float sum = 0.0f;
+    for (int64_t o = r * tile_rows; o < end; ++o) sum += partial[o * cols + c];
+    const float y = soft[t];
+    out[t] = sum * y * (1.0f - y) * k;
+  }
 }
 
 int blocks_for(int64_t threads) {
@@ -192,6 +215,30 @@ void logistic_noise(at::Tensor& out, uint64_t key) {
   logistic_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<float>(), total,
                                                                                           key);
   check_launch("logistic_noise");
+}
+
+void tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise, uint64_t key,
+                at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  auto l = logits.to(at::kFloat).contiguous();
+  const int64_t total = l.numel();
+  if (total == 0) return;
+  gates_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      l.data_ptr<float>(), out.data_ptr<float>(), total, static_cast<float>(scale), static_cast<float>(1.0 / tau), hard,
+      noise, key);
+  check_launch("tile_gates");
+}
+
+void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(partial.device());
+  auto p = partial.to(at::kFloat).contiguous();
+  auto sv = soft.to(at::kFloat).contiguous();
+  const int64_t rows = sv.size(0), cols = sv.size(1);
+  if (rows * cols == 0) return;
+  tile_grad_kernel<<<blocks_for(rows * cols), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      p.data_ptr<float>(), sv.data_ptr<float>(), out.data_ptr<float>(), p.size(0), rows, cols, tile_rows,
+      static_cast<float>(k));
+  check_launch("tile_logit_grad");
 }
 
 void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, const at::Tensor& pattern,
@@ -244,6 +291,7 @@ void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight, co
                              adam->round_key}
            : group::AdamArgs{};
   float* dl = pattern_grad.defined() ? pattern_grad.data_ptr<float>() : nullptr;
+  float* sq = sq_rows.defined() ? sq_rows.data_ptr<float>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int blocks = blocks_for(warps * 32);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_backward_cuda", [&] {
@@ -253,18 +301,18 @@ void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight, co
       if (s.fixed) {
         backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
             gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), nullptr, pat.data_ptr<uint8_t>(), dl,
-            tile_rows.data_ptr<float>(), sq_rows.data_ptr<float>(), p, args, false, nullptr, nullptr);
+            tile_rows.data_ptr<float>(), nullptr, p, args, false, nullptr, nullptr);
       } else if (pat.scalar_type() == at::kBFloat16) {
         using L = c10::BFloat16;
         backward_kernel<W, G, L><<<blocks, kThreads, 0, stream>>>(
             gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<L>(), nullptr, dl,
-            tile_rows.data_ptr<float>(), sq_rows.data_ptr<float>(), p, args, adam != nullptr,
+            tile_rows.data_ptr<float>(), sq, p, args, adam != nullptr,
             adam ? adam->exp_avg.data_ptr<L>() : nullptr, adam ? adam->exp_avg_sq.data_ptr<L>() : nullptr);
       } else {
         core::check(pat.scalar_type() == at::kFloat, "mask kernels", "CUDA 2:4 logits must be float32 or bfloat16");
         backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
             gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(), nullptr, dl,
-            tile_rows.data_ptr<float>(), sq_rows.data_ptr<float>(), p, args, adam != nullptr,
+            tile_rows.data_ptr<float>(), sq, p, args, adam != nullptr,
             adam ? adam->exp_avg.data_ptr<float>() : nullptr, adam ? adam->exp_avg_sq.data_ptr<float>() : nullptr);
       }
     });

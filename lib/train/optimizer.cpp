@@ -44,17 +44,14 @@ void AdamW::zero_grad() {
 
 double AdamW::clip_grad_norm(double max_norm, double extra_sq) {
   c10::NoGradGuard no_grad;
-  std::vector<at::Tensor> norms;
+  // Multi-tensor kernels: a few launches for all layers, one device sync.
+  std::vector<at::Tensor> grads;
   for (auto& [name, p] : params_)
-    if (p.grad().defined()) norms.push_back(p.grad().norm(2).to(at::kDouble));
+    if (p.grad().defined()) grads.push_back(p.grad());
   double sq = extra_sq;
-  if (!norms.empty()) sq += at::stack(norms).square().sum().item<double>();
+  if (!grads.empty()) sq += at::stack(at::_foreach_norm(grads, 2)).to(at::kDouble).square().sum().item<double>();
   const double total = std::sqrt(sq);
-  if (max_norm > 0 && total > max_norm) {
-    double scale = max_norm / (total + 1e-6);
-    for (auto& [name, p] : params_)
-      if (p.grad().defined()) p.mutable_grad().mul_(scale);
-  }
+  if (max_norm > 0 && total > max_norm && !grads.empty()) at::_foreach_mul_(grads, max_norm / (total + 1e-6));
   return total;
 }
 
