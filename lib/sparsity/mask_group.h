@@ -18,11 +18,37 @@ PATCH_HD uint32_t pattern_bits(int k) {
   return (kBits >> (4 * k)) & 0xFu;
 }
 
-// Gumbel(0, 1) noise of the six patterns of group q: two Philox blocks.
+// Natural log and exp: the hardware approximations on the device (a few ulp;
+// the noise and softmax need no more), the library functions on the host.
+PATCH_HD float fast_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return __logf(x);
+#else
+  return std::log(x);
+#endif
+}
+template <typename T>
+PATCH_HD T fast_exp(T x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+// Six 21-bit words of one Philox block: the four low parts, then the two
+// 22-bit concatenations of the high parts (21 bits used).
+PATCH_HD void split6(const Philox4& b, uint32_t x[6]) {
+  for (int i = 0; i < 4; ++i) x[i] = b.v[i];
+  x[4] = (b.v[0] >> 21) | ((b.v[1] >> 21) << 11);
+  x[5] = (b.v[2] >> 21) | ((b.v[3] >> 21) << 11);
+}
+
+// Gumbel(0, 1) noise of the six patterns of group q, from one Philox block.
 PATCH_HD void gumbel6(uint64_t key, uint64_t q, float g[6]) {
-  const Philox4 a = philox4x32(key, q, 0), b = philox4x32(key, q, 1);
-  const uint32_t x[6] = {a.v[0], a.v[1], a.v[2], a.v[3], b.v[0], b.v[1]};
-  for (int k = 0; k < 6; ++k) g[k] = -std::log(-std::log(uniform_open(x[k])));
+  uint32_t x[6];
+  split6(philox4x32(key, q), x);
+  for (int k = 0; k < 6; ++k) g[k] = -fast_log(-fast_log(uniform_open21(x[k])));
 }
 
 // Logistic(0, 1) noise of tile t (the difference of two Gumbels).
@@ -49,7 +75,7 @@ PATCH_HD void sample(const L* logits, uint64_t key, uint64_t q, Acc scale, Acc i
   }
   Acc sum = 0;
   for (int k = 0; k < 6; ++k) {
-    p[k] = std::exp(y[k] - top);
+    p[k] = fast_exp(y[k] - top);
     sum += p[k];
   }
   for (int k = 0; k < 6; ++k) p[k] /= sum;
@@ -105,8 +131,9 @@ struct AdamArgs {
 };
 template <typename L, typename Acc>
 PATCH_HD void adam6(L* logits, L* m, L* v, const Acc dl[6], const AdamArgs& a, uint64_t q) {
-  const Philox4 r0 = philox4x32(a.round_key, q, 0), r1 = philox4x32(a.round_key, q, 1);
-  const uint32_t r[6] = {r0.v[0], r0.v[1], r0.v[2], r0.v[3], r1.v[0], r1.v[1]};
+  // Six 16-bit rounding draws from one Philox block.
+  const Philox4 b = philox4x32(a.round_key, q);
+  const uint32_t r[6] = {b.v[0], b.v[0] >> 16, b.v[1], b.v[1] >> 16, b.v[2], b.v[2] >> 16};
   for (int k = 0; k < 6; ++k) {
     const float g = static_cast<float>(dl[k]) * a.grad_scale;
     const float mk = a.beta1 * to_float(m[k]) + (1.0f - a.beta1) * g;

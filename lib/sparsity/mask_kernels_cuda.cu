@@ -66,7 +66,10 @@ template <typename L>
 __device__ __forceinline__ void sample_group(const Params& p, const float* gates, const L* logits,
                                              const uint8_t* fixed, int64_t q, int64_t o, int64_t grp, float& t,
                                              float pr[6], float m24[4]) {
-  t = p.has_tiles ? gates[(o / p.tile_rows) * p.cols + (4 * grp) / p.tile_cols] : 0.0f;
+  // 32-bit index math: a row or group index of one layer is far below 2^31.
+  t = p.has_tiles ? gates[(static_cast<int>(o) / static_cast<int>(p.tile_rows)) * p.cols +
+                          (4 * static_cast<int>(grp)) / static_cast<int>(p.tile_cols)]
+                  : 0.0f;
   if (p.fixed) {
     const uint32_t bits = group::pattern_bits(fixed[q]);
 #pragma unroll
@@ -78,20 +81,32 @@ __device__ __forceinline__ void sample_group(const Params& p, const float* gates
   }
 }
 
+// Rows on the grid's y axis and groups on x: no 64-bit division per group.
 template <typename W, typename L, typename O>
 __global__ void forward_kernel(const W* __restrict__ w, const float* __restrict__ gates, const L* __restrict__ logits,
                                const uint8_t* __restrict__ fixed, O* __restrict__ out, Params p) {
-  const int64_t total = p.rows * p.groups;
-  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < total;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t o = q / p.groups, grp = q - o * p.groups;
-    float t, pr[6], m24[4];
-    sample_group(p, gates, logits, fixed, q, o, grp, t, pr, m24);
-    const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
-    Vec4<O> ov;
+  const int groups = static_cast<int>(p.groups), tile_rows = static_cast<int>(p.tile_rows);
+  const int tile_cols = static_cast<int>(p.tile_cols);
+  for (int64_t o = blockIdx.y; o < p.rows; o += gridDim.y) {
+    const float* gate_row = gates + (static_cast<int>(o) / tile_rows) * p.cols;
+    for (int grp = blockIdx.x * blockDim.x + threadIdx.x; grp < groups; grp += gridDim.x * blockDim.x) {
+      const int64_t q = o * p.groups + grp;
+      float t = p.has_tiles ? gate_row[(4 * grp) / tile_cols] : 0.0f, pr[6], m24[4];
+      if (p.fixed) {
+        const uint32_t bits = group::pattern_bits(fixed[q]);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) ov.v[j] = static_cast<O>(static_cast<float>(wv.v[j]) * (t + (1.0f - t) * m24[j]));
-    reinterpret_cast<Vec4<O>*>(out)[q] = ov;
+        for (int j = 0; j < 4; ++j) m24[j] = (bits >> j) & 1u ? 1.0f : 0.0f;
+      } else {
+        L l[6];
+        load6(logits + 6 * q, l);
+        group::sample<float, L>(l, p.key, static_cast<uint64_t>(q), p.scale, p.inv_tau, p.noise, p.hard, pr, m24);
+      }
+      const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
+      Vec4<O> ov;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) ov.v[j] = static_cast<O>(static_cast<float>(wv.v[j]) * (t + (1.0f - t) * m24[j]));
+      reinterpret_cast<Vec4<O>*>(out)[q] = ov;
+    }
   }
 }
 
@@ -172,15 +187,21 @@ __global__ void gates_kernel(const float* logits, float* out, int64_t total, flo
   }
 }
 
+// One warp per tile: the lanes sum the tile's rows, reduced in a fixed order.
 __global__ void tile_grad_kernel(const float* partial, const float* soft, float* out, int64_t out_rows, int64_t rows,
                                  int64_t cols, int64_t tile_rows, float k) {
-  for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < rows * cols;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t t = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; t < rows * cols;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
     const int64_t r = t / cols, c = t - r * cols, end = (r + 1) * tile_rows < out_rows ? (r + 1) * tile_rows : out_rows;
     float sum = 0.0f;
-    for (int64_t o = r * tile_rows; o < end; ++o) sum += partial[o * cols + c];
-    const float y = soft[t];
-    out[t] = sum * y * (1.0f - y) * k;
+    for (int64_t o = r * tile_rows + lane; o < end; o += 32) sum += partial[o * cols + c];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) {
+      const float y = soft[t];
+      out[t] = sum * y * (1.0f - y) * k;
+    }
   }
 }
 
@@ -235,7 +256,7 @@ void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t 
   auto sv = soft.to(at::kFloat).contiguous();
   const int64_t rows = sv.size(0), cols = sv.size(1);
   if (rows * cols == 0) return;
-  tile_grad_kernel<<<blocks_for(rows * cols), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  tile_grad_kernel<<<blocks_for(rows * cols * 32), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       p.data_ptr<float>(), sv.data_ptr<float>(), out.data_ptr<float>(), p.size(0), rows, cols, tile_rows,
       static_cast<float>(k));
   check_launch("tile_logit_grad");
@@ -245,25 +266,26 @@ void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, co
                            const GroupSampling& s, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const Params p = params_of(weight, s);
-  const int64_t total = p.rows * p.groups;
-  if (total == 0) return;
+  if (p.rows * p.groups == 0) return;
   auto w = weight.contiguous();
   auto g = float_gates(gates, s, weight);
   auto pat = pattern.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((p.groups + kThreads - 1) / kThreads, 64)),
+                  static_cast<unsigned>(std::min<int64_t>(p.rows, 65535)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_forward_cuda", [&] {
     using W = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "masked_weight_forward_out", [&] {
       using O = scalar_t;
       if (s.fixed) {
-        forward_kernel<W, float, O><<<blocks_for(total), kThreads, 0, stream>>>(
+        forward_kernel<W, float, O><<<grid, kThreads, 0, stream>>>(
             w.data_ptr<W>(), g.data_ptr<float>(), nullptr, pat.data_ptr<uint8_t>(), out.data_ptr<O>(), p);
       } else if (pat.scalar_type() == at::kBFloat16) {
-        forward_kernel<W, c10::BFloat16, O><<<blocks_for(total), kThreads, 0, stream>>>(
+        forward_kernel<W, c10::BFloat16, O><<<grid, kThreads, 0, stream>>>(
             w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<c10::BFloat16>(), nullptr, out.data_ptr<O>(), p);
       } else {
         core::check(pat.scalar_type() == at::kFloat, "mask kernels", "CUDA 2:4 logits must be float32 or bfloat16");
-        forward_kernel<W, float, O><<<blocks_for(total), kThreads, 0, stream>>>(
+        forward_kernel<W, float, O><<<grid, kThreads, 0, stream>>>(
             w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(), nullptr, out.data_ptr<O>(), p);
       }
     });

@@ -46,5 +46,9 @@ PATCH_HD Philox4 philox4x32(uint64_t key, uint64_t subsequence, uint32_t block =
 // A uniform in the open interval (0, 1) from 23 random bits: (k + 1/2) / 2^23,
 // exactly representable in float, so log(u) and log(1 - u) stay finite.
 PATCH_HD float uniform_open(uint32_t x) { return (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f); }
+// The same from the low 21 bits of x: six such uniforms fit one Philox block.
+PATCH_HD float uniform_open21(uint32_t x) {
+  return (static_cast<float>(x & 0x1FFFFFu) + 0.5f) * (1.0f / 2097152.0f);
+}
 
 }  // namespace patch::sparsity
