@@ -83,7 +83,7 @@ __device__ __forceinline__ void sample_group(const Params& p, const float* gates
 
 // Rows on the grid's y axis and groups on x: no 64-bit division per group.
 template <typename W, typename L, typename O>
-__global__ void forward_kernel(const W* __restrict__ w, const float* __restrict__ gates, const L* __restrict__ logits,
+__global__ void __launch_bounds__(kThreads) forward_kernel(const W* __restrict__ w, const float* __restrict__ gates, const L* __restrict__ logits,
                                const uint8_t* __restrict__ fixed, O* __restrict__ out, Params p) {
   const int groups = static_cast<int>(p.groups), tile_rows = static_cast<int>(p.tile_rows);
   const int tile_cols = static_cast<int>(p.tile_cols);
@@ -114,7 +114,7 @@ __global__ void forward_kernel(const W* __restrict__ w, const float* __restrict_
 // row, and the tile gradient and squared-norm partials are reduced in a fixed
 // order (deterministic, no atomics).
 template <typename W, typename G, typename L>
-__global__ void backward_kernel(const G* __restrict__ grad, const W* __restrict__ w, const float* __restrict__ gates,
+__global__ void __launch_bounds__(kThreads) backward_kernel(const G* __restrict__ grad, const W* __restrict__ w, const float* __restrict__ gates,
                                 L* __restrict__ logits, const uint8_t* __restrict__ fixed, float* __restrict__ dlogits,
                                 float* __restrict__ tile_rows, float* __restrict__ sq_rows, Params p,
                                 group::AdamArgs adam, bool inline_adam, L* __restrict__ m, L* __restrict__ v) {
