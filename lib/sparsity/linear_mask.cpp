@@ -22,7 +22,9 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-uint64_t combine(uint64_t h, uint64_t v) { return splitmix64(h ^ splitmix64(v)); }
+uint64_t combine(uint64_t h, uint64_t v) {
+  return splitmix64(h ^ splitmix64(v));
+}
 
 uint64_t fnv1a(const std::string& s) {
   uint64_t h = 0xcbf29ce484222325ULL;
@@ -31,14 +33,21 @@ uint64_t fnv1a(const std::string& s) {
 }
 
 // Streams of random numbers a layer draws; each gets its own generator.
-enum Stream : uint64_t { kTileNoise = 0, kPatternNoise = 1, kTileInit = 2, kPatternInit = 3, kRounding = 4 };
+enum Stream : uint64_t {
+  kTileNoise = 0,
+  kPatternNoise = 1,
+  kTileInit = 2,
+  kPatternInit = 3,
+  kRounding = 4
+};
 constexpr uint64_t kNoiseTag = 0x6e6f697365ULL, kInitTag = 0x696e6974ULL;
 
 // A fresh generator on `device` with a fixed seed. CPU: a Mersenne twister,
 // which takes 32 seed bits, so both halves are folded in. Other devices: a
 // clone of the default generator (any backend, no CUDA headers), reseeded.
 at::Generator make_generator(uint64_t seed, const at::Device& device) {
-  if (device.is_cpu()) return at::make_generator<at::CPUGeneratorImpl>((seed ^ (seed >> 32)) & 0xffffffffULL);
+  if (device.is_cpu())
+    return at::make_generator<at::CPUGeneratorImpl>((seed ^ (seed >> 32)) & 0xffffffffULL);
   at::Generator def = at::globalContext().defaultGenerator(device);
   at::Generator gen;
   {
@@ -71,8 +80,7 @@ struct FusedMask : torch::CustomClassHolder {
     s.tile_cols = m.grid_.tile_cols();
     pattern = s.fixed ? m.fixed_pattern_ : m.pattern_logits_.detach();
     if (s.has_tiles) {
-      auto g = tile_gates(m.tile_logits_.detach(), st.scale_tile, st.tau_tile, st.hard_tile, /*noise=*/true,
-                          m.noise_seed(kTileNoise));
+      const at::Tensor& g = m.step_gates();
       gates = g[0];
       soft = g[1];
     }
@@ -83,23 +91,36 @@ struct FusedMask : torch::CustomClassHolder {
   }
 
   // Logit gradients from dL/d(W * M); compact state updates the 2:4 logits instead.
-  std::pair<at::Tensor, at::Tensor> backward(const at::Tensor& grad, bool tile_grad, bool inline_update) const {
+  std::pair<at::Tensor, at::Tensor> backward(const at::Tensor& grad, bool tile_grad,
+                                             bool inline_update) const {
     LinearMask& m = *owner;
     InlineAdam adam;
     const bool inline_adam = inline_update && m.opts_.compact && !s.fixed;
     if (inline_adam) {
       const auto& u = m.state_->update;
-      adam = {u.lr, u.beta1, u.beta2, u.eps, u.weight_decay,
-              1.0 - std::pow(u.beta1, static_cast<double>(u.steps)), 1.0 - std::pow(u.beta2, static_cast<double>(u.steps)),
-              u.grad_scale, m.noise_seed(kRounding), m.exp_avg_, m.exp_avg_sq_};
+      adam = {u.lr,
+              u.beta1,
+              u.beta2,
+              u.eps,
+              u.weight_decay,
+              1.0 - std::pow(u.beta1, static_cast<double>(u.steps)),
+              1.0 - std::pow(u.beta2, static_cast<double>(u.steps)),
+              u.grad_scale,
+              m.noise_seed(kRounding),
+              m.exp_avg_,
+              m.exp_avg_sq_};
     }
     auto g = masked_weight_backward(grad, weight, gates, pattern, s, inline_adam ? &adam : nullptr);
-    if (inline_adam) m.pattern_sq_norm_ = m.pattern_sq_norm_.defined() ? m.pattern_sq_norm_ + g.sq_norm : g.sq_norm;
+    if (inline_adam)
+      m.pattern_sq_norm_ =
+          m.pattern_sq_norm_.defined() ? m.pattern_sq_norm_ + g.sq_norm : g.sq_norm;
     at::Tensor dtile;
     if (s.has_tiles && tile_grad)
-      dtile = tile_logit_grad(g.tile_rows, soft, m.grid_.tile_rows(), m.state_->scale_tile / m.state_->tau_tile)
+      dtile = tile_logit_grad(g.tile_rows, soft, m.grid_.tile_rows(),
+                              m.state_->scale_tile / m.state_->tau_tile)
                   .to(m.tile_logits_.scalar_type());
-    at::Tensor dpattern = g.pattern.defined() ? g.pattern.to(m.pattern_logits_.scalar_type()) : at::Tensor();
+    at::Tensor dpattern =
+        g.pattern.defined() ? g.pattern.to(m.pattern_logits_.scalar_type()) : at::Tensor();
     return {dtile, dpattern};
   }
 };
@@ -114,29 +135,30 @@ c10::intrusive_ptr<FusedMask> fused_of(AutogradContext* ctx) {
 // Tile gates with a straight-through hard forward value: the soft gate's
 // derivative soft (1 - soft) k carries the gradient.
 struct GatesFn : torch::autograd::Function<GatesFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, double scale, double tau, bool hard,
-                            bool noise, uint64_t key) {
-    auto g = tile_gates(logits.detach(), scale, tau, hard, noise, key).to(logits.scalar_type());
+  // g: [2, rows, cols] forward values and soft gates of `logits`.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& /*logits*/, const at::Tensor& g,
+                            double k) {
     ctx->save_for_backward({g[1]});
-    ctx->saved_data["k"] = scale / tau;
-    return g[0];
+    ctx->saved_data["k"] = k;
+    return g[0].clone();
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     const auto soft = ctx->get_saved_variables()[0];
     const double k = ctx->saved_data["k"].toDouble();
-    return {grad_out[0] * soft * (1.0 - soft) * k, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_out[0] * soft * (1.0 - soft) * k, at::Tensor(), at::Tensor()};
   }
 };
 
 // W * M with inputs (tile logits, 2:4 logits or fixed patterns).
 struct MaskedWeightFn : torch::autograd::Function<MaskedWeightFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& /*tiles*/, const at::Tensor& /*patterns*/,
-                            c10::intrusive_ptr<FusedMask> f) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& /*tiles*/,
+                            const at::Tensor& /*patterns*/, c10::intrusive_ptr<FusedMask> f) {
     ctx->saved_data["fused"] = at::IValue::make_capsule(f);
     return f->forward(f->weight.scalar_type());
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
-    auto [dtile, dpattern] = fused_of(ctx)->backward(grad_out[0], ctx->needs_input_grad(0), /*inline_update=*/true);
+    auto [dtile, dpattern] =
+        fused_of(ctx)->backward(grad_out[0], ctx->needs_input_grad(0), /*inline_update=*/true);
     return {dtile, dpattern, at::Tensor()};
   }
 };
@@ -144,9 +166,11 @@ struct MaskedWeightFn : torch::autograd::Function<MaskedWeightFn> {
 // ||W * M||_F^2; its backward is the masked weight's with dL/d(W*M) = 2 g W*M,
 // the product recomputed instead of kept.
 struct WeightTermFn : torch::autograd::Function<WeightTermFn> {
-  static at::ScalarType acc(const FusedMask& f) { return at::promote_types(f.owner->options().dtype, at::kFloat); }
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& /*tiles*/, const at::Tensor& /*patterns*/,
-                            c10::intrusive_ptr<FusedMask> f) {
+  static at::ScalarType acc(const FusedMask& f) {
+    return at::promote_types(f.owner->options().dtype, at::kFloat);
+  }
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& /*tiles*/,
+                            const at::Tensor& /*patterns*/, c10::intrusive_ptr<FusedMask> f) {
     ctx->saved_data["fused"] = at::IValue::make_capsule(f);
     return f->forward(acc(*f)).square().sum();
   }
@@ -162,14 +186,18 @@ MaskMode parse_mask_mode(const std::string& name) {
   if (name == "joint") return MaskMode::kJoint;
   if (name == "tile") return MaskMode::kTile;
   if (name == "maskllm") return MaskMode::kMaskLLM;
-  throw core::ConfigError(core::str("unknown mask mode '", name, "' (expected joint, tile or maskllm)"));
+  throw core::ConfigError(
+      core::str("unknown mask mode '", name, "' (expected joint, tile or maskllm)"));
 }
 
 std::string mask_mode_name(MaskMode mode) {
   switch (mode) {
-    case MaskMode::kJoint: return "joint";
-    case MaskMode::kTile: return "tile";
-    case MaskMode::kMaskLLM: return "maskllm";
+    case MaskMode::kJoint:
+      return "joint";
+    case MaskMode::kTile:
+      return "tile";
+    case MaskMode::kMaskLLM:
+      return "maskllm";
   }
   return "?";
 }
@@ -201,7 +229,8 @@ LinearMask::LinearMask(std::string name, TileGrid grid, std::shared_ptr<const Sa
   const auto topts = at::TensorOptions().dtype(opts.dtype).device(opts.device);
   auto init = [&](at::IntArrayRef shape, Stream stream) {
     if (opts.init_std <= 0.0) return at::zeros(shape, topts);
-    auto gen = make_generator(combine(combine(combine(opts.seed, kInitTag), name_hash_), stream), opts.device);
+    auto gen = make_generator(combine(combine(combine(opts.seed, kInitTag), name_hash_), stream),
+                              opts.device);
     return at::normal(0.0, opts.init_std, shape, gen, topts);
   };
   const bool learn_tiles = opts.mode != MaskMode::kMaskLLM;
@@ -210,7 +239,8 @@ LinearMask::LinearMask(std::string name, TileGrid grid, std::shared_ptr<const Sa
   tile_logits_.set_requires_grad(learn_tiles);
   counts_ = grid_.counts().to(opts.device, opts.dtype);  // on the device once: no copy per step
   if (opts.mode == MaskMode::kTile) {
-    fixed_pattern_ = at::zeros({grid_.out(), grid_.groups()}, at::TensorOptions().dtype(at::kByte).device(opts.device));
+    fixed_pattern_ = at::zeros({grid_.out(), grid_.groups()},
+                               at::TensorOptions().dtype(at::kByte).device(opts.device));
   } else {
     pattern_logits_ = init({grid_.out(), grid_.groups(), kNumPatterns}, kPatternInit);
     if (opts.compact) {
@@ -226,11 +256,13 @@ LinearMask::LinearMask(std::string name, TileGrid grid, std::shared_ptr<const Sa
 
 void LinearMask::set_fixed_pattern(const at::Tensor& pattern) {
   core::check(opts_.mode == MaskMode::kTile, name_, "a fixed 2:4 pattern exists only in tile mode");
-  core::check(pattern.dim() == 2 && pattern.size(0) == grid_.out() && pattern.size(1) == grid_.groups(), name_,
-              core::str("fixed pattern must be [", grid_.out(), ", ", grid_.groups(), "]"));
+  core::check(
+      pattern.dim() == 2 && pattern.size(0) == grid_.out() && pattern.size(1) == grid_.groups(),
+      name_, core::str("fixed pattern must be [", grid_.out(), ", ", grid_.groups(), "]"));
   auto p = pattern.to(opts_.device, at::kLong);
-  core::check(p.numel() == 0 || (p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < kNumPatterns), name_,
-              "fixed pattern indices must be 0-5");
+  core::check(
+      p.numel() == 0 || (p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < kNumPatterns),
+      name_, "fixed pattern indices must be 0-5");
   fixed_pattern_ = p.to(at::kByte).contiguous();
 }
 
@@ -243,7 +275,8 @@ std::vector<at::Tensor> LinearMask::parameters() const {
 std::vector<std::pair<std::string, at::Tensor>> LinearMask::named_parameters() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   if (tile_logits_.requires_grad()) out.emplace_back(name_ + ".tile_logits", tile_logits_);
-  if (pattern_logits_.defined() && !opts_.compact) out.emplace_back(name_ + ".pattern_logits", pattern_logits_);
+  if (pattern_logits_.defined() && !opts_.compact)
+    out.emplace_back(name_ + ".pattern_logits", pattern_logits_);
   return out;
 }
 
@@ -271,15 +304,42 @@ uint64_t LinearMask::noise_seed(uint64_t stream) const {
 
 at::Tensor LinearMask::gates(bool noise, bool hard) const {
   if (opts_.mode == MaskMode::kMaskLLM) return at::zeros_like(tile_logits_);
-  return GatesFn::apply(tile_logits_, state_->scale_tile, state_->tau_tile, hard, noise, noise_seed(kTileNoise));
+  const at::Tensor g =
+      noise && hard == state_->hard_tile
+          ? step_gates()
+          : sparsity::tile_gates(tile_logits_.detach(), state_->scale_tile, state_->tau_tile, hard,
+                                 noise, noise_seed(kTileNoise))
+                .to(tile_logits_.scalar_type());
+  return GatesFn::apply(tile_logits_, g, state_->scale_tile / state_->tau_tile);
+}
+
+const at::Tensor& LinearMask::step_gates() const {
+  const SamplerState& st = *state_;
+  GateCache& c = gate_cache_;
+  const uint32_t version = tile_logits_._version();
+  if (!c.gates.defined() || c.step != st.step || c.seed != st.seed || c.scale != st.scale_tile ||
+      c.tau != st.tau_tile || c.hard != st.hard_tile || c.version != version) {
+    c = {st.step,
+         st.seed,
+         st.scale_tile,
+         st.tau_tile,
+         st.hard_tile,
+         version,
+         sparsity::tile_gates(tile_logits_.detach(), st.scale_tile, st.tau_tile, st.hard_tile,
+                              /*noise=*/true, noise_seed(kTileNoise))
+             .to(tile_logits_.scalar_type())};
+  }
+  return c.gates;
 }
 
 at::Tensor LinearMask::mask_24(bool noise, bool hard) const {
   if (opts_.mode == MaskMode::kTile) return expand_patterns(fixed_pattern_, opts_.dtype);
   auto x = pattern_logits_.to(opts_.dtype) * state_->scale_24;
-  if (noise) x = x + gumbel_noise(grid_.out(), grid_.groups(), noise_seed(kPatternNoise), x.options());
+  if (noise)
+    x = x + gumbel_noise(grid_.out(), grid_.groups(), noise_seed(kPatternNoise), x.options());
   auto p = at::softmax(x / state_->tau_24, -1);
-  if (hard) p = at::zeros_like(p).scatter_(-1, p.argmax(-1, /*keepdim=*/true), 1.0) + (p - p.detach());
+  if (hard)
+    p = at::zeros_like(p).scatter_(-1, p.argmax(-1, /*keepdim=*/true), 1.0) + (p - p.detach());
   auto table = pattern_table(at::TensorOptions().dtype(opts_.dtype).device(opts_.device));
   return at::matmul(p, table).view({grid_.out(), grid_.in()});
 }
@@ -291,22 +351,31 @@ at::Tensor LinearMask::mask(bool noise, bool hard_24, bool hard_tile) const {
   return t + (1.0 - t) * m24;
 }
 
-at::Tensor LinearMask::tile_gates(bool noise) const { return gates(noise, state_->hard_tile); }
-at::Tensor LinearMask::sampled_mask() const { return mask(/*noise=*/true, state_->hard_24, state_->hard_tile); }
-at::Tensor LinearMask::soft_mask(bool noise) const { return mask(noise, /*hard_24=*/false, /*hard_tile=*/false); }
+at::Tensor LinearMask::tile_gates(bool noise) const {
+  return gates(noise, state_->hard_tile);
+}
+at::Tensor LinearMask::sampled_mask() const {
+  return mask(/*noise=*/true, state_->hard_24, state_->hard_tile);
+}
+at::Tensor LinearMask::soft_mask(bool noise) const {
+  return mask(noise, /*hard_24=*/false, /*hard_tile=*/false);
+}
 
 at::Tensor LinearMask::effective_weight(const at::Tensor& weight) {
-  core::check(weight.dim() == 2 && weight.size(0) == grid_.out() && weight.size(1) == grid_.in(), name_,
+  core::check(weight.dim() == 2 && weight.size(0) == grid_.out() && weight.size(1) == grid_.in(),
+              name_,
               core::str("weight ", weight.sizes(), " does not match the mask ", grid_.str()));
-  core::check(weight.device() == tile_logits_.device(), name_,
-              core::str("weight on ", weight.device(), " but mask logits on ", tile_logits_.device()));
+  core::check(
+      weight.device() == tile_logits_.device(), name_,
+      core::str("weight on ", weight.device(), " but mask logits on ", tile_logits_.device()));
   if (!opts_.fused) return weight * sampled_mask().to(weight.scalar_type());
   auto f = c10::make_intrusive<FusedMask>(*this, weight);
   return MaskedWeightFn::apply(tile_logits_, f->s.fixed ? fixed_pattern_ : pattern_logits_, f);
 }
 
 at::Tensor LinearMask::hard_tiles() const {
-  if (opts_.mode == MaskMode::kMaskLLM) return at::zeros(tile_logits_.sizes(), tile_logits_.options().dtype(at::kByte));
+  if (opts_.mode == MaskMode::kMaskLLM)
+    return at::zeros(tile_logits_.sizes(), tile_logits_.options().dtype(at::kByte));
   return tile_logits_.detach().gt(0).to(at::kByte);
 }
 
@@ -315,10 +384,13 @@ at::Tensor LinearMask::hard_pattern() const {
   return pattern_logits_.detach().argmax(-1).to(at::kByte);
 }
 
-at::Tensor LinearMask::hard_mask() const { return build_mask(grid_, hard_tiles(), hard_pattern(), opts_.dtype); }
+at::Tensor LinearMask::hard_mask() const {
+  return build_mask(grid_, hard_tiles(), hard_pattern(), opts_.dtype);
+}
 
 at::Tensor LinearMask::soft_density() const {
-  if (opts_.mode == MaskMode::kMaskLLM) return at::full({}, 0.5, at::TensorOptions().dtype(opts_.dtype).device(opts_.device));
+  if (opts_.mode == MaskMode::kMaskLLM)
+    return at::full({}, 0.5, at::TensorOptions().dtype(opts_.dtype).device(opts_.device));
   auto t = gates(/*noise=*/true, state_->hard_tile);
   return 0.5 + (counts_ * t).sum() * (0.5 / static_cast<double>(grid_.numel()));
 }
@@ -344,7 +416,8 @@ at::Tensor LinearMask::weight_term(const at::Tensor& weight) const {
 at::Tensor FixedMask::effective_weight(const at::Tensor& weight) {
   core::check(weight.sizes() == mask_.sizes(), "FixedMask",
               core::str("weight ", weight.sizes(), " does not match mask ", mask_.sizes()));
-  if (!cast_.defined() || cast_.scalar_type() != weight.scalar_type() || cast_.device() != weight.device())
+  if (!cast_.defined() || cast_.scalar_type() != weight.scalar_type() ||
+      cast_.device() != weight.device())
     cast_ = mask_.to(weight.device(), weight.scalar_type());
   return weight * cast_;
 }

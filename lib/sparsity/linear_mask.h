@@ -107,11 +107,14 @@ class LinearMask : public model::WeightProvider {
 
  private:
   at::Tensor gates(bool noise, bool hard) const;
+  // This step's gates [2, rows, cols] (forward value, soft; noise on, the
+  // state's hard flag), computed once per (step, schedule, logits version) and
+  // shared by the forward, its checkpointed recompute and the density term.
+  const at::Tensor& step_gates() const;
   at::Tensor mask_24(bool noise, bool hard) const;
   at::Tensor mask(bool noise, bool hard_24, bool hard_tile) const;
   uint64_t noise_seed(uint64_t stream) const;
   friend struct FusedMask;
-
 
   std::string name_;
   int64_t block_ = -1;
@@ -121,6 +124,15 @@ class LinearMask : public model::WeightProvider {
   LinearMaskOptions opts_;
   at::Tensor tile_logits_, pattern_logits_, fixed_pattern_;
   at::Tensor counts_;  // weights per tile, in the logits' dtype and device
+  struct GateCache {
+    int64_t step = -1;
+    uint64_t seed = 0;
+    double scale = 0, tau = 0;
+    bool hard = false;
+    uint32_t version = 0;
+    at::Tensor gates;
+  };
+  mutable GateCache gate_cache_;
   at::Tensor exp_avg_, exp_avg_sq_, pattern_sq_norm_;  // compact state
 };
 

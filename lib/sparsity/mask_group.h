@@ -14,7 +14,8 @@ namespace patch::sparsity::group {
 
 // Kept positions of the six patterns (DESIGN.md order), as 4-bit masks.
 PATCH_HD uint32_t pattern_bits(int k) {
-  constexpr uint32_t kBits = (0x3u << 0) | (0x5u << 4) | (0x9u << 8) | (0x6u << 12) | (0xAu << 16) | (0xCu << 20);
+  constexpr uint32_t kBits =
+      (0x3u << 0) | (0x5u << 4) | (0x9u << 8) | (0x6u << 12) | (0xAu << 16) | (0xCu << 20);
   return (kBits >> (4 * k)) & 0xFu;
 }
 
@@ -62,8 +63,8 @@ PATCH_HD float logistic1(uint64_t key, uint64_t t) {
 // The sample of one group: soft probabilities p = softmax((scale l + g) / tau)
 // and the forward value of the 2:4 mask m24 (from one-hot argmax when hard).
 template <typename Acc, typename L>
-PATCH_HD void sample(const L* logits, uint64_t key, uint64_t q, Acc scale, Acc inv_tau, bool noise, bool hard,
-                     Acc p[6], Acc m24[4]) {
+PATCH_HD void sample(const L* logits, uint64_t key, uint64_t q, Acc scale, Acc inv_tau, bool noise,
+                     bool hard, Acc p[6], Acc m24[4]) {
   float g[6] = {0, 0, 0, 0, 0, 0};
   if (noise) gumbel6(key, q, g);
   Acc y[6], top = 0;
@@ -109,6 +110,18 @@ PATCH_HD void logit_grad(const Acc p[6], const Acc dm24[4], Acc scale, Acc inv_t
   for (int k = 0; k < 6; ++k) dl[k] = p[k] * (dp[k] - dot) * inv_tau * scale;
 }
 
+// A 32-bit mix of (x, key): the "lowbias32" finalizer (C. Wellons) of x
+// xor-ed with the folded key.
+PATCH_HD uint32_t hash32(uint32_t x, uint64_t key) {
+  x ^= static_cast<uint32_t>(key) ^ static_cast<uint32_t>(key >> 32) * 0x9E3779B9u;
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
 // Stochastic rounding to bf16: adding 16 random low bits before truncation
 // rounds up with probability equal to the dropped fraction.
 PATCH_HD c10::BFloat16 round_stochastic(float x, uint32_t r) {
@@ -118,14 +131,26 @@ PATCH_HD c10::BFloat16 round_stochastic(float x, uint32_t r) {
   return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
 }
 
-PATCH_HD float to_float(float x) { return x; }
-PATCH_HD float to_float(double x) { return static_cast<float>(x); }
-PATCH_HD float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+PATCH_HD float to_float(float x) {
+  return x;
+}
+PATCH_HD float to_float(double x) {
+  return static_cast<float>(x);
+}
+PATCH_HD float to_float(c10::BFloat16 x) {
+  return static_cast<float>(x);
+}
 
 // Stores an updated logit: bf16 stochastically, wider types as they are.
-PATCH_HD void store_logit(float* dst, double x, uint32_t) { *dst = static_cast<float>(x); }
-PATCH_HD void store_logit(double* dst, double x, uint32_t) { *dst = x; }
-PATCH_HD void store_logit(c10::BFloat16* dst, double x, uint32_t r) { *dst = round_stochastic(static_cast<float>(x), r); }
+PATCH_HD void store_logit(float* dst, double x, uint32_t) {
+  *dst = static_cast<float>(x);
+}
+PATCH_HD void store_logit(double* dst, double x, uint32_t) {
+  *dst = x;
+}
+PATCH_HD void store_logit(c10::BFloat16* dst, double x, uint32_t r) {
+  *dst = round_stochastic(static_cast<float>(x), r);
+}
 
 // One AdamW step of the six logits of group q (see InlineAdam).
 struct AdamArgs {
@@ -134,9 +159,15 @@ struct AdamArgs {
 };
 template <typename L, typename Acc>
 PATCH_HD void adam6(L* logits, L* m, L* v, const Acc dl[6], const AdamArgs& a, uint64_t q) {
-  // Six 16-bit rounding draws from one Philox block.
-  const Philox4 b = philox4x32(a.round_key, q);
-  const uint32_t r[6] = {b.v[0], b.v[0] >> 16, b.v[1], b.v[1] >> 16, b.v[2], b.v[2] >> 16};
+  // Six 16-bit rounding draws from three integer hashes: rounding needs
+  // uniform, step-to-step independent bits, not Philox's statistical strength.
+  uint32_t r[6];
+  for (int i = 0; i < 3; ++i) {
+    const uint32_t h =
+        hash32(static_cast<uint32_t>(q) * 3u + static_cast<uint32_t>(i), a.round_key);
+    r[2 * i] = h;
+    r[2 * i + 1] = h >> 16;
+  }
   for (int k = 0; k < 6; ++k) {
     const float g = static_cast<float>(dl[k]) * a.grad_scale;
     const float mk = a.beta1 * to_float(m[k]) + (1.0f - a.beta1) * g;

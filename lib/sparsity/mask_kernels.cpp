@@ -18,16 +18,20 @@ void check_inputs(const at::Tensor& weight, const at::Tensor& gates, const at::T
               core::str("weight must be [out, in] with in % 4 == 0, got ", weight.sizes()));
   const int64_t out = weight.size(0), groups = weight.size(1) / 4;
   if (s.fixed)
-    core::check(pattern.scalar_type() == at::kByte && pattern.dim() == 2 && pattern.size(0) == out &&
-                    pattern.size(1) == groups,
+    core::check(pattern.scalar_type() == at::kByte && pattern.dim() == 2 &&
+                    pattern.size(0) == out && pattern.size(1) == groups,
                 "mask kernels", core::str("fixed pattern must be uint8 [", out, ", ", groups, "]"));
   else
-    core::check(pattern.dim() == 3 && pattern.size(0) == out && pattern.size(1) == groups && pattern.size(2) == 6,
-                "mask kernels", core::str("2:4 logits must be [", out, ", ", groups, ", 6], got ", pattern.sizes()));
+    core::check(
+        pattern.dim() == 3 && pattern.size(0) == out && pattern.size(1) == groups &&
+            pattern.size(2) == 6,
+        "mask kernels",
+        core::str("2:4 logits must be [", out, ", ", groups, ", 6], got ", pattern.sizes()));
   if (s.has_tiles)
     core::check(gates.dim() == 2 && gates.size(0) == (out + s.tile_rows - 1) / s.tile_rows &&
                     gates.size(1) == (weight.size(1) + s.tile_cols - 1) / s.tile_cols,
-                "mask kernels", core::str("tile gates ", gates.sizes(), " do not match ", weight.sizes()));
+                "mask kernels",
+                core::str("tile gates ", gates.sizes(), " do not match ", weight.sizes()));
   core::check(s.tile_cols % 4 == 0, "mask kernels", "tile columns must be a multiple of 4");
 }
 
@@ -36,15 +40,18 @@ int64_t tile_cols_of(const at::Tensor& weight, const GroupSampling& s) {
 }
 
 // The reference computes in the logits' precision (float64 for gradient checks).
-at::ScalarType acc_type(const at::Tensor& gates, const at::Tensor& pattern, const GroupSampling& s) {
-  const bool dbl = s.fixed ? s.has_tiles && gates.scalar_type() == at::kDouble : pattern.scalar_type() == at::kDouble;
+at::ScalarType acc_type(const at::Tensor& gates, const at::Tensor& pattern,
+                        const GroupSampling& s) {
+  const bool dbl = s.fixed ? s.has_tiles && gates.scalar_type() == at::kDouble
+                           : pattern.scalar_type() == at::kDouble;
   return dbl ? at::kDouble : at::kFloat;
 }
 
 // The sampled group q (row `row`): forward mask values m[4] and soft p[6].
 template <typename Acc, typename L>
-void sample_cpu(const L* logits, const uint8_t* fixed, const Acc* gates, int64_t row, int64_t grp, int64_t groups,
-                int64_t cols, const GroupSampling& s, Acc& t, Acc p[6], Acc m24[4]) {
+void sample_cpu(const L* logits, const uint8_t* fixed, const Acc* gates, int64_t row, int64_t grp,
+                int64_t groups, int64_t cols, const GroupSampling& s, Acc& t, Acc p[6],
+                Acc m24[4]) {
   const int64_t q = row * groups + grp;
   t = s.has_tiles ? gates[(row / s.tile_rows) * cols + (4 * grp) / s.tile_cols] : Acc(0);
   if (s.fixed) {
@@ -57,8 +64,8 @@ void sample_cpu(const L* logits, const uint8_t* fixed, const Acc* gates, int64_t
 }
 
 template <typename Acc, typename L>
-void forward_cpu(const Acc* w, const Acc* gates, const L* logits, const uint8_t* fixed, Acc* out, int64_t rows,
-                 int64_t groups, int64_t cols, const GroupSampling& s) {
+void forward_cpu(const Acc* w, const Acc* gates, const L* logits, const uint8_t* fixed, Acc* out,
+                 int64_t rows, int64_t groups, int64_t cols, const GroupSampling& s) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o)
       for (int64_t grp = 0; grp < groups; ++grp) {
@@ -71,9 +78,9 @@ void forward_cpu(const Acc* w, const Acc* gates, const L* logits, const uint8_t*
 }
 
 template <typename Acc, typename L>
-void backward_cpu(const Acc* grad, const Acc* w, const Acc* gates, L* logits, const uint8_t* fixed, Acc* dlogits,
-                  Acc* tile_rows, Acc* sq_rows, int64_t rows, int64_t groups, int64_t cols, const GroupSampling& s,
-                  const group::AdamArgs* adam, L* m, L* v) {
+void backward_cpu(const Acc* grad, const Acc* w, const Acc* gates, L* logits, const uint8_t* fixed,
+                  Acc* dlogits, Acc* tile_rows, Acc* sq_rows, int64_t rows, int64_t groups,
+                  int64_t cols, const GroupSampling& s, const group::AdamArgs* adam, L* m, L* v) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o)
       for (int64_t grp = 0; grp < groups; ++grp) {
@@ -88,10 +95,12 @@ void backward_cpu(const Acc* grad, const Acc* w, const Acc* gates, L* logits, co
         if (s.has_tiles) tile_rows[o * cols + c] += dt;
         if (s.fixed) continue;
         Acc dl[6];
-        group::logit_grad<Acc>(p, dm24, static_cast<Acc>(s.scale), static_cast<Acc>(1.0 / s.tau), dl);
+        group::logit_grad<Acc>(p, dm24, static_cast<Acc>(s.scale), static_cast<Acc>(1.0 / s.tau),
+                               dl);
         if (adam) {
           for (int k = 0; k < 6; ++k) sq_rows[o * cols + c] += dl[k] * dl[k];
-          group::adam6<L, Acc>(logits + 6 * q, m + 6 * q, v + 6 * q, dl, *adam, static_cast<uint64_t>(q));
+          group::adam6<L, Acc>(logits + 6 * q, m + 6 * q, v + 6 * q, dl, *adam,
+                               static_cast<uint64_t>(q));
         } else {
           for (int k = 0; k < 6; ++k) dlogits[6 * q + k] = dl[k];
         }
@@ -100,9 +109,15 @@ void backward_cpu(const Acc* grad, const Acc* w, const Acc* gates, L* logits, co
 }
 
 group::AdamArgs adam_args(const InlineAdam& a) {
-  return {static_cast<float>(a.lr),         static_cast<float>(a.beta1),      static_cast<float>(a.beta2),
-          static_cast<float>(a.eps),        static_cast<float>(a.weight_decay), static_cast<float>(1.0 / a.bias1),
-          static_cast<float>(1.0 / a.bias2), static_cast<float>(a.grad_scale),   a.round_key};
+  return {static_cast<float>(a.lr),
+          static_cast<float>(a.beta1),
+          static_cast<float>(a.beta2),
+          static_cast<float>(a.eps),
+          static_cast<float>(a.weight_decay),
+          static_cast<float>(1.0 / a.bias1),
+          static_cast<float>(1.0 / a.bias2),
+          static_cast<float>(a.grad_scale),
+          a.round_key};
 }
 
 }  // namespace
@@ -137,7 +152,8 @@ at::Tensor logistic_noise(int64_t rows, int64_t cols, uint64_t key, const at::Te
   return noise.to(opts.dtype());
 }
 
-at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise, uint64_t key) {
+at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise,
+                      uint64_t key) {
   core::check(logits.dim() == 2, "tile_gates", "tile logits must be [rows, cols]");
 #if PATCH_WITH_CUDA
   if (logits.is_cuda()) {
@@ -163,7 +179,8 @@ at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool h
   return out;
 }
 
-at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k) {
+at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows,
+                           double k) {
   core::check(partial.dim() == 2 && soft.dim() == 2 && partial.size(1) == soft.size(1) &&
                   (partial.size(0) + tile_rows - 1) / tile_rows == soft.size(0),
               "tile_logit_grad", "partial sums and tile gates do not match");
@@ -185,7 +202,8 @@ at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, in
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c) {
         scalar_t sum = 0;
-        for (int64_t o = r * tile_rows; o < std::min(out_rows, (r + 1) * tile_rows); ++o) sum += src[o * cols + c];
+        for (int64_t o = r * tile_rows; o < std::min(out_rows, (r + 1) * tile_rows); ++o)
+          sum += src[o * cols + c];
         const scalar_t y = sv[r * cols + c];
         dst[r * cols + c] = sum * y * (scalar_t(1) - y) * static_cast<scalar_t>(k);
       }
@@ -193,8 +211,9 @@ at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, in
   return out;
 }
 
-at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, const at::Tensor& pattern,
-                                 const GroupSampling& s, at::ScalarType out_dtype) {
+at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates,
+                                 const at::Tensor& pattern, const GroupSampling& s,
+                                 at::ScalarType out_dtype) {
   check_inputs(weight, gates, pattern, s);
 #if PATCH_WITH_CUDA
   if (weight.is_cuda()) {
@@ -216,23 +235,28 @@ at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gat
       forward_cpu<Acc, Acc>(w.data_ptr<Acc>(), g.data_ptr<Acc>(), nullptr, pat.data_ptr<uint8_t>(),
                             out.data_ptr<Acc>(), rows, groups, cols, s);
     } else {
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pat.scalar_type(), "masked_weight_forward_logits", [&] {
-        forward_cpu<Acc, scalar_t>(w.data_ptr<Acc>(), g.data_ptr<Acc>(), pat.data_ptr<scalar_t>(), nullptr,
-                                   out.data_ptr<Acc>(), rows, groups, cols, s);
-      });
+      AT_DISPATCH_FLOATING_TYPES_AND(
+          at::kBFloat16, pat.scalar_type(), "masked_weight_forward_logits", [&] {
+            forward_cpu<Acc, scalar_t>(w.data_ptr<Acc>(), g.data_ptr<Acc>(),
+                                       pat.data_ptr<scalar_t>(), nullptr, out.data_ptr<Acc>(), rows,
+                                       groups, cols, s);
+          });
     }
   });
   return out.to(out_dtype);
 }
 
-MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& gates,
-                                         const at::Tensor& pattern, const GroupSampling& s, InlineAdam* adam) {
+MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,
+                                         const at::Tensor& gates, const at::Tensor& pattern,
+                                         const GroupSampling& s, InlineAdam* adam) {
   check_inputs(weight, gates, pattern, s);
   core::check(grad.sizes() == weight.sizes(), "mask kernels", "gradient and weight shapes differ");
-  core::check(!adam || (!s.fixed && pattern.is_contiguous() && adam->exp_avg.sizes() == pattern.sizes() &&
-                        adam->exp_avg_sq.sizes() == pattern.sizes() &&
-                        adam->exp_avg.scalar_type() == pattern.scalar_type()),
-              "mask kernels", "the in-backward AdamW needs contiguous 2:4 logits and moments of the same shape");
+  core::check(
+      !adam || (!s.fixed && pattern.is_contiguous() && adam->exp_avg.sizes() == pattern.sizes() &&
+                adam->exp_avg_sq.sizes() == pattern.sizes() &&
+                adam->exp_avg.scalar_type() == pattern.scalar_type()),
+      "mask kernels",
+      "the in-backward AdamW needs contiguous 2:4 logits and moments of the same shape");
   const auto acc = acc_type(gates, pattern, s);
   const int64_t rows = weight.size(0), groups = weight.size(1) / 4, cols = tile_cols_of(weight, s);
   const auto aopts = weight.options().dtype(acc);
@@ -243,7 +267,8 @@ MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tenso
   if (!s.fixed && !adam) res.pattern = at::empty({rows, groups, 6}, aopts);
 #if PATCH_WITH_CUDA
   if (weight.is_cuda()) {
-    cuda::masked_weight_backward(grad, weight, gates, pattern, s, adam, res.pattern, res.tile_rows, sq_rows);
+    cuda::masked_weight_backward(grad, weight, gates, pattern, s, adam, res.pattern, res.tile_rows,
+                                 sq_rows);
     if (adam) res.sq_norm = sq_rows.sum();
     return res;
   }
@@ -262,17 +287,18 @@ MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tenso
     Acc* dl = res.pattern.defined() ? res.pattern.data_ptr<Acc>() : nullptr;
     if (s.fixed) {
       backward_cpu<Acc, Acc>(gr.data_ptr<Acc>(), w.data_ptr<Acc>(), g.data_ptr<Acc>(), nullptr,
-                             pat.data_ptr<uint8_t>(), dl, res.tile_rows.data_ptr<Acc>(), nullptr, rows, groups,
-                             cols, s, nullptr, nullptr, nullptr);
+                             pat.data_ptr<uint8_t>(), dl, res.tile_rows.data_ptr<Acc>(), nullptr,
+                             rows, groups, cols, s, nullptr, nullptr, nullptr);
     } else {
-      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pat.scalar_type(), "masked_weight_backward_logits", [&] {
-        backward_cpu<Acc, scalar_t>(gr.data_ptr<Acc>(), w.data_ptr<Acc>(), g.data_ptr<Acc>(),
-                                    pat.data_ptr<scalar_t>(), nullptr, dl, res.tile_rows.data_ptr<Acc>(),
-                                    adam ? sq_rows.data_ptr<Acc>() : nullptr, rows, groups, cols, s,
-                                    adam ? &args : nullptr,
-                                    adam ? adam->exp_avg.data_ptr<scalar_t>() : nullptr,
-                                    adam ? adam->exp_avg_sq.data_ptr<scalar_t>() : nullptr);
-      });
+      AT_DISPATCH_FLOATING_TYPES_AND(
+          at::kBFloat16, pat.scalar_type(), "masked_weight_backward_logits", [&] {
+            backward_cpu<Acc, scalar_t>(
+                gr.data_ptr<Acc>(), w.data_ptr<Acc>(), g.data_ptr<Acc>(), pat.data_ptr<scalar_t>(),
+                nullptr, dl, res.tile_rows.data_ptr<Acc>(),
+                adam ? sq_rows.data_ptr<Acc>() : nullptr, rows, groups, cols, s,
+                adam ? &args : nullptr, adam ? adam->exp_avg.data_ptr<scalar_t>() : nullptr,
+                adam ? adam->exp_avg_sq.data_ptr<scalar_t>() : nullptr);
+          });
     }
   });
   if (adam) res.sq_norm = sq_rows.sum();

@@ -14,12 +14,12 @@ namespace patch::sparsity {
 
 // How a layer's 2:4 part is sampled in one step (MaskMode as kTile/kMaskLLM flags).
 struct GroupSampling {
-  bool fixed = false;          // tile mode: the pattern is given, nothing sampled
-  bool has_tiles = true;       // false in maskllm mode: T = 0, no tile gradient
+  bool fixed = false;     // tile mode: the pattern is given, nothing sampled
+  bool has_tiles = true;  // false in maskllm mode: T = 0, no tile gradient
   double scale = 1.0, tau = 1.0;
-  bool hard = false;           // straight-through one-hot forward value
+  bool hard = false;  // straight-through one-hot forward value
   bool noise = true;
-  uint64_t key = 0;            // Philox key of the Gumbel noise
+  uint64_t key = 0;  // Philox key of the Gumbel noise
   int64_t tile_rows = 1, tile_cols = 4;
 };
 
@@ -33,7 +33,7 @@ struct InlineAdam {
   double bias1 = 1.0, bias2 = 1.0;  // 1 - beta^t
   double grad_scale = 1.0;          // gradient clipping factor
   uint64_t round_key = 0;
-  at::Tensor exp_avg, exp_avg_sq;   // like the logits
+  at::Tensor exp_avg, exp_avg_sq;  // like the logits
 };
 
 // Gumbel(0, 1) noise [out, groups, 6] and Logistic(0, 1) noise [rows, cols] as
@@ -46,40 +46,47 @@ at::Tensor logistic_noise(int64_t rows, int64_t cols, uint64_t key, const at::Te
 // Logistic noise of `key` (when `noise`): [2, rows, cols] in the logits' dtype
 // (float32 on CUDA); [0] is the forward value (0/1 by T > 0.5 when hard), [1]
 // the soft T that carries the gradient.
-at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise, uint64_t key);
+at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise,
+                      uint64_t key);
 // dL/d(tile logits) [rows, cols] from a backward's per-row partial sums [out,
 // cols] of dL/dT: each tile's rows summed, times dT/dl = soft (1 - soft) k
 // with k = scale / tau.
-at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k);
+at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows,
+                           double k);
 
 // W * M in `out_dtype`, M = T + (1 - T) * M24. weight [out, in]; gates [rows,
 // cols] the forward values of T (ignored without tiles); pattern the logits
 // [out, in/4, 6] or, when fixed, the pattern indices [out, in/4] uint8.
-at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, const at::Tensor& pattern,
-                                 const GroupSampling& s, at::ScalarType out_dtype);
+at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates,
+                                 const at::Tensor& pattern, const GroupSampling& s,
+                                 at::ScalarType out_dtype);
 
 struct MaskedWeightGrads {
-  at::Tensor pattern;     // dL/d(2:4 logits) [out, in/4, 6]; undefined when fixed or applied inline
-  at::Tensor tile_rows;   // dL/dT summed over each row's part of each tile [out, cols]
-  at::Tensor sq_norm;     // sum of squared 2:4 logit gradients (scalar); only with `adam`
+  at::Tensor pattern;    // dL/d(2:4 logits) [out, in/4, 6]; undefined when fixed or applied inline
+  at::Tensor tile_rows;  // dL/dT summed over each row's part of each tile [out, cols]
+  at::Tensor sq_norm;    // sum of squared 2:4 logit gradients (scalar); only with `adam`
 };
 // The backward of masked_weight_forward for grad = dL/d(W * M) [out, in].
 // With `adam`, the 2:4 logits (pattern) are updated in place instead.
-MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& gates,
-                                         const at::Tensor& pattern, const GroupSampling& s, InlineAdam* adam);
+MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,
+                                         const at::Tensor& gates, const at::Tensor& pattern,
+                                         const GroupSampling& s, InlineAdam* adam);
 
 #if PATCH_WITH_CUDA
 namespace cuda {
 void gumbel_noise(at::Tensor& out, uint64_t key);
 void logistic_noise(at::Tensor& out, uint64_t key);
-void tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise, uint64_t key,
-                at::Tensor& out);
-void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k, at::Tensor& out);
-void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, const at::Tensor& pattern,
-                           const GroupSampling& s, at::Tensor& out);
-void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& gates,
-                            const at::Tensor& pattern, const GroupSampling& s, InlineAdam* adam,
-                            const at::Tensor& pattern_grad, const at::Tensor& tile_rows, const at::Tensor& sq_rows);
+void tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise,
+                uint64_t key, at::Tensor& out);
+void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k,
+                     at::Tensor& out);
+void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates,
+                           const at::Tensor& pattern, const GroupSampling& s, at::Tensor& out);
+void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,
+                            const at::Tensor& gates, const at::Tensor& pattern,
+                            const GroupSampling& s, InlineAdam* adam,
+                            const at::Tensor& pattern_grad, const at::Tensor& tile_rows,
+                            const at::Tensor& sq_rows);
 }  // namespace cuda
 #endif
 

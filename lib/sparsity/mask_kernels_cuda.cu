@@ -62,14 +62,11 @@ __device__ __forceinline__ void load6(const L* src, L dst[6]) {
   }
 }
 
+// M24 of group q (and the soft p when sampled): the fixed pattern, or a
+// sample from the group's logits and regenerated noise.
 template <typename L>
-__device__ __forceinline__ void sample_group(const Params& p, const float* gates, const L* logits,
-                                             const uint8_t* fixed, int64_t q, int64_t o, int64_t grp, float& t,
-                                             float pr[6], float m24[4]) {
-  // 32-bit index math: a row or group index of one layer is far below 2^31.
-  t = p.has_tiles ? gates[(static_cast<int>(o) / static_cast<int>(p.tile_rows)) * p.cols +
-                          (4 * static_cast<int>(grp)) / static_cast<int>(p.tile_cols)]
-                  : 0.0f;
+__device__ __forceinline__ void group_mask(const Params& p, const L* logits, const uint8_t* fixed,
+                                           int64_t q, float pr[6], float m24[4]) {
   if (p.fixed) {
     const uint32_t bits = group::pattern_bits(fixed[q]);
 #pragma unroll
@@ -77,34 +74,43 @@ __device__ __forceinline__ void sample_group(const Params& p, const float* gates
   } else {
     L l[6];
     load6(logits + 6 * q, l);
-    group::sample<float, L>(l, p.key, static_cast<uint64_t>(q), p.scale, p.inv_tau, p.noise, p.hard, pr, m24);
+    group::sample<float, L>(l, p.key, static_cast<uint64_t>(q), p.scale, p.inv_tau, p.noise, p.hard,
+                            pr, m24);
   }
+}
+
+template <typename L>
+__device__ __forceinline__ void sample_group(const Params& p, const float* gates, const L* logits,
+                                             const uint8_t* fixed, int64_t q, int64_t o,
+                                             int64_t grp, float& t, float pr[6], float m24[4]) {
+  // 32-bit index math: a row or group index of one layer is far below 2^31.
+  t = p.has_tiles ? gates[(static_cast<int>(o) / static_cast<int>(p.tile_rows)) * p.cols +
+                          (4 * static_cast<int>(grp)) / static_cast<int>(p.tile_cols)]
+                  : 0.0f;
+  group_mask(p, logits, fixed, q, pr, m24);
 }
 
 // Rows on the grid's y axis and groups on x: no 64-bit division per group.
 template <typename W, typename L, typename O>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const W* __restrict__ w, const float* __restrict__ gates, const L* __restrict__ logits,
-                               const uint8_t* __restrict__ fixed, O* __restrict__ out, Params p) {
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const W* __restrict__ w, const float* __restrict__ gates,
+                   const L* __restrict__ logits, const uint8_t* __restrict__ fixed,
+                   O* __restrict__ out, Params p) {
   const int groups = static_cast<int>(p.groups), tile_rows = static_cast<int>(p.tile_rows);
   const int tile_cols = static_cast<int>(p.tile_cols);
   for (int64_t o = blockIdx.y; o < p.rows; o += gridDim.y) {
     const float* gate_row = gates + (static_cast<int>(o) / tile_rows) * p.cols;
-    for (int grp = blockIdx.x * blockDim.x + threadIdx.x; grp < groups; grp += gridDim.x * blockDim.x) {
+    for (int grp = blockIdx.x * blockDim.x + threadIdx.x; grp < groups;
+         grp += gridDim.x * blockDim.x) {
       const int64_t q = o * p.groups + grp;
-      float t = p.has_tiles ? gate_row[(4 * grp) / tile_cols] : 0.0f, pr[6], m24[4];
-      if (p.fixed) {
-        const uint32_t bits = group::pattern_bits(fixed[q]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) m24[j] = (bits >> j) & 1u ? 1.0f : 0.0f;
-      } else {
-        L l[6];
-        load6(logits + 6 * q, l);
-        group::sample<float, L>(l, p.key, static_cast<uint64_t>(q), p.scale, p.inv_tau, p.noise, p.hard, pr, m24);
-      }
+      const float t = p.has_tiles ? gate_row[(4 * grp) / tile_cols] : 0.0f;
+      float pr[6], m24[4];
+      group_mask(p, logits, fixed, q, pr, m24);
       const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
       Vec4<O> ov;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) ov.v[j] = static_cast<O>(static_cast<float>(wv.v[j]) * (t + (1.0f - t) * m24[j]));
+      for (int j = 0; j < 4; ++j)
+        ov.v[j] = static_cast<O>(static_cast<float>(wv.v[j]) * (t + (1.0f - t) * m24[j]));
       reinterpret_cast<Vec4<O>*>(out)[q] = ov;
     }
   }
@@ -114,15 +120,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const W* __restrict__
 // row, and the tile gradient and squared-norm partials are reduced in a fixed
 // order (deterministic, no atomics).
 template <typename W, typename G, typename L>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const G* __restrict__ grad, const W* __restrict__ w, const float* __restrict__ gates,
-                                L* __restrict__ logits, const uint8_t* __restrict__ fixed, float* __restrict__ dlogits,
-                                float* __restrict__ tile_rows, float* __restrict__ sq_rows, Params p,
-                                group::AdamArgs adam, bool inline_adam, L* __restrict__ m, L* __restrict__ v) {
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const G* __restrict__ grad, const W* __restrict__ w,
+                    const float* __restrict__ gates, L* __restrict__ logits,
+                    const uint8_t* __restrict__ fixed, float* __restrict__ dlogits,
+                    float* __restrict__ tile_rows, float* __restrict__ sq_rows, Params p,
+                    group::AdamArgs adam, bool inline_adam, L* __restrict__ m, L* __restrict__ v) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = p.rows * p.cols;
   const int64_t per_tile = p.tile_cols / 4;
-  for (int64_t wid = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; wid < warps;
-       wid += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
+  for (int64_t wid = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+       wid < warps; wid += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
     const int64_t o = wid / p.cols, c = wid - o * p.cols;
     const int64_t g0 = c * per_tile, g1 = min(g0 + per_tile, p.groups);
     float dt = 0.0f, sq = 0.0f;
@@ -144,7 +152,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const G* __restrict_
 #pragma unroll
       for (int k = 0; k < 6; ++k) sq += dl[k] * dl[k];
       if (inline_adam) {
-        group::adam6<L, float>(logits + 6 * q, m + 6 * q, v + 6 * q, dl, adam, static_cast<uint64_t>(q));
+        group::adam6<L, float>(logits + 6 * q, m + 6 * q, v + 6 * q, dl, adam,
+                               static_cast<uint64_t>(q));
       } else {
         auto* dst = reinterpret_cast<float2*>(dlogits + 6 * q);
         dst[0] = make_float2(dl[0], dl[1]);
@@ -176,8 +185,8 @@ __global__ void logistic_kernel(float* out, int64_t total, uint64_t key) {
     out[t] = group::logistic1(key, static_cast<uint64_t>(t));
 }
 
-__global__ void gates_kernel(const float* logits, float* out, int64_t total, float scale, float inv_tau, bool hard,
-                             bool noise, uint64_t key) {
+__global__ void gates_kernel(const float* logits, float* out, int64_t total, float scale,
+                             float inv_tau, bool hard, bool noise, uint64_t key) {
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float n = noise ? group::logistic1(key, static_cast<uint64_t>(t)) : 0.0f;
@@ -188,12 +197,14 @@ __global__ void gates_kernel(const float* logits, float* out, int64_t total, flo
 }
 
 // One warp per tile: the lanes sum the tile's rows, reduced in a fixed order.
-__global__ void tile_grad_kernel(const float* partial, const float* soft, float* out, int64_t out_rows, int64_t rows,
-                                 int64_t cols, int64_t tile_rows, float k) {
+__global__ void tile_grad_kernel(const float* partial, const float* soft, float* out,
+                                 int64_t out_rows, int64_t rows, int64_t cols, int64_t tile_rows,
+                                 float k) {
   const int lane = threadIdx.x & 31;
-  for (int64_t t = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32; t < rows * cols;
-       t += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
-    const int64_t r = t / cols, c = t - r * cols, end = (r + 1) * tile_rows < out_rows ? (r + 1) * tile_rows : out_rows;
+  for (int64_t t = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+       t < rows * cols; t += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
+    const int64_t r = t / cols, c = t - r * cols,
+                  end = (r + 1) * tile_rows < out_rows ? (r + 1) * tile_rows : out_rows;
     float sum = 0.0f;
     for (int64_t o = r * tile_rows + lane; o < end; o += 32) sum += partial[o * cols + c];
 #pragma unroll
@@ -207,7 +218,8 @@ __global__ void tile_grad_kernel(const float* partial, const float* soft, float*
 
 int blocks_for(int64_t threads) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, sms * 16)));
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, sms * 16)));
 }
 
 void check_launch(const char* what) {
@@ -216,7 +228,8 @@ void check_launch(const char* what) {
 }
 
 at::Tensor float_gates(const at::Tensor& gates, const GroupSampling& s, const at::Tensor& like) {
-  return s.has_tiles ? gates.to(like.device(), at::kFloat).contiguous() : at::zeros({1}, like.options().dtype(at::kFloat));
+  return s.has_tiles ? gates.to(like.device(), at::kFloat).contiguous()
+                     : at::zeros({1}, like.options().dtype(at::kFloat));
 }
 
 }  // namespace
@@ -225,7 +238,8 @@ void gumbel_noise(at::Tensor& out, uint64_t key) {
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t total = out.numel() / 6;
   if (total == 0) return;
-  gumbel_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<float>(), total, key);
+  gumbel_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<float>(), total, key);
   check_launch("gumbel_noise");
 }
 
@@ -233,37 +247,38 @@ void logistic_noise(at::Tensor& out, uint64_t key) {
   const c10::cuda::CUDAGuard guard(out.device());
   const int64_t total = out.numel();
   if (total == 0) return;
-  logistic_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(out.data_ptr<float>(), total,
-                                                                                          key);
+  logistic_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      out.data_ptr<float>(), total, key);
   check_launch("logistic_noise");
 }
 
-void tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise, uint64_t key,
-                at::Tensor& out) {
+void tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise,
+                uint64_t key, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(logits.device());
   auto l = logits.to(at::kFloat).contiguous();
   const int64_t total = l.numel();
   if (total == 0) return;
   gates_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      l.data_ptr<float>(), out.data_ptr<float>(), total, static_cast<float>(scale), static_cast<float>(1.0 / tau), hard,
-      noise, key);
+      l.data_ptr<float>(), out.data_ptr<float>(), total, static_cast<float>(scale),
+      static_cast<float>(1.0 / tau), hard, noise, key);
   check_launch("tile_gates");
 }
 
-void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k, at::Tensor& out) {
+void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k,
+                     at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(partial.device());
   auto p = partial.to(at::kFloat).contiguous();
   auto sv = soft.to(at::kFloat).contiguous();
   const int64_t rows = sv.size(0), cols = sv.size(1);
   if (rows * cols == 0) return;
   tile_grad_kernel<<<blocks_for(rows * cols * 32), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      p.data_ptr<float>(), sv.data_ptr<float>(), out.data_ptr<float>(), p.size(0), rows, cols, tile_rows,
-      static_cast<float>(k));
+      p.data_ptr<float>(), sv.data_ptr<float>(), out.data_ptr<float>(), p.size(0), rows, cols,
+      tile_rows, static_cast<float>(k));
   check_launch("tile_logit_grad");
 }
 
-void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, const at::Tensor& pattern,
-                           const GroupSampling& s, at::Tensor& out) {
+void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates,
+                           const at::Tensor& pattern, const GroupSampling& s, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const Params p = params_of(weight, s);
   if (p.rows * p.groups == 0) return;
@@ -271,74 +286,93 @@ void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates, co
   auto g = float_gates(gates, s, weight);
   auto pat = pattern.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((p.groups + kThreads - 1) / kThreads, 64)),
-                  static_cast<unsigned>(std::min<int64_t>(p.rows, 65535)));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_forward_cuda", [&] {
-    using W = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "masked_weight_forward_out", [&] {
-      using O = scalar_t;
-      if (s.fixed) {
-        forward_kernel<W, float, O><<<grid, kThreads, 0, stream>>>(
-            w.data_ptr<W>(), g.data_ptr<float>(), nullptr, pat.data_ptr<uint8_t>(), out.data_ptr<O>(), p);
-      } else if (pat.scalar_type() == at::kBFloat16) {
-        forward_kernel<W, c10::BFloat16, O><<<grid, kThreads, 0, stream>>>(
-            w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<c10::BFloat16>(), nullptr, out.data_ptr<O>(), p);
-      } else {
-        core::check(pat.scalar_type() == at::kFloat, "mask kernels", "CUDA 2:4 logits must be float32 or bfloat16");
-        forward_kernel<W, float, O><<<grid, kThreads, 0, stream>>>(
-            w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(), nullptr, out.data_ptr<O>(), p);
-      }
-    });
-  });
+  const dim3 grid(
+      static_cast<unsigned>(std::min<int64_t>((p.groups + kThreads - 1) / kThreads, 64)),
+      static_cast<unsigned>(std::min<int64_t>(p.rows, 65535)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_forward_cuda", [&] {
+        using W = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kBFloat16, at::kHalf, out.scalar_type(), "masked_weight_forward_out", [&] {
+              using O = scalar_t;
+              if (s.fixed) {
+                forward_kernel<W, float, O>
+                    <<<grid, kThreads, 0, stream>>>(w.data_ptr<W>(), g.data_ptr<float>(), nullptr,
+                                                    pat.data_ptr<uint8_t>(), out.data_ptr<O>(), p);
+              } else if (pat.scalar_type() == at::kBFloat16) {
+                forward_kernel<W, c10::BFloat16, O><<<grid, kThreads, 0, stream>>>(
+                    w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<c10::BFloat16>(), nullptr,
+                    out.data_ptr<O>(), p);
+              } else {
+                core::check(pat.scalar_type() == at::kFloat, "mask kernels",
+                            "CUDA 2:4 logits must be float32 or bfloat16");
+                forward_kernel<W, float, O><<<grid, kThreads, 0, stream>>>(
+                    w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(), nullptr,
+                    out.data_ptr<O>(), p);
+              }
+            });
+      });
   check_launch("masked_weight_forward");
 }
 
-void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& gates,
-                            const at::Tensor& pattern, const GroupSampling& s, InlineAdam* adam,
-                            const at::Tensor& pattern_grad, const at::Tensor& tile_rows, const at::Tensor& sq_rows) {
+void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,
+                            const at::Tensor& gates, const at::Tensor& pattern,
+                            const GroupSampling& s, InlineAdam* adam,
+                            const at::Tensor& pattern_grad, const at::Tensor& tile_rows,
+                            const at::Tensor& sq_rows) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const Params p = params_of(weight, s);
   const int64_t warps = p.rows * p.cols;
   if (warps == 0) return;
-  core::check(tile_rows.scalar_type() == at::kFloat, "mask kernels", "CUDA mask gradients are float32");
+  core::check(tile_rows.scalar_type() == at::kFloat, "mask kernels",
+              "CUDA mask gradients are float32");
   auto w = weight.contiguous();
   auto gr = grad.contiguous();
   auto g = float_gates(gates, s, weight);
   at::Tensor pat = pattern.is_contiguous() ? pattern : pattern.contiguous();
-  const group::AdamArgs args =
-      adam ? group::AdamArgs{static_cast<float>(adam->lr),          static_cast<float>(adam->beta1),
-                             static_cast<float>(adam->beta2),       static_cast<float>(adam->eps),
-                             static_cast<float>(adam->weight_decay), static_cast<float>(1.0 / adam->bias1),
-                             static_cast<float>(1.0 / adam->bias2), static_cast<float>(adam->grad_scale),
-                             adam->round_key}
-           : group::AdamArgs{};
+  const group::AdamArgs args = adam ? group::AdamArgs{static_cast<float>(adam->lr),
+                                                      static_cast<float>(adam->beta1),
+                                                      static_cast<float>(adam->beta2),
+                                                      static_cast<float>(adam->eps),
+                                                      static_cast<float>(adam->weight_decay),
+                                                      static_cast<float>(1.0 / adam->bias1),
+                                                      static_cast<float>(1.0 / adam->bias2),
+                                                      static_cast<float>(adam->grad_scale),
+                                                      adam->round_key}
+                                    : group::AdamArgs{};
   float* dl = pattern_grad.defined() ? pattern_grad.data_ptr<float>() : nullptr;
   float* sq = sq_rows.defined() ? sq_rows.data_ptr<float>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int blocks = blocks_for(warps * 32);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_backward_cuda", [&] {
-    using W = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gr.scalar_type(), "masked_weight_backward_grad", [&] {
-      using G = scalar_t;
-      if (s.fixed) {
-        backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
-            gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), nullptr, pat.data_ptr<uint8_t>(), dl,
-            tile_rows.data_ptr<float>(), nullptr, p, args, false, nullptr, nullptr);
-      } else if (pat.scalar_type() == at::kBFloat16) {
-        using L = c10::BFloat16;
-        backward_kernel<W, G, L><<<blocks, kThreads, 0, stream>>>(
-            gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<L>(), nullptr, dl,
-            tile_rows.data_ptr<float>(), sq, p, args, adam != nullptr,
-            adam ? adam->exp_avg.data_ptr<L>() : nullptr, adam ? adam->exp_avg_sq.data_ptr<L>() : nullptr);
-      } else {
-        core::check(pat.scalar_type() == at::kFloat, "mask kernels", "CUDA 2:4 logits must be float32 or bfloat16");
-        backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
-            gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(), nullptr, dl,
-            tile_rows.data_ptr<float>(), sq, p, args, adam != nullptr,
-            adam ? adam->exp_avg.data_ptr<float>() : nullptr, adam ? adam->exp_avg_sq.data_ptr<float>() : nullptr);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_backward_cuda", [&] {
+        using W = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kBFloat16, at::kHalf, gr.scalar_type(), "masked_weight_backward_grad", [&] {
+              using G = scalar_t;
+              if (s.fixed) {
+                backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
+                    gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), nullptr,
+                    pat.data_ptr<uint8_t>(), dl, tile_rows.data_ptr<float>(), nullptr, p, args,
+                    false, nullptr, nullptr);
+              } else if (pat.scalar_type() == at::kBFloat16) {
+                using L = c10::BFloat16;
+                backward_kernel<W, G, L><<<blocks, kThreads, 0, stream>>>(
+                    gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<L>(),
+                    nullptr, dl, tile_rows.data_ptr<float>(), sq, p, args, adam != nullptr,
+                    adam ? adam->exp_avg.data_ptr<L>() : nullptr,
+                    adam ? adam->exp_avg_sq.data_ptr<L>() : nullptr);
+              } else {
+                core::check(pat.scalar_type() == at::kFloat, "mask kernels",
+                            "CUDA 2:4 logits must be float32 or bfloat16");
+                backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
+                    gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(),
+                    nullptr, dl, tile_rows.data_ptr<float>(), sq, p, args, adam != nullptr,
+                    adam ? adam->exp_avg.data_ptr<float>() : nullptr,
+                    adam ? adam->exp_avg_sq.data_ptr<float>() : nullptr);
+              }
+            });
+      });
   check_launch("masked_weight_backward");
 }
 

@@ -26,7 +26,8 @@ PATCH_HD void philox_mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo)
 
 // The `block`-th 128-bit output of stream `subsequence` under `key`.
 PATCH_HD Philox4 philox4x32(uint64_t key, uint64_t subsequence, uint32_t block = 0) {
-  uint32_t c0 = block, c1 = 0, c2 = static_cast<uint32_t>(subsequence), c3 = static_cast<uint32_t>(subsequence >> 32);
+  uint32_t c0 = block, c1 = 0, c2 = static_cast<uint32_t>(subsequence),
+           c3 = static_cast<uint32_t>(subsequence >> 32);
   uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, lo0, hi1, lo1;
@@ -45,7 +46,9 @@ PATCH_HD Philox4 philox4x32(uint64_t key, uint64_t subsequence, uint32_t block =
 
 // A uniform in the open interval (0, 1) from 23 random bits: (k + 1/2) / 2^23,
 // exactly representable in float, so log(u) and log(1 - u) stay finite.
-PATCH_HD float uniform_open(uint32_t x) { return (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f); }
+PATCH_HD float uniform_open(uint32_t x) {
+  return (static_cast<float>(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
+}
 // The same from the low 21 bits of x: six such uniforms fit one Philox block.
 PATCH_HD float uniform_open21(uint32_t x) {
   return (static_cast<float>(x & 0x1FFFFFu) + 0.5f) * (1.0f / 2097152.0f);

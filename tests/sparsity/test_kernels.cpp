@@ -32,7 +32,8 @@ std::shared_ptr<SamplerState> state(bool hard) {
   return s;
 }
 
-LinearMaskOptions options(MaskMode mode, bool fused, at::ScalarType dtype, at::Device device = at::kCPU) {
+LinearMaskOptions options(MaskMode mode, bool fused, at::ScalarType dtype,
+                          at::Device device = at::kCPU) {
   LinearMaskOptions o;
   o.mode = mode;
   o.fused = fused;
@@ -99,7 +100,8 @@ TEST_CASE("stochastic rounding to bf16 is unbiased", "[kernels]") {
   double sum = 0;
   const int n = 20000;
   for (int i = 0; i < n; ++i) {
-    const float r = static_cast<float>(group::round_stochastic(x, philox4x32(3, static_cast<uint64_t>(i)).v[0]));
+    const float r = static_cast<float>(
+        group::round_stochastic(x, philox4x32(3, static_cast<uint64_t>(i)).v[0]));
     CHECK((r == 1.0f || r == 1.0f + 1.0f / 128.0f));
     sum += r;
   }
@@ -113,8 +115,10 @@ TEST_CASE("fused forward and gradients equal the unfused autograd path (fp64)", 
     for (auto mode : {MaskMode::kJoint, MaskMode::kTile, MaskMode::kMaskLLM})
       for (bool weight_term : {false, true}) {
         auto st = state(hard);
-        LinearMask ref("model.layers.1.mlp.up_proj", grid, st, options(mode, /*fused=*/false, at::kDouble));
-        LinearMask fused("model.layers.1.mlp.up_proj", grid, st, options(mode, /*fused=*/true, at::kDouble));
+        LinearMask ref("model.layers.1.mlp.up_proj", grid, st,
+                       options(mode, /*fused=*/false, at::kDouble));
+        LinearMask fused("model.layers.1.mlp.up_proj", grid, st,
+                         options(mode, /*fused=*/true, at::kDouble));
         set_random_pattern(ref);
         copy_logits(ref, fused);
         auto w = at::randn({13, 28}, at::kDouble);
@@ -139,9 +143,10 @@ TEST_CASE("compact state applies AdamW inside the backward", "[kernels][compact]
   auto copts = options(MaskMode::kJoint, /*fused=*/true, at::kFloat);
   copts.compact = true;
   LinearMask compact("model.layers.0.self_attn.q_proj", grid, st, copts);
-  LinearMask full("model.layers.0.self_attn.q_proj", grid, st, options(MaskMode::kJoint, /*fused=*/true, at::kFloat));
+  LinearMask full("model.layers.0.self_attn.q_proj", grid, st,
+                  options(MaskMode::kJoint, /*fused=*/true, at::kFloat));
   REQUIRE(compact.pattern_logits().scalar_type() == at::kBFloat16);
-  copy_logits(compact, full);  // full starts from the bf16 values
+  copy_logits(compact, full);               // full starts from the bf16 values
   CHECK(compact.parameters().size() == 1);  // the tile logits only
   auto w = at::randn({8, 32});
   auto r = at::randn({8, 32});
@@ -163,11 +168,13 @@ TEST_CASE("compact state applies AdamW inside the backward", "[kernels][compact]
   CHECK(!got.equal(before));
   auto sq = compact.take_pattern_sq_norm();
   REQUIRE(sq.defined());
-  CHECK(sq.item<double>() == Approx(full.pattern_logits().grad().square().sum().item<double>()).epsilon(1e-4));
+  CHECK(sq.item<double>() ==
+        Approx(full.pattern_logits().grad().square().sum().item<double>()).epsilon(1e-4));
   CHECK(!compact.take_pattern_sq_norm().defined());
   // The moments are checkpoint state.
   int moments = 0;
-  for (auto& [name, t] : compact.named_state()) moments += name.find("exp_avg") != std::string::npos;
+  for (auto& [name, t] : compact.named_state())
+    moments += name.find("exp_avg") != std::string::npos;
   CHECK(moments == 2);
 }
 
@@ -185,8 +192,10 @@ TEST_CASE("CUDA kernels equal the CPU reference on ragged shapes", "[kernels][cu
       for (auto mode : {MaskMode::kJoint, MaskMode::kTile, MaskMode::kMaskLLM}) {
         TileGrid grid(shape.out, shape.in, shape.tr, shape.tc);
         auto st = state(hard);
-        LinearMask cpu("model.layers.2.mlp.down_proj", grid, st, options(mode, /*fused=*/true, at::kFloat));
-        LinearMask gpu("model.layers.2.mlp.down_proj", grid, st, options(mode, /*fused=*/true, at::kFloat, cuda));
+        LinearMask cpu("model.layers.2.mlp.down_proj", grid, st,
+                       options(mode, /*fused=*/true, at::kFloat));
+        LinearMask gpu("model.layers.2.mlp.down_proj", grid, st,
+                       options(mode, /*fused=*/true, at::kFloat, cuda));
         set_random_pattern(cpu);
         copy_logits(cpu, gpu);
         auto w = at::randn({shape.out, shape.in});
@@ -204,7 +213,8 @@ TEST_CASE("CUDA kernels equal the CPU reference on ragged shapes", "[kernels][cu
         at::NoGradGuard no_grad;
         auto fused_bf16 = gpu.effective_weight(wb);
         CHECK(fused_bf16.scalar_type() == at::kBFloat16);
-        CHECK(at::allclose(fused_bf16.to(at::kFloat).cpu(), (wb.to(at::kFloat) * gpu.sampled_mask()).cpu(), 1e-2, 1e-2));
+        CHECK(at::allclose(fused_bf16.to(at::kFloat).cpu(),
+                           (wb.to(at::kFloat) * gpu.sampled_mask()).cpu(), 1e-2, 1e-2));
       }
 }
 
@@ -217,8 +227,10 @@ TEST_CASE("CUDA: fused gradients equal unfused autograd with the same noise", "[
   TileGrid grid(384, 640, 128, 128);
   for (auto mode : {MaskMode::kJoint, MaskMode::kTile, MaskMode::kMaskLLM}) {
     auto st = state(false);
-    LinearMask ref("model.layers.3.mlp.up_proj", grid, st, options(mode, /*fused=*/false, at::kFloat, cuda));
-    LinearMask fused("model.layers.3.mlp.up_proj", grid, st, options(mode, /*fused=*/true, at::kFloat, cuda));
+    LinearMask ref("model.layers.3.mlp.up_proj", grid, st,
+                   options(mode, /*fused=*/false, at::kFloat, cuda));
+    LinearMask fused("model.layers.3.mlp.up_proj", grid, st,
+                     options(mode, /*fused=*/true, at::kFloat, cuda));
     set_random_pattern(ref);
     copy_logits(ref, fused);
     auto w = at::randn({384, 640}, cuda);
@@ -226,7 +238,8 @@ TEST_CASE("CUDA: fused gradients equal unfused autograd with the same noise", "[
     INFO("mode " << mask_mode_name(mode));
     CHECK(at::allclose(run_loss(ref, w, r, false), run_loss(fused, w, r, false), 1e-4, 1e-5));
     auto pr = ref.parameters(), pf = fused.parameters();
-    for (size_t i = 0; i < pr.size(); ++i) CHECK(at::allclose(pr[i].grad(), pf[i].grad(), 1e-3, 1e-4));
+    for (size_t i = 0; i < pr.size(); ++i)
+      CHECK(at::allclose(pr[i].grad(), pf[i].grad(), 1e-3, 1e-4));
   }
   // Compact state on the GPU: the in-backward update matches the CPU's within one bf16 step.
   TileGrid g2(96, 256, 32, 64);
@@ -242,7 +255,8 @@ TEST_CASE("CUDA: fused gradients equal unfused autograd with the same noise", "[
   auto r = at::randn({96, 256});
   run_loss(cpu, w, r, false);
   run_loss(gpu, w.to(cuda), r.to(cuda), false);
-  auto a = cpu.pattern_logits().detach().to(at::kFloat), b = gpu.pattern_logits().detach().to(at::kFloat).cpu();
+  auto a = cpu.pattern_logits().detach().to(at::kFloat),
+       b = gpu.pattern_logits().detach().to(at::kFloat).cpu();
   CHECK(((a - b).abs() <= a.abs() / 64.0 + 1e-6).all().item<bool>());
   CHECK(at::allclose(cpu.tile_logits().grad(), gpu.tile_logits().grad().cpu(), 1e-3, 1e-4));
 }

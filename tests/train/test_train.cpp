@@ -8,8 +8,8 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
-#include <set>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <thread>
 
 #include "catch.h"
@@ -24,15 +24,18 @@ using namespace patch;
 namespace {
 
 std::string train_cmd(const std::string& out, int steps, const std::string& extra = "") {
-  return test::train_bin() + " train --model " + test::data_path("models/tinystories-656k") + " --data " +
-         test::data_path("text/tinystories/tinystories_train_first2MiB.txt") +
-         " --set data.document_separator='<|endoftext|>' --set data.seq_len=64 --set data.max_tokens=200000"
+  return test::train_bin() + " train --model " + test::data_path("models/tinystories-656k") +
+         " --data " + test::data_path("text/tinystories/tinystories_train_first2MiB.txt") +
+         " --set data.document_separator='<|endoftext|>' --set data.seq_len=64 --set "
+         "data.max_tokens=200000"
          " --set data.valid_blocks=16 --set train.eval_blocks=16 --set mask.tile=[32,32]"
-         " --set mask.target_sparsity=0.35 --set prune.calib_samples=16 --set prune.calib_seq_len=64"
+         " --set mask.target_sparsity=0.35 --set prune.calib_samples=16 --set "
+         "prune.calib_seq_len=64"
          " --set train.micro_batch=4 --set train.global_batch=8"
          " --set train.steps=" +
-         std::to_string(steps) + " --set train.eval_every=0 --set train.checkpoint_every=5 --set train.seed=11 " +
-         extra + " --out " + out + " -q";
+         std::to_string(steps) +
+         " --set train.eval_every=0 --set train.checkpoint_every=5 --set train.seed=11 " + extra +
+         " --out " + out + " -q";
 }
 
 std::vector<json> read_metrics(const std::string& path) {
@@ -72,8 +75,8 @@ TEST_CASE("training lowers the masked loss - hits the budget and writes a reload
   REQUIRE(last.value("final", false));
   INFO("valid loss " << first["valid_loss"] << " -> " << last["valid_loss"]);
   CHECK(last["valid_loss"].get<double>() < first["valid_loss"].get<double>());
-  for (const auto& k : {"lr", "ce", "sparsity_reg", "soft_density", "hard_density", "tau_24", "scale_tile",
-                        "tokens_per_s", "peak_mem_gib"})
+  for (const auto& k : {"lr", "ce", "sparsity_reg", "soft_density", "hard_density", "tau_24",
+                        "scale_tile", "tokens_per_s", "peak_mem_gib"})
     CHECK(metrics[1].contains(k));
 
   auto file = maskfile::read_mask_file(out + "/masks.safetensors");
@@ -83,10 +86,11 @@ TEST_CASE("training lowers the masked loss - hits the budget and writes a reload
   CHECK(report["achieved_sparsity"].get<double>() == Approx(file.sparsity()).margin(1e-12));
 
   // Reloaded through eval --masks, the mask gives the loss the trainer measured.
-  auto ev = test::run_command(test::train_bin() + " eval --model " + test::data_path("models/tinystories-656k") +
-                              " --masks " + out + "/masks.safetensors --data " +
-                              test::data_path("text/tinystories/tinystories_validation_head.txt") +
-                              " --set data.seq_len=64 --set eval.max_windows=8 --out " + dir.file("ev") + " -q");
+  auto ev = test::run_command(
+      test::train_bin() + " eval --model " + test::data_path("models/tinystories-656k") +
+      " --masks " + out + "/masks.safetensors --data " +
+      test::data_path("text/tinystories/tinystories_validation_head.txt") +
+      " --set data.seq_len=64 --set eval.max_windows=8 --out " + dir.file("ev") + " -q");
   INFO(ev.err);
   REQUIRE(ev.exit_code == 0);
   auto evj = json::parse(ev.out);
@@ -105,11 +109,13 @@ TEST_CASE("fused kernels and the ATen reference learn the same mask") {
     // to bf16 before multiplying, so the two would not be the same computation.
     const std::string dev = " --set model.dtype=float32 --set model.device=" + device;
     auto fused = test::run_command(train_cmd(dir.file("fused"), 10, dev));
-    auto ref = test::run_command(train_cmd(dir.file("ref"), 10, dev + " --set mask.kernel=reference"));
+    auto ref =
+        test::run_command(train_cmd(dir.file("ref"), 10, dev + " --set mask.kernel=reference"));
     INFO(device << ": " << fused.err << ref.err);
     REQUIRE(fused.exit_code == 0);
     REQUIRE(ref.exit_code == 0);
-    require_same_masks(dir.file("fused") + "/masks.safetensors", dir.file("ref") + "/masks.safetensors");
+    require_same_masks(dir.file("fused") + "/masks.safetensors",
+                       dir.file("ref") + "/masks.safetensors");
   }
 }
 
@@ -127,14 +133,16 @@ TEST_CASE("compact state learns a mask and checks its limits") {
   auto bad = test::run_command(train_cmd(dir.file("bad"), 2, " --set train.state=compact"));
   CHECK(bad.exit_code == 2);
   CHECK(bad.err.find("train.global_batch = train.micro_batch") != std::string::npos);
-  auto bad2 = test::run_command(train_cmd(dir.file("bad2"), 2, compact + " --set mask.kernel=reference"));
+  auto bad2 =
+      test::run_command(train_cmd(dir.file("bad2"), 2, compact + " --set mask.kernel=reference"));
   CHECK(bad2.exit_code == 2);
   CHECK(bad2.err.find("mask.kernel=fused") != std::string::npos);
 }
 
 TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
   test::TempDir dir;
-  const int steps = 14;
+  // Long enough that a fast machine is still running when the signal comes.
+  const int steps = 30;
   // Full state is stopped both ways; compact state (bf16 logits and moments,
   // the clip factor carried across steps) by SIGTERM.
   struct Case {
@@ -142,7 +150,8 @@ TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
     int sig;
   };
   const std::string compact = "--set train.state=compact --set train.micro_batch=8";
-  for (const auto& c : {Case{"term", "", SIGTERM}, Case{"kill", "", SIGKILL}, Case{"compact", compact, SIGTERM}}) {
+  for (const auto& c :
+       {Case{"term", "", SIGTERM}, Case{"kill", "", SIGKILL}, Case{"compact", compact, SIGTERM}}) {
     const std::string full_dir = dir.file(c.extra.empty() ? "full" : "full-compact");
     if (!fs::exists(full_dir + "/masks.safetensors")) {
       auto full = test::run_command(train_cmd(full_dir, steps, c.extra));
@@ -153,7 +162,8 @@ TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
     const std::string out = dir.file(c.name);
     pid_t pid = fork();
     if (pid == 0) {
-      execl("/bin/sh", "sh", "-c", ("exec " + train_cmd(out, steps, c.extra) + " 2>/dev/null").c_str(), nullptr);
+      execl("/bin/sh", "sh", "-c",
+            ("exec " + train_cmd(out, steps, c.extra) + " 2>/dev/null").c_str(), nullptr);
       _exit(127);
     }
     // Wait until the run is past its first periodic checkpoint (step 5).
