@@ -108,6 +108,8 @@ void backward_cpu(const Acc* grad, const Acc* w, const Acc* gates, L* logits, co
   });
 }
 
+}  // namespace
+
 group::AdamArgs adam_args(const InlineAdam& a) {
   return {static_cast<float>(a.lr),
           static_cast<float>(a.beta1),
@@ -119,8 +121,6 @@ group::AdamArgs adam_args(const InlineAdam& a) {
           static_cast<float>(a.grad_scale),
           a.round_key};
 }
-
-}  // namespace
 
 at::Tensor gumbel_noise(int64_t out, int64_t groups, uint64_t key, const at::TensorOptions& opts) {
   auto noise = at::empty({out, groups, 6}, opts.dtype(at::kFloat));

@@ -36,6 +36,13 @@ struct InlineAdam {
   at::Tensor exp_avg, exp_avg_sq;  // like the logits
 };
 
+// InlineAdam as the per-group update of mask_group.h takes it (float, inverse
+// bias corrections); used by the CPU loops and the CUDA kernels alike.
+namespace group {
+struct AdamArgs;
+}
+group::AdamArgs adam_args(const InlineAdam& a);
+
 // Gumbel(0, 1) noise [out, groups, 6] and Logistic(0, 1) noise [rows, cols] as
 // the kernels draw it (float32, then cast to opts' dtype): the unfused path
 // and the tests use these.

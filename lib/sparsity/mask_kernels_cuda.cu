@@ -330,16 +330,7 @@ void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,
   auto gr = grad.contiguous();
   auto g = float_gates(gates, s, weight);
   at::Tensor pat = pattern.is_contiguous() ? pattern : pattern.contiguous();
-  const group::AdamArgs args = adam ? group::AdamArgs{static_cast<float>(adam->lr),
-                                                      static_cast<float>(adam->beta1),
-                                                      static_cast<float>(adam->beta2),
-                                                      static_cast<float>(adam->eps),
-                                                      static_cast<float>(adam->weight_decay),
-                                                      static_cast<float>(1.0 / adam->bias1),
-                                                      static_cast<float>(1.0 / adam->bias2),
-                                                      static_cast<float>(adam->grad_scale),
-                                                      adam->round_key}
-                                    : group::AdamArgs{};
+  const group::AdamArgs args = adam ? adam_args(*adam) : group::AdamArgs{};
   float* dl = pattern_grad.defined() ? pattern_grad.data_ptr<float>() : nullptr;
   float* sq = sq_rows.defined() ? sq_rows.data_ptr<float>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
