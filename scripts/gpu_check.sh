@@ -3,6 +3,7 @@
 #   STAGE=test  build with CUDA and run the whole test suite
 #   STAGE=bench [TESTS=regex] mask-learning benchmarks beside the PyTorch peer baseline
 #               (../shared/bench/py_patch_ref.py), in the same call
+#   STAGE=deploy [TESTS=regex] [DEPLOY_ARGS=...] the hybrid inference tests, then bench-deploy
 # Results go to $OUT (or ./gpu-out): build/test logs and bench JSON lines.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -19,6 +20,16 @@ tail -2 "$OUT/setup.log"
 if [[ $STAGE == test ]]; then
   PATCH_TEST_JOBS=4 scripts/test.sh > "$OUT/test.log" 2>&1
   grep -E "tests passed|tests failed|Failed|\*\*\*" "$OUT/test.log" | tail -30
+  exit 0
+fi
+
+if [[ $STAGE == deploy ]]; then
+  (cd build && ctest -R "${TESTS:-test_hybrid}" --output-on-failure) > "$OUT/test.log" 2>&1
+  grep -aE "tests passed|tests failed|Failed" "$OUT/test.log" | tail -10
+  # shellcheck disable=SC2086
+  build/bin/patch-train bench-deploy --set model.device=cuda ${DEPLOY_ARGS:-} 2>"$OUT/bench_deploy.err" |
+    grep '^{' | tee "$OUT/bench_deploy.jsonl"
+  tail -5 "$OUT/bench_deploy.err"
   exit 0
 fi
 

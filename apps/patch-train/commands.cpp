@@ -20,7 +20,9 @@
 #include "io/checkpoint.h"
 #include "maskfile/apply.h"
 #include "maskfile/mask_file.h"
+#include "deploy/bench.h"
 #include "deploy/export.h"
+#include "deploy/packed.h"
 #include "deploy/verify.h"
 #include "model/bench.h"
 #include "model/decoder.h"
@@ -151,6 +153,49 @@ int run_export(RunContext& ctx) {
                    {"sparsity", file.sparsity()}, {"layers", file.layers.size() + file.bitmasks.size()},
                    {"out", ctx.out_dir}};
   std::cout << out.dump(2) << std::endl;
+  return 0;
+}
+
+// The packed hybrid format of the masked layers: <out>/packed.safetensors.
+int run_pack(RunContext& ctx) {
+  const auto& cfg = ctx.config;
+  const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
+  auto file = required_masks(cfg, "pack");
+  io::Checkpoint ckpt = io::load_checkpoint(model_path);
+  auto packed = deploy::pack_model(ckpt, file);
+  const std::string out_file = ctx.out_dir + "/packed.safetensors";
+  deploy::write_packed(out_file, packed);
+  int64_t dense_bytes = 0;
+  for (const auto& l : packed.layers) dense_bytes += 2 * l.grid.numel();
+  ordered_json out{{"model", model_path},
+                   {"masks", file.path},
+                   {"layers", packed.layers.size()},
+                   {"sparsity", packed.sparsity()},
+                   {"packed_bytes", packed.bytes()},
+                   {"dense_bf16_bytes", dense_bytes},
+                   {"bytes_ratio", static_cast<double>(packed.bytes()) / static_cast<double>(dense_bytes)},
+                   {"packed", out_file}};
+  const std::string text = out.dump(2);
+  std::cout << text << std::endl;
+  core::write_file_atomic(ctx.out_dir + "/pack.json", text + "\n");
+  return 0;
+}
+
+int run_bench_deploy(RunContext& ctx) {
+  const auto& cfg = ctx.config;
+  deploy::DeployBenchOptions o;
+  o.shapes = cfg.get_string_list("deploy.shapes");
+  o.sparsities = cfg.get_float_list("deploy.sparsities");
+  o.tokens = cfg.get_int_list("deploy.tokens");
+  o.repeats = static_cast<int>(cfg.get_int("deploy.repeats"));
+  o.end_to_end = cfg.get_bool("deploy.end_to_end");
+  o.e2e_sparsity = cfg.get_float("deploy.e2e_sparsity");
+  o.e2e_prefill = cfg.get_int("deploy.e2e_prefill");
+  const auto tile = cfg.get_int_list("mask.tile");
+  o.tile_rows = tile[0];
+  o.tile_cols = tile[1];
+  o.device = core::resolve_device(cfg.get_string("model.device"));
+  deploy::bench_deploy(o, [](const nlohmann::json& j) { std::cout << j.dump() << std::endl; });
   return 0;
 }
 
@@ -321,6 +366,10 @@ const std::vector<Command>& commands() {
        "Write a pruned Hugging Face checkpoint (input layout and dtypes, masked weights zeroed, mask file "
        "referenced from config.json) into --out",
        "", /*writes_outputs=*/true, run_export},
+      {"pack",
+       "Write the packed hybrid format of the masked layers (dense tiles whole, 2:4 tiles as kept values and "
+       "2-bit positions) to <out>/packed.safetensors",
+       "", /*writes_outputs=*/true, run_pack},
       {"verify",
        "Check a mask file (shapes, 2:4 in every sparse tile, declared sparsity), optionally against a model "
        "and a pruned checkpoint; exit status 0 or 1",
@@ -338,6 +387,12 @@ const std::vector<Command>& commands() {
        "", /*writes_outputs=*/false, run_bench,
        {{"--shape", "bench.shape", "qwen2.5-0.5b, llama-3.2-1b, llama-2-7b or llama-3.1-8b"},
         {"--mode", "bench.modes", "dense, joint, tile, maskllm, prune_wanda, prune_sparsegpt (comma separated)"}}},
+      {"bench-deploy",
+       "Time the hybrid kernels against cuBLAS per layer shape and end to end on random models (JSON lines)",
+       "", /*writes_outputs=*/false, run_bench_deploy,
+       {{"--shapes", "deploy.shapes", "Model shapes, comma separated"},
+        {"--sparsities", "deploy.sparsities", "Sparsities, comma separated"},
+        {"--tokens", "deploy.tokens", "Tokens per matmul, comma separated"}}},
       {"inspect",
        "List the model's linear layers (--model) and/or a mask file's density per layer and block (--masks)",
        "", /*writes_outputs=*/false, run_inspect,

@@ -40,7 +40,9 @@ const std::map<std::string, std::string> kShortcutOptions = {
     {"prune.pattern", "--pattern"}, {"mask.target_sparsity", "--target"},
     {"verify.pruned", "--pruned"},   {"inspect.plot", "--plot"},
     {"sweep.targets", "--targets"},   {"sweep.baselines", "--baselines"},
-    {"bench.shape", "--shape"},       {"bench.modes", "--mode"}};
+    {"bench.shape", "--shape"},       {"bench.modes", "--mode"},
+    {"deploy.shapes", "--shapes"},    {"deploy.sparsities", "--sparsities"},
+    {"deploy.tokens", "--tokens"}};
 
 // Where each key's resolved value came from (higher rank wins), so that
 // cross-key errors can name the file or option the user should fix.

@@ -192,6 +192,24 @@ std::vector<KeyDef> build() {
       range(key("bench.seq", T::kInt, 4096, "Tokens per sequence"), 2, 1 << 20),
       range(key("bench.warmup", T::kInt, 2, "Untimed steps"), 0, 1000),
       range(key("bench.iters", T::kInt, 5, "Timed steps (the median is reported)"), 1, 100000),
+      // bench-deploy
+      key("deploy.shapes", T::kStringList, Json::array({"llama-2-7b", "llama-3.1-8b"}),
+          "bench-deploy: model shapes whose linear layers are timed (qwen2.5-0.5b, llama-3.2-1b, llama-2-7b, "
+          "llama-3.1-8b)"),
+      range(key("deploy.sparsities", T::kFloatList, Json::array({0.0, 0.25, 0.35, 0.45, 0.5}),
+                "bench-deploy: sparsities of the random hybrid masks (2:4 tile share 2s)"),
+            0.0, 0.5),
+      range(key("deploy.tokens", T::kIntList, Json::array({1, 4, 16, 256, 2048}),
+                "bench-deploy: tokens per matmul (up to 16: decode kernel; more: prefill)"),
+            1, 1 << 20),
+      range(key("deploy.repeats", T::kInt, 15, "bench-deploy: timed CUDA-graph replays (the median is reported)"),
+            1, 100000),
+      key("deploy.end_to_end", T::kBool, true,
+          "bench-deploy: also time a whole random model of each shape (prefill and decode steps)"),
+      range(key("deploy.e2e_sparsity", T::kFloat, 0.45, "bench-deploy: sparsity of the end-to-end model"), 0.0,
+            0.5),
+      range(key("deploy.e2e_prefill", T::kInt, 2048, "bench-deploy: prompt tokens of the end-to-end prefill"), 17,
+            1 << 20),
   };
   return s;
 }

@@ -270,6 +270,10 @@ LinearImpl::LinearImpl(std::string hf_name, at::Tensor weight, at::Tensor bias)
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
   if (observer_) observer_(x);
+  if (kernel_) {
+    auto y = kernel_(x);
+    return bias_.defined() ? y + bias_ : y;
+  }
   return at::linear(x, provider_ ? provider_->effective_weight(weight_) : weight_, bias_);
 }
 

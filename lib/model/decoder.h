@@ -35,12 +35,17 @@ class LinearImpl : public torch::nn::Module {
   // an empty function removes it.
   using InputObserver = std::function<void(const at::Tensor& x)>;
   void set_input_observer(InputObserver f) { observer_ = std::move(f); }
+  // Replaces x W^T by kernel(x) (the bias is still added): deployment kernels
+  // that read the weight in their own format. An empty function removes it.
+  using Kernel = std::function<at::Tensor(const at::Tensor& x)>;
+  void set_kernel(Kernel k) { kernel_ = std::move(k); }
 
  private:
   std::string name_;
   at::Tensor weight_, bias_;
   std::shared_ptr<WeightProvider> provider_;
   InputObserver observer_;
+  Kernel kernel_;
 };
 
 struct DecoderOptions {

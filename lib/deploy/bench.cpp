@@ -1,0 +1,248 @@
+#include "deploy/bench.h"
+
+#include <torch/cuda.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <map>
+#include <memory>
+
+#include "core/error.h"
+#include "deploy/hybrid_linear.h"
+#include "model/bench.h"
+#include "model/decoder.h"
+#include "sparsity/patterns.h"
+
+namespace patch::deploy {
+namespace {
+
+using nlohmann::ordered_json;
+
+#if PATCH_WITH_CUDA
+struct LayerShape {
+  std::vector<std::string> names;  // layers of a block with this shape
+  int64_t out, in;
+};
+
+// A decoder block's linears, identical shapes merged (q/o, k/v, gate/up).
+std::vector<LayerShape> block_shapes(const io::ModelConfig& c) {
+  const int64_t h = c.hidden_size, q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim,
+                f = c.intermediate_size;
+  std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>> all = {
+      {"q_proj", {q, h}},    {"k_proj", {kv, h}}, {"v_proj", {kv, h}},  {"o_proj", {h, q}},
+      {"gate_proj", {f, h}}, {"up_proj", {f, h}}, {"down_proj", {h, f}}};
+  std::vector<LayerShape> out;
+  for (const auto& [name, shape] : all) {
+    auto it = std::find_if(out.begin(), out.end(), [&](const LayerShape& s) {
+      return s.out == shape.first && s.in == shape.second;
+    });
+    if (it == out.end())
+      out.push_back({{name}, shape.first, shape.second});
+    else
+      it->names.push_back(name);
+  }
+  return out;
+}
+
+std::string joined(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ",") + x;
+  return s;
+}
+
+void synchronize(const at::Device& d) {
+  if (d.is_cuda()) torch::cuda::synchronize(d.index());
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Median wall time of fn() in milliseconds over `repeats` synchronized calls.
+double wall_ms(const std::function<void()>& fn, const at::Device& d, int repeats) {
+  fn();
+  synchronize(d);
+  std::vector<double> t;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    synchronize(d);
+    t.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return median(t);
+}
+
+void bench_layers(const DeployBenchOptions& o, const std::string& shape_name,
+                  const io::ModelConfig& cfg,
+                  const std::function<void(const nlohmann::json&)>& emit) {
+  // Per (sparsity, tokens): a block's seven linears summed.
+  std::map<std::pair<double, int64_t>, std::pair<double, double>> block;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  for (const auto& s : block_shapes(cfg)) {
+    const sparsity::TileGrid grid(s.out, s.in, o.tile_rows, o.tile_cols);
+    const auto w = (at::randn({s.out, s.in}, gen, at::kFloat) * 0.02).to(at::kBFloat16);
+    for (double sp : o.sparsities) {
+      const auto packed = pack_layer(w, random_layer_mask(s.names.front(), grid, sp, gen));
+      const auto dense_w = unpack_layer(packed).to(o.device);
+      // Enough copies that a pass over them streams min_bytes: no weight is
+      // still in L2 when it is read again.
+      const int copies =
+          static_cast<int>(std::clamp<int64_t>(o.min_bytes / packed.bytes() + 1, 2, 256));
+      std::vector<at::Tensor> dense(copies);
+      std::vector<HybridLinear> hybrid;
+      hybrid.reserve(copies);
+      hybrid.emplace_back(packed, o.device);
+      for (int i = 0; i < copies; ++i) dense[i] = dense_w.clone();
+      for (int i = 1; i < copies; ++i) hybrid.push_back(hybrid.front().clone());
+      for (int64_t tokens : o.tokens) {
+        const auto x = at::randn({tokens, s.in}, at::TensorOptions(o.device).dtype(at::kBFloat16));
+        const auto ref = at::linear(x.to(at::kFloat), dense_w.to(at::kFloat));
+        const auto y = hybrid.front().forward(x).to(at::kFloat);
+        const double err =
+            ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item<double>();
+        const int n = std::max(copies, 8);
+        const double dense_us =
+            cuda::graph_time_us([&](int i) { at::linear(x, dense[i % copies]); }, n, o.repeats);
+        const double hybrid_us =
+            cuda::graph_time_us([&](int i) { hybrid[i % copies].forward(x); }, n, o.repeats);
+        const double mult = static_cast<double>(s.names.size());
+        auto& b = block[{sp, tokens}];
+        b.first += mult * dense_us;
+        b.second += mult * hybrid_us;
+        ordered_json j{
+            {"bench", "deploy_layer"},
+            {"shape", shape_name},
+            {"layers", joined(s.names)},
+            {"out", s.out},
+            {"in", s.in},
+            {"tile", core::str(o.tile_rows, "x", o.tile_cols)},
+            {"target_sparsity", sp},
+            {"sparsity", packed.sparsity()},
+            {"sparse_tiles", 1.0 - static_cast<double>(packed.dense_tiles()) / grid.num_tiles()},
+            {"tokens", tokens},
+            {"path", path_name(hybrid.front().path(tokens))},
+            {"dense_us", dense_us},
+            {"hybrid_us", hybrid_us},
+            {"speedup", dense_us / hybrid_us},
+            {"weight_bytes_ratio", static_cast<double>(packed.bytes()) / (2.0 * s.out * s.in)},
+            {"max_rel_err", err},
+            {"copies", copies}};
+        emit(j);
+      }
+    }
+  }
+  for (const auto& [key, t] : block)
+    emit(ordered_json{{"bench", "deploy_block"},
+                      {"shape", shape_name},
+                      {"target_sparsity", key.first},
+                      {"tokens", key.second},
+                      {"dense_us", t.first},
+                      {"hybrid_us", t.second},
+                      {"speedup", t.first / t.second}});
+}
+
+// The whole model: prefill of e2e_prefill tokens (eager, median wall time) and
+// single-token steps (a CUDA graph of the forward; no KV cache, so attention
+// sees only the new token: the weight-streaming cost of a decode step).
+void bench_model(const DeployBenchOptions& o, const std::string& shape_name, io::ModelConfig cfg,
+                 const std::function<void(const nlohmann::json&)>& emit) {
+  cfg.max_position_embeddings = std::max<int64_t>(cfg.max_position_embeddings, o.e2e_prefill);
+  model::DecoderOptions dopts;
+  dopts.device = o.device;
+  dopts.dtype = at::kBFloat16;
+  auto dec = model::Decoder::random(cfg, dopts);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 1);
+  // One packed layer per shape, cloned for every layer of that shape: distinct
+  // memory, so each layer streams its own weights as in a real model.
+  std::map<std::pair<int64_t, int64_t>, std::unique_ptr<HybridLinear>> proto;
+  std::vector<std::shared_ptr<HybridLinear>> kernels;
+  int64_t total = 0;
+  for (auto* lin : dec.linears()) {
+    const int64_t out = lin->weight().size(0), in = lin->weight().size(1);
+    auto& p = proto[{out, in}];
+    if (!p) {
+      const sparsity::TileGrid grid(out, in, o.tile_rows, o.tile_cols);
+      const auto packed =
+          pack_layer(lin->weight(), random_layer_mask(lin->name(), grid, o.e2e_sparsity, gen));
+      p = std::make_unique<HybridLinear>(packed, o.device);
+    }
+    total += 1;
+    kernels.push_back(std::make_shared<HybridLinear>(p->clone()));
+  }
+  const auto prefill_ids = at::randint(0, cfg.vocab_size, {1, o.e2e_prefill},
+                                       at::TensorOptions(o.device).dtype(at::kLong));
+  const auto step_ids =
+      at::randint(0, cfg.vocab_size, {1, 1}, at::TensorOptions(o.device).dtype(at::kLong));
+  auto set_kernels = [&](bool on) {
+    auto lins = dec.linears();
+    for (size_t i = 0; i < lins.size(); ++i) {
+      if (on) {
+        auto k = kernels[i];
+        lins[i]->set_kernel([k](const at::Tensor& x) { return k->forward(x); });
+      } else {
+        lins[i]->set_kernel({});
+      }
+    }
+  };
+  at::NoGradGuard no_grad;
+  ordered_json j{{"bench", "deploy_model"},
+                 {"shape", shape_name},
+                 {"target_sparsity", o.e2e_sparsity},
+                 {"prefill_tokens", o.e2e_prefill},
+                 {"linears", total}};
+  for (bool hybrid : {false, true}) {
+    set_kernels(hybrid);
+    const std::string key = hybrid ? "hybrid" : "dense";
+    j[key + "_prefill_ms"] = wall_ms([&] { dec.forward(prefill_ids); }, o.device, 5);
+    const double step_us = cuda::graph_time_us([&](int) { dec.forward(step_ids); }, 4, o.repeats);
+    j[key + "_decode_step_ms"] = step_us / 1000.0;
+    j[key + "_decode_tokens_per_s"] = 1e6 / step_us;
+  }
+  set_kernels(false);
+  j["prefill_speedup"] = j["dense_prefill_ms"].get<double>() / j["hybrid_prefill_ms"].get<double>();
+  j["decode_speedup"] =
+      j["dense_decode_step_ms"].get<double>() / j["hybrid_decode_step_ms"].get<double>();
+  emit(j);
+}
+#endif
+
+}  // namespace
+
+maskfile::LayerMask random_layer_mask(const std::string& name, const sparsity::TileGrid& grid,
+                                      double sparsity, at::Generator& gen) {
+  maskfile::LayerMask m;
+  m.name = name;
+  m.grid = grid;
+  const int64_t tiles = grid.num_tiles();
+  const int64_t sparse =
+      std::llround(std::clamp(2.0 * sparsity, 0.0, 1.0) * static_cast<double>(tiles));
+  auto td = at::ones({tiles}, at::kByte);
+  td.index_fill_(0, at::randperm(tiles, gen, at::kLong).slice(0, 0, sparse), 0);
+  m.tile_dense = td.view({grid.rows(), grid.cols()});
+  m.pattern = at::randint(0, sparsity::kNumPatterns, {grid.out(), grid.groups()}, gen, at::kByte);
+  return m;
+}
+
+void bench_deploy(const DeployBenchOptions& o,
+                  const std::function<void(const nlohmann::json&)>& emit) {
+#if PATCH_WITH_CUDA
+  if (!o.device.is_cuda())
+    throw core::ConfigError(
+        "bench-deploy: the hybrid kernels run on a CUDA device (model.device=cuda)");
+  for (const auto& shape : o.shapes) {
+    const auto cfg = model::model_shape(shape);
+    bench_layers(o, shape, cfg, emit);
+    if (o.end_to_end) bench_model(o, shape, cfg, emit);
+  }
+#else
+  (void)o;
+  (void)emit;
+  throw core::ConfigError(
+      "bench-deploy: this build has no CUDA kernels (configure with PATCH_WITH_CUDA=ON)");
+#endif
+}
+
+}  // namespace patch::deploy

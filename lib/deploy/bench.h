@@ -1,0 +1,54 @@
+#pragma once
+// patch-train bench-deploy: the hybrid kernels against cuBLAS (at::linear on the
+// same masked bf16 weight), per layer shape and end to end. A benchmark, not a
+// test: it needs a GPU and prints JSON.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "deploy/packed.h"
+
+namespace patch::deploy {
+
+// A hybrid mask of `grid` whose share of 2:4 tiles is as close to
+// 2 * sparsity as whole tiles allow (exactly that many tiles, placed at
+// random), with random 2:4 patterns.
+maskfile::LayerMask random_layer_mask(const std::string& name, const sparsity::TileGrid& grid,
+                                      double sparsity, at::Generator& gen);
+
+struct DeployBenchOptions {
+  std::vector<std::string> shapes{"llama-2-7b", "llama-3.1-8b"};
+  std::vector<double> sparsities{0.0, 0.25, 0.35, 0.45, 0.5};
+  std::vector<int64_t> tokens{1, 4, 16, 256, 2048};
+  int64_t tile_rows = 128, tile_cols = 128;
+  int repeats = 15;  // timed graph replays; the median is reported
+  int64_t min_bytes =
+      1
+      << 29;  // each timing cycles through copies of at least this many weight bytes (no L2 reuse)
+  bool end_to_end = true;  // also a whole random model of each shape
+  double e2e_sparsity = 0.45;
+  int64_t e2e_prefill = 2048;
+  uint64_t seed = 0;
+  at::Device device = at::kCPU;
+};
+
+// Emits one JSON object per (shape, layer, sparsity, tokens), one per (shape,
+// sparsity, tokens) summing a decoder block's seven linears, and, with
+// end_to_end, the whole model's prefill time and decode steps per second.
+void bench_deploy(const DeployBenchOptions& o,
+                  const std::function<void(const nlohmann::json&)>& emit);
+
+#if PATCH_WITH_CUDA
+namespace cuda {
+// Median over `repeats` replays of a CUDA graph holding launch(0..n-1) of the
+// time per launch, in microseconds.
+double graph_time_us(const std::function<void(int)>& launch, int n, int repeats);
+}  // namespace cuda
+#endif
+
+}  // namespace patch::deploy

@@ -1,0 +1,296 @@
+#include "deploy/hybrid_linear.h"
+
+#include <cstring>
+#include <vector>
+
+#include "core/error.h"
+
+namespace patch::deploy {
+namespace {
+
+using sparsity::TileGrid;
+
+constexpr int64_t kSlab = 16, kBlockK = 32;  // rows and columns of one decode block
+constexpr int64_t kDenseBlockBytes = 1024, kSparseBlockBytes = 576;
+
+// Position inside a 16x32 block (row * 32 + k) of element p = h*256 + lane*8 +
+// j*2 + e of the dense layout: A fragment register a_{2j+e} of `lane` for the
+// k-half h (PTX ISA, mma.m16n8k16 .bf16 A: rows g / g+8, columns 2t+e / +8).
+at::Tensor dense_permutation() {
+  std::vector<int64_t> p(512);
+  for (int h = 0; h < 2; ++h)
+    for (int lane = 0; lane < 32; ++lane)
+      for (int j = 0; j < 4; ++j)
+        for (int e = 0; e < 2; ++e) {
+          const int g = lane >> 2, t = lane & 3;
+          const int row = g + 8 * (j & 1), k = 16 * h + 2 * t + 8 * (j >> 1) + e;
+          p[h * 256 + lane * 8 + j * 2 + e] = row * 32 + k;
+        }
+  return at::tensor(p, at::kLong);
+}
+
+// Same for the compressed 16x16 values of a 2:4 block (row * 16 + group * 2 +
+// v): mma.sp.m16n8k32 takes them in the m16n8k16 A layout.
+at::Tensor sparse_permutation() {
+  std::vector<int64_t> p(256);
+  for (int lane = 0; lane < 32; ++lane)
+    for (int j = 0; j < 4; ++j)
+      for (int e = 0; e < 2; ++e) {
+        const int g = lane >> 2, t = lane & 3;
+        const int row = g + 8 * (j & 1), ccol = 2 * t + 8 * (j >> 1) + e;
+        p[lane * 8 + j * 2 + e] = row * 16 + ccol;
+      }
+  return at::tensor(p, at::kLong);
+}
+
+at::Tensor bytes_of(const at::Tensor& t) {
+  return t.contiguous().view(at::kByte);
+}
+
+}  // namespace
+
+const char* path_name(HybridPath p) {
+  switch (p) {
+    case HybridPath::kDecode:
+      return "decode";
+    case HybridPath::kPrefill:
+      return "prefill";
+    case HybridPath::kDense:
+      return "dense";
+  }
+  return "?";
+}
+
+bool decode_supported(const TileGrid& g) {
+  return g.out() % kSlab == 0 && g.in() % kBlockK == 0 && g.tile_rows() % kSlab == 0 &&
+         g.tile_cols() % kBlockK == 0 && g.cols() <= 512;
+}
+
+bool prefill_supported(const TileGrid& g) {
+  return g.out() % g.tile_rows() == 0 && g.in() % g.tile_cols() == 0 && g.tile_rows() % 64 == 0 &&
+         g.tile_cols() % kBlockK == 0;
+}
+
+DecodeFormat build_decode_format(const PackedLayer& layer) {
+  const TileGrid& g = layer.grid;
+  core::check(decode_supported(g), layer.name,
+              "decode format needs out % 16, in % 32, tile rows % 16 and tile cols % 32 == 0");
+  const int64_t S = g.out() / kSlab, KB = g.in() / kBlockK, G = g.groups();
+  const auto w = unpack_layer(layer);
+  const auto nib = group_nibbles(layer).to(at::kLong);  // [out, G]
+
+  // Every block in both layouts; each tile then takes the one it needs.
+  const auto blocks =
+      w.view({S, kSlab, KB, kBlockK}).permute({0, 2, 1, 3}).reshape({S, KB, kSlab * kBlockK});
+  const auto dense_frag = blocks.index_select(2, dense_permutation());  // [S, KB, 512] bf16
+  const auto pos = at::stack({nib.bitwise_and(3), nib.bitwise_right_shift(2).bitwise_and(3)}, 2);
+  const auto kept = w.view({g.out(), G, 4}).gather(2, pos);  // [out, G, 2]
+  const auto compressed =
+      kept.view({S, kSlab, KB, 8, 2}).permute({0, 2, 1, 3, 4}).reshape({S, KB, 256});
+  const auto sparse_frag = compressed.index_select(2, sparse_permutation());  // [S, KB, 256] bf16
+  // Metadata word of lane (g, tig < 2): nibbles of groups 4*tig .. 4*tig+3 of
+  // row g in bits 0-15 and of row g+8 in bits 16-31, four bits per group.
+  const auto nb = nib.view({S, kSlab, KB, 8}).permute({0, 2, 1, 3});  // [S, KB, 16, 8]
+  const auto shifts = at::tensor({0, 4, 8, 12}, at::kLong);
+  const auto lo = nb.slice(2, 0, 8).reshape({S, KB, 8, 2, 4}).bitwise_left_shift(shifts).sum(-1);
+  const auto hi =
+      nb.slice(2, 8, 16).reshape({S, KB, 8, 2, 4}).bitwise_left_shift(shifts + 16).sum(-1);
+  const auto words64 = (lo + hi).reshape({S, KB, 16}).contiguous();
+  // Low 4 bytes of each little-endian int64: the 32-bit word.
+  const auto words = bytes_of(words64).view({S, KB, 16, 8}).slice(3, 0, 4).reshape({S, KB, 64});
+
+  DecodeFormat f;
+  f.tile_dense = layer.tile_dense.reshape(-1).contiguous();
+  f.tile_offset = at::empty({g.num_tiles()}, at::kLong);
+  auto* off = f.tile_offset.data_ptr<int64_t>();
+  const auto* dense_flag = f.tile_dense.data_ptr<uint8_t>();
+  std::vector<at::Tensor> parts;
+  int64_t at_byte = 0;
+  for (int64_t r = 0; r < g.rows(); ++r)
+    for (int64_t c = 0; c < g.cols(); ++c) {
+      const int64_t s0 = r * g.tile_rows() / kSlab, s1 = s0 + g.tile_height(r) / kSlab;
+      const int64_t k0 = c * g.tile_cols() / kBlockK, k1 = k0 + g.tile_width(c) / kBlockK;
+      at::Tensor part;
+      if (dense_flag[r * g.cols() + c]) {
+        part = bytes_of(dense_frag.slice(0, s0, s1).slice(1, k0, k1));
+      } else {
+        part = at::cat({bytes_of(sparse_frag.slice(0, s0, s1).slice(1, k0, k1)),
+                        words.slice(0, s0, s1).slice(1, k0, k1)},
+                       2);
+      }
+      off[r * g.cols() + c] = at_byte;
+      at_byte += part.numel();
+      parts.push_back(part.reshape(-1));
+    }
+  f.blocks = at::cat(parts);
+  return f;
+}
+
+at::Tensor decode_format_weight(const DecodeFormat& fmt, const TileGrid& g) {
+  auto w = at::zeros({g.out(), g.in()}, at::kBFloat16);
+  auto* out = w.data_ptr<at::BFloat16>();
+  const auto* bytes = fmt.blocks.data_ptr<uint8_t>();
+  const auto* off = fmt.tile_offset.data_ptr<int64_t>();
+  const auto* dense = fmt.tile_dense.data_ptr<uint8_t>();
+  auto value = [&](const uint8_t* p) {
+    at::BFloat16 v;
+    std::memcpy(&v, p, 2);
+    return v;
+  };
+  for (int64_t r = 0; r < g.rows(); ++r)
+    for (int64_t c = 0; c < g.cols(); ++c) {
+      const int64_t tile = r * g.cols() + c, nk = g.tile_width(c) / kBlockK;
+      for (int64_t sl = 0; sl < g.tile_height(r) / kSlab; ++sl)
+        for (int64_t kb = 0; kb < nk; ++kb) {
+          const int64_t R = r * g.tile_rows() + sl * kSlab, K = c * g.tile_cols() + kb * kBlockK;
+          const uint8_t* blk =
+              bytes + off[tile] +
+              (sl * nk + kb) * (dense[tile] ? kDenseBlockBytes : kSparseBlockBytes);
+          for (int lane = 0; lane < 32; ++lane) {
+            const int gid = lane >> 2, t = lane & 3;
+            for (int i = 0; i < 8; ++i) {  // fragment element a_i
+              const int row = (i & 2) ? gid + 8 : gid;
+              const int col = 2 * t + (i & 1) + ((i & 4) ? 8 : 0);
+              if (dense[tile]) {
+                for (int h = 0; h < 2; ++h)
+                  out[(R + row) * g.in() + K + 16 * h + col] =
+                      value(blk + h * 512 + lane * 16 + i * 2);
+              } else {
+                // Compressed column col is element col % 2 of group col / 2;
+                // its position is in the metadata word of lane (row % 8, group / 4).
+                const int group = col / 2, v = col % 2;
+                uint32_t word;
+                std::memcpy(&word, blk + 512 + ((row % 8) * 2 + group / 4) * 4, 4);
+                const int shift = (row >= 8 ? 16 : 0) + 4 * (group % 4) + 2 * v;
+                const int pos = (word >> shift) & 3;
+                out[(R + row) * g.in() + K + 4 * group + pos] = value(blk + lane * 16 + i * 2);
+              }
+            }
+          }
+        }
+    }
+  return w;
+}
+
+struct HybridLinear::Impl {
+  std::string name;
+  TileGrid grid;
+  at::Device device = at::kCPU;
+  bool decode = false, prefill = false;
+  at::Tensor weight;  // W ⊙ M, where some path falls back to it
+  DecodeFormat dec;
+  at::Tensor dense_tiles, band_ptr,
+      band_cols;  // prefill: dense tiles [n, th, tw] and their CSR over tile rows
+#if PATCH_WITH_CUDA
+  std::unique_ptr<cuda::SparseGemm> sparse;  // prefill: the 2:4 part on cuSPARSELt
+#endif
+};
+
+HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device)
+    : impl_(std::make_unique<Impl>()) {
+  auto& m = *impl_;
+  m.name = layer.name;
+  m.grid = layer.grid;
+  m.device = device;
+#if PATCH_WITH_CUDA
+  if (device.is_cuda()) {
+    m.decode = decode_supported(layer.grid);
+    m.prefill = prefill_supported(layer.grid);
+  }
+#endif
+  if (!m.decode || !m.prefill) m.weight = unpack_layer(layer).to(device);
+#if PATCH_WITH_CUDA
+  if (m.decode) {
+    auto f = build_decode_format(layer);
+    m.dec = {f.blocks.to(device), f.tile_offset.to(device), f.tile_dense.to(device)};
+  }
+  if (m.prefill) {
+    const auto& g = layer.grid;
+    m.dense_tiles = layer.dense.view({-1, g.tile_rows(), g.tile_cols()}).to(device);
+    auto td = layer.tile_dense.to(at::kInt);
+    m.band_ptr = at::cat({at::zeros({1}, at::kInt), td.sum(1).cumsum(0).to(at::kInt)}).to(device);
+    m.band_cols =
+        td.nonzero().select(1, 1).to(at::kInt).contiguous().to(device);  // row-major: storage order
+    // The 2:4 part: sparse tiles as they are, dense tiles zero.
+    auto w = unpack_layer(layer);
+    auto sparse_tile = g.expand(1 - layer.tile_dense.to(at::kFloat)).to(at::kBFloat16);
+    m.sparse = std::make_unique<cuda::SparseGemm>((w * sparse_tile).to(device));
+  }
+#endif
+}
+
+HybridLinear::HybridLinear(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+HybridLinear HybridLinear::clone() const {
+  const auto& m = *impl_;
+  auto c = std::make_unique<Impl>();
+  auto copy = [](const at::Tensor& t) { return t.defined() ? t.clone() : t; };
+  c->name = m.name;
+  c->grid = m.grid;
+  c->device = m.device;
+  c->decode = m.decode;
+  c->prefill = m.prefill;
+  c->weight = copy(m.weight);
+  c->dec = {copy(m.dec.blocks), copy(m.dec.tile_offset), copy(m.dec.tile_dense)};
+  c->dense_tiles = copy(m.dense_tiles);
+  c->band_ptr = copy(m.band_ptr);
+  c->band_cols = copy(m.band_cols);
+#if PATCH_WITH_CUDA
+  if (m.sparse) c->sparse = std::make_unique<cuda::SparseGemm>(*m.sparse);
+#endif
+  return HybridLinear(std::move(c));
+}
+
+HybridLinear::HybridLinear(HybridLinear&&) noexcept = default;
+HybridLinear& HybridLinear::operator=(HybridLinear&&) noexcept = default;
+HybridLinear::~HybridLinear() = default;
+
+const std::string& HybridLinear::name() const {
+  return impl_->name;
+}
+int64_t HybridLinear::out() const {
+  return impl_->grid.out();
+}
+int64_t HybridLinear::in() const {
+  return impl_->grid.in();
+}
+
+HybridPath HybridLinear::path(int64_t tokens) const {
+  if (tokens <= kDecodeMaxTokens) return impl_->decode ? HybridPath::kDecode : HybridPath::kDense;
+  return impl_->prefill ? HybridPath::kPrefill : HybridPath::kDense;
+}
+
+at::Tensor HybridLinear::forward(const at::Tensor& x) {
+  auto& m = *impl_;
+  core::check(x.size(-1) == m.grid.in() && x.device() == m.device, m.name,
+              core::str("input ", x.sizes(), " on ", x.device(), ", expected [..., ", m.grid.in(),
+                        "] on ", m.device));
+  auto shape = x.sizes().vec();
+  shape.back() = m.grid.out();
+  const auto x2 = x.reshape({-1, m.grid.in()});
+  const int64_t tokens = x2.size(0);
+  const HybridPath p = path(tokens);
+  if (p == HybridPath::kDense) return at::linear(x, m.weight.to(x.scalar_type()));
+#if PATCH_WITH_CUDA
+  core::check(x.scalar_type() == at::kBFloat16, m.name, "the hybrid kernels take bfloat16 inputs");
+  const auto xc = x2.contiguous();
+  if (p == HybridPath::kDecode) {
+    auto y = at::empty({tokens, m.grid.out()}, x.options());
+    cuda::decode_matmul(xc, m.dec, m.grid, y);
+    return y.view(shape);
+  }
+  // cuSPARSELt takes token counts in multiples of 16: zero rows pad the rest.
+  const int64_t padded = (tokens + 15) / 16 * 16;
+  const auto xp = padded == tokens
+                      ? xc
+                      : at::cat({xc, at::zeros({padded - tokens, m.grid.in()}, xc.options())});
+  auto y = at::empty({padded, m.grid.out()}, x.options());
+  m.sparse->multiply(xp, y);
+  cuda::dense_tiles_matmul(xp, m.dense_tiles, m.band_ptr, m.band_cols, m.grid, y);
+  return y.narrow(0, 0, tokens).view(shape);
+#else
+  return at::linear(x, m.weight);
+#endif
+}
+
+}  // namespace patch::deploy

@@ -1,0 +1,229 @@
+// Packed hybrid format and the deployment matmul. Oracles: the mask definition
+// (sparsity::build_mask) for what a packed layer holds, the PTX ISA's fragment
+// layouts (decode_format_weight) for the decode blocks, and at::linear on the
+// masked weight for every kernel's output.
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "catch.h"
+#include "core/atomic_file.h"
+#include "deploy/bench.h"
+#include "deploy/hybrid_linear.h"
+#include "deploy/packed.h"
+#include "io/checkpoint.h"
+#include "io/safetensors.h"
+#include "maskfile/mask_file.h"
+#include "model/decoder.h"
+#include "prune/pruner.h"
+#include "test_util.h"
+
+using namespace patch;
+
+namespace {
+
+struct Case {
+  int64_t out, in, tile_rows, tile_cols;
+  double sparsity;
+};
+
+// A random bf16 weight and a random hybrid mask of the given sparse-tile share.
+std::pair<at::Tensor, maskfile::LayerMask> random_layer(const Case& c, uint64_t seed) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const sparsity::TileGrid grid(c.out, c.in, c.tile_rows, c.tile_cols);
+  auto w = at::randn({c.out, c.in}, gen, at::kFloat).to(at::kBFloat16);
+  return {w, deploy::random_layer_mask("model.layers.0.mlp.up_proj", grid, c.sparsity, gen)};
+}
+
+at::Tensor masked(const at::Tensor& w, const maskfile::LayerMask& m) {
+  return w * m.mask(at::kBFloat16);
+}
+
+// The message read_packed throws for `path` ("" when it does not throw).
+std::string read_error(const std::string& path) {
+  try {
+    deploy::read_packed(path);
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("a packed layer holds exactly W times M in 9/16 of the bytes for 2:4 tiles", "[deploy]") {
+  for (const Case& c : {Case{64, 128, 32, 64, 0.35}, Case{100, 200, 32, 48, 0.25},
+                        Case{48, 96, 16, 32, 0.5}, Case{48, 96, 16, 32, 0.0}}) {
+    INFO(c.out << "x" << c.in << " tiles " << c.tile_rows << "x" << c.tile_cols << " sparsity "
+               << c.sparsity);
+    auto [w, m] = random_layer(c, 7);
+    const auto p = deploy::pack_layer(w, m);
+    CHECK(at::equal(deploy::unpack_layer(p), masked(w, m)));
+    // Sizes follow from the tile map: every weight of a dense tile, half of a
+    // sparse tile's weights plus a nibble per group.
+    const int64_t dense_weights = m.dense_weights(),
+                  sparse_weights = m.grid.numel() - dense_weights;
+    CHECK(p.dense.numel() == dense_weights);
+    CHECK(p.values.numel() == sparse_weights / 2);
+    CHECK(p.indices.numel() == (sparse_weights / 4 + 1) / 2);
+    CHECK(p.bytes() <= 2 * dense_weights + sparse_weights * 9 / 8 + 1);
+    CHECK(p.sparsity() == Approx(static_cast<double>(m.zero_weights()) / m.grid.numel()));
+    // The positions are the mask's kept positions.
+    const auto nib = deploy::group_nibbles(p).to(at::kLong);
+    auto kept = at::zeros({c.out, c.in / 4, 4}, at::kLong);
+    kept.scatter_(2, nib.bitwise_and(3).unsqueeze(2), 1)
+        .scatter_(2, nib.bitwise_right_shift(2).unsqueeze(2), 1);
+    const auto sparse_tile = m.grid.expand(1 - m.tile_dense.to(at::kFloat)).to(at::kBool);
+    const auto mask = m.mask(at::kLong);
+    CHECK(at::equal(kept.view({c.out, c.in}).masked_select(sparse_tile),
+                    mask.masked_select(sparse_tile)));
+  }
+}
+
+TEST_CASE("packed files round-trip and bad ones are refused with the layer named", "[deploy]") {
+  test::TempDir dir;
+  auto [w, m] = random_layer({64, 128, 32, 64, 0.45}, 3);
+  deploy::PackedModel model;
+  model.tile_rows = 32;
+  model.tile_cols = 64;
+  model.layers.push_back(deploy::pack_layer(w, m));
+  const std::string path = dir.file("packed.safetensors");
+  deploy::write_packed(path, model);
+  const auto back = deploy::read_packed(path);
+  REQUIRE(back.layers.size() == 1);
+  CHECK(back.layers[0].name == m.name);
+  CHECK(at::equal(deploy::unpack_layer(back.layers[0]), masked(w, m)));
+  CHECK(back.sparsity() == Approx(model.sparsity()));
+
+  // A group whose two positions coincide is not 2:4.
+  auto bad = model;
+  bad.layers[0].indices = model.layers[0].indices.clone();
+  bad.layers[0].indices[0] = 0x55;  // positions (1, 1) in both nibbles
+  deploy::write_packed(dir.file("bad.safetensors"), bad);
+  const auto err = read_error(dir.file("bad.safetensors"));
+  CHECK(err.find(m.name) != std::string::npos);
+  CHECK(err.find("2:4 positions") != std::string::npos);
+  // A values tensor of the wrong length.
+  bad = model;
+  bad.layers[0].values = model.layers[0].values.slice(0, 1);
+  deploy::write_packed(dir.file("short.safetensors"), bad);
+  CHECK(read_error(dir.file("short.safetensors")).find("expected") != std::string::npos);
+  // Not a packed file at all.
+  io::write_safetensors(dir.file("other.safetensors"), {{"x", at::zeros({2})}});
+  CHECK(read_error(dir.file("other.safetensors")).find("patch-packed") != std::string::npos);
+}
+
+TEST_CASE("the decode blocks read back by the PTX fragment layouts give W times M", "[deploy]") {
+  for (const Case& c :
+       {Case{64, 256, 32, 64, 0.35}, Case{48, 96, 32, 64, 0.5}, Case{128, 128, 128, 128, 0.45}}) {
+    INFO(c.out << "x" << c.in << " tiles " << c.tile_rows << "x" << c.tile_cols);
+    auto [w, m] = random_layer(c, 11);
+    const auto p = deploy::pack_layer(w, m);
+    REQUIRE(deploy::decode_supported(p.grid));
+    const auto f = deploy::build_decode_format(p);
+    // 1024 bytes per dense 16x32 block, 576 per sparse one.
+    const int64_t dense_blocks = m.dense_weights() / 512,
+                  sparse_blocks = m.grid.numel() / 512 - dense_blocks;
+    CHECK(f.blocks.numel() == dense_blocks * 1024 + sparse_blocks * 576);
+    CHECK(at::equal(deploy::decode_format_weight(f, p.grid), masked(w, m)));
+  }
+  CHECK_FALSE(deploy::decode_supported(sparsity::TileGrid(40, 96, 16, 32)));
+  CHECK_FALSE(deploy::prefill_supported(sparsity::TileGrid(100, 128, 64, 32)));
+  CHECK(deploy::prefill_supported(sparsity::TileGrid(128, 256, 64, 32)));
+}
+
+TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
+  std::vector<at::Device> devices{at::kCPU};
+  if (at::hasCUDA()) devices.emplace_back(at::kCUDA, 0);
+  for (const auto& device : devices) {
+    for (const Case& c :
+         {Case{256, 512, 128, 128, 0.45}, Case{192, 384, 64, 64, 0.25}, Case{128, 256, 64, 32, 0.5},
+          Case{128, 256, 64, 32, 0.0}, Case{96, 160, 32, 32, 0.35}}) {
+      auto [w, m] = random_layer(c, 5);
+      const auto p = deploy::pack_layer(w, m);
+      deploy::HybridLinear lin(p, device);
+      const auto ref_w = masked(w, m).to(at::kFloat);
+      for (int64_t tokens : {1, 3, 8, 9, 16, 17, 130, 256}) {
+        INFO(device << " " << c.out << "x" << c.in << " tiles " << c.tile_rows << "x" << c.tile_cols
+                    << " sparsity " << c.sparsity << " tokens " << tokens << " path "
+                    << deploy::path_name(lin.path(tokens)));
+        auto x = at::randn({tokens, c.in}, at::kFloat).to(at::kBFloat16);
+        const auto ref = at::linear(x.to(at::kFloat), ref_w);
+        const auto y = lin.forward(x.to(device)).to(at::kCPU, at::kFloat);
+        REQUIRE(y.sizes() == ref.sizes());
+        // bf16 output: half an ulp of the largest output, plus fp32 summation order.
+        const double tol = 8e-3 * ref.abs().max().item<double>();
+        CHECK((y - ref).abs().max().item<double>() <= tol);
+        if (device.is_cuda()) {
+          const bool decode = deploy::decode_supported(p.grid),
+                     prefill = deploy::prefill_supported(p.grid);
+          CHECK(lin.path(tokens) ==
+                (tokens <= deploy::kDecodeMaxTokens
+                     ? (decode ? deploy::HybridPath::kDecode : deploy::HybridPath::kDense)
+                     : (prefill ? deploy::HybridPath::kPrefill : deploy::HybridPath::kDense)));
+        } else {
+          CHECK(lin.path(tokens) == deploy::HybridPath::kDense);
+        }
+      }
+      // A clone computes the same in its own memory.
+      const auto x = at::randn({4, c.in}, at::kFloat).to(at::kBFloat16).to(device);
+      CHECK(at::equal(lin.clone().forward(x), lin.forward(x)));
+    }
+  }
+}
+
+TEST_CASE("patch-train pack writes the packed masked layers of a checkpoint", "[deploy][cli]") {
+  test::TempDir dir;
+  const std::string model = test::data_path("models/tinystories-656k");
+  auto ckpt = io::load_checkpoint(model);
+  maskfile::MaskFile masks;
+  {
+    model::Decoder d(ckpt, model::DecoderOptions{});
+    prune::PruneOptions o;
+    o.method = prune::Method::kMagnitude;
+    o.structure = prune::Structure::kHybrid;
+    o.target_sparsity = 0.35;
+    o.tile_rows = o.tile_cols = 32;
+    masks = prune::prune_model(d, {}, o).masks;
+  }
+  maskfile::write_mask_file(dir.file("masks.safetensors"), masks);
+  const std::string bin = test::train_bin();
+  auto r = test::run_command("'" + bin + "' pack -q --model '" + model + "' --masks '" +
+                             dir.file("masks.safetensors") + "' --out '" + dir.file("out") + "'");
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  auto summary = nlohmann::json::parse(core::read_file(dir.file("out/pack.json")));
+  CHECK(summary["layers"] == masks.layers.size());
+  const auto packed = deploy::read_packed(dir.file("out/packed.safetensors"));
+  REQUIRE(packed.layers.size() == masks.layers.size());
+  for (const auto& layer : masks.layers) {
+    const auto* p = packed.find(layer.name);
+    REQUIRE(p);
+    const auto w = ckpt.tensors.at(layer.name + ".weight").to(at::kBFloat16);
+    CHECK(at::equal(deploy::unpack_layer(*p), w * layer.mask(at::kBFloat16)));
+  }
+  CHECK(packed.sparsity() == Approx(masks.sparsity()));
+  CHECK(summary["bytes_ratio"].get<double>() < 1.0);
+
+  // No mask file: a usage error; an unstructured one: refused with a reason.
+  r = test::run_command("'" + bin + "' pack -q --model '" + model + "' --out '" + dir.file("o2") +
+                        "'");
+  CHECK(r.exit_code == 2);
+  CHECK(r.err.find("model.masks") != std::string::npos);
+  {
+    model::Decoder d(ckpt, model::DecoderOptions{});
+    prune::PruneOptions o;
+    o.method = prune::Method::kMagnitude;
+    o.structure = prune::Structure::kUnstructured;
+    o.target_sparsity = 0.35;
+    maskfile::write_mask_file(dir.file("unstructured.safetensors"),
+                              prune::prune_model(d, {}, o).masks);
+  }
+  r = test::run_command("'" + bin + "' pack -q --model '" + model + "' --masks '" +
+                        dir.file("unstructured.safetensors") + "' --out '" + dir.file("o3") + "'");
+  CHECK(r.exit_code == 1);
+  CHECK(r.err.find("only hybrid") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(dir.file("o3/packed.safetensors")));
+}
