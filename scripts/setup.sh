@@ -45,10 +45,13 @@ if [[ $need_apt == 1 ]]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq build-essential cmake ninja-build git curl ca-certificates \
     python3 python3-venv python3-pip catch2 libcli11-dev nlohmann-json3-dev libspdlog-dev \
-    libfmt-dev libyaml-cpp-dev >/dev/null
+    libfmt-dev libyaml-cpp-dev libgloo-dev >/dev/null
 else
   say "system packages present"
 fi
+# Gloo's headers (multi-process training on CPUs) come with the packages above;
+# a machine without a package registry (the GPU machine) builds without them.
+have_header gloo/algorithm.h || say "warning: no Gloo headers (libgloo-dev): train --nproc > 1 on CPUs is unavailable"
 
 # ---- 2. Python: LibTorch and the test oracles ----------------------------
 torch_ok() { "$1" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION%.*}') else 1)" 2>/dev/null; }

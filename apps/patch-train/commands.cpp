@@ -24,6 +24,7 @@
 #include "deploy/export.h"
 #include "deploy/packed.h"
 #include "deploy/verify.h"
+#include "dist/dist.h"
 #include "model/bench.h"
 #include "model/decoder.h"
 #include "prune/pruner.h"
@@ -223,6 +224,13 @@ int run_sweep(RunContext& ctx) {
 }
 
 int run_train(RunContext& ctx) {
+  const int nproc = static_cast<int>(ctx.config.get_int("dist.nproc"));
+  const auto env = dist::env_from_environment();
+  if (nproc > 1 && env.world == 1) {  // the launcher: this program again, once per rank
+    train::check_data_parallel(ctx.config, nproc);
+    core::log::info(core::str("data-parallel run: ", nproc, " ranks, rank 0 logs to ", ctx.out_dir, "/run.log"));
+    return dist::launch(nproc, ctx.argv);
+  }
   train::install_stop_handlers();
   return train::run_training(ctx.config, ctx.out_dir);
 }
@@ -354,7 +362,8 @@ int run_inspect(RunContext& ctx) {
 const std::vector<Command>& commands() {
   static const std::vector<Command> cmds = {
       {"train", "Learn hybrid dense/2:4 masks (PATCH-Joint, PATCH-Tile or MaskLLM) and write masks.safetensors",
-       "data.train", /*writes_outputs=*/true, run_train},
+       "data.train", /*writes_outputs=*/true, run_train,
+       {{"--nproc", "dist.nproc", "Data-parallel processes (Gloo on CPU, NCCL on GPUs)"}}},
       {"prune",
        "One-shot pruning (magnitude, Wanda, SparseGPT) to 2:4, unstructured or hybrid masks; "
        "writes masks.safetensors and prune.json",

@@ -121,6 +121,7 @@ int run(int argc, char** argv) {
     return 0;
   }
   patch::app::RunContext ctx = patch::app::start_run(cmd.name, std::move(cfg), cmd.writes_outputs);
+  ctx.argv.assign(argv, argv + argc);
   int rc = cmd.run(ctx);
   patch::core::log::flush();
   return rc;

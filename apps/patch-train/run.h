@@ -1,6 +1,7 @@
 #pragma once
 // What every subcommand shares: the resolved configuration and its run folder.
 #include <string>
+#include <vector>
 
 #include "config/config.h"
 
@@ -9,11 +10,14 @@ namespace patch::app {
 struct RunContext {
   std::string subcommand;
   config::Config config;
-  std::string out_dir;  // empty for commands that write no run folder
+  std::string out_dir;            // empty for commands that write no run folder
+  std::vector<std::string> argv;  // the command line, for the data-parallel launcher
 };
 
 // Prepares output.dir (refusing a non-empty one unless output.overwrite or
-// output.resume), writes config.resolved.yaml and starts run.log there.
+// output.resume), writes config.resolved.yaml and starts run.log there. In a
+// data-parallel run the launcher (or rank 0 under torchrun) prepares the
+// folder; rank 0 writes run.log, the other ranks log warnings to the console.
 RunContext start_run(const std::string& subcommand, config::Config config, bool writes_outputs);
 
 }  // namespace patch::app

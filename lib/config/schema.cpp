@@ -192,6 +192,13 @@ std::vector<KeyDef> build() {
       range(key("bench.seq", T::kInt, 4096, "Tokens per sequence"), 2, 1 << 20),
       range(key("bench.warmup", T::kInt, 2, "Untimed steps"), 0, 1000),
       range(key("bench.iters", T::kInt, 5, "Timed steps (the median is reported)"), 1, 100000),
+      // dist
+      range(key("dist.nproc", T::kInt, 1,
+                "train: data-parallel processes started on this machine (ranks of torchrun's RANK/WORLD_SIZE "
+                "variables when those are set)"),
+            1, 1024),
+      choices(key("dist.backend", T::kString, "auto", "Process group: auto (nccl on CUDA, gloo on CPU), gloo, nccl"),
+              {"auto", "gloo", "nccl"}),
       // bench-deploy
       key("deploy.shapes", T::kStringList, Json::array({"llama-2-7b", "llama-3.1-8b"}),
           "bench-deploy: model shapes whose linear layers are timed (qwen2.5-0.5b, llama-3.2-1b, llama-2-7b, "

@@ -9,6 +9,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "core/atomic_file.h"
@@ -18,6 +19,7 @@
 #include "core/progress.h"
 #include "core/tensor_utils.h"
 #include "data/dataset.h"
+#include "dist/dist.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "maskfile/apply.h"
@@ -64,6 +66,7 @@ struct Run {
   std::unique_ptr<MaskOptimizer> opt;
   double weight_norm_total = 0.0;  // sum over layers of ||W||, for the weight term
   std::string model_path;
+  dist::Env env;  // this process's rank in a data-parallel run
 
   explicit Run(const config::Config& c, std::string dir) : cfg(c), out_dir(std::move(dir)) {}
 };
@@ -73,6 +76,7 @@ void load_model_and_data(Run& r) {
   r.model_path = core::resolve_path(cfg.get_string("model.path"));
   io::Checkpoint ckpt = io::load_checkpoint(r.model_path);
   r.device = core::resolve_device(cfg.get_string("model.device"));
+  if (r.env.world > 1 && r.device.is_cuda()) r.device = at::Device(at::kCUDA, r.env.local_rank);
   model::DecoderOptions mo;
   mo.device = r.device;
   mo.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), r.device);
@@ -386,21 +390,43 @@ void install_stop_handlers() {
   std::signal(SIGTERM, on_stop_signal);
 }
 
+void check_data_parallel(const config::Config& cfg, int world) {
+  if (world <= 1) return;
+  const int64_t micro = cfg.get_int("train.micro_batch"), global = cfg.get_int("train.global_batch");
+  if ((global / micro) % world != 0)
+    throw core::ConfigError(str("train.global_batch: ", global / micro, " micro-batches per step (", global, " / ",
+                                micro, ") do not split evenly over ", world, " ranks"));
+  if (cfg.get_string("train.state") == "compact")
+    throw core::ConfigError("train.state: compact state updates the 2:4 logits inside each rank's backward, "
+                            "before gradients can be summed over ranks; use train.state=full with several ranks");
+}
+
 int run_training(const config::Config& cfg, const std::string& out_dir) {
   Run r(cfg, out_dir);
+  r.env = dist::env_from_environment();
   r.steps = cfg.get_int("train.steps");
   r.micro = cfg.get_int("train.micro_batch");
   r.global = cfg.get_int("train.global_batch");
+  const int world = r.env.world;
+  check_data_parallel(cfg, world);
   at::manual_seed(static_cast<uint64_t>(cfg.get_int("train.seed")));
   load_model_and_data(r);
   build_masks(r);
+  // Every rank holds the whole model and the same masks; each takes its share
+  // of a step's micro-batches, and the summed logit gradients keep the masks
+  // identical. Rank 0 alone evaluates and writes.
+  dist::Group group(r.env, r.device, cfg.get_string("dist.backend"));
+  const bool root = group.is_root();
+  if (world > 1)
+    core::log::info(str("rank ", r.env.rank, " of ", world, " (", group.backend(), ") on ", r.device.str()));
 
   const std::string metrics_path = (fs::path(out_dir) / "metrics.jsonl").string();
   int64_t start = 0;
   if (cfg.get_bool("output.resume")) start = load_checkpoint(r);
   // A run stopped before its first step resumes at 0 and writes the step-0 line again.
-  truncate_metrics(metrics_path, start == 0 ? -1 : start);
-  std::ofstream metrics(metrics_path, std::ios::app);
+  if (root) truncate_metrics(metrics_path, start == 0 ? -1 : start);
+  std::ofstream metrics;
+  if (root) metrics.open(metrics_path, std::ios::app);
 
   const double lr_peak = cfg.get_float("train.lr");
   const double min_ratio = cfg.get_float("train.min_lr_ratio");
@@ -416,7 +442,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   const int64_t n_micro = r.global / r.micro;
   int64_t last_checkpoint = start;
 
-  if (start == 0) {
+  if (start == 0 && root) {
     // The hardened starting point (init + prior) as step 0, the baseline of the run.
     auto hard0 = sparsity::harden(*r.masks, r.target, r.budget);
     double vl0 = evaluate_hard(r, hard0);
@@ -428,12 +454,17 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     core::log::info(str("start: validation loss ", vl0, " with hardened initial masks"));
   }
 
-  core::Progress progress("train", static_cast<long>(r.steps));
+  std::optional<core::Progress> progress;
+  if (root) progress.emplace("train", static_cast<long>(r.steps));
   auto t_start = std::chrono::steady_clock::now();
+  const int64_t per_rank = n_micro / world;
   for (int64_t step = start; step < r.steps; ++step) {
-    if (int sig = g_stop_signal.load()) {
-      save_checkpoint(r, step);
-      progress.finish();
+    // The ranks agree on stopping, so that none waits for the others in a collective.
+    int sig = g_stop_signal.load();
+    if (world > 1) sig = static_cast<int>(group.allreduce_max(sig));
+    if (sig) {
+      if (root) save_checkpoint(r, step);
+      if (progress) progress->finish();
       core::log::warn(str("stopped by signal ", sig, " at step ", step, "; checkpoint written, continue with --resume"));
       return core::kExitInterrupted;
     }
@@ -448,12 +479,20 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     r.opt->begin_step(lr);
     double ce = 0.0;
     auto blocks = sample_blocks(r, step * r.global, (step + 1) * r.global);
-    for (int64_t k = 0; k < n_micro; ++k) {
+    for (int64_t k = r.env.rank * per_rank; k < (r.env.rank + 1) * per_rank; ++k) {
       std::vector<int64_t> idx(blocks.begin() + k * r.micro, blocks.begin() + (k + 1) * r.micro);
       auto ids = r.train_data->blocks(idx).to(r.device);
       at::Tensor loss = r.model->loss(ids);
       (loss / static_cast<double>(n_micro)).backward();
       ce += loss.item<double>() / static_cast<double>(n_micro);
+    }
+    if (world > 1) {
+      // Summed before the regularizers' backward, which every rank computes whole.
+      std::vector<at::Tensor> grads;
+      for (const auto& [name, p] : r.masks->named_parameters())
+        if (p.grad().defined()) grads.push_back(p.grad());
+      group.allreduce_sum(grads);
+      ce = group.allreduce_sum(ce);
     }
     // Regularizers: density towards the budget, minus the kept-weight term.
     at::Tensor density = r.masks->soft_density();
@@ -480,12 +519,13 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     const double density_value = density.item<double>();
     const double loss_value = ce + lambda_s * reg_value - w_coef * weight_term;
     if (!std::isfinite(loss_value)) {
-      progress.finish();
+      if (progress) progress->finish();
       throw core::Error(str("step ", step + 1, ": the loss is ", loss_value, " (cross-entropy ", ce,
                             "); stopping. The last good checkpoint (step ", last_checkpoint, ") is in ", out_dir,
                             "; lower train.lr or check the data"));
     }
     const double grad_norm = r.opt->finish_step(lr, clip);
+    if (!root) continue;
 
     const int64_t done = step + 1;
     const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -518,7 +558,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
       m["hard_sparsity"] = hard.achieved_sparsity();
     }
     if (!m.is_null()) metrics << m.dump() << "\n" << std::flush;
-    progress.update(static_cast<long>(done), static_cast<long>(tokens),
+    progress->update(static_cast<long>(done), static_cast<long>(tokens),
                     str("loss ", std::round(ce * 1000) / 1000, " density ",
                         std::round(density_value * 1000) / 1000));
     if ((ckpt_every > 0 && done % ckpt_every == 0) && !is_last) {
@@ -526,7 +566,8 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
       last_checkpoint = done;
     }
   }
-  progress.finish();
+  if (!root) return 0;
+  progress->finish();
 
   auto hard = sparsity::harden(*r.masks, r.target, r.budget);
   double vl = evaluate_hard(r, hard);

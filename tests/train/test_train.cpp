@@ -14,6 +14,8 @@
 
 #include "catch.h"
 #include "core/atomic_file.h"
+#include "dist/dist.h"
+#include "io/safetensors.h"
 #include "maskfile/mask_file.h"
 #include "test_util.h"
 
@@ -191,5 +193,81 @@ TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
     INFO(steps);
     for (const auto& j : m)
       if (!j.value("final", false)) CHECK(seen.insert(j["step"].get<int64_t>()).second);
+  }
+}
+
+TEST_CASE("two Gloo ranks learn what one process learns and resume together") {
+  if (!dist::has_backend("gloo")) {
+    SUCCEED("this build has no Gloo headers");
+    return;
+  }
+  test::TempDir dir;
+  const int steps = 12;
+  // Two micro-batches per step: one per rank, so the summed gradient is
+  // a + b in both runs, exactly.
+  const std::string extra = "--set train.eval_every=4";
+  auto one = test::run_command(train_cmd(dir.file("one"), steps, extra));
+  INFO(one.err);
+  REQUIRE(one.exit_code == 0);
+  auto two = test::run_command(train_cmd(dir.file("two"), steps, extra + " --nproc 2"));
+  INFO(two.err);
+  REQUIRE(two.exit_code == 0);
+  require_same_masks(dir.file("one/masks.safetensors"), dir.file("two/masks.safetensors"));
+  // Not only the hardened masks: every logit and optimizer moment, to the bit.
+  io::SafetensorsFile a(dir.file("one/checkpoint.safetensors")), b(dir.file("two/checkpoint.safetensors"));
+  REQUIRE(a.entries().size() == b.entries().size());
+  for (const auto& e : a.entries()) {
+    INFO(e.name);
+    REQUIRE(b.contains(e.name));
+    CHECK(at::equal(a.tensor(e.name), b.tensor(e.name)));
+  }
+  // One metrics file, written by rank 0, with the same losses.
+  auto ma = read_metrics(dir.file("one/metrics.jsonl")), mb = read_metrics(dir.file("two/metrics.jsonl"));
+  REQUIRE(ma.size() == mb.size());
+  for (size_t i = 0; i < ma.size(); ++i) {
+    CHECK(ma[i].value("step", -1) == mb[i].value("step", -2));
+    if (ma[i].contains("ce")) CHECK(ma[i]["ce"].get<double>() == mb[i]["ce"].get<double>());
+  }
+
+  // SIGTERM to the launcher: both ranks stop at the same step, rank 0 writes
+  // the checkpoint, and a two-rank --resume ends with the same masks.
+  const std::string out = dir.file("stopped");
+  pid_t pid = fork();
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", ("exec " + train_cmd(out, 30, extra + " --nproc 2") + " 2>/dev/null").c_str(),
+          nullptr);
+    _exit(127);
+  }
+  for (int i = 0; i < 600; ++i) {
+    auto m = read_metrics(out + "/metrics.jsonl");
+    if (!m.empty() && m.back().value("step", 0) >= 7) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  REQUIRE(::kill(pid, SIGTERM) == 0);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 130);
+  REQUIRE(fs::exists(out + "/checkpoint.safetensors"));
+  REQUIRE_FALSE(fs::exists(out + "/masks.safetensors"));
+  auto resumed = test::run_command(train_cmd(out, 30, extra + " --nproc 2 --resume"));
+  INFO(resumed.err);
+  REQUIRE(resumed.exit_code == 0);
+  auto full = test::run_command(train_cmd(dir.file("full"), 30, extra));
+  REQUIRE(full.exit_code == 0);
+  require_same_masks(dir.file("full/masks.safetensors"), out + "/masks.safetensors");
+}
+
+TEST_CASE("data-parallel settings that cannot split are refused before any rank starts") {
+  test::TempDir dir;
+  // One micro-batch per step cannot go to two ranks; compact state cannot sum gradients.
+  for (const std::string& bad : {std::string("--set train.global_batch=4"),
+                                 std::string("--set train.state=compact")}) {
+    auto r = test::run_command(train_cmd(dir.file("bad"), 2, bad + " --nproc 2 --overwrite"));
+    INFO(r.err);
+    CHECK(r.exit_code == 2);
+    CHECK(r.err.find(bad.find("compact") != std::string::npos ? "train.state" : "do not split evenly") !=
+          std::string::npos);
+    CHECK_FALSE(fs::exists(dir.file("bad/masks.safetensors")));
   }
 }
