@@ -60,6 +60,25 @@ void require_same_masks(const std::string& a, const std::string& b) {
   }
 }
 
+// Runs `cmd` (exec'd, so the pid is patch-train itself), sends `sig` once the
+// run has passed its first periodic checkpoint (step 5) and returns the wait status.
+int run_until_step_7(const std::string& cmd, const std::string& out, int sig) {
+  pid_t pid = fork();
+  if (pid == 0) {
+    execl("/bin/sh", "sh", "-c", ("exec " + cmd + " 2>/dev/null").c_str(), nullptr);
+    _exit(127);
+  }
+  for (int i = 0; i < 600; ++i) {
+    auto m = read_metrics(out + "/metrics.jsonl");
+    if (!m.empty() && m.back().value("step", 0) >= 7) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  if (::kill(pid, sig) != 0) return -1;
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return status;
+}
+
 }  // namespace
 
 TEST_CASE("training lowers the masked loss - hits the budget and writes a reloadable mask file") {
@@ -160,25 +179,10 @@ TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
       INFO(full.err);
       REQUIRE(full.exit_code == 0);
     }
-    const int sig = c.sig;
     const std::string out = dir.file(c.name);
-    pid_t pid = fork();
-    if (pid == 0) {
-      execl("/bin/sh", "sh", "-c",
-            ("exec " + train_cmd(out, steps, c.extra) + " 2>/dev/null").c_str(), nullptr);
-      _exit(127);
-    }
-    // Wait until the run is past its first periodic checkpoint (step 5).
-    for (int i = 0; i < 600; ++i) {
-      auto m = read_metrics(out + "/metrics.jsonl");
-      if (!m.empty() && m.back().value("step", 0) >= 7) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    // `exec` makes pid patch-train itself, not the shell.
-    REQUIRE(::kill(pid, sig) == 0);
-    int status = 0;
-    waitpid(pid, &status, 0);
-    if (sig == SIGTERM) CHECK(WEXITSTATUS(status) == 130);
+    const int status = run_until_step_7(train_cmd(out, steps, c.extra), out, c.sig);
+    REQUIRE(status != -1);
+    if (c.sig == SIGTERM) CHECK(WEXITSTATUS(status) == 130);
     REQUIRE_FALSE(fs::exists(out + "/masks.safetensors"));
     REQUIRE(fs::exists(out + "/checkpoint.safetensors"));
     auto resumed = test::run_command(train_cmd(out, steps, c.extra + " --resume"));
@@ -232,20 +236,8 @@ TEST_CASE("two Gloo ranks learn what one process learns and resume together") {
   // SIGTERM to the launcher: both ranks stop at the same step, rank 0 writes
   // the checkpoint, and a two-rank --resume ends with the same masks.
   const std::string out = dir.file("stopped");
-  pid_t pid = fork();
-  if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", ("exec " + train_cmd(out, 30, extra + " --nproc 2") + " 2>/dev/null").c_str(),
-          nullptr);
-    _exit(127);
-  }
-  for (int i = 0; i < 600; ++i) {
-    auto m = read_metrics(out + "/metrics.jsonl");
-    if (!m.empty() && m.back().value("step", 0) >= 7) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  REQUIRE(::kill(pid, SIGTERM) == 0);
-  int status = 0;
-  waitpid(pid, &status, 0);
+  const int status = run_until_step_7(train_cmd(out, 30, extra + " --nproc 2"), out, SIGTERM);
+  REQUIRE(status != -1);
   CHECK(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 130);
   REQUIRE(fs::exists(out + "/checkpoint.safetensors"));
