@@ -4,6 +4,7 @@
 #   STAGE=bench [TESTS=regex] mask-learning benchmarks beside the PyTorch peer baseline
 #               (../shared/bench/py_patch_ref.py), in the same call
 #   STAGE=deploy [TESTS=regex] [DEPLOY_ARGS=...] the hybrid inference tests, then bench-deploy
+#   STAGE=dist [SHAPES=...] the data-parallel mask step on 1 and on every visible GPU (NCCL)
 # Results go to $OUT (or ./gpu-out): build/test logs and bench JSON lines.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -30,6 +31,17 @@ if [[ $STAGE == deploy ]]; then
   build/bin/patch-train bench-deploy --set model.device=cuda ${DEPLOY_ARGS:-} 2>"$OUT/bench_deploy.err" |
     grep '^{' | tee "$OUT/bench_deploy.jsonl"
   tail -5 "$OUT/bench_deploy.err"
+  exit 0
+fi
+
+if [[ $STAGE == dist ]]; then
+  gpus=$(nvidia-smi -L | wc -l)
+  for SHAPE in ${SHAPES:-llama-3.2-1b}; do
+    for n in 1 "$gpus"; do
+      NCCL_NVLS_ENABLE=0 build/bin/patch-train bench --shape "$SHAPE" --mode joint --nproc "$n" \
+        --set model.device=cuda --set bench.iters="${ITERS:-5}" 2>&1 | grep '^{' | tee -a "$OUT/bench_dist.jsonl"
+    done
+  done
   exit 0
 fi
 

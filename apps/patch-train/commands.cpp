@@ -274,7 +274,14 @@ nlohmann::json bench_prune(const config::Config& cfg, const io::ModelConfig& sha
 int run_bench(RunContext& ctx) {
   const auto& cfg = ctx.config;
   const auto shape = model::model_shape(cfg.get_string("bench.shape"));
-  const at::Device device = core::resolve_device(cfg.get_string("model.device"));
+  const int nproc = static_cast<int>(cfg.get_int("dist.nproc"));
+  const auto env = dist::env_from_environment();
+  if ((nproc > 1 || env.world > 1) && cfg.get_string("train.state") == "compact")
+    throw core::ConfigError("train.state: compact state cannot sum gradients over ranks (bench --nproc needs full)");
+  if (nproc > 1 && env.world == 1) return dist::launch(nproc, ctx.argv);
+  at::Device device = core::resolve_device(cfg.get_string("model.device"));
+  if (env.world > 1 && device.is_cuda()) device = at::Device(at::kCUDA, env.local_rank);
+  dist::Group group(env, device, cfg.get_string("dist.backend"));
   const at::ScalarType dtype = core::resolve_dtype(cfg.get_string("model.dtype"), device);
   const int64_t batch = cfg.get_int("bench.batch"), seq = cfg.get_int("bench.seq");
   const int warmup = static_cast<int>(cfg.get_int("bench.warmup"));
@@ -286,6 +293,10 @@ int run_bench(RunContext& ctx) {
   for (const auto& m : modes) any_mask = any_mask || (m != "dense" && m.rfind("prune_", 0) != 0);
   if (any_mask && std::find(modes.begin(), modes.end(), "dense") == modes.end()) modes.insert(modes.begin(), "dense");
   for (const auto& mode : modes) {
+    // Several ranks time the data-parallel mask step only; its one-rank
+    // counterpart is the same command without --nproc.
+    const bool mask_mode = mode != "dense" && mode.rfind("prune_", 0) != 0;
+    if (group.world() > 1 && !mask_mode) continue;
     nlohmann::json j;
     if (mode == "dense") {
       j = model::bench_forward_backward(shape, device, dtype, batch, seq, ckpt, warmup, iters);
@@ -308,10 +319,11 @@ int run_bench(RunContext& ctx) {
       o.compact = cfg.get_string("train.state") == "compact";
       o.warmup = warmup;
       o.iters = iters;
+      o.group = &group;
       j = train::bench_mask_step(shape, o);
     }
     j["shape"] = cfg.get_string("bench.shape");
-    std::cout << j.dump() << std::endl;
+    if (group.is_root()) std::cout << j.dump() << std::endl;
   }
   return 0;
 }
@@ -395,7 +407,8 @@ const std::vector<Command>& commands() {
       {"bench", "Time forward+backward and mask-learning steps on a random model of a real shape (JSON lines)",
        "", /*writes_outputs=*/false, run_bench,
        {{"--shape", "bench.shape", "qwen2.5-0.5b, llama-3.2-1b, llama-2-7b or llama-3.1-8b"},
-        {"--mode", "bench.modes", "dense, joint, tile, maskllm, prune_wanda, prune_sparsegpt (comma separated)"}}},
+        {"--mode", "bench.modes", "dense, joint, tile, maskllm, prune_wanda, prune_sparsegpt (comma separated)"},
+        {"--nproc", "dist.nproc", "Data-parallel ranks of the mask step (one GPU each)"}}},
       {"bench-deploy",
        "Time the hybrid kernels against cuBLAS per layer shape and end to end on random models (JSON lines)",
        "", /*writes_outputs=*/false, run_bench_deploy,

@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "core/tensor_utils.h"
+#include "dist/dist.h"
 #include "model/decoder.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/prior.h"
@@ -50,11 +51,18 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
     if (o.device.is_cuda()) torch::cuda::synchronize(o.device.index());
 #endif
   };
+  const int world = o.group ? o.group->world() : 1;
   int64_t step = 0;
   auto run_step = [&] {
     state->step = step++;
     opt.begin_step(1e-3);
     decoder.loss(ids).backward();
+    if (world > 1) {
+      std::vector<at::Tensor> grads;
+      for (const auto& [name, p] : masks.named_parameters())
+        if (p.grad().defined()) grads.push_back(p.grad());
+      o.group->allreduce_sum(grads);
+    }
     at::Tensor reg = (masks.soft_density() - (1.0 - o.target_sparsity)).abs() * 10.0;
     if (reg.requires_grad()) reg.backward();  // maskllm has no tile logits to pull
     opt.finish_step(1e-3, 1.0);
@@ -73,7 +81,9 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   const double median = ms[ms.size() / 2];
   return {{"mode", o.mode},
           {"median_ms", median},
-          {"tokens_per_s", static_cast<double>(o.batch * o.seq) / (median / 1e3)},
+          {"tokens_per_s", static_cast<double>(world * o.batch * o.seq) / (median / 1e3)},
+          {"ranks", world},
+          {"backend", o.group ? o.group->backend() : std::string("none")},
           {"peak_gib", core::peak_memory_gib(o.device)},
           {"batch", o.batch},
           {"seq", o.seq},

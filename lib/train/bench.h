@@ -9,6 +9,10 @@
 
 #include "io/model_config.h"
 
+namespace patch::dist {
+class Group;
+}
+
 namespace patch::train {
 
 struct MaskBenchOptions {
@@ -22,6 +26,9 @@ struct MaskBenchOptions {
   bool fused = true;     // mask.kernel
   bool compact = false;  // train.state
   int warmup = 2, iters = 5;
+  // Data parallel: every rank runs its own batch and the logit gradients are
+  // summed as in training; tokens/s counts all ranks. nullptr: one process.
+  dist::Group* group = nullptr;
 };
 
 // Median step ms, tokens/s and peak GiB of the mode (the step as the trainer
