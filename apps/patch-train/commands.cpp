@@ -228,6 +228,7 @@ int run_train(RunContext& ctx) {
   const auto env = dist::env_from_environment();
   if (nproc > 1 && env.world == 1) {  // the launcher: this program again, once per rank
     train::check_data_parallel(ctx.config, nproc);
+    dist::rank_device(core::resolve_device(ctx.config.get_string("model.device")), nproc - 1, nproc);
     core::log::info(core::str("data-parallel run: ", nproc, " ranks, rank 0 logs to ", ctx.out_dir, "/run.log"));
     return dist::launch(nproc, ctx.argv);
   }
@@ -278,9 +279,12 @@ int run_bench(RunContext& ctx) {
   const auto env = dist::env_from_environment();
   if ((nproc > 1 || env.world > 1) && cfg.get_string("train.state") == "compact")
     throw core::ConfigError("train.state: compact state cannot sum gradients over ranks (bench --nproc needs full)");
-  if (nproc > 1 && env.world == 1) return dist::launch(nproc, ctx.argv);
-  at::Device device = core::resolve_device(cfg.get_string("model.device"));
-  if (env.world > 1 && device.is_cuda()) device = at::Device(at::kCUDA, env.local_rank);
+  const at::Device requested = core::resolve_device(cfg.get_string("model.device"));
+  if (nproc > 1 && env.world == 1) {
+    dist::rank_device(requested, nproc - 1, nproc);
+    return dist::launch(nproc, ctx.argv);
+  }
+  const at::Device device = dist::rank_device(requested, env.local_rank, env.world);
   dist::Group group(env, device, cfg.get_string("dist.backend"));
   const at::ScalarType dtype = core::resolve_dtype(cfg.get_string("model.dtype"), device);
   const int64_t batch = cfg.get_int("bench.batch"), seq = cfg.get_int("bench.seq");

@@ -76,6 +76,15 @@ Env env_from_environment() {
   return e;
 }
 
+at::Device rank_device(at::Device requested, int local_rank, int world) {
+  if (world <= 1 || !requested.is_cuda()) return requested;
+  const int gpus = static_cast<int>(at::getNumGPUs());
+  if (local_rank >= gpus)
+    throw core::ConfigError(core::str("dist.nproc: ", world, " ranks need one GPU each, but ", gpus,
+                                      " are visible (rank ", local_rank, " has none)"));
+  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local_rank));
+}
+
 bool has_backend(const std::string& backend) {
 #if PATCH_WITH_GLOO
   if (backend == "gloo") return true;

@@ -21,6 +21,11 @@ struct Env {
 };
 Env env_from_environment();
 
+// The device of rank `local_rank` of `world`: cuda:local_rank where
+// `requested` is a CUDA device and world > 1 (one GPU per rank), `requested`
+// otherwise. Throws core::ConfigError when that GPU does not exist.
+at::Device rank_device(at::Device requested, int local_rank, int world);
+
 // Whether this build has the backend ("gloo" needs the Gloo headers at build
 // time, "nccl" a CUDA build).
 bool has_backend(const std::string& backend);

@@ -76,7 +76,7 @@ void load_model_and_data(Run& r) {
   r.model_path = core::resolve_path(cfg.get_string("model.path"));
   io::Checkpoint ckpt = io::load_checkpoint(r.model_path);
   r.device = core::resolve_device(cfg.get_string("model.device"));
-  if (r.env.world > 1 && r.device.is_cuda()) r.device = at::Device(at::kCUDA, r.env.local_rank);
+  r.device = dist::rank_device(r.device, r.env.local_rank, r.env.world);
   model::DecoderOptions mo;
   mo.device = r.device;
   mo.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), r.device);
