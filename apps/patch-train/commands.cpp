@@ -22,6 +22,7 @@
 #include "maskfile/mask_file.h"
 #include "deploy/bench.h"
 #include "deploy/export.h"
+#include "deploy/hybrid_linear.h"
 #include "deploy/packed.h"
 #include "deploy/verify.h"
 #include "dist/dist.h"
@@ -74,6 +75,24 @@ int run_eval(RunContext& ctx) {
     out["sparsity"] = file.sparsity();
     core::log::info(core::str("masks ", file.path, ": ", file.layers.size() + file.bitmasks.size(),
                               " layers, sparsity ", file.sparsity()));
+  }
+  if (const std::string packed_path = cfg.get_string("model.packed"); !packed_path.empty()) {
+    if (!cfg.get_string("model.masks").empty())
+      throw core::ConfigError("model.packed: give either a mask file or a packed file, not both");
+    const auto packed = deploy::read_packed(core::resolve_path(packed_path));
+    for (const auto& layer : packed.layers) {
+      auto* lin = decoder.linear(layer.name);
+      if (!lin) throw core::Error(core::str(packed.path, ": layer ", layer.name, " is not in ", model_path));
+      if (lin->weight().size(0) != layer.grid.out() || lin->weight().size(1) != layer.grid.in())
+        throw core::Error(core::str(packed.path, ": layer ", layer.name, " is ", layer.grid.str(), ", the model's is [",
+                                    lin->weight().size(0), ", ", lin->weight().size(1), "]"));
+      auto kernel = std::make_shared<deploy::HybridLinear>(layer, decoder.options().device);
+      lin->set_kernel([kernel](const at::Tensor& x) { return kernel->forward(x); });
+    }
+    out["packed"] = packed.path;
+    out["sparsity"] = packed.sparsity();
+    core::log::info(core::str("packed ", packed.path, ": ", packed.layers.size(), " layers, sparsity ",
+                              packed.sparsity()));
   }
   out.update(eval::evaluate_config(decoder, *tok, cfg));
   std::string text = out.dump(2);
@@ -407,7 +426,8 @@ const std::vector<Command>& commands() {
        {{"--targets", "sweep.targets", "Target sparsities, comma separated"},
         {"--baselines", "sweep.baselines", "Baselines, comma separated: wanda, sparsegpt, magnitude, maskllm"}}},
       {"eval", "Perplexity of the model on text files (JSON to stdout and <out>/eval.json)",
-       "eval.data", /*writes_outputs=*/true, run_eval},
+       "eval.data", /*writes_outputs=*/true, run_eval,
+       {{"--packed", "model.packed", "Packed hybrid file (patch-train pack): run its layers through the kernels"}}},
       {"bench", "Time forward+backward and mask-learning steps on a random model of a real shape (JSON lines)",
        "", /*writes_outputs=*/false, run_bench,
        {{"--shape", "bench.shape", "qwen2.5-0.5b, llama-3.2-1b, llama-2-7b or llama-3.1-8b"},

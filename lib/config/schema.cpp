@@ -48,6 +48,8 @@ std::vector<KeyDef> build() {
       key("model.device", T::kString, "auto", "Device: auto, cpu, cuda or cuda:N"),
       key("model.masks", T::kString, "",
           "Mask file (masks.safetensors) applied to the model by eval, export and verify"),
+      key("model.packed", T::kString, "",
+          "eval: a packed hybrid file (patch-train pack) whose layers run through the deployment kernels"),
       key("model.checkpointing", T::kBool, true,
           "Recompute each decoder block in the backward pass (activation checkpointing)"),
       // data
