@@ -49,9 +49,19 @@ if [[ $need_apt == 1 ]]; then
 else
   say "system packages present"
 fi
-# Gloo's headers (multi-process training on CPUs) come with the packages above;
-# a machine without a package registry (the GPU machine) builds without them.
-have_header gloo/algorithm.h || say "warning: no Gloo headers (libgloo-dev): train --nproc > 1 on CPUs is unavailable"
+# Gloo's headers (multi-process training on CPUs) come with the packages above,
+# or alone where everything else is present; a machine without a package
+# registry (the GPU machine) builds without them.
+if ! have_header gloo/algorithm.h; then
+  SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
+  if DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libgloo-dev >/dev/null 2>&1 ||
+     { timeout 120 $SUDO apt-get update -qq >/dev/null 2>&1 &&
+       DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libgloo-dev >/dev/null 2>&1; }; then
+    say "installed libgloo-dev"
+  else
+    say "warning: no Gloo headers (libgloo-dev): train --nproc > 1 on CPUs is unavailable"
+  fi
+fi
 
 # ---- 2. Python: LibTorch and the test oracles ----------------------------
 torch_ok() { "$1" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION%.*}') else 1)" 2>/dev/null; }

@@ -1,6 +1,7 @@
 #include "core/tensor_utils.h"
 
 #include <ATen/Context.h>
+#include <torch/cuda.h>
 #if __has_include(<c10/cuda/CUDACachingAllocator.h>)
 #include <c10/cuda/CUDACachingAllocator.h>
 #define PATCH_HAS_CUDA_ALLOCATOR 1
@@ -60,6 +61,10 @@ void reset_peak_memory(const at::Device& device) {
 #else
   (void)device;
 #endif
+}
+
+void synchronize(const at::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index());
 }
 
 }  // namespace patch::core

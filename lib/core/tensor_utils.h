@@ -15,5 +15,7 @@ std::string dtype_name(at::ScalarType dtype);
 // Peak device memory in GiB since the last reset (0 on CPU).
 double peak_memory_gib(const at::Device& device);
 void reset_peak_memory(const at::Device& device);
+// Waits for the device's queued work (no-op on the CPU): benchmark timing.
+void synchronize(const at::Device& device);
 
 }  // namespace patch::core

@@ -1,7 +1,5 @@
 #include "deploy/bench.h"
 
-#include <torch/cuda.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -9,6 +7,7 @@
 #include <memory>
 
 #include "core/error.h"
+#include "core/tensor_utils.h"
 #include "deploy/hybrid_linear.h"
 #include "model/bench.h"
 #include "model/decoder.h"
@@ -51,10 +50,6 @@ std::string joined(const std::vector<std::string>& v) {
   return s;
 }
 
-void synchronize(const at::Device& d) {
-  if (d.is_cuda()) torch::cuda::synchronize(d.index());
-}
-
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -63,12 +58,12 @@ double median(std::vector<double> v) {
 // Median wall time of fn() in milliseconds over `repeats` synchronized calls.
 double wall_ms(const std::function<void()>& fn, const at::Device& d, int repeats) {
   fn();
-  synchronize(d);
+  core::synchronize(d);
   std::vector<double> t;
   for (int r = 0; r < repeats; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     fn();
-    synchronize(d);
+    core::synchronize(d);
     t.push_back(
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }

@@ -72,11 +72,14 @@ bool prefill_supported(const TileGrid& g) {
 }
 
 DecodeFormat build_decode_format(const PackedLayer& layer) {
+  return build_decode_format(layer, unpack_layer(layer));
+}
+
+DecodeFormat build_decode_format(const PackedLayer& layer, const at::Tensor& w) {
   const TileGrid& g = layer.grid;
   core::check(decode_supported(g), layer.name,
               "decode format needs out % 16, in % 32, tile rows % 16 and tile cols % 32 == 0");
   const int64_t S = g.out() / kSlab, KB = g.in() / kBlockK, G = g.groups();
-  const auto w = unpack_layer(layer);
   const auto nib = group_nibbles(layer).to(at::kLong);  // [out, G]
 
   // Every block in both layouts; each tile then takes the one it needs.
@@ -198,10 +201,11 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device)
     m.prefill = prefill_supported(layer.grid);
   }
 #endif
-  if (!m.decode || !m.prefill) m.weight = unpack_layer(layer).to(device);
+  const auto w = unpack_layer(layer);  // W ⊙ M, once for every format below
+  if (!m.decode || !m.prefill) m.weight = w.to(device);
 #if PATCH_WITH_CUDA
   if (m.decode) {
-    auto f = build_decode_format(layer);
+    auto f = build_decode_format(layer, w);
     m.dec = {f.blocks.to(device), f.tile_offset.to(device), f.tile_dense.to(device)};
   }
   if (m.prefill) {
@@ -212,7 +216,6 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device)
     m.band_cols =
         td.nonzero().select(1, 1).to(at::kInt).contiguous().to(device);  // row-major: storage order
     // The 2:4 part: sparse tiles as they are, dense tiles zero.
-    auto w = unpack_layer(layer);
     auto sparse_tile = g.expand(1 - layer.tile_dense.to(at::kFloat)).to(at::kBFloat16);
     m.sparse = std::make_unique<cuda::SparseGemm>((w * sparse_tile).to(device));
   }
@@ -262,9 +265,10 @@ HybridPath HybridLinear::path(int64_t tokens) const {
 
 at::Tensor HybridLinear::forward(const at::Tensor& x) {
   auto& m = *impl_;
-  core::check(x.size(-1) == m.grid.in() && x.device() == m.device, m.name,
-              core::str("input ", x.sizes(), " on ", x.device(), ", expected [..., ", m.grid.in(),
-                        "] on ", m.device));
+  if (x.size(-1) != m.grid.in() ||
+      x.device() != m.device)  // the message only on failure: this runs per token
+    throw core::Error(core::str(m.name, ": input ", x.sizes(), " on ", x.device(),
+                                ", expected [..., ", m.grid.in(), "] on ", m.device));
   auto shape = x.sizes().vec();
   shape.back() = m.grid.out();
   const auto x2 = x.reshape({-1, m.grid.in()});

@@ -166,20 +166,23 @@ void Group::allreduce_sum(const std::vector<at::Tensor>& tensors) {
   }
 }
 
-double Group::allreduce_sum(double v) {
-  if (!impl_->pg) return v;
-  std::vector<at::Tensor> t{at::full({1}, v, at::TensorOptions(impl_->device).dtype(at::kDouble))};
-  impl_->pg->allreduce(t)->wait();
+namespace {
+double reduce_scalar(c10d::Backend* pg, at::Device device, double v, c10d::ReduceOp op) {
+  if (!pg) return v;
+  std::vector<at::Tensor> t{at::full({1}, v, at::TensorOptions(device).dtype(at::kDouble))};
+  c10d::AllreduceOptions o;
+  o.reduceOp = op;
+  pg->allreduce(t, o)->wait();
   return t[0].item<double>();
+}
+}  // namespace
+
+double Group::allreduce_sum(double v) {
+  return reduce_scalar(impl_->pg.get(), impl_->device, v, c10d::ReduceOp::SUM);
 }
 
 double Group::allreduce_max(double v) {
-  if (!impl_->pg) return v;
-  std::vector<at::Tensor> t{at::full({1}, v, at::TensorOptions(impl_->device).dtype(at::kDouble))};
-  c10d::AllreduceOptions o;
-  o.reduceOp = c10d::ReduceOp::MAX;
-  impl_->pg->allreduce(t, o)->wait();
-  return t[0].item<double>();
+  return reduce_scalar(impl_->pg.get(), impl_->device, v, c10d::ReduceOp::MAX);
 }
 
 void Group::barrier() {

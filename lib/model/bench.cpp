@@ -1,7 +1,5 @@
 #include "model/bench.h"
 
-#include <torch/cuda.h>
-
 #include <algorithm>
 #include <chrono>
 #include <memory>
@@ -24,10 +22,6 @@ class ScaledWeight : public WeightProvider {
  private:
   at::Tensor scale_;
 };
-
-void synchronize(const at::Device& device) {
-  if (device.is_cuda()) torch::cuda::synchronize(device.index());
-}
 
 io::ModelConfig llama(int64_t hidden, int64_t inter, int64_t layers, int64_t heads,
                       int64_t kv_heads, int64_t vocab) {
@@ -128,13 +122,13 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
     decoder.loss(ids).backward();
   };
   for (int i = 0; i < warmup; ++i) step();
-  synchronize(device);
+  core::synchronize(device);
   core::reset_peak_memory(device);
   std::vector<double> ms;
   for (int i = 0; i < iters; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     step();
-    synchronize(device);
+    core::synchronize(device);
     ms.push_back(
         std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }

@@ -12,10 +12,6 @@
 #include "sparsity/prior.h"
 #include "train/optimizer.h"
 
-#if __has_include(<torch/cuda.h>)
-#include <torch/cuda.h>
-#endif
-
 namespace patch::train {
 
 nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOptions& o) {
@@ -46,35 +42,25 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
 
   const at::Tensor ids =
       at::randint(shape.vocab_size, {o.batch, o.seq}, at::TensorOptions().dtype(at::kLong).device(o.device));
-  auto sync = [&] {
-#if __has_include(<torch/cuda.h>)
-    if (o.device.is_cuda()) torch::cuda::synchronize(o.device.index());
-#endif
-  };
   const int world = o.group ? o.group->world() : 1;
   int64_t step = 0;
   auto run_step = [&] {
     state->step = step++;
     opt.begin_step(1e-3);
     decoder.loss(ids).backward();
-    if (world > 1) {
-      std::vector<at::Tensor> grads;
-      for (const auto& [name, p] : masks.named_parameters())
-        if (p.grad().defined()) grads.push_back(p.grad());
-      o.group->allreduce_sum(grads);
-    }
+    if (world > 1) o.group->allreduce_sum(opt.grads());
     at::Tensor reg = (masks.soft_density() - (1.0 - o.target_sparsity)).abs() * 10.0;
     if (reg.requires_grad()) reg.backward();  // maskllm has no tile logits to pull
     opt.finish_step(1e-3, 1.0);
   };
   for (int i = 0; i < o.warmup; ++i) run_step();
-  sync();
+  core::synchronize(o.device);
   core::reset_peak_memory(o.device);
   std::vector<double> ms;
   for (int i = 0; i < o.iters; ++i) {
     auto t0 = std::chrono::steady_clock::now();
     run_step();
-    sync();
+    core::synchronize(o.device);
     ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(ms.begin(), ms.end());

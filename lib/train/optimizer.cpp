@@ -88,6 +88,13 @@ void MaskOptimizer::begin_step(double lr) {
   masks_.state().update = {lr, opts_.beta1, opts_.beta2, opts_.eps, opts_.weight_decay, clip_scale_, adam_.steps() + 1};
 }
 
+std::vector<at::Tensor> MaskOptimizer::grads() const {
+  std::vector<at::Tensor> g;
+  for (const auto& [name, p] : masks_.named_parameters())
+    if (p.grad().defined()) g.push_back(p.grad());
+  return g;
+}
+
 double MaskOptimizer::finish_step(double lr, double clip) {
   const double norm = adam_.clip_grad_norm(clip, compact_ ? masks_.take_pattern_sq_norm() : 0.0);
   if (compact_) clip_scale_ = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;

@@ -53,6 +53,8 @@ class MaskOptimizer {
   void begin_step(double lr);
   // After them: clip, update, clear the gradients; returns the gradient norm.
   double finish_step(double lr, double clip);
+  // The logit gradients accumulated so far: what data-parallel ranks sum.
+  std::vector<at::Tensor> grads() const;
 
   AdamW& adam() { return adam_; }
   bool compact() const { return compact_; }

@@ -488,10 +488,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     }
     if (world > 1) {
       // Summed before the regularizers' backward, which every rank computes whole.
-      std::vector<at::Tensor> grads;
-      for (const auto& [name, p] : r.masks->named_parameters())
-        if (p.grad().defined()) grads.push_back(p.grad());
-      group.allreduce_sum(grads);
+      group.allreduce_sum(r.opt->grads());
       ce = group.allreduce_sum(ce);
     }
     // Regularizers: density towards the budget, minus the kept-weight term.
