@@ -4,7 +4,9 @@
 #   STAGE=bench [TESTS=regex] mask-learning benchmarks beside the PyTorch peer baseline
 #               (../shared/bench/py_patch_ref.py), in the same call
 #   STAGE=deploy [TESTS=regex] [DEPLOY_ARGS=...] the hybrid inference tests, then bench-deploy
-#   STAGE=dist [SHAPES=...] the data-parallel mask step on 1 and on every visible GPU (NCCL)
+#   STAGE=dist [TESTS=regex] [SHAPES=...] the data-parallel tests, then the mask step
+#               on 1 and on every visible GPU (NCCL)
+#   STAGE=profile Nsight Compute on the fused mask kernels of a LLaMA-3.2-1B step
 # Results go to $OUT (or ./gpu-out): build/test logs and bench JSON lines.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -35,12 +37,33 @@ if [[ $STAGE == deploy ]]; then
 fi
 
 if [[ $STAGE == dist ]]; then
+  (cd build && ctest -R "${TESTS:-test_dist|NCCL|Gloo|data-parallel}" --output-on-failure -V) > "$OUT/test.log" 2>&1
+  grep -aE "tests passed|tests failed|Failed|warning|WARN" "$OUT/test.log" | tail -10
   gpus=$(nvidia-smi -L | wc -l)
+  # REPEATS > 1 alternates 1 and N ranks, to show drift between runs.
   for SHAPE in ${SHAPES:-llama-3.2-1b}; do
-    for n in 1 "$gpus"; do
+    for n in $(for _ in $(seq "${REPEATS:-1}"); do echo 1 "$gpus"; done); do
       NCCL_NVLS_ENABLE=0 build/bin/patch-train bench --shape "$SHAPE" --mode joint --nproc "$n" \
         --set model.device=cuda --set bench.iters="${ITERS:-5}" 2>&1 | grep '^{' | tee -a "$OUT/bench_dist.jsonl"
     done
+  done
+  exit 0
+fi
+
+if [[ $STAGE == profile ]]; then
+  # The fused mask kernels of one LLaMA-3.2-1B joint step under Nsight Compute:
+  # the gate projection's forward (8192x2048) and the up projection's backward,
+  # their speed-of-light, stall reasons and executed SASS per instruction.
+  run=(build/bin/patch-train bench --shape llama-3.2-1b --mode joint --set model.device=cuda
+    --set bench.iters=1 --set bench.warmup=0)
+  for k in "forward_kernel 4" "backward_kernel 1"; do
+    set -- $k
+    ncu --kernel-name "regex:$1" --launch-skip "$2" --launch-count 1 --section SpeedOfLight \
+      --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy \
+      --section InstructionStats "${run[@]}" > "$OUT/ncu_$1.txt" 2>&1
+    grep -aE "Duration|Throughput|Occupancy|Issued|Stall|Executed Ipc|Registers" "$OUT/ncu_$1.txt" | head -30
+    ncu --kernel-name "regex:$1" --launch-skip "$2" --launch-count 1 --section SourceCounters --page source --print-source sass \
+      --csv "${run[@]}" > "$OUT/ncu_$1_sass.csv" 2>/dev/null
   done
   exit 0
 fi

@@ -6,6 +6,8 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <cerrno>
@@ -153,19 +155,6 @@ const std::string& Group::backend() const {
   return impl_->backend;
 }
 
-void Group::allreduce_sum(const std::vector<at::Tensor>& tensors) {
-  if (!impl_->pg || tensors.empty()) return;
-  std::vector<at::Tensor> flat_parts;
-  for (const auto& t : tensors) flat_parts.push_back(t.reshape(-1));
-  std::vector<at::Tensor> flat{at::cat(flat_parts)};
-  impl_->pg->allreduce(flat)->wait();
-  int64_t at_elem = 0;
-  for (const auto& t : tensors) {
-    t.copy_(flat[0].slice(0, at_elem, at_elem + t.numel()).view(t.sizes()));
-    at_elem += t.numel();
-  }
-}
-
 namespace {
 double reduce_scalar(c10d::Backend* pg, at::Device device, double v, c10d::ReduceOp op) {
   if (!pg) return v;
@@ -187,6 +176,114 @@ double Group::allreduce_max(double v) {
 
 void Group::barrier() {
   if (impl_->pg) impl_->pg->barrier()->wait();
+}
+
+struct GradReducer::State {
+  struct Bucket {
+    std::vector<size_t> members;  // indices into params
+    size_t pending = 0;           // members whose gradient is not in yet
+    c10::intrusive_ptr<c10d::Work> work;
+  };
+  c10d::Backend* pg = nullptr;
+  std::vector<at::Tensor> params;
+  std::vector<size_t> bucket_of;
+  std::vector<bool> ready;
+  std::vector<Bucket> buckets;
+  size_t next_launch = 0;
+  bool armed = false;
+  GradReducer::Stats stats;
+
+  // Launches, in index order, every bucket whose members are all in: one
+  // grouped in-place all-reduce of their gradients (NCCL: no copy, no flat
+  // buffer). Tensors without a gradient are left out, alike on every rank.
+  void launch_ready() {
+    while (next_launch < buckets.size() && buckets[next_launch].pending == 0) {
+      auto& b = buckets[next_launch++];
+      std::vector<at::Tensor> grads;
+      for (size_t i : b.members)
+        if (params[i].grad().defined()) grads.push_back(params[i].grad());
+      if (!grads.empty()) b.work = pg->allreduce_coalesced(grads);
+    }
+  }
+  void mark(size_t i) {
+    ready[i] = true;
+    --buckets[bucket_of[i]].pending;
+  }
+  // Runs on the autograd engine's thread, one device and one thread per backward.
+  void on_grad(size_t i) {
+    if (!armed || ready[i]) return;
+    mark(i);
+    if (buckets[bucket_of[i]].pending == 0) launch_ready();
+  }
+};
+
+namespace {
+struct ReduceHook : torch::autograd::PostAccumulateGradHook {
+  ReduceHook(std::shared_ptr<GradReducer::State> s, size_t i) : state(std::move(s)), index(i) {}
+  void operator()(const torch::autograd::Variable&) override { state->on_grad(index); }
+  std::shared_ptr<GradReducer::State> state;
+  size_t index;
+};
+}  // namespace
+
+GradReducer::GradReducer(Group& group, const std::vector<at::Tensor>& params, int64_t bucket_bytes)
+    : state_(std::make_shared<State>()) {
+  auto& s = *state_;
+  s.pg = group.impl_->pg.get();
+  if (!s.pg) return;
+  s.params = params;
+  // Consecutive params of one dtype share a bucket up to bucket_bytes; a
+  // larger param has one of its own.
+  int64_t bytes = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const auto& p = params[i];
+    core::check(p.requires_grad() && p.is_leaf(), "GradReducer", "takes leaf tensors that require grad");
+    const int64_t b = p.numel() * static_cast<int64_t>(p.element_size());
+    if (s.buckets.empty() || bytes + b > bucket_bytes ||
+        p.scalar_type() != params[s.buckets.back().members.front()].scalar_type()) {
+      s.buckets.emplace_back();
+      bytes = 0;
+    }
+    s.buckets.back().members.push_back(i);
+    s.bucket_of.push_back(s.buckets.size() - 1);
+    bytes += b;
+  }
+  s.ready.assign(params.size(), false);
+  for (size_t i = 0; i < params.size(); ++i)
+    torch::autograd::impl::set_post_acc_grad_hooks(params[i], std::make_unique<ReduceHook>(state_, i));
+}
+
+GradReducer::~GradReducer() {
+  for (const auto& p : state_->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+}
+
+void GradReducer::arm() {
+  auto& s = *state_;
+  if (!s.pg) return;
+  std::fill(s.ready.begin(), s.ready.end(), false);
+  for (auto& b : s.buckets) {
+    b.pending = b.members.size();
+    b.work.reset();
+  }
+  s.next_launch = 0;
+  s.armed = true;
+}
+
+void GradReducer::finish() {
+  auto& s = *state_;
+  if (!s.pg) return;
+  core::check(s.armed, "GradReducer", "finish() without arm()");
+  s.armed = false;
+  s.stats = {static_cast<int>(s.buckets.size()), static_cast<int>(s.next_launch)};
+  for (size_t i = 0; i < s.params.size(); ++i)
+    if (!s.ready[i]) s.mark(i);
+  s.launch_ready();
+  for (auto& b : s.buckets)
+    if (b.work) b.work->wait();
+}
+
+GradReducer::Stats GradReducer::stats() const {
+  return state_->stats;
 }
 
 int launch(int nproc, const std::vector<std::string>& argv) {

@@ -43,18 +43,51 @@ class Group {
   bool is_root() const { return rank() == 0; }
   const std::string& backend() const;  // "none" for one process
 
-  // Sums the tensors over the ranks, in place, through one flat buffer (all
-  // of one dtype and device). With two ranks the sum a + b is exact to the
-  // bit whatever the order, so a two-process run matches a one-process run
-  // that accumulates the same two micro-batches.
-  void allreduce_sum(const std::vector<at::Tensor>& tensors);
   double allreduce_sum(double v);
   double allreduce_max(double v);
   void barrier();
 
  private:
+  friend class GradReducer;
   struct Impl;
   std::unique_ptr<Impl> impl_;
+};
+
+// Sums the gradients of leaf tensors over the ranks while the backward still
+// runs, as DDP does. Params are grouped into buckets of about bucket_bytes.
+// Once armed, a bucket is all-reduced in place, in the background, as soon as
+// autograd has accumulated the gradients of all its members. Buckets are
+// launched in their index order, the same on every rank, as collectives must
+// be; give `params` in the order the backward reaches them (the reverse of the
+// forward) so that they fill one after another. Every rank must run the same
+// graph. With two ranks the sum a + b is exact to the bit, so a two-process
+// run matches one process accumulating the same two micro-batches. With one
+// process it does nothing.
+class GradReducer {
+ public:
+  GradReducer(Group& group, const std::vector<at::Tensor>& params, int64_t bucket_bytes = 128 << 20);
+  ~GradReducer();
+  GradReducer(const GradReducer&) = delete;
+  GradReducer& operator=(const GradReducer&) = delete;
+
+  // Call before this rank's last backward of a step; the earlier ones
+  // accumulate locally, as without ranks.
+  void arm();
+  // Call after that backward: launches what it left (tensors without a
+  // gradient keep none) and waits for every sum.
+  void finish();
+
+  // Of the last finish(): how many buckets there are and how many of them
+  // were launched while the backward ran (overlapping it).
+  struct Stats {
+    int buckets = 0, launched_in_backward = 0;
+  };
+  Stats stats() const;
+
+  struct State;
+
+ private:
+  std::shared_ptr<State> state_;
 };
 
 // Starts `argv` (this program and its arguments) `nproc` times with RANK,

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <vector>
 
 #include "core/error.h"
@@ -43,12 +44,15 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   const at::Tensor ids =
       at::randint(shape.vocab_size, {o.batch, o.seq}, at::TensorOptions().dtype(at::kLong).device(o.device));
   const int world = o.group ? o.group->world() : 1;
+  std::optional<dist::GradReducer> reducer;
+  if (world > 1) reducer.emplace(*o.group, opt.params_in_backward_order());
   int64_t step = 0;
   auto run_step = [&] {
     state->step = step++;
     opt.begin_step(1e-3);
+    if (reducer) reducer->arm();
     decoder.loss(ids).backward();
-    if (world > 1) o.group->allreduce_sum(opt.grads());
+    if (reducer) reducer->finish();
     at::Tensor reg = (masks.soft_density() - (1.0 - o.target_sparsity)).abs() * 10.0;
     if (reg.requires_grad()) reg.backward();  // maskllm has no tile logits to pull
     opt.finish_step(1e-3, 1.0);
@@ -67,9 +71,12 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   const double median = ms[ms.size() / 2];
   return {{"mode", o.mode},
           {"median_ms", median},
+          {"min_ms", ms.front()},
           {"tokens_per_s", static_cast<double>(world * o.batch * o.seq) / (median / 1e3)},
           {"ranks", world},
           {"backend", o.group ? o.group->backend() : std::string("none")},
+          {"reduce_buckets", reducer ? reducer->stats().buckets : 0},
+          {"reduce_overlapped", reducer ? reducer->stats().launched_in_backward : 0},
           {"peak_gib", core::peak_memory_gib(o.device)},
           {"batch", o.batch},
           {"seq", o.seq},

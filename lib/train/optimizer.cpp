@@ -1,5 +1,7 @@
 #include "train/optimizer.h"
 
+#include <algorithm>
+
 #include <c10/core/GradMode.h>
 
 #include <cmath>
@@ -88,11 +90,12 @@ void MaskOptimizer::begin_step(double lr) {
   masks_.state().update = {lr, opts_.beta1, opts_.beta2, opts_.eps, opts_.weight_decay, clip_scale_, adam_.steps() + 1};
 }
 
-std::vector<at::Tensor> MaskOptimizer::grads() const {
-  std::vector<at::Tensor> g;
+std::vector<at::Tensor> MaskOptimizer::params_in_backward_order() const {
+  std::vector<at::Tensor> out;
   for (const auto& [name, p] : masks_.named_parameters())
-    if (p.grad().defined()) g.push_back(p.grad());
-  return g;
+    if (p.requires_grad()) out.push_back(p);
+  std::reverse(out.begin(), out.end());  // layers are listed in forward order
+  return out;
 }
 
 double MaskOptimizer::finish_step(double lr, double clip) {

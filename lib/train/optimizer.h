@@ -53,8 +53,9 @@ class MaskOptimizer {
   void begin_step(double lr);
   // After them: clip, update, clear the gradients; returns the gradient norm.
   double finish_step(double lr, double clip);
-  // The logit gradients accumulated so far: what data-parallel ranks sum.
-  std::vector<at::Tensor> grads() const;
+  // The trained logits in the order the backward reaches them (the last layer
+  // first): what data-parallel ranks sum the gradients of (dist::GradReducer).
+  std::vector<at::Tensor> params_in_backward_order() const;
 
   AdamW& adam() { return adam_; }
   bool compact() const { return compact_; }

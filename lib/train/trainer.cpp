@@ -458,6 +458,9 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   if (root) progress.emplace("train", static_cast<long>(r.steps));
   auto t_start = std::chrono::steady_clock::now();
   const int64_t per_rank = n_micro / world;
+  // After a resume has loaded the logits: the reducer hooks the tensors themselves.
+  std::optional<dist::GradReducer> reducer;
+  if (world > 1) reducer.emplace(group, r.opt->params_in_backward_order());
   for (int64_t step = start; step < r.steps; ++step) {
     // The ranks agree on stopping, so that none waits for the others in a collective.
     int sig = g_stop_signal.load();
@@ -479,16 +482,18 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     r.opt->begin_step(lr);
     double ce = 0.0;
     auto blocks = sample_blocks(r, step * r.global, (step + 1) * r.global);
-    for (int64_t k = r.env.rank * per_rank; k < (r.env.rank + 1) * per_rank; ++k) {
+    const int64_t first = r.env.rank * per_rank, last = first + per_rank - 1;
+    for (int64_t k = first; k <= last; ++k) {
       std::vector<int64_t> idx(blocks.begin() + k * r.micro, blocks.begin() + (k + 1) * r.micro);
       auto ids = r.train_data->blocks(idx).to(r.device);
       at::Tensor loss = r.model->loss(ids);
+      if (reducer && k == last) reducer->arm();
       (loss / static_cast<double>(n_micro)).backward();
       ce += loss.item<double>() / static_cast<double>(n_micro);
     }
-    if (world > 1) {
+    if (reducer) {
       // Summed before the regularizers' backward, which every rank computes whole.
-      group.allreduce_sum(r.opt->grads());
+      reducer->finish();
       ce = group.allreduce_sum(ce);
     }
     // Regularizers: density towards the budget, minus the kept-weight term.
