@@ -79,31 +79,26 @@ __device__ __forceinline__ void group_mask(const Params& p, const L* logits, con
   }
 }
 
-template <typename L>
-__device__ __forceinline__ void sample_group(const Params& p, const float* gates, const L* logits,
-                                             const uint8_t* fixed, int64_t q, int64_t o,
-                                             int64_t grp, float& t, float pr[6], float m24[4]) {
-  // 32-bit index math: a row or group index of one layer is far below 2^31.
-  t = p.has_tiles ? gates[(static_cast<int>(o) / static_cast<int>(p.tile_rows)) * p.cols +
-                          (4 * static_cast<int>(grp)) / static_cast<int>(p.tile_cols)]
-                  : 0.0f;
-  group_mask(p, logits, fixed, q, pr, m24);
-}
-
-// Rows on the grid's y axis and groups on x: no 64-bit division per group.
+// A block walks a contiguous range of rows (the grid's y axis) and its
+// threads the groups of each row (x): a thread's tile column and the tile row
+// are tracked, not divided for, so a group costs its sampling and little else.
 template <typename W, typename L, typename O>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const W* __restrict__ w, const float* __restrict__ gates,
                    const L* __restrict__ logits, const uint8_t* __restrict__ fixed,
-                   O* __restrict__ out, Params p) {
+                   O* __restrict__ out, Params p, int rows_per_block) {
   const int groups = static_cast<int>(p.groups), tile_rows = static_cast<int>(p.tile_rows);
-  const int tile_cols = static_cast<int>(p.tile_cols);
-  for (int64_t o = blockIdx.y; o < p.rows; o += gridDim.y) {
-    const float* gate_row = gates + (static_cast<int>(o) / tile_rows) * p.cols;
-    for (int grp = blockIdx.x * blockDim.x + threadIdx.x; grp < groups;
-         grp += gridDim.x * blockDim.x) {
-      const int64_t q = o * p.groups + grp;
-      const float t = p.has_tiles ? gate_row[(4 * grp) / tile_cols] : 0.0f;
+  const int cols = static_cast<int>(p.cols);
+  const int o0 = static_cast<int>(blockIdx.y) * rows_per_block;
+  const int o1 = min(o0 + rows_per_block, static_cast<int>(p.rows));
+  const int tr0 = o0 / tile_rows;
+  for (int grp = blockIdx.x * blockDim.x + threadIdx.x; grp < groups;
+       grp += gridDim.x * blockDim.x) {
+    const float* gate = gates + tr0 * cols + (4 * grp) / static_cast<int>(p.tile_cols);
+    int in_tile = o0 - tr0 * tile_rows;
+    for (int o = o0; o < o1; ++o) {
+      const int64_t q = static_cast<int64_t>(o) * groups + grp;
+      const float t = p.has_tiles ? *gate : 0.0f;
       float pr[6], m24[4];
       group_mask(p, logits, fixed, q, pr, m24);
       const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
@@ -112,63 +107,83 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < 4; ++j)
         ov.v[j] = static_cast<O>(static_cast<float>(wv.v[j]) * (t + (1.0f - t) * m24[j]));
       reinterpret_cast<Vec4<O>*>(out)[q] = ov;
+      if (++in_tile == tile_rows) {
+        in_tile = 0;
+        gate += cols;
+      }
     }
   }
 }
 
-// One warp per (row, tile column): the lanes walk the tile's groups of that
-// row, and the tile gradient and squared-norm partials are reduced in a fixed
-// order (deterministic, no atomics).
+// One warp per (tile column, run of rows_per_task rows): for each row the
+// lanes walk the tile's groups, and the tile gradient and squared-norm
+// partials of (row, tile column) are reduced in a fixed order (deterministic,
+// no atomics). The tile row is tracked, not divided for.
 template <typename W, typename G, typename L>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const G* __restrict__ grad, const W* __restrict__ w,
                     const float* __restrict__ gates, L* __restrict__ logits,
                     const uint8_t* __restrict__ fixed, float* __restrict__ dlogits,
                     float* __restrict__ tile_rows, float* __restrict__ sq_rows, Params p,
-                    group::AdamArgs adam, bool inline_adam, L* __restrict__ m, L* __restrict__ v) {
+                    int rows_per_task, group::AdamArgs adam, bool inline_adam, L* __restrict__ m,
+                    L* __restrict__ v) {
   const int lane = threadIdx.x & 31;
-  const int64_t warps = p.rows * p.cols;
-  const int64_t per_tile = p.tile_cols / 4;
-  for (int64_t wid = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-       wid < warps; wid += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
-    const int64_t o = wid / p.cols, c = wid - o * p.cols;
-    const int64_t g0 = c * per_tile, g1 = min(g0 + per_tile, p.groups);
-    float dt = 0.0f, sq = 0.0f;
-    for (int64_t grp = g0 + lane; grp < g1; grp += 32) {
-      const int64_t q = o * p.groups + grp;
-      float t, pr[6], m24[4], dm24[4];
-      sample_group(p, gates, logits, fixed, q, o, grp, t, pr, m24);
-      const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
-      const Vec4<G> gv = reinterpret_cast<const Vec4<G>*>(grad)[q];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float dm = static_cast<float>(gv.v[j]) * static_cast<float>(wv.v[j]);
-        dm24[j] = dm * (1.0f - t);
-        dt += dm * (1.0f - m24[j]);
+  const int rows = static_cast<int>(p.rows), cols = static_cast<int>(p.cols);
+  const int groups = static_cast<int>(p.groups), trows = static_cast<int>(p.tile_rows);
+  const int per_tile = static_cast<int>(p.tile_cols) / 4;
+  const int tasks = ((rows + rows_per_task - 1) / rows_per_task) * cols;
+  for (int task = (blockIdx.x * blockDim.x + threadIdx.x) / 32; task < tasks;
+       task += gridDim.x * blockDim.x / 32) {
+    const int chunk = task / cols, c = task - chunk * cols;
+    const int o0 = chunk * rows_per_task, o1 = min(o0 + rows_per_task, rows);
+    const int g0 = c * per_tile, g1 = min(g0 + per_tile, groups);
+    const int tr0 = o0 / trows;
+    const float* gate = gates + tr0 * cols + c;
+    int in_tile = o0 - tr0 * trows;
+    for (int o = o0; o < o1; ++o) {
+      const float t = p.has_tiles ? *gate : 0.0f;
+      if (++in_tile == trows) {
+        in_tile = 0;
+        gate += cols;
       }
-      if (p.fixed) continue;
-      float dl[6];
-      group::logit_grad<float>(pr, dm24, p.scale, p.inv_tau, dl);
+      float dt = 0.0f, sq = 0.0f;
+      for (int grp = g0 + lane; grp < g1; grp += 32) {
+        const int64_t q = static_cast<int64_t>(o) * groups + grp;
+        float pr[6], m24[4], dm24[4];
+        group_mask(p, logits, fixed, q, pr, m24);
+        const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
+        const Vec4<G> gv = reinterpret_cast<const Vec4<G>*>(grad)[q];
 #pragma unroll
-      for (int k = 0; k < 6; ++k) sq += dl[k] * dl[k];
-      if (inline_adam) {
-        group::adam6<L, float>(logits + 6 * q, m + 6 * q, v + 6 * q, dl, adam,
-                               static_cast<uint64_t>(q));
-      } else {
-        auto* dst = reinterpret_cast<float2*>(dlogits + 6 * q);
-        dst[0] = make_float2(dl[0], dl[1]);
-        dst[1] = make_float2(dl[2], dl[3]);
-        dst[2] = make_float2(dl[4], dl[5]);
+        for (int j = 0; j < 4; ++j) {
+          const float dm = static_cast<float>(gv.v[j]) * static_cast<float>(wv.v[j]);
+          dm24[j] = dm * (1.0f - t);
+          dt += dm * (1.0f - m24[j]);
+        }
+        if (p.fixed) continue;
+        float dl[6];
+        group::logit_grad<float>(pr, dm24, p.scale, p.inv_tau, dl);
+#pragma unroll
+        for (int k = 0; k < 6; ++k) sq += dl[k] * dl[k];
+        if (inline_adam) {
+          group::adam6<L, float>(logits + 6 * q, m + 6 * q, v + 6 * q, dl, adam,
+                                 static_cast<uint64_t>(q));
+        } else {
+          auto* dst = reinterpret_cast<float2*>(dlogits + 6 * q);
+          dst[0] = make_float2(dl[0], dl[1]);
+          dst[1] = make_float2(dl[2], dl[3]);
+          dst[2] = make_float2(dl[4], dl[5]);
+        }
       }
-    }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      dt += __shfl_xor_sync(0xffffffffu, dt, off);
-      sq += __shfl_xor_sync(0xffffffffu, sq, off);
-    }
-    if (lane == 0) {
-      tile_rows[wid] = dt;
-      if (sq_rows) sq_rows[wid] = sq;
+      for (int off = 16; off > 0; off >>= 1) {
+        dt += __shfl_xor_sync(0xffffffffu, dt, off);
+        sq += __shfl_xor_sync(0xffffffffu, sq, off);
+      }
+      if (lane == 0) {
+        const int64_t at = static_cast<int64_t>(o) * cols + c;
+        tile_rows[at] = dt;
+        if (sq_rows) sq_rows[at] = sq;
+      }
     }
   }
 }
@@ -216,10 +231,13 @@ __global__ void tile_grad_kernel(const float* partial, const float* soft, float*
   }
 }
 
+int64_t sm_count() {
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
 int blocks_for(int64_t threads) {
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>((threads + kThreads - 1) / kThreads, sms * 16)));
+  return static_cast<int>(std::max<int64_t>(
+      1, std::min<int64_t>((threads + kThreads - 1) / kThreads, sm_count() * 16)));
 }
 
 void check_launch(const char* what) {
@@ -286,9 +304,13 @@ void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates,
   auto g = float_gates(gates, s, weight);
   auto pat = pattern.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(
-      static_cast<unsigned>(std::min<int64_t>((p.groups + kThreads - 1) / kThreads, 64)),
-      static_cast<unsigned>(std::min<int64_t>(p.rows, 65535)));
+  // About eight blocks per SM in one wave; each walks rows_per_block rows.
+  const int64_t gx = std::min<int64_t>((p.groups + kThreads - 1) / kThreads, 64);
+  const int64_t target_rows = std::max<int64_t>(1, std::min(sm_count() * 8 / gx, p.rows));
+  const int rows_per_block = static_cast<int>(
+      std::max((p.rows + target_rows - 1) / target_rows, (p.rows + 65534) / 65535));
+  const dim3 grid(static_cast<unsigned>(gx),
+                  static_cast<unsigned>((p.rows + rows_per_block - 1) / rows_per_block));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_forward_cuda", [&] {
         using W = scalar_t;
@@ -296,19 +318,19 @@ void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates,
             at::kBFloat16, at::kHalf, out.scalar_type(), "masked_weight_forward_out", [&] {
               using O = scalar_t;
               if (s.fixed) {
-                forward_kernel<W, float, O>
-                    <<<grid, kThreads, 0, stream>>>(w.data_ptr<W>(), g.data_ptr<float>(), nullptr,
-                                                    pat.data_ptr<uint8_t>(), out.data_ptr<O>(), p);
+                forward_kernel<W, float, O><<<grid, kThreads, 0, stream>>>(
+                    w.data_ptr<W>(), g.data_ptr<float>(), nullptr, pat.data_ptr<uint8_t>(),
+                    out.data_ptr<O>(), p, rows_per_block);
               } else if (pat.scalar_type() == at::kBFloat16) {
                 forward_kernel<W, c10::BFloat16, O><<<grid, kThreads, 0, stream>>>(
                     w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<c10::BFloat16>(), nullptr,
-                    out.data_ptr<O>(), p);
+                    out.data_ptr<O>(), p, rows_per_block);
               } else {
                 core::check(pat.scalar_type() == at::kFloat, "mask kernels",
                             "CUDA 2:4 logits must be float32 or bfloat16");
                 forward_kernel<W, float, O><<<grid, kThreads, 0, stream>>>(
                     w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(), nullptr,
-                    out.data_ptr<O>(), p);
+                    out.data_ptr<O>(), p, rows_per_block);
               }
             });
       });
@@ -334,7 +356,13 @@ void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,
   float* dl = pattern_grad.defined() ? pattern_grad.data_ptr<float>() : nullptr;
   float* sq = sq_rows.defined() ? sq_rows.data_ptr<float>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int blocks = blocks_for(warps * 32);
+  // About one warp task per resident warp (40 per SM at this kernel's
+  // registers), each of rows_per_task rows.
+  const int64_t target_tasks = sm_count() * 40;
+  const int rows_per_task =
+      static_cast<int>(std::max<int64_t>(1, (p.rows * p.cols + target_tasks - 1) / target_tasks));
+  const int64_t tasks = (p.rows + rows_per_task - 1) / rows_per_task * p.cols;
+  const int blocks = blocks_for(tasks * 32);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, w.scalar_type(), "masked_weight_backward_cuda", [&] {
         using W = scalar_t;
@@ -344,22 +372,22 @@ void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,
               if (s.fixed) {
                 backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
                     gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), nullptr,
-                    pat.data_ptr<uint8_t>(), dl, tile_rows.data_ptr<float>(), nullptr, p, args,
-                    false, nullptr, nullptr);
+                    pat.data_ptr<uint8_t>(), dl, tile_rows.data_ptr<float>(), nullptr, p,
+                    rows_per_task, args, false, nullptr, nullptr);
               } else if (pat.scalar_type() == at::kBFloat16) {
                 using L = c10::BFloat16;
                 backward_kernel<W, G, L><<<blocks, kThreads, 0, stream>>>(
                     gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<L>(),
-                    nullptr, dl, tile_rows.data_ptr<float>(), sq, p, args, adam != nullptr,
-                    adam ? adam->exp_avg.data_ptr<L>() : nullptr,
+                    nullptr, dl, tile_rows.data_ptr<float>(), sq, p, rows_per_task, args,
+                    adam != nullptr, adam ? adam->exp_avg.data_ptr<L>() : nullptr,
                     adam ? adam->exp_avg_sq.data_ptr<L>() : nullptr);
               } else {
                 core::check(pat.scalar_type() == at::kFloat, "mask kernels",
                             "CUDA 2:4 logits must be float32 or bfloat16");
                 backward_kernel<W, G, float><<<blocks, kThreads, 0, stream>>>(
                     gr.data_ptr<G>(), w.data_ptr<W>(), g.data_ptr<float>(), pat.data_ptr<float>(),
-                    nullptr, dl, tile_rows.data_ptr<float>(), sq, p, args, adam != nullptr,
-                    adam ? adam->exp_avg.data_ptr<float>() : nullptr,
+                    nullptr, dl, tile_rows.data_ptr<float>(), sq, p, rows_per_task, args,
+                    adam != nullptr, adam ? adam->exp_avg.data_ptr<float>() : nullptr,
                     adam ? adam->exp_avg_sq.data_ptr<float>() : nullptr);
               }
             });
