@@ -74,7 +74,10 @@ if [[ -n ${TESTS:-} ]]; then
   grep -aE "tests passed|tests failed|Failed" "$OUT/test.log" | tail -10
 fi
 ITERS=${ITERS:-5}
+# The peer baseline: ../shared beside a checkout, .gpu_shared/ in a copy sent to the GPU machine.
 REF=${PATCH_BENCH_REF:-../shared/bench/py_patch_ref.py}
+[[ -f $REF ]] || REF=.gpu_shared/bench/py_patch_ref.py
+[[ -f $REF ]] || { echo "gpu_check: no py_patch_ref.py (set PATCH_BENCH_REF)" >&2; exit 1; }
 bench() {  # bench SHAPE MODES [--set ...]: JSON lines on stdout and in bench_patch.jsonl
   local shape=$1 modes=$2
   shift 2
