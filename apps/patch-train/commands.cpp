@@ -242,14 +242,20 @@ int run_sweep(RunContext& ctx) {
   return 0;
 }
 
-int run_train(RunContext& ctx) {
+// The launcher (is_launcher) starts this command once per rank, after
+// checking that each rank has its GPU.
+int launch_ranks(const RunContext& ctx) {
   const int nproc = static_cast<int>(ctx.config.get_int("dist.nproc"));
-  const auto env = dist::env_from_environment();
-  if (nproc > 1 && env.world == 1) {  // the launcher: this program again, once per rank
+  dist::rank_device(core::resolve_device(ctx.config.get_string("model.device")), nproc - 1, nproc);
+  return dist::launch(nproc, ctx.argv);
+}
+
+int run_train(RunContext& ctx) {
+  if (is_launcher(ctx)) {
+    const int nproc = static_cast<int>(ctx.config.get_int("dist.nproc"));
     train::check_data_parallel(ctx.config, nproc);
-    dist::rank_device(core::resolve_device(ctx.config.get_string("model.device")), nproc - 1, nproc);
     core::log::info(core::str("data-parallel run: ", nproc, " ranks, rank 0 logs to ", ctx.out_dir, "/run.log"));
-    return dist::launch(nproc, ctx.argv);
+    return launch_ranks(ctx);
   }
   train::install_stop_handlers();
   return train::run_training(ctx.config, ctx.out_dir);
@@ -294,16 +300,12 @@ nlohmann::json bench_prune(const config::Config& cfg, const io::ModelConfig& sha
 int run_bench(RunContext& ctx) {
   const auto& cfg = ctx.config;
   const auto shape = model::model_shape(cfg.get_string("bench.shape"));
-  const int nproc = static_cast<int>(cfg.get_int("dist.nproc"));
   const auto env = dist::env_from_environment();
-  if ((nproc > 1 || env.world > 1) && cfg.get_string("train.state") == "compact")
+  if ((cfg.get_int("dist.nproc") > 1 || env.world > 1) && cfg.get_string("train.state") == "compact")
     throw core::ConfigError("train.state: compact state cannot sum gradients over ranks (bench --nproc needs full)");
-  const at::Device requested = core::resolve_device(cfg.get_string("model.device"));
-  if (nproc > 1 && env.world == 1) {
-    dist::rank_device(requested, nproc - 1, nproc);
-    return dist::launch(nproc, ctx.argv);
-  }
-  const at::Device device = dist::rank_device(requested, env.local_rank, env.world);
+  if (is_launcher(ctx)) return launch_ranks(ctx);
+  const at::Device device =
+      dist::rank_device(core::resolve_device(cfg.get_string("model.device")), env.local_rank, env.world);
   dist::Group group(env, device, cfg.get_string("dist.backend"));
   const at::ScalarType dtype = core::resolve_dtype(cfg.get_string("model.dtype"), device);
   const int64_t batch = cfg.get_int("bench.batch"), seq = cfg.get_int("bench.seq");

@@ -21,10 +21,13 @@ RunContext start_run(const std::string& subcommand, config::Config cfg, bool wri
                            ctx.config.get_bool("output.resume"));
   core::write_file_atomic(ctx.out_dir + "/config.resolved.yaml", config::dump_yaml(ctx.config));
   // The launcher of several ranks leaves run.log to rank 0.
-  const bool launcher = subcommand == "train" && ctx.config.get_int("dist.nproc") > 1 && env.world == 1;
-  if (!launcher) core::log::set_file(ctx.out_dir + "/run.log");
+  if (!(subcommand == "train" && is_launcher(ctx))) core::log::set_file(ctx.out_dir + "/run.log");
   core::log::debug("patch-train " + subcommand + ": run folder " + ctx.out_dir);
   return ctx;
+}
+
+bool is_launcher(const RunContext& ctx) {
+  return ctx.config.get_int("dist.nproc") > 1 && dist::env_from_environment().world == 1;
 }
 
 }  // namespace patch::app

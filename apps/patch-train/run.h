@@ -20,4 +20,8 @@ struct RunContext {
 // folder; rank 0 writes run.log, the other ranks log warnings to the console.
 RunContext start_run(const std::string& subcommand, config::Config config, bool writes_outputs);
 
+// Whether this process is the launcher of `--nproc N` ranks: N > 1 and not
+// itself a rank.
+bool is_launcher(const RunContext& ctx);
+
 }  // namespace patch::app

@@ -38,25 +38,6 @@ int env_int(const char* name, int fallback) {
   return static_cast<int>(x);
 }
 
-// A TCP port free on the loopback interface now (the first rank binds it next).
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw core::Error(core::str("launch: socket: ", std::strerror(errno)));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  socklen_t len = sizeof(addr);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    const std::string err = std::strerror(errno);
-    ::close(fd);
-    throw core::Error("launch: no free port on 127.0.0.1: " + err);
-  }
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
 volatile sig_atomic_t g_forward = 0;
 extern "C" void on_launcher_signal(int sig) {
   g_forward = sig;
@@ -284,6 +265,24 @@ void GradReducer::finish() {
 
 GradReducer::Stats GradReducer::stats() const {
   return state_->stats;
+}
+
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) throw core::Error(core::str("free_port: socket: ", std::strerror(errno)));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  socklen_t len = sizeof(addr);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    const std::string err = std::strerror(errno);
+    ::close(fd);
+    throw core::Error("free_port: no free port on 127.0.0.1: " + err);
+  }
+  ::close(fd);
+  return ntohs(addr.sin_port);
 }
 
 int launch(int nproc, const std::vector<std::string>& argv) {

@@ -90,6 +90,9 @@ class GradReducer {
   std::shared_ptr<State> state_;
 };
 
+// A TCP port free on 127.0.0.1 now, for the first rank to bind next.
+int free_port();
+
 // Starts `argv` (this program and its arguments) `nproc` times with RANK,
 // WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT set,
 // forwards SIGINT and SIGTERM to them, and waits for all. Returns 0, or the

@@ -1,9 +1,6 @@
 // The gradient reducer across two Gloo ranks, run as two threads of this
 // process: the sums against the two ranks' local gradients added by hand.
 #include <ATen/ATen.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <cstdlib>
 #include <functional>
@@ -15,18 +12,6 @@
 using namespace patch;
 
 namespace {
-
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
-}
 
 // One rank's leaves: a and b take part in the loss, c does not.
 struct Leaves {
@@ -52,7 +37,7 @@ void on_two_ranks(const std::function<void(int, dist::Group&)>& body) {
   // outside its lock on the group's first collective: two groups in one
   // process racing there crash it. Ranks are processes outside this test.
   ::setenv("TORCH_FR_BUFFER_SIZE", "0", /*overwrite=*/1);
-  const int port = free_port();
+  const int port = dist::free_port();
   std::vector<std::thread> threads;
   std::vector<std::string> errors(2);
   for (int rank = 0; rank < 2; ++rank)
