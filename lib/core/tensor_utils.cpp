@@ -7,6 +7,9 @@
 #define PATCH_HAS_CUDA_ALLOCATOR 1
 #endif
 
+#include <algorithm>
+#include <chrono>
+
 #include "core/error.h"
 
 namespace patch::core {
@@ -65,6 +68,22 @@ void reset_peak_memory(const at::Device& device) {
 
 void synchronize(const at::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize(device.index());
+}
+
+std::vector<double> time_steps(const std::function<void()>& step, const at::Device& device,
+                               int warmup, int iters) {
+  for (int i = 0; i < warmup; ++i) step();
+  synchronize(device);
+  reset_peak_memory(device);
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    step();
+    synchronize(device);
+    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms;
 }
 
 }  // namespace patch::core

@@ -2,7 +2,9 @@
 // Device and dtype helpers shared by every module that touches tensors.
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <string>
+#include <vector>
 
 namespace patch::core {
 
@@ -17,5 +19,9 @@ double peak_memory_gib(const at::Device& device);
 void reset_peak_memory(const at::Device& device);
 // Waits for the device's queued work (no-op on the CPU): benchmark timing.
 void synchronize(const at::Device& device);
+// Benchmark timing: runs step() `warmup` times, resets the peak memory, then
+// times `iters` synchronized calls; the times in milliseconds, sorted.
+std::vector<double> time_steps(const std::function<void()>& step, const at::Device& device,
+                               int warmup, int iters);
 
 }  // namespace patch::core

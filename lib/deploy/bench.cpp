@@ -1,7 +1,6 @@
 #include "deploy/bench.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -50,24 +49,10 @@ std::string joined(const std::vector<std::string>& v) {
   return s;
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
 // Median wall time of fn() in milliseconds over `repeats` synchronized calls.
 double wall_ms(const std::function<void()>& fn, const at::Device& d, int repeats) {
-  fn();
-  core::synchronize(d);
-  std::vector<double> t;
-  for (int r = 0; r < repeats; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    core::synchronize(d);
-    t.push_back(
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return median(t);
+  const auto t = core::time_steps(fn, d, /*warmup=*/1, repeats);
+  return t[t.size() / 2];
 }
 
 void bench_layers(const DeployBenchOptions& o, const std::string& shape_name,

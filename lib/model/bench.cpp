@@ -1,7 +1,5 @@
 #include "model/bench.h"
 
-#include <algorithm>
-#include <chrono>
 #include <memory>
 #include <vector>
 
@@ -121,18 +119,7 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
     scale.mutable_grad() = at::Tensor();
     decoder.loss(ids).backward();
   };
-  for (int i = 0; i < warmup; ++i) step();
-  core::synchronize(device);
-  core::reset_peak_memory(device);
-  std::vector<double> ms;
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    step();
-    core::synchronize(device);
-    ms.push_back(
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
+  const auto ms = core::time_steps(step, device, warmup, iters);
   const size_t n = ms.size();
   const double median = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
   int64_t params = 0;

@@ -1,7 +1,5 @@
 #include "train/bench.h"
 
-#include <algorithm>
-#include <chrono>
 #include <optional>
 #include <vector>
 
@@ -57,17 +55,7 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
     if (reg.requires_grad()) reg.backward();  // maskllm has no tile logits to pull
     opt.finish_step(1e-3, 1.0);
   };
-  for (int i = 0; i < o.warmup; ++i) run_step();
-  core::synchronize(o.device);
-  core::reset_peak_memory(o.device);
-  std::vector<double> ms;
-  for (int i = 0; i < o.iters; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    run_step();
-    core::synchronize(o.device);
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
+  const auto ms = core::time_steps(run_step, o.device, o.warmup, o.iters);
   const double median = ms[ms.size() / 2];
   return {{"mode", o.mode},
           {"median_ms", median},
