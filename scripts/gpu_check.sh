@@ -2,7 +2,8 @@
 # The GPU machine's checks, in stages that fit one device call each:
 #   STAGE=test  build with CUDA and run the whole test suite
 #   STAGE=bench [TESTS=regex] mask-learning benchmarks beside the PyTorch peer baseline
-#               (../shared/bench/py_patch_ref.py), in the same call
+#               (../shared/bench/py_patch_ref.py), in the same call; PROFILE=1 adds each
+#               step's device time per kernel (bench.profile), summed in profile.txt
 #   STAGE=deploy [TESTS=regex] [DEPLOY_ARGS=...] the hybrid inference tests, then bench-deploy
 #   STAGE=dist [TESTS=regex] [SHAPES=...] the data-parallel tests, then the mask step
 #               on 1 and on every visible GPU (NCCL)
@@ -51,19 +52,22 @@ if [[ $STAGE == dist ]]; then
 fi
 
 if [[ $STAGE == profile ]]; then
-  # The fused mask kernels of one LLaMA-3.2-1B joint step under Nsight Compute:
-  # the gate projection's forward (8192x2048) and the up projection's backward,
-  # their speed-of-light, stall reasons and executed SASS per instruction.
+  # Fused mask kernels of one LLaMA-3.2-1B step under Nsight Compute: by
+  # default the gate projection's forward (8192x2048) and the up projection's
+  # backward; KERNELS="name:skip ..." picks others, PROFILE_ARGS adds bench
+  # settings (e.g. "--set train.state=compact"). Speed-of-light, stall
+  # reasons and executed SASS per instruction.
+  # shellcheck disable=SC2206
   run=(build/bin/patch-train bench --shape llama-3.2-1b --mode joint --set model.device=cuda
-    --set bench.iters=1 --set bench.warmup=0)
-  for k in "forward_kernel 4" "backward_kernel 1"; do
-    set -- $k
-    ncu --kernel-name "regex:$1" --launch-skip "$2" --launch-count 1 --section SpeedOfLight \
-      --section ComputeWorkloadAnalysis --section WarpStateStats --section Occupancy \
-      --section InstructionStats "${run[@]}" > "$OUT/ncu_$1.txt" 2>&1
-    grep -aE "Duration|Throughput|Occupancy|Issued|Stall|Executed Ipc|Registers" "$OUT/ncu_$1.txt" | head -30
-    ncu --kernel-name "regex:$1" --launch-skip "$2" --launch-count 1 --section SourceCounters --page source --print-source sass \
-      --csv "${run[@]}" > "$OUT/ncu_$1_sass.csv" 2>/dev/null
+    --set bench.iters=1 --set bench.warmup=0 ${PROFILE_ARGS:-})
+  for k in ${KERNELS:-forward_kernel:4 backward_kernel:1}; do
+    name=${k%%:*} skip=${k##*:}
+    ncu --kernel-name "regex:$name" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight \
+      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section Occupancy --section InstructionStats "${run[@]}" > "$OUT/ncu_$name.txt" 2>&1
+    grep -aE "Duration|Throughput|Occupancy|Issued|Stall|Executed Ipc|Registers" "$OUT/ncu_$name.txt" | head -30
+    ncu --kernel-name "regex:$name" --launch-skip "$skip" --launch-count 1 --section SourceCounters --page source \
+      --print-source sass --csv "${run[@]}" > "$OUT/ncu_${name}_sass.csv" 2>/dev/null
   done
   exit 0
 fi
@@ -78,11 +82,13 @@ ITERS=${ITERS:-5}
 REF=${PATCH_BENCH_REF:-../shared/bench/py_patch_ref.py}
 [[ -f $REF ]] || REF=.gpu_shared/bench/py_patch_ref.py
 [[ -f $REF ]] || { echo "gpu_check: no py_patch_ref.py (set PATCH_BENCH_REF)" >&2; exit 1; }
+PROF=()
+[[ ${PROFILE:-0} == 1 ]] && PROF=(--set bench.profile=true)
 bench() {  # bench SHAPE MODES [--set ...]: JSON lines on stdout and in bench_patch.jsonl
   local shape=$1 modes=$2
   shift 2
-  build/bin/patch-train bench --shape "$shape" --mode "$modes" --set bench.iters="$ITERS" "$@" 2>&1 |
-    grep '^{' | tee -a "$OUT/bench_patch.jsonl"
+  build/bin/patch-train bench --shape "$shape" --mode "$modes" --set bench.iters="$ITERS" "${PROF[@]}" "$@" 2>&1 |
+    grep '^{' | tee -a "$OUT/bench_patch.jsonl" | python3 scripts/bench_summary.py "$OUT/profile.txt"
 }
 for SHAPE in ${SHAPES:-qwen2.5-0.5b llama-3.2-1b}; do
   bench "$SHAPE" dense,joint,tile,maskllm

@@ -194,6 +194,8 @@ std::vector<KeyDef> build() {
       range(key("bench.seq", T::kInt, 4096, "Tokens per sequence"), 2, 1 << 20),
       range(key("bench.warmup", T::kInt, 2, "Untimed steps"), 0, 1000),
       range(key("bench.iters", T::kInt, 5, "Timed steps (the median is reported)"), 1, 100000),
+      key("bench.profile", T::kBool, false,
+          "Profile one more step (CUDA): device time per kernel name, in the JSON's \"profile\""),
       // dist
       range(key("dist.nproc", T::kInt, 1,
                 "train: data-parallel processes started on this machine (ranks of torchrun's RANK/WORLD_SIZE "

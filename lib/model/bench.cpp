@@ -1,5 +1,9 @@
 #include "model/bench.h"
 
+#include <torch/csrc/autograd/profiler_kineto.h>
+
+#include <algorithm>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -98,7 +102,7 @@ io::ModelConfig model_shape(const std::string& name) {
 
 nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device device,
                                       at::ScalarType dtype, int64_t batch, int64_t seq,
-                                      bool checkpointing, int warmup, int iters) {
+                                      bool checkpointing, int warmup, int iters, bool profile) {
   if (batch < 1 || seq < 2 || warmup < 0 || iters < 1)
     throw core::ConfigError(
         core::str("bench: expected batch >= 1, seq >= 2, warmup >= 0, iters >= 1, got ", batch,
@@ -124,7 +128,7 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
   const double median = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
   int64_t params = 0;
   for (LinearImpl* l : decoder.linears()) params += l->weight().numel();
-  return {{"model_type", cfg.model_type},
+  nlohmann::json j = {{"model_type", cfg.model_type},
           {"device", device.str()},
           {"dtype", core::dtype_name(dtype)},
           {"batch", batch},
@@ -137,6 +141,70 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
           {"min_ms", ms.front()},
           {"tokens_per_s", static_cast<double>(batch * seq) / (median / 1000.0)},
           {"peak_gib", core::peak_memory_gib(device)}};
+  if (profile) j["profile"] = profile_kernels(step, device);
+  return j;
+}
+
+nlohmann::json profile_kernels(const std::function<void()>& step, const at::Device& device, int top) {
+  namespace prof = torch::profiler::impl;
+  if (!device.is_cuda())
+    throw core::ConfigError("bench.profile: kernel times need a CUDA device (model.device=cuda)");
+  const prof::ProfilerConfig config(prof::ProfilerState::KINETO);
+  const std::set<prof::ActivityType> activities{prof::ActivityType::CPU, prof::ActivityType::CUDA};
+  core::synchronize(device);
+  torch::autograd::profiler::prepareProfiler(config, activities);
+  torch::autograd::profiler::enableProfiler(config, activities);
+  step();
+  core::synchronize(device);
+  const auto result = torch::autograd::profiler::disableProfiler();
+  struct Span {
+    uint64_t start, end;
+    std::string name;
+  };
+  std::vector<Span> spans;
+  std::map<std::string, std::pair<int64_t, double>> by_name;
+  double total = 0.0;
+  for (const auto& e : result->events()) {
+    if (e.deviceType() != c10::DeviceType::CUDA) continue;
+    spans.push_back({e.startNs(), e.endNs(), e.name()});
+    const double ms = static_cast<double>(e.durationNs()) / 1e6;
+    auto& slot = by_name[e.name()];
+    slot.first += 1;
+    slot.second += ms;
+    total += ms;
+  }
+  core::check(!spans.empty(), "bench.profile", "the profiler saw no kernel (is CUPTI available?)");
+  // Idle device time between the first and last kernel, and its largest gaps
+  // with the kernels around them: where the host, not the GPU, set the pace.
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.start < b.start; });
+  std::vector<std::pair<uint64_t, size_t>> gaps;  // (gap ns, index of the kernel after it)
+  uint64_t busy_end = spans[0].end, idle = 0;
+  for (size_t i = 1; i < spans.size(); ++i) {
+    if (spans[i].start > busy_end) {
+      idle += spans[i].start - busy_end;
+      gaps.emplace_back(spans[i].start - busy_end, i);
+    }
+    busy_end = std::max(busy_end, spans[i].end);
+  }
+  std::sort(gaps.begin(), gaps.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  nlohmann::json largest = nlohmann::json::array();
+  for (size_t i = 0; i < gaps.size() && i < 12; ++i)
+    largest.push_back({{"ms", static_cast<double>(gaps[i].first) / 1e6},
+                       {"at_ms", static_cast<double>(spans[gaps[i].second].start - spans[0].start) / 1e6},
+                       {"before", spans[gaps[i].second - 1].name.substr(0, 80)},
+                       {"after", spans[gaps[i].second].name.substr(0, 80)}});
+  std::vector<std::pair<std::string, std::pair<int64_t, double>>> rows(by_name.begin(), by_name.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.second > b.second.second; });
+  nlohmann::json kernels = nlohmann::json::array();
+  for (size_t i = 0; i < rows.size() && static_cast<int>(i) < top; ++i)
+    kernels.push_back({{"name", rows[i].first.substr(0, 160)},
+                       {"calls", rows[i].second.first},
+                       {"ms", rows[i].second.second}});
+  return {{"gpu_ms", total},
+          {"span_ms", static_cast<double>(busy_end - spans[0].start) / 1e6},
+          {"idle_ms", static_cast<double>(idle) / 1e6},
+          {"gaps", largest},
+          {"kernels", kernels}};
 }
 
 }  // namespace patch::model

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -22,9 +23,19 @@ io::ModelConfig model_shape(const std::string& name);
 // through all blocks and computes every weight gradient (as mask training
 // does), then times `iters` steps of loss(ids).backward() on random ids
 // [batch, seq] after `warmup` untimed steps. Returns JSON with median_ms,
-// tokens_per_s, peak_gib (core::peak_memory_gib) and the run's parameters.
+// tokens_per_s, peak_gib (core::peak_memory_gib) and the run's parameters;
+// with `profile`, also "profile" (profile_kernels of one more step).
 nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device device,
                                       at::ScalarType dtype, int64_t batch, int64_t seq,
-                                      bool checkpointing, int warmup, int iters);
+                                      bool checkpointing, int warmup, int iters,
+                                      bool profile = false);
+
+// Runs step() once more under the Kineto profiler (CUDA only) and sums the
+// device time of its kernels, copies and fills by name: {"gpu_ms": total,
+// "kernels": [{"name", "calls", "ms"}, ...]} (the `top` largest first), the
+// idle device time between the first and the last kernel ("idle_ms") and its
+// largest "gaps". Where a step's time goes, measured in the step.
+nlohmann::json profile_kernels(const std::function<void()>& step, const at::Device& device,
+                               int top = 30);
 
 }  // namespace patch::model

@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "core/tensor_utils.h"
 #include "dist/dist.h"
+#include "model/bench.h"
 #include "model/decoder.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/prior.h"
@@ -57,7 +58,7 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   };
   const auto ms = core::time_steps(run_step, o.device, o.warmup, o.iters);
   const double median = ms[ms.size() / 2];
-  return {{"mode", o.mode},
+  nlohmann::json j = {{"mode", o.mode},
           {"median_ms", median},
           {"min_ms", ms.front()},
           {"tokens_per_s", static_cast<double>(world * o.batch * o.seq) / (median / 1e3)},
@@ -76,6 +77,8 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
           {"device", o.device.str()},
           {"masked_layers", masks.size()},
           {"iters", o.iters}};
+  if (o.profile) j["profile"] = model::profile_kernels(run_step, o.device);
+  return j;
 }
 
 }  // namespace patch::train

@@ -26,6 +26,7 @@ struct MaskBenchOptions {
   bool fused = true;     // mask.kernel
   bool compact = false;  // train.state
   int warmup = 2, iters = 5;
+  bool profile = false;  // add model::profile_kernels of one more step
   // Data parallel: every rank runs its own batch and the logit gradients are
   // summed as in training; tokens/s counts all ranks. nullptr: one process.
   dist::Group* group = nullptr;
