@@ -98,6 +98,13 @@ class LinearMask : public model::WeightProvider {
   // of every group, so density = sum_t count_t * (T_t + (1 - T_t) / 2) / numel
   // with the same gates as this step's forward.
   at::Tensor soft_density() const;
+  // This step's gates [2, rows, cols] (forward value, soft; noise on, the
+  // state's hard flag), computed once per (step, schedule, logits version) and
+  // shared by the forward, its checkpointed recompute and the density terms.
+  // Not differentiable; tile_gates() is. Joint and tile modes only.
+  const at::Tensor& step_gates() const;
+  // Weights per tile [rows, cols], in the logits' dtype and device.
+  const at::Tensor& tile_counts() const { return counts_; }
   // Density expected under the sampler (no gradient): a tile is dense with
   // probability sigmoid(scale_tile * logit).
   double expected_density() const;
@@ -107,10 +114,6 @@ class LinearMask : public model::WeightProvider {
 
  private:
   at::Tensor gates(bool noise, bool hard) const;
-  // This step's gates [2, rows, cols] (forward value, soft; noise on, the
-  // state's hard flag), computed once per (step, schedule, logits version) and
-  // shared by the forward, its checkpointed recompute and the density term.
-  const at::Tensor& step_gates() const;
   at::Tensor mask_24(bool noise, bool hard) const;
   at::Tensor mask(bool noise, bool hard_24, bool hard_tile) const;
   uint64_t noise_seed(uint64_t stream) const;

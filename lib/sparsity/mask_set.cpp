@@ -1,6 +1,7 @@
 #include "sparsity/mask_set.h"
 
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <set>
 
@@ -44,6 +45,7 @@ bool MaskSet::selects(const std::string& name) const {
 }
 
 void MaskSet::add_layers(const std::vector<std::pair<std::string, at::Tensor>>& weights, const Attach& attach) {
+  flat_ = {};
   for (const auto& [name, w] : weights) {
     if (!selects(name)) continue;
     core::check(!index_.count(name), name, "masked twice");
@@ -74,27 +76,98 @@ std::vector<int64_t> MaskSet::blocks() const {
   return {b.begin(), b.end()};
 }
 
+// The density terms of all layers in one node: the forward sums count * T per
+// layer from the cached step gates (the forward's own), the backward hands
+// every layer dL/dS * count * soft (1 - soft) * k, the straight-through
+// derivative LinearMask's gates carry. Per-layer ops would cost a few hundred
+// small launches each way, all after the model's backward, with the GPU idle.
+struct TileSumsFn : torch::autograd::Function<TileSumsFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::TensorList /*logits*/,
+                            const MaskSet* set) {
+    std::vector<at::Tensor> value, soft;
+    std::vector<int64_t> rows, cols;
+    for (const auto& m : set->masks_) {
+      const at::Tensor& g = m->step_gates();
+      value.push_back(g[0].reshape({-1}));
+      soft.push_back(g[1].reshape({-1}));
+      rows.push_back(g.size(1));
+      cols.push_back(g.size(2));
+    }
+    const MaskSet::Flat& f = set->flat_;
+    // Prefix sums in float64 keep the per-layer differences exact enough.
+    const at::Tensor ends = at::cat({at::zeros({1}, f.counts.options()),
+                                     (at::cat(value).to(at::kDouble) * f.counts).cumsum(0)})
+                                .index_select(0, at::cat({at::zeros({1}, f.ends.options()), f.ends}));
+    const at::Tensor soft_flat = at::cat(soft);
+    ctx->save_for_backward({soft_flat, f.counts.to(soft_flat.scalar_type()), f.layer});
+    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["cols"] = cols;
+    ctx->saved_data["k"] = set->state().scale_tile / set->state().tau_tile;
+    return (ends.slice(0, 1) - ends.slice(0, 0, -1)).to(soft_flat.scalar_type());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &soft = saved[0], &counts = saved[1], &layer = saved[2];
+    const auto rows = ctx->saved_data["rows"].toIntVector(), cols = ctx->saved_data["cols"].toIntVector();
+    const at::Tensor flat = grad_out[0].index_select(0, layer) * counts * soft * (1.0 - soft) *
+                            ctx->saved_data["k"].toDouble();
+    torch::autograd::variable_list out;
+    int64_t at = 0;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      out.push_back(flat.slice(0, at, at + rows[i] * cols[i]).view({rows[i], cols[i]}));
+      at += rows[i] * cols[i];
+    }
+    out.emplace_back();  // the MaskSet pointer
+    return out;
+  }
+};
+
+at::Tensor MaskSet::tile_sums() const {
+  const auto& first = *masks_.front();
+  const auto opts = first.tile_logits().options();
+  if (!flat_.counts.defined()) {
+    std::vector<at::Tensor> counts, layer;
+    std::vector<int64_t> ends, block_ids;
+    std::map<int64_t, int64_t> weights;
+    int64_t n = 0;
+    for (size_t i = 0; i < masks_.size(); ++i) {
+      const at::Tensor& c = masks_[i]->tile_counts();
+      counts.push_back(c.reshape({-1}).to(at::kDouble));
+      layer.push_back(at::full({c.numel()}, static_cast<int64_t>(i), c.options().dtype(at::kLong)));
+      ends.push_back(n += c.numel());
+      weights[masks_[i]->block()] += masks_[i]->grid().numel();
+    }
+    // blocks [B, layers]: 0.5 / (the block's weights) where the layer is in the block.
+    at::Tensor blocks = at::zeros({static_cast<int64_t>(weights.size()), static_cast<int64_t>(masks_.size())},
+                                  at::TensorOptions().dtype(at::kDouble));
+    for (size_t i = 0; i < masks_.size(); ++i) {
+      const auto b = weights.find(masks_[i]->block());
+      blocks[std::distance(weights.begin(), b)][static_cast<int64_t>(i)] = 0.5 / static_cast<double>(b->second);
+    }
+    for (const auto& [b, w] : weights) block_ids.push_back(b);
+    flat_ = {at::cat(counts), at::cat(layer), at::tensor(ends, at::TensorOptions().dtype(at::kLong)).to(opts.device()),
+             blocks.to(opts), block_ids};
+  }
+  if (first.mode() == MaskMode::kMaskLLM) return at::zeros({static_cast<int64_t>(masks_.size())}, opts);
+  std::vector<at::Tensor> logits;
+  for (const auto& m : masks_) logits.push_back(m->tile_logits());
+  return TileSumsFn::apply(at::TensorList(logits), this);
+}
+
 at::Tensor MaskSet::soft_density() const {
   core::check(!masks_.empty(), "MaskSet", "no masked layers");
-  at::Tensor sum;
-  for (const auto& m : masks_) {
-    auto d = m->soft_density() * static_cast<double>(m->grid().numel());
-    sum = sum.defined() ? sum + d : d;
-  }
-  return sum / static_cast<double>(total_weights());
+  // A layer's density is 0.5 + 0.5 * S / numel (M24 keeps half of a group).
+  return 0.5 + tile_sums().sum() * (0.5 / static_cast<double>(total_weights()));
 }
 
 std::map<int64_t, at::Tensor> MaskSet::block_soft_density() const {
-  std::map<int64_t, at::Tensor> sum;
-  std::map<int64_t, int64_t> count;
-  for (const auto& m : masks_) {
-    auto d = m->soft_density() * static_cast<double>(m->grid().numel());
-    auto& s = sum[m->block()];
-    s = s.defined() ? s + d : d;
-    count[m->block()] += m->grid().numel();
-  }
-  for (auto& [b, s] : sum) s = s / static_cast<double>(count[b]);
-  return sum;
+  core::check(!masks_.empty(), "MaskSet", "no masked layers");
+  const at::Tensor sums = tile_sums();  // builds flat_ on first use
+  const at::Tensor density = 0.5 + at::mv(flat_.blocks, sums);
+  std::map<int64_t, at::Tensor> out;
+  for (size_t j = 0; j < flat_.block_ids.size(); ++j) out[flat_.block_ids[j]] = density[static_cast<int64_t>(j)];
+  return out;
 }
 
 at::Tensor MaskSet::weight_term() const {

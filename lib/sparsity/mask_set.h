@@ -53,7 +53,9 @@ class MaskSet {
   int64_t total_weights() const;
   std::vector<int64_t> blocks() const;  // distinct block indices, ascending (-1 = outside blocks)
 
-  // Differentiable densities of this step's sampled masks, weighted by weights.
+  // Differentiable densities of this step's sampled masks, weighted by weights
+  // (LinearMask::soft_density of every layer, combined). One autograd node and
+  // a few kernels for all layers, however many there are.
   at::Tensor soft_density() const;                              // global scalar
   std::map<int64_t, at::Tensor> block_soft_density() const;     // per decoder block
   // Sum over layers of ||M * W||_F^2 with the stored weights (fp32 scalar).
@@ -75,6 +77,20 @@ class MaskSet {
   std::vector<std::shared_ptr<LinearMask>> masks_;
   std::vector<at::Tensor> weights_;
   std::map<std::string, size_t> index_;
+
+  // sum_t count_t * T_t of every layer [layers] (differentiable; zeros in
+  // maskllm mode, where no tile is learned).
+  at::Tensor tile_sums() const;
+  // Constants of tile_sums over the layers' flattened tiles, built on first use.
+  struct Flat {
+    at::Tensor counts;  // weights per tile, float64
+    at::Tensor layer;   // layer of each tile, int64
+    at::Tensor ends;    // one past each layer's last tile, int64
+    at::Tensor blocks;  // [blocks, layers]: 0.5 / block weights where a layer is in the block
+    std::vector<int64_t> block_ids;
+  };
+  mutable Flat flat_;
+  friend struct TileSumsFn;
 };
 
 }  // namespace patch::sparsity

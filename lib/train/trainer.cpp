@@ -480,7 +480,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
 
     // LM loss, accumulated over micro-batches.
     r.opt->begin_step(lr);
-    double ce = 0.0;
+    at::Tensor ce_sum;  // read once after the micro-batches: no device sync between them
     auto blocks = sample_blocks(r, step * r.global, (step + 1) * r.global);
     const int64_t first = r.env.rank * per_rank, last = first + per_rank - 1;
     for (int64_t k = first; k <= last; ++k) {
@@ -489,8 +489,10 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
       at::Tensor loss = r.model->loss(ids);
       if (reducer && k == last) reducer->arm();
       (loss / static_cast<double>(n_micro)).backward();
-      ce += loss.item<double>() / static_cast<double>(n_micro);
+      const at::Tensor part = loss.detach().to(at::kDouble) / static_cast<double>(n_micro);
+      ce_sum = ce_sum.defined() ? ce_sum + part : part;
     }
+    double ce = ce_sum.item<double>();
     if (reducer) {
       // Summed before the regularizers' backward, which every rank computes whole.
       reducer->finish();

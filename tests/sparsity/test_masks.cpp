@@ -391,6 +391,57 @@ TEST_CASE("MaskSet selects - attaches and aggregates", "[maskset]") {
   CHECK_THROWS_AS(set.load_state(saved, "ckpt"), patch::core::Error);
 }
 
+TEST_CASE("the set's density terms have the per-layer values and gradients", "[maskset][grad]") {
+  // Oracle: LinearMask::soft_density, one autograd graph per layer.
+  for (bool hard : {false, true}) {
+    auto st = make_state(1.0, 1.0, 0.7, 1.3);
+    st->hard_tile = hard;
+    MaskSetOptions o;
+    o.mask = opts(MaskMode::kJoint);
+    o.tile_rows = 4;
+    o.tile_cols = 8;
+    MaskSet set(o, st);
+    set.add_layers({{"model.layers.0.self_attn.q_proj", at::randn({8, 16})},
+                    {"model.layers.0.mlp.up_proj", at::randn({10, 12})},
+                    {"model.layers.1.self_attn.q_proj", at::randn({9, 24})},
+                    {"model.layers.2.mlp.down_proj", at::randn({4, 8})}});
+    const std::vector<double> block_weight = {1.5, -0.5, 2.0};
+    auto grads = [&](bool per_layer) {
+      for (auto& p : set.parameters()) p.mutable_grad() = at::Tensor();
+      at::Tensor total, loss;
+      std::map<int64_t, at::Tensor> blocks;
+      if (per_layer) {
+        std::map<int64_t, int64_t> count;
+        for (const auto& m : set.masks()) {
+          auto d = m->soft_density() * static_cast<double>(m->grid().numel());
+          total = total.defined() ? total + d : d;
+          blocks[m->block()] = blocks.count(m->block()) ? blocks[m->block()] + d : d;
+          count[m->block()] += m->grid().numel();
+        }
+        total = total / static_cast<double>(set.total_weights());
+        for (auto& [b, d] : blocks) d = d / static_cast<double>(count[b]);
+      } else {
+        total = set.soft_density();
+        blocks = set.block_soft_density();
+      }
+      loss = 3.0 * total;
+      for (auto& [b, d] : blocks) loss = loss + block_weight[static_cast<size_t>(b)] * d;
+      loss.backward();
+      std::vector<at::Tensor> out{total.detach()};
+      for (auto& [b, d] : blocks) out.push_back(d.detach());
+      for (const auto& m : set.masks()) out.push_back(m->tile_logits().grad().clone());
+      return out;
+    };
+    const auto want = grads(/*per_layer=*/true), got = grads(/*per_layer=*/false);
+    REQUIRE(got.size() == want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      INFO("hard " << hard << ", tensor " << i);
+      CHECK(at::allclose(got[i], want[i], 1e-12, 1e-12));
+    }
+    CHECK(want.back().abs().sum().item<double>() > 0.0);
+  }
+}
+
 TEST_CASE("FixedMask multiplies by its mask", "[mask]") {
   auto mask = at::randint(0, 2, {4, 8}).to(at::kFloat);
   FixedMask fm(mask);
