@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "train/adamw.h"
 
 namespace patch::train {
 
@@ -18,7 +19,7 @@ AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOption
   }
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, double grad_scale) {
   c10::NoGradGuard no_grad;
   ++steps_;
   std::vector<at::Tensor> ps, gs, ms, vs;
@@ -30,13 +31,15 @@ void AdamW::step(double lr) {
     ms.push_back(exp_avg_[i]);
     vs.push_back(exp_avg_sq_[i]);
   }
-  if (ps.empty()) return;
-  if (!step_.defined() || step_.device() != ps[0].device())
-    step_ = at::zeros({}, ps[0].options().dtype(at::kFloat));
-  step_.fill_(static_cast<double>(steps_));
-  const std::vector<at::Tensor> steps(ps.size(), step_);
-  at::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, opts_.beta1, opts_.beta2, opts_.weight_decay,
-                    opts_.eps, /*amsgrad=*/false, /*maximize=*/false);
+  AdamWStep s;
+  s.lr = lr;
+  s.beta1 = opts_.beta1;
+  s.beta2 = opts_.beta2;
+  s.eps = opts_.eps;
+  s.weight_decay = opts_.weight_decay;
+  s.grad_scale = grad_scale;
+  s.step = steps_;
+  adamw_update(ps, gs, ms, vs, s);
 }
 
 void AdamW::zero_grad() {
@@ -44,7 +47,7 @@ void AdamW::zero_grad() {
     if (p.grad().defined()) p.mutable_grad() = at::Tensor();
 }
 
-double AdamW::clip_grad_norm(double max_norm, double extra_sq) {
+double AdamW::grad_norm(double extra_sq) const {
   c10::NoGradGuard no_grad;
   // Multi-tensor kernels: a few launches for all layers, one device sync.
   std::vector<at::Tensor> grads;
@@ -52,9 +55,7 @@ double AdamW::clip_grad_norm(double max_norm, double extra_sq) {
     if (p.grad().defined()) grads.push_back(p.grad());
   double sq = extra_sq;
   if (!grads.empty()) sq += at::stack(at::_foreach_norm(grads, 2)).to(at::kDouble).square().sum().item<double>();
-  const double total = std::sqrt(sq);
-  if (max_norm > 0 && total > max_norm && !grads.empty()) at::_foreach_mul_(grads, max_norm / (total + 1e-6));
-  return total;
+  return std::sqrt(sq);
 }
 
 std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {
@@ -99,9 +100,10 @@ std::vector<at::Tensor> MaskOptimizer::params_in_backward_order() const {
 }
 
 double MaskOptimizer::finish_step(double lr, double clip) {
-  const double norm = adam_.clip_grad_norm(clip, compact_ ? masks_.take_pattern_sq_norm() : 0.0);
-  if (compact_) clip_scale_ = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
-  adam_.step(lr);
+  const double norm = adam_.grad_norm(compact_ ? masks_.take_pattern_sq_norm() : 0.0);
+  const double scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
+  if (compact_) clip_scale_ = scale;
+  adam_.step(lr, scale);
   adam_.zero_grad();
   return norm;
 }

@@ -19,14 +19,14 @@ class AdamW {
  public:
   AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions opts);
 
-  // One update at learning rate `lr` from the params' .grad (params without a
-  // gradient are skipped), through ATen's fused multi-tensor AdamW kernel.
-  void step(double lr);
+  // One update at learning rate `lr` from the params' .grad times grad_scale
+  // (params without a gradient are skipped), through adamw_update.
+  void step(double lr, double grad_scale = 1.0);
   void zero_grad();
-  // Scales gradients so their global L2 norm is at most max_norm (0: no clip);
-  // returns the norm before clipping. `extra_sq` adds the squared norm of
-  // gradients applied elsewhere (compact state's 2:4 logits) to the total.
-  double clip_grad_norm(double max_norm, double extra_sq = 0.0);
+  // The global L2 norm of the gradients (one device sync). `extra_sq` adds
+  // the squared norm of gradients applied elsewhere (compact state's 2:4
+  // logits) to the total.
+  double grad_norm(double extra_sq = 0.0) const;
 
   int64_t steps() const { return steps_; }
   // "<param>.exp_avg" / "<param>.exp_avg_sq" tensors and the step count.
@@ -36,7 +36,6 @@ class AdamW {
  private:
   std::vector<std::pair<std::string, at::Tensor>> params_;
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
-  at::Tensor step_;  // the fused kernel reads the step count from a tensor
   AdamWOptions opts_;
   int64_t steps_ = 0;
 };
