@@ -7,6 +7,7 @@
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -258,7 +259,7 @@ TEST_CASE("CUDA compact state updates as the CPU reference does", "[kernels][cud
       for (auto& [name, t] : gpu.named_state()) {
         INFO(name);
         const auto a = want.at(name), b = t.detach().to(at::kFloat).cpu();
-        CHECK(a.ne(b).to(at::kFloat).mean().item<double>() < 0.01);
+        CHECK(a.ne(b).sum().item<int64_t>() <= std::max<int64_t>(2, a.numel() / 100));
         if (name.find("pattern_logits") != std::string::npos)
           CHECK(((a - b).abs() <= 2 * 2 * 0.05 + a.abs() * (1.0 / 128.0)).all().item<bool>());
       }
