@@ -62,6 +62,13 @@ __device__ __forceinline__ void load6(const L* src, L dst[6]) {
   }
 }
 
+template <typename L>
+__device__ __forceinline__ void store6(const L src[6], L* dst) {
+  auto* pairs = reinterpret_cast<Vec2<L>*>(dst);
+#pragma unroll
+  for (int i = 0; i < 3; ++i) pairs[i] = Vec2<L>{{src[2 * i], src[2 * i + 1]}};
+}
+
 // M24 of group q (and the soft p when sampled): the fixed pattern, or a
 // sample from the group's logits and regenerated noise.
 template <typename L>
@@ -99,9 +106,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int o = o0; o < o1; ++o) {
       const int64_t q = static_cast<int64_t>(o) * groups + grp;
       const float t = p.has_tiles ? *gate : 0.0f;
+      const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];  // in flight while sampling
       float pr[6], m24[4];
       group_mask(p, logits, fixed, q, pr, m24);
-      const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
       Vec4<O> ov;
 #pragma unroll
       for (int j = 0; j < 4; ++j)
@@ -149,10 +156,17 @@ __global__ void __launch_bounds__(kThreads)
       float dt = 0.0f, sq = 0.0f;
       for (int grp = g0 + lane; grp < g1; grp += 32) {
         const int64_t q = static_cast<int64_t>(o) * groups + grp;
-        float pr[6], m24[4], dm24[4];
-        group_mask(p, logits, fixed, q, pr, m24);
+        // Every load of the group first, so that their latencies overlap
+        // instead of each waiting on the sampling before it.
         const Vec4<W> wv = reinterpret_cast<const Vec4<W>*>(w)[q];
         const Vec4<G> gv = reinterpret_cast<const Vec4<G>*>(grad)[q];
+        L nm[6] = {}, nv[6] = {};
+        if (inline_adam) {
+          load6(m + 6 * q, nm);
+          load6(v + 6 * q, nv);
+        }
+        float pr[6], m24[4], dm24[4];
+        group_mask(p, logits, fixed, q, pr, m24);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const float dm = static_cast<float>(gv.v[j]) * static_cast<float>(wv.v[j]);
@@ -165,8 +179,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < 6; ++k) sq += dl[k] * dl[k];
         if (inline_adam) {
-          group::adam6<L, float>(logits + 6 * q, m + 6 * q, v + 6 * q, dl, adam,
-                                 static_cast<uint64_t>(q));
+          L nl[6];
+          load6(logits + 6 * q, nl);  // in L1 since group_mask
+          group::adam6<L, float>(nl, nm, nv, dl, adam, static_cast<uint64_t>(q));
+          store6(nl, logits + 6 * q);
+          store6(nm, m + 6 * q);
+          store6(nv, v + 6 * q);
         } else {
           auto* dst = reinterpret_cast<float2*>(dlogits + 6 * q);
           dst[0] = make_float2(dl[0], dl[1]);
