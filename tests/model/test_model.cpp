@@ -292,6 +292,31 @@ TEST_CASE("benchmark entry point runs on a tiny shape and model shapes are known
   CHECK_THROWS_AS(model::model_shape("gpt2"), core::ConfigError);
 }
 
+TEST_CASE("bench.profile sums a step's kernels and needs CUDA", "[cuda]") {
+  const auto step = [] { (at::ones({64, 64}) * 2.0).sum(); };
+  CHECK_THROWS_AS(model::profile_kernels(step, at::kCPU), core::ConfigError);
+  if (!at::hasCUDA()) {
+    SUCCEED("no CUDA device");
+    return;
+  }
+  // Three matmuls and one fill on one stream: the profile must see all of
+  // them, their device time inside the profiled span.
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+  const at::Tensor a = at::randn({1024, 1024}, opts);
+  const auto gemms = [&] {
+    at::Tensor x = a;
+    for (int i = 0; i < 3; ++i) x = at::mm(x, a);
+    x.fill_(1.0);
+  };
+  const nlohmann::json p = model::profile_kernels(gemms, at::Device(at::kCUDA));
+  int64_t calls = 0;
+  for (const auto& k : p["kernels"]) calls += k["calls"].get<int64_t>();
+  CHECK(calls >= 4);
+  CHECK(p["gpu_ms"].get<double>() > 0.0);
+  CHECK(p["idle_ms"].get<double>() >= 0.0);
+  CHECK(p["gpu_ms"].get<double>() <= p["span_ms"].get<double>() + 1e-6);
+}
+
 // GPU oracle (skipped without one): float32 on CUDA within 1e-3 of transformers'
 // CPU float32 (cuBLAS/SDPA reduce in another order); bfloat16 within 10% of the
 // largest logit at worst and 2% on average, as on the CPU.
