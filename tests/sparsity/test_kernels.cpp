@@ -59,6 +59,13 @@ void set_random_pattern(LinearMask& m) {
     m.set_fixed_pattern(at::randint(0, 6, {m.grid().out(), m.grid().groups()}, at::kLong));
 }
 
+// Weights [out, in] in tiles of tr x tc: edge tiles cut short, 96-column tiles
+// (24 groups: a backward warp with idle lanes) and a grid smaller than a tile.
+struct Shape {
+  int64_t out, in, tr, tc;
+};
+const Shape kRagged[] = {{300, 520, 128, 128}, {77, 1000, 32, 96}, {5, 12, 4, 8}};
+
 // loss = sum(W*M * r) + 0.3 ||W*M||^2 through one mask; returns W*M.
 at::Tensor run_loss(LinearMask& m, const at::Tensor& w, const at::Tensor& r, bool weight_term) {
   auto wm = m.effective_weight(w);
@@ -186,10 +193,7 @@ TEST_CASE("CUDA kernels equal the CPU reference on ragged shapes", "[kernels][cu
     return;
   }
   const at::Device cuda(at::kCUDA);
-  struct Shape {
-    int64_t out, in, tr, tc;
-  };
-  for (auto shape : {Shape{300, 520, 128, 128}, Shape{77, 1000, 32, 96}, Shape{5, 12, 4, 8}})
+  for (const auto& shape : kRagged)
     for (bool hard : {false, true})
       for (auto mode : {MaskMode::kJoint, MaskMode::kTile, MaskMode::kMaskLLM}) {
         TileGrid grid(shape.out, shape.in, shape.tr, shape.tc);
@@ -226,11 +230,7 @@ TEST_CASE("CUDA compact state updates as the CPU reference does", "[kernels][cud
     return;
   }
   const at::Device cuda(at::kCUDA);
-  struct Shape {
-    int64_t out, in, tr, tc;
-  };
-  // 96-column tiles leave a warp's last pass with 24 of 32 groups.
-  for (auto shape : {Shape{300, 520, 128, 128}, Shape{77, 1000, 32, 96}, Shape{5, 12, 4, 8}})
+  for (const auto& shape : kRagged)
     for (auto mode : {MaskMode::kJoint, MaskMode::kMaskLLM}) {
       TileGrid grid(shape.out, shape.in, shape.tr, shape.tc);
       auto st = state(false);
