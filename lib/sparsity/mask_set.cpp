@@ -95,11 +95,10 @@ struct TileSumsFn : torch::autograd::Function<TileSumsFn> {
     }
     const MaskSet::Flat& f = set->flat_;
     // Prefix sums in float64 keep the per-layer differences exact enough.
-    const at::Tensor ends = at::cat({at::zeros({1}, f.counts.options()),
-                                     (at::cat(value).to(at::kDouble) * f.counts).cumsum(0)})
-                                .index_select(0, at::cat({at::zeros({1}, f.ends.options()), f.ends}));
+    const at::Tensor prefix = (at::cat(value).to(at::kDouble) * f.counts).cumsum(0);
+    const at::Tensor ends = at::cat({at::zeros({1}, prefix.options()), prefix}).index_select(0, f.bounds);
     const at::Tensor soft_flat = at::cat(soft);
-    ctx->save_for_backward({soft_flat, f.counts.to(soft_flat.scalar_type()), f.layer});
+    ctx->save_for_backward({soft_flat, f.counts_logit, f.layer});
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["cols"] = cols;
     ctx->saved_data["k"] = set->state().scale_tile / set->state().tau_tile;
@@ -128,14 +127,14 @@ at::Tensor MaskSet::tile_sums() const {
   const auto opts = first.tile_logits().options();
   if (!flat_.counts.defined()) {
     std::vector<at::Tensor> counts, layer;
-    std::vector<int64_t> ends, block_ids;
+    std::vector<int64_t> bounds{0}, block_ids;
     std::map<int64_t, int64_t> weights;
     int64_t n = 0;
     for (size_t i = 0; i < masks_.size(); ++i) {
       const at::Tensor& c = masks_[i]->tile_counts();
       counts.push_back(c.reshape({-1}).to(at::kDouble));
       layer.push_back(at::full({c.numel()}, static_cast<int64_t>(i), c.options().dtype(at::kLong)));
-      ends.push_back(n += c.numel());
+      bounds.push_back(n += c.numel());
       weights[masks_[i]->block()] += masks_[i]->grid().numel();
     }
     // blocks [B, layers]: 0.5 / (the block's weights) where the layer is in the block.
@@ -146,8 +145,9 @@ at::Tensor MaskSet::tile_sums() const {
       blocks[std::distance(weights.begin(), b)][static_cast<int64_t>(i)] = 0.5 / static_cast<double>(b->second);
     }
     for (const auto& [b, w] : weights) block_ids.push_back(b);
-    flat_ = {at::cat(counts), at::cat(layer), at::tensor(ends, at::TensorOptions().dtype(at::kLong)).to(opts.device()),
-             blocks.to(opts), block_ids};
+    const at::Tensor all = at::cat(counts);
+    flat_ = {all, all.to(opts.dtype()), at::cat(layer),
+             at::tensor(bounds, at::TensorOptions().dtype(at::kLong)).to(opts.device()), blocks.to(opts), block_ids};
   }
   if (first.mode() == MaskMode::kMaskLLM) return at::zeros({static_cast<int64_t>(masks_.size())}, opts);
   std::vector<at::Tensor> logits;

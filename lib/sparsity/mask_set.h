@@ -83,9 +83,10 @@ class MaskSet {
   at::Tensor tile_sums() const;
   // Constants of tile_sums over the layers' flattened tiles, built on first use.
   struct Flat {
-    at::Tensor counts;  // weights per tile, float64
-    at::Tensor layer;   // layer of each tile, int64
-    at::Tensor ends;    // one past each layer's last tile, int64
+    at::Tensor counts;        // weights per tile, float64
+    at::Tensor counts_logit;  // the same in the logits' dtype
+    at::Tensor layer;         // layer of each tile, int64
+    at::Tensor bounds;        // 0, then one past each layer's last tile, int64
     at::Tensor blocks;  // [blocks, layers]: 0.5 / block weights where a layer is in the block
     std::vector<int64_t> block_ids;
   };

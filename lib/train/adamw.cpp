@@ -43,8 +43,8 @@ void adamw_update(const std::vector<at::Tensor>& params, const std::vector<at::T
   const at::Tensor step =
       at::full({}, static_cast<double>(s.step), ps[0].options().dtype(at::kFloat));
   const std::vector<at::Tensor> steps(ps.size(), step);
-  at::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, s.lr, s.beta1, s.beta2,
-                    s.weight_decay, s.eps,
+  at::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, s.lr, s.opts.beta1, s.opts.beta2,
+                    s.opts.weight_decay, s.opts.eps,
                     /*amsgrad=*/false, /*maximize=*/false);
 }
 

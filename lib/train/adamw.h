@@ -11,8 +11,14 @@
 
 namespace patch::train {
 
+struct AdamWOptions {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+};
+
+// One update: the optimizer's constants and this step's values.
 struct AdamWStep {
-  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  AdamWOptions opts;
+  double lr = 1e-3;
   double grad_scale = 1.0;  // gradients are multiplied by this first (norm clipping)
   int64_t step = 1;         // 1-based, for the bias corrections
 };

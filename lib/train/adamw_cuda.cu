@@ -72,12 +72,16 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
   const c10::cuda::CUDAGuard guard(param.device());
   // Bias corrections as the fused ATen kernel forms them, in float32.
   const float step = static_cast<float>(s.step);
-  const float bias1 = 1.0f - std::pow(static_cast<float>(s.beta1), step);
-  const float bias2 = 1.0f - std::pow(static_cast<float>(s.beta2), step);
-  const Args a{static_cast<float>(s.lr),           static_cast<float>(s.beta1),
-               static_cast<float>(s.beta2),        static_cast<float>(s.eps),
-               static_cast<float>(s.weight_decay), static_cast<float>(s.grad_scale),
-               static_cast<float>(s.lr) / bias1,   1.0f / std::sqrt(bias2)};
+  const float bias1 = 1.0f - std::pow(static_cast<float>(s.opts.beta1), step);
+  const float bias2 = 1.0f - std::pow(static_cast<float>(s.opts.beta2), step);
+  const Args a{static_cast<float>(s.lr),
+               static_cast<float>(s.opts.beta1),
+               static_cast<float>(s.opts.beta2),
+               static_cast<float>(s.opts.eps),
+               static_cast<float>(s.opts.weight_decay),
+               static_cast<float>(s.grad_scale),
+               static_cast<float>(s.lr) / bias1,
+               1.0f / std::sqrt(bias2)};
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks =
       std::max<int64_t>(1, std::min<int64_t>((n / 4 + kThreads - 1) / kThreads, sms * 8));

@@ -7,7 +7,6 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "train/adamw.h"
 
 namespace patch::train {
 
@@ -31,15 +30,7 @@ void AdamW::step(double lr, double grad_scale) {
     ms.push_back(exp_avg_[i]);
     vs.push_back(exp_avg_sq_[i]);
   }
-  AdamWStep s;
-  s.lr = lr;
-  s.beta1 = opts_.beta1;
-  s.beta2 = opts_.beta2;
-  s.eps = opts_.eps;
-  s.weight_decay = opts_.weight_decay;
-  s.grad_scale = grad_scale;
-  s.step = steps_;
-  adamw_update(ps, gs, ms, vs, s);
+  adamw_update(ps, gs, ms, vs, {opts_, lr, grad_scale, steps_});
 }
 
 void AdamW::zero_grad() {

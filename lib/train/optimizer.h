@@ -8,12 +8,9 @@
 #include <vector>
 
 #include "sparsity/mask_set.h"
+#include "train/adamw.h"
 
 namespace patch::train {
-
-struct AdamWOptions {
-  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
-};
 
 class AdamW {
  public:

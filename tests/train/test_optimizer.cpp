@@ -77,11 +77,8 @@ TEST_CASE("the CUDA AdamW kernel equals ATen's fused AdamW", "[cuda]") {
   }
   for (int64_t step = 1; step <= 4; ++step) {
     train::AdamWStep s;
+    s.opts = {/*beta1=*/0.8, /*beta2=*/0.95, /*eps=*/1e-6, /*weight_decay=*/0.1};
     s.lr = 0.01;
-    s.beta1 = 0.8;
-    s.beta2 = 0.95;
-    s.eps = 1e-6;
-    s.weight_decay = 0.1;
     s.grad_scale = step % 2 ? 0.37 : 1.0;
     s.step = step;
     gs.clear();
@@ -92,8 +89,8 @@ TEST_CASE("the CUDA AdamW kernel equals ATen's fused AdamW", "[cuda]") {
     }
     train::adamw_update(ps, gs, ms, vs, s);
     const at::Tensor t = at::full({}, static_cast<double>(step), f32);
-    at::_fused_adamw_(rp, rg, rm, rv, {}, std::vector<at::Tensor>(rp.size(), t), s.lr, s.beta1, s.beta2,
-                      s.weight_decay, s.eps, /*amsgrad=*/false, /*maximize=*/false);
+    at::_fused_adamw_(rp, rg, rm, rv, {}, std::vector<at::Tensor>(rp.size(), t), s.lr, s.opts.beta1, s.opts.beta2,
+                      s.opts.weight_decay, s.opts.eps, /*amsgrad=*/false, /*maximize=*/false);
     for (size_t i = 0; i < ps.size(); ++i) {
       INFO("step " << step << ", tensor " << i);
       // float32: the two kernels may contract different products into FMAs.
