@@ -12,7 +12,8 @@ with open(sys.argv[1], "a") as table:
         print(json.dumps(row), flush=True)
         if prof is None:
             continue
-        table.write(f"== {row.get('shape')} {row.get('mode')} {row.get('state', '')}: "
+        graph = " graph" if row.get("cuda_graph") else ""
+        table.write(f"== {row.get('shape')} {row.get('mode')} {row.get('state', '')}{graph}: "
                     f"step {row['median_ms']:.1f} ms, kernels {prof['gpu_ms']:.1f} ms, "
                     f"device idle {prof['idle_ms']:.1f} of {prof['span_ms']:.1f} ms\n")
         for g in prof["gaps"]:

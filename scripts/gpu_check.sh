@@ -3,7 +3,8 @@
 #   STAGE=test  build with CUDA and run the whole test suite
 #   STAGE=bench [TESTS=regex] mask-learning benchmarks beside the PyTorch peer baseline
 #               (../shared/bench/py_patch_ref.py), in the same call; PROFILE=1 adds each
-#               step's device time per kernel (bench.profile), summed in profile.txt
+#               step's device time per kernel (bench.profile), summed in profile.txt;
+#               GRAPH=1 times every step again replayed as a CUDA graph (train.cuda_graph)
 #   STAGE=deploy [TESTS=regex] [DEPLOY_ARGS=...] the hybrid inference tests, then bench-deploy
 #   STAGE=dist [TESTS=regex] [SHAPES=...] the data-parallel tests, then the mask step
 #               on 1 and on every visible GPU (NCCL)
@@ -90,11 +91,17 @@ bench() {  # bench SHAPE MODES [--set ...]: JSON lines on stdout and in bench_pa
   build/bin/patch-train bench --shape "$shape" --mode "$modes" --set bench.iters="$ITERS" "${PROF[@]}" "$@" 2>&1 |
     grep '^{' | tee -a "$OUT/bench_patch.jsonl" | python3 scripts/bench_summary.py "$OUT/profile.txt"
 }
+GRAPHS=(false)
+[[ ${GRAPH:-0} == 1 ]] && GRAPHS=(false true)
 for SHAPE in ${SHAPES:-qwen2.5-0.5b llama-3.2-1b}; do
-  bench "$SHAPE" dense,joint,tile,maskllm
-  bench "$SHAPE" joint --set train.state=compact
+  for G in "${GRAPHS[@]}"; do
+    bench "$SHAPE" dense,joint,tile,maskllm --set train.cuda_graph=$G
+    bench "$SHAPE" joint --set train.state=compact --set train.cuda_graph=$G
+  done
   python3 "$REF" --arch "$SHAPE" --ckpt --seq 4096 2>&1 | grep '^{' | tee -a "$OUT/bench_pyref.jsonl"
 done
 [[ ${REFERENCE:-1} == 1 ]] && bench qwen2.5-0.5b joint --set mask.kernel=reference
-[[ ${BIG:-1} == 1 ]] && bench llama-2-7b joint,tile --set train.state=compact --set bench.warmup=1
+[[ ${BIG:-1} == 1 ]] && for G in "${GRAPHS[@]}"; do
+  bench llama-2-7b joint,tile --set train.state=compact --set bench.warmup=2 --set train.cuda_graph=$G
+done
 exit 0

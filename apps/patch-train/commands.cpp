@@ -313,6 +313,7 @@ int run_bench(RunContext& ctx) {
   const int iters = static_cast<int>(cfg.get_int("bench.iters"));
   const bool ckpt = cfg.get_bool("model.checkpointing");
   const bool profile = cfg.get_bool("bench.profile");
+  const bool graph = cfg.get_bool("train.cuda_graph");
   // A mask mode is always reported beside the dense step of the same model, measured first.
   auto modes = cfg.get_string_list("bench.modes");
   bool any_mask = false;
@@ -325,7 +326,8 @@ int run_bench(RunContext& ctx) {
     if (group.world() > 1 && !mask_mode) continue;
     nlohmann::json j;
     if (mode == "dense") {
-      j = model::bench_forward_backward(shape, device, dtype, batch, seq, ckpt, warmup, iters, profile);
+      j = model::bench_forward_backward(shape, device, dtype, batch, seq, ckpt, warmup, iters, profile,
+                                        graph);
       j["mode"] = "dense_fwd_bwd";
     } else if (mode == "prune_wanda" || mode == "prune_sparsegpt") {
       j = bench_prune(cfg, shape, device, dtype, mode.substr(6));
@@ -346,6 +348,7 @@ int run_bench(RunContext& ctx) {
       o.warmup = warmup;
       o.iters = iters;
       o.profile = profile;
+      o.cuda_graph = graph;
       o.group = &group;
       j = train::bench_mask_step(shape, o);
     }

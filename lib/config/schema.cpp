@@ -136,6 +136,9 @@ std::vector<KeyDef> build() {
                   "Optimizer state: full (fp32 logits, gradients and moments) or compact (bf16 2:4 logits and "
                   "moments, updated inside the backward; needs one micro-batch per step and lambda_weight 0)"),
               {"full", "compact"}),
+      key("train.cuda_graph", T::kBool, false,
+          "Replay each step as one CUDA graph, so that the host issuing kernels does not set the pace "
+          "(small models); needs model.device=cuda, mask.kernel=fused, one process and lambda_weight 0"),
       range(key("train.micro_batch", T::kInt, 4, "Sequences per forward/backward"), 1, inf),
       range(key("train.global_batch", T::kInt, 8,
                 "Sequences per optimizer step (a multiple of train.micro_batch)"),

@@ -58,6 +58,18 @@ double peak_memory_gib(const at::Device& device) {
 #endif
 }
 
+double reserved_memory_gib(const at::Device& device) {
+#ifdef PATCH_HAS_CUDA_ALLOCATOR
+  if (!device.is_cuda()) return 0.0;
+  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  auto now = stats.reserved_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
+  return static_cast<double>(now) / (1024.0 * 1024.0 * 1024.0);
+#else
+  (void)device;
+  return 0.0;
+#endif
+}
+
 void reset_peak_memory(const at::Device& device) {
 #ifdef PATCH_HAS_CUDA_ALLOCATOR
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
@@ -71,10 +83,10 @@ void synchronize(const at::Device& device) {
 }
 
 std::vector<double> time_steps(const std::function<void()>& step, const at::Device& device,
-                               int warmup, int iters) {
+                               int warmup, int iters, bool reset_peak) {
   for (int i = 0; i < warmup; ++i) step();
   synchronize(device);
-  reset_peak_memory(device);
+  if (reset_peak) reset_peak_memory(device);
   std::vector<double> ms;
   for (int i = 0; i < iters; ++i) {
     const auto t0 = std::chrono::steady_clock::now();

@@ -17,11 +17,16 @@ std::string dtype_name(at::ScalarType dtype);
 // Peak device memory in GiB since the last reset (0 on CPU).
 double peak_memory_gib(const at::Device& device);
 void reset_peak_memory(const at::Device& device);
+// Device memory the caching allocator holds now, in GiB (0 on CPU): with a
+// CUDA graph, its private pool, which no other allocation can use, counts.
+double reserved_memory_gib(const at::Device& device);
 // Waits for the device's queued work (no-op on the CPU): benchmark timing.
 void synchronize(const at::Device& device);
-// Benchmark timing: runs step() `warmup` times, resets the peak memory, then
-// times `iters` synchronized calls; the times in milliseconds, sorted.
+// Benchmark timing: runs step() `warmup` times, resets the peak memory
+// (unless not `reset_peak`: a replayed CUDA graph allocates nothing, its
+// capture in the warm-up saw the step's allocations), then times `iters`
+// synchronized calls; the times in milliseconds, sorted.
 std::vector<double> time_steps(const std::function<void()>& step, const at::Device& device,
-                               int warmup, int iters);
+                               int warmup, int iters, bool reset_peak = true);
 
 }  // namespace patch::core

@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
+#include "core/cuda_graph.h"
 #include "core/error.h"
 #include "core/tensor_utils.h"
 #include "model/decoder.h"
@@ -102,7 +104,8 @@ io::ModelConfig model_shape(const std::string& name) {
 
 nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device device,
                                       at::ScalarType dtype, int64_t batch, int64_t seq,
-                                      bool checkpointing, int warmup, int iters, bool profile) {
+                                      bool checkpointing, int warmup, int iters, bool profile,
+                                      bool cuda_graph) {
   if (batch < 1 || seq < 2 || warmup < 0 || iters < 1)
     throw core::ConfigError(
         core::str("bench: expected batch >= 1, seq >= 2, warmup >= 0, iters >= 1, got ", batch,
@@ -119,11 +122,16 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
   const at::Tensor ids = at::randint(cfg.vocab_size, {batch, seq},
                                      at::TensorOptions().dtype(at::kLong).device(device));
 
-  auto step = [&] {
+  auto body = [&] {
     scale.mutable_grad() = at::Tensor();
     decoder.loss(ids).backward();
   };
-  const auto ms = core::time_steps(step, device, warmup, iters);
+  std::optional<core::CudaGraph> graph;
+  if (cuda_graph) graph.emplace(device);
+  auto step = [&] { graph ? graph->run(body) : body(); };
+  // A graph's capture (the second run) is set-up, not a step to time.
+  const auto ms = core::time_steps(step, device, cuda_graph ? std::max(warmup, 2) : warmup, iters,
+                                   /*reset_peak=*/!cuda_graph);
   const size_t n = ms.size();
   const double median = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
   int64_t params = 0;
@@ -134,13 +142,15 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
           {"batch", batch},
           {"seq", seq},
           {"checkpointing", checkpointing},
+          {"cuda_graph", cuda_graph},
           {"warmup", warmup},
           {"iters", iters},
           {"block_linear_params", params},
           {"median_ms", median},
           {"min_ms", ms.front()},
           {"tokens_per_s", static_cast<double>(batch * seq) / (median / 1000.0)},
-          {"peak_gib", core::peak_memory_gib(device)}};
+          {"peak_gib", core::peak_memory_gib(device)},
+          {"reserved_gib", core::reserved_memory_gib(device)}};
   if (profile) j["profile"] = profile_kernels(step, device);
   return j;
 }

@@ -24,11 +24,13 @@ io::ModelConfig model_shape(const std::string& name);
 // does), then times `iters` steps of loss(ids).backward() on random ids
 // [batch, seq] after `warmup` untimed steps. Returns JSON with median_ms,
 // tokens_per_s, peak_gib (core::peak_memory_gib) and the run's parameters;
-// with `profile`, also "profile" (profile_kernels of one more step).
+// with `profile`, also "profile" (profile_kernels of one more step). With
+// `cuda_graph` the step is replayed as a CUDA graph (core::CudaGraph), the
+// baseline of mask steps that are (train.cuda_graph).
 nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device device,
                                       at::ScalarType dtype, int64_t batch, int64_t seq,
                                       bool checkpointing, int warmup, int iters,
-                                      bool profile = false);
+                                      bool profile = false, bool cuda_graph = false);
 
 // Runs step() once more under the Kineto profiler (CUDA only) and sums the
 // device time of its kernels, copies and fills by name: {"gpu_ms": total,

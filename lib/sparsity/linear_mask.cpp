@@ -11,36 +11,16 @@
 #include "core/error.h"
 #include "sparsity/mask_kernels.h"
 #include "sparsity/patterns.h"
+#include "sparsity/step_scalars.h"
 
 namespace patch::sparsity {
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-
-uint64_t combine(uint64_t h, uint64_t v) {
-  return splitmix64(h ^ splitmix64(v));
-}
 
 uint64_t fnv1a(const std::string& s) {
   uint64_t h = 0xcbf29ce484222325ULL;
   for (unsigned char c : s) h = (h ^ c) * 0x100000001b3ULL;
   return h;
 }
-
-// Streams of random numbers a layer draws; each gets its own generator.
-enum Stream : uint64_t {
-  kTileNoise = 0,
-  kPatternNoise = 1,
-  kTileInit = 2,
-  kPatternInit = 3,
-  kRounding = 4
-};
-constexpr uint64_t kNoiseTag = 0x6e6f697365ULL, kInitTag = 0x696e6974ULL;
 
 // A fresh generator on `device` with a fixed seed. CPU: a Mersenne twister,
 // which takes 32 seed bits, so both halves are folded in. Other devices: a
@@ -76,6 +56,8 @@ struct FusedMask : torch::CustomClassHolder {
     s.tau = st.tau_24;
     s.hard = st.hard_24;
     s.key = m.noise_seed(kPatternNoise);
+    s.device = device_scalars(st);
+    s.layer_hash = m.name_hash_;
     s.tile_rows = m.grid_.tile_rows();
     s.tile_cols = m.grid_.tile_cols();
     pattern = s.fixed ? m.fixed_pattern_ : m.pattern_logits_.detach();
@@ -117,7 +99,7 @@ struct FusedMask : torch::CustomClassHolder {
     at::Tensor dtile;
     if (s.has_tiles && tile_grad)
       dtile = tile_logit_grad(g.tile_rows, soft, m.grid_.tile_rows(),
-                              m.state_->scale_tile / m.state_->tau_tile)
+                              m.state_->scale_tile / m.state_->tau_tile, s.device)
                   .to(m.tile_logits_.scalar_type());
     at::Tensor dpattern =
         g.pattern.defined() ? g.pattern.to(m.pattern_logits_.scalar_type()) : at::Tensor();
@@ -135,17 +117,18 @@ c10::intrusive_ptr<FusedMask> fused_of(AutogradContext* ctx) {
 // Tile gates with a straight-through hard forward value: the soft gate's
 // derivative soft (1 - soft) k carries the gradient.
 struct GatesFn : torch::autograd::Function<GatesFn> {
-  // g: [2, rows, cols] forward values and soft gates of `logits`.
+  // g: [2, rows, cols] forward values and soft gates of `logits`; k as
+  // tile_k_value gives it.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& /*logits*/, const at::Tensor& g,
-                            double k) {
+                            at::IValue k) {
     ctx->save_for_backward({g[1]});
-    ctx->saved_data["k"] = k;
+    ctx->saved_data["k"] = std::move(k);
     return g[0].clone();
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     const auto soft = ctx->get_saved_variables()[0];
-    const double k = ctx->saved_data["k"].toDouble();
-    return {grad_out[0] * soft * (1.0 - soft) * k, at::Tensor(), at::Tensor()};
+    return {times_tile_k(grad_out[0] * soft * (1.0 - soft), ctx->saved_data["k"]), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -181,6 +164,19 @@ struct WeightTermFn : torch::autograd::Function<WeightTermFn> {
     return {dtile, dpattern, at::Tensor()};
   }
 };
+
+const StepScalars* device_scalars(const SamplerState& st) {
+  return st.device.defined() ? reinterpret_cast<const StepScalars*>(st.device.data_ptr()) : nullptr;
+}
+
+at::IValue tile_k_value(const SamplerState& st) {
+  if (!st.device.defined()) return st.scale_tile / st.tau_tile;
+  return st.device.narrow(0, offsetof(StepScalars, k_tile) / sizeof(float), 1).squeeze(0);
+}
+
+at::Tensor times_tile_k(const at::Tensor& x, const at::IValue& k) {
+  return k.isTensor() ? x * k.toTensor() : x * k.toDouble();
+}
 
 MaskMode parse_mask_mode(const std::string& name) {
   if (name == "joint") return MaskMode::kJoint;
@@ -298,8 +294,7 @@ at::Tensor LinearMask::take_pattern_sq_norm() {
 }
 
 uint64_t LinearMask::noise_seed(uint64_t stream) const {
-  uint64_t h = combine(combine(state_->seed, kNoiseTag), static_cast<uint64_t>(state_->step));
-  return combine(combine(h, name_hash_), stream);
+  return layer_key(step_key(state_->seed, state_->step), name_hash_, stream);
 }
 
 at::Tensor LinearMask::gates(bool noise, bool hard) const {
@@ -310,7 +305,7 @@ at::Tensor LinearMask::gates(bool noise, bool hard) const {
           : sparsity::tile_gates(tile_logits_.detach(), state_->scale_tile, state_->tau_tile, hard,
                                  noise, noise_seed(kTileNoise))
                 .to(tile_logits_.scalar_type());
-  return GatesFn::apply(tile_logits_, g, state_->scale_tile / state_->tau_tile);
+  return GatesFn::apply(tile_logits_, g, tile_k_value(*state_));
 }
 
 const at::Tensor& LinearMask::step_gates() const {
@@ -326,7 +321,8 @@ const at::Tensor& LinearMask::step_gates() const {
          st.hard_tile,
          version,
          sparsity::tile_gates(tile_logits_.detach(), st.scale_tile, st.tau_tile, st.hard_tile,
-                              /*noise=*/true, noise_seed(kTileNoise))
+                              /*noise=*/true, noise_seed(kTileNoise), device_scalars(st),
+                              name_hash_)
              .to(tile_logits_.scalar_type())};
   }
   return c.gates;

@@ -9,6 +9,7 @@
 // Philox (mask_kernels.h), so the activation-checkpointing recompute and the
 // fused backward regenerate the identical mask instead of storing it.
 #include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
 
 #include <cstdint>
 #include <memory>
@@ -18,6 +19,7 @@
 
 #include "model/weight_provider.h"
 #include "sparsity/schedule.h"
+#include "sparsity/step_scalars.h"
 #include "sparsity/tile_grid.h"
 
 namespace patch::sparsity {
@@ -44,6 +46,15 @@ struct LinearMaskOptions {
   // update applied inside the backward so no 2:4 gradient is ever stored.
   bool compact = false;
 };
+
+// CUDA graphs (SamplerState::device): the step's values on the device, or
+// nullptr in eager steps.
+const StepScalars* device_scalars(const SamplerState& st);
+// k = scale_tile / tau_tile of the step, the factor of the tile gates'
+// gradient: a double in eager steps, a 0-dim float32 device tensor that a
+// replayed graph reads when the state has device values; and x * k.
+at::IValue tile_k_value(const SamplerState& st);
+at::Tensor times_tile_k(const at::Tensor& x, const at::IValue& k);
 
 class LinearMask : public model::WeightProvider {
  public:

@@ -153,15 +153,17 @@ at::Tensor logistic_noise(int64_t rows, int64_t cols, uint64_t key, const at::Te
 }
 
 at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise,
-                      uint64_t key) {
+                      uint64_t key, const StepScalars* device,
+                      [[maybe_unused]] uint64_t layer_hash) {
   core::check(logits.dim() == 2, "tile_gates", "tile logits must be [rows, cols]");
 #if PATCH_WITH_CUDA
   if (logits.is_cuda()) {
     auto out = at::empty({2, logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
-    cuda::tile_gates(logits, scale, tau, hard, noise, key, out);
+    cuda::tile_gates(logits, scale, tau, hard, noise, key, device, layer_hash, out);
     return out;
   }
 #endif
+  core::check(device == nullptr, "tile_gates", "device step values need CUDA tensors");
   core::check(logits.is_cpu(), "tile_gates", "CUDA tensors need a build with PATCH_WITH_CUDA");
   auto l = logits.contiguous();
   auto out = at::empty({2, l.size(0), l.size(1)}, l.options());
@@ -180,17 +182,18 @@ at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool h
 }
 
 at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows,
-                           double k) {
+                           double k, const StepScalars* device) {
   core::check(partial.dim() == 2 && soft.dim() == 2 && partial.size(1) == soft.size(1) &&
                   (partial.size(0) + tile_rows - 1) / tile_rows == soft.size(0),
               "tile_logit_grad", "partial sums and tile gates do not match");
 #if PATCH_WITH_CUDA
   if (partial.is_cuda()) {
     auto out = at::empty(soft.sizes(), partial.options().dtype(at::kFloat));
-    cuda::tile_logit_grad(partial, soft, tile_rows, k, out);
+    cuda::tile_logit_grad(partial, soft, tile_rows, k, device, out);
     return out;
   }
 #endif
+  core::check(device == nullptr, "tile_logit_grad", "device step values need CUDA tensors");
   auto p = partial.contiguous();
   auto s = soft.to(p.scalar_type()).contiguous();
   auto out = at::empty(s.sizes(), p.options());
@@ -223,6 +226,7 @@ at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gat
   }
 #endif
   core::check(weight.is_cpu(), "mask kernels", "CUDA tensors need a build with PATCH_WITH_CUDA");
+  core::check(s.device == nullptr, "mask kernels", "device step values need CUDA tensors");
   const auto acc = acc_type(gates, pattern, s);
   auto w = weight.to(acc).contiguous();
   auto g = s.has_tiles ? gates.to(acc).contiguous() : at::zeros({1}, w.options());
@@ -276,6 +280,7 @@ MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tenso
   res.tile_rows.zero_();
   if (adam) sq_rows.zero_();
   core::check(weight.is_cpu(), "mask kernels", "CUDA tensors need a build with PATCH_WITH_CUDA");
+  core::check(s.device == nullptr, "mask kernels", "device step values need CUDA tensors");
   auto w = weight.to(acc).contiguous();
   auto gr = grad.to(acc).contiguous();
   auto g = s.has_tiles ? gates.to(acc).contiguous() : at::zeros({1}, aopts);

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "sparsity/step_scalars.h"
+
 namespace patch::sparsity {
 
 // How a layer's 2:4 part is sampled in one step (MaskMode as kTile/kMaskLLM flags).
@@ -21,6 +23,10 @@ struct GroupSampling {
   bool noise = true;
   uint64_t key = 0;  // Philox key of the Gumbel noise
   int64_t tile_rows = 1, tile_cols = 4;
+  // CUDA graphs: scale, tau, hard and the key (of layer_hash) come from here,
+  // and an in-backward AdamW's lr, bias corrections and clip factor too.
+  const StepScalars* device = nullptr;
+  uint64_t layer_hash = 0;
 };
 
 // AdamW on the 2:4 logits inside the backward (compact state): with g the
@@ -52,14 +58,15 @@ at::Tensor logistic_noise(int64_t rows, int64_t cols, uint64_t key, const at::Te
 // The tile gates of one step, T = sigmoid((scale l + n) / tau) with n the
 // Logistic noise of `key` (when `noise`): [2, rows, cols] in the logits' dtype
 // (float32 on CUDA); [0] is the forward value (0/1 by T > 0.5 when hard), [1]
-// the soft T that carries the gradient.
+// the soft T that carries the gradient. With `device` (CUDA graphs), scale,
+// tau, hard and the key (of layer_hash) are read from there instead.
 at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise,
-                      uint64_t key);
+                      uint64_t key, const StepScalars* device = nullptr, uint64_t layer_hash = 0);
 // dL/d(tile logits) [rows, cols] from a backward's per-row partial sums [out,
 // cols] of dL/dT: each tile's rows summed, times dT/dl = soft (1 - soft) k
-// with k = scale / tau.
+// with k = scale / tau (read from `device` when given).
 at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows,
-                           double k);
+                           double k, const StepScalars* device = nullptr);
 
 // W * M in `out_dtype`, M = T + (1 - T) * M24. weight [out, in]; gates [rows,
 // cols] the forward values of T (ignored without tiles); pattern the logits
@@ -84,9 +91,9 @@ namespace cuda {
 void gumbel_noise(at::Tensor& out, uint64_t key);
 void logistic_noise(at::Tensor& out, uint64_t key);
 void tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise,
-                uint64_t key, at::Tensor& out);
+                uint64_t key, const StepScalars* device, uint64_t layer_hash, at::Tensor& out);
 void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k,
-                     at::Tensor& out);
+                     const StepScalars* device, at::Tensor& out);
 void masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates,
                            const at::Tensor& pattern, const GroupSampling& s, at::Tensor& out);
 void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,

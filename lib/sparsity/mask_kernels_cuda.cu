@@ -22,7 +22,20 @@ struct Params {
   float scale, inv_tau;
   bool fixed, has_tiles, hard, noise;
   uint64_t key;
+  const StepScalars* dev;  // CUDA graphs: this step's values, read in the kernel
+  uint64_t layer_hash;
 };
+
+// A replayed graph keeps its capture's arguments: the step's values come from
+// device memory instead (the eager path passes the same numbers by value).
+__device__ __forceinline__ void step_values(Params& p) {
+  if (!p.dev) return;
+  const StepScalars& d = *p.dev;
+  p.scale = d.scale_24;
+  p.inv_tau = d.inv_tau_24;
+  p.hard = d.hard_24 != 0;
+  p.key = layer_key(d.step_key, p.layer_hash, kPatternNoise);
+}
 
 Params params_of(const at::Tensor& weight, const GroupSampling& s) {
   Params p;
@@ -38,6 +51,8 @@ Params params_of(const at::Tensor& weight, const GroupSampling& s) {
   p.hard = s.hard;
   p.noise = s.noise;
   p.key = s.key;
+  p.dev = s.device;
+  p.layer_hash = s.layer_hash;
   return p;
 }
 
@@ -94,6 +109,7 @@ __global__ void __launch_bounds__(kThreads)
     forward_kernel(const W* __restrict__ w, const float* __restrict__ gates,
                    const L* __restrict__ logits, const uint8_t* __restrict__ fixed,
                    O* __restrict__ out, Params p, int rows_per_block) {
+  step_values(p);
   const int groups = static_cast<int>(p.groups), tile_rows = static_cast<int>(p.tile_rows);
   const int cols = static_cast<int>(p.cols);
   const int o0 = static_cast<int>(blockIdx.y) * rows_per_block;
@@ -134,6 +150,15 @@ __global__ void __launch_bounds__(kThreads)
                     float* __restrict__ tile_rows, float* __restrict__ sq_rows, Params p,
                     int rows_per_task, group::AdamArgs adam, bool inline_adam, L* __restrict__ m,
                     L* __restrict__ v) {
+  step_values(p);
+  if (p.dev && inline_adam) {
+    const StepScalars& d = *p.dev;
+    adam.lr = d.lr;
+    adam.inv_bias1 = d.inv_bias1;
+    adam.inv_bias2 = d.inv_bias2;
+    adam.grad_scale = d.grad_scale;
+    adam.round_key = layer_key(d.step_key, p.layer_hash, kRounding);
+  }
   const int lane = threadIdx.x & 31;
   const int rows = static_cast<int>(p.rows), cols = static_cast<int>(p.cols);
   const int groups = static_cast<int>(p.groups), trows = static_cast<int>(p.tile_rows);
@@ -219,7 +244,14 @@ __global__ void logistic_kernel(float* out, int64_t total, uint64_t key) {
 }
 
 __global__ void gates_kernel(const float* logits, float* out, int64_t total, float scale,
-                             float inv_tau, bool hard, bool noise, uint64_t key) {
+                             float inv_tau, bool hard, bool noise, uint64_t key,
+                             const StepScalars* dev, uint64_t layer_hash) {
+  if (dev) {
+    scale = dev->scale_tile;
+    inv_tau = dev->inv_tau_tile;
+    hard = dev->hard_tile != 0;
+    key = layer_key(dev->step_key, layer_hash, kTileNoise);
+  }
   for (int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float n = noise ? group::logistic1(key, static_cast<uint64_t>(t)) : 0.0f;
@@ -232,7 +264,8 @@ __global__ void gates_kernel(const float* logits, float* out, int64_t total, flo
 // One warp per tile: the lanes sum the tile's rows, reduced in a fixed order.
 __global__ void tile_grad_kernel(const float* partial, const float* soft, float* out,
                                  int64_t out_rows, int64_t rows, int64_t cols, int64_t tile_rows,
-                                 float k) {
+                                 float k, const StepScalars* dev) {
+  if (dev) k = dev->k_tile;
   const int lane = threadIdx.x & 31;
   for (int64_t t = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
        t < rows * cols; t += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
@@ -289,19 +322,19 @@ void logistic_noise(at::Tensor& out, uint64_t key) {
 }
 
 void tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise,
-                uint64_t key, at::Tensor& out) {
+                uint64_t key, const StepScalars* device, uint64_t layer_hash, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(logits.device());
   auto l = logits.to(at::kFloat).contiguous();
   const int64_t total = l.numel();
   if (total == 0) return;
   gates_kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       l.data_ptr<float>(), out.data_ptr<float>(), total, static_cast<float>(scale),
-      static_cast<float>(1.0 / tau), hard, noise, key);
+      static_cast<float>(1.0 / tau), hard, noise, key, device, layer_hash);
   check_launch("tile_gates");
 }
 
 void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k,
-                     at::Tensor& out) {
+                     const StepScalars* device, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(partial.device());
   auto p = partial.to(at::kFloat).contiguous();
   auto sv = soft.to(at::kFloat).contiguous();
@@ -309,7 +342,7 @@ void tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t 
   if (rows * cols == 0) return;
   tile_grad_kernel<<<blocks_for(rows * cols * 32), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       p.data_ptr<float>(), sv.data_ptr<float>(), out.data_ptr<float>(), p.size(0), rows, cols,
-      tile_rows, static_cast<float>(k));
+      tile_rows, static_cast<float>(k), device);
   check_launch("tile_logit_grad");
 }
 

@@ -3,6 +3,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <cstring>
 #include <set>
 
 #include "core/error.h"
@@ -101,7 +102,7 @@ struct TileSumsFn : torch::autograd::Function<TileSumsFn> {
     ctx->save_for_backward({soft_flat, f.counts_logit, f.layer});
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["cols"] = cols;
-    ctx->saved_data["k"] = set->state().scale_tile / set->state().tau_tile;
+    ctx->saved_data["k"] = tile_k_value(set->state());
     return (ends.slice(0, 1) - ends.slice(0, 0, -1)).to(soft_flat.scalar_type());
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -109,8 +110,8 @@ struct TileSumsFn : torch::autograd::Function<TileSumsFn> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &soft = saved[0], &counts = saved[1], &layer = saved[2];
     const auto rows = ctx->saved_data["rows"].toIntVector(), cols = ctx->saved_data["cols"].toIntVector();
-    const at::Tensor flat = grad_out[0].index_select(0, layer) * counts * soft * (1.0 - soft) *
-                            ctx->saved_data["k"].toDouble();
+    const at::Tensor flat =
+        times_tile_k(grad_out[0].index_select(0, layer) * counts * soft * (1.0 - soft), ctx->saved_data["k"]);
     torch::autograd::variable_list out;
     int64_t at = 0;
     for (size_t i = 0; i < rows.size(); ++i) {
@@ -194,11 +195,54 @@ std::vector<std::pair<std::string, at::Tensor>> MaskSet::named_parameters() cons
   return out;
 }
 
-double MaskSet::take_pattern_sq_norm() {
+at::Tensor MaskSet::take_pattern_sq_norm_tensor() {
   at::Tensor sum;
   for (const auto& m : masks_)
     if (auto t = m->take_pattern_sq_norm(); t.defined()) sum = sum.defined() ? sum + t : t;
-  return sum.defined() ? sum.item<double>() : 0.0;  // one device sync
+  if (!sum.defined()) {
+    const auto device = masks_.empty() ? at::Device(at::kCPU) : masks_.front()->tile_logits().device();
+    return at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
+  }
+  return sum.to(at::kDouble);
+}
+
+double MaskSet::take_pattern_sq_norm() {
+  return take_pattern_sq_norm_tensor().item<double>();  // one device sync
+}
+
+void MaskSet::use_device_scalars(double grad_scale) {
+  core::check(!masks_.empty() && masks_.front()->tile_logits().is_cuda() && opts_.mask.fused,
+              "MaskSet", "device step values need fused masks on a CUDA device");
+  auto& dev = state_->device;
+  dev = at::zeros({static_cast<int64_t>(sizeof(StepScalars) / sizeof(float))},
+                  masks_.front()->tile_logits().options().dtype(at::kFloat));
+  dev.narrow(0, offsetof(StepScalars, grad_scale) / sizeof(float), 1).fill_(grad_scale);
+  upload_step_scalars(step_scalars());
+}
+
+StepScalars MaskSet::step_scalars() const {
+  const SamplerState& st = *state_;
+  StepScalars s{};
+  s.step_key = step_key(st.seed, st.step);
+  // As the eager launches form them (mask_kernels_cuda.cu), so both agree bit for bit.
+  s.scale_24 = static_cast<float>(st.scale_24);
+  s.inv_tau_24 = static_cast<float>(1.0 / st.tau_24);
+  s.scale_tile = static_cast<float>(st.scale_tile);
+  s.inv_tau_tile = static_cast<float>(1.0 / st.tau_tile);
+  s.k_tile = static_cast<float>(st.scale_tile / st.tau_tile);
+  s.hard_24 = st.hard_24 ? 1 : 0;
+  s.hard_tile = st.hard_tile ? 1 : 0;
+  return s;
+}
+
+void MaskSet::upload_step_scalars(const StepScalars& s) {
+  core::check(state_->device.defined(), "MaskSet", "use_device_scalars first");
+  constexpr int64_t words = kUploadedScalarBytes / sizeof(float);
+  // Pinned staging from the caching host allocator: it is not reused before
+  // the copy has run, so the copy need not be waited for.
+  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kFloat).pinned_memory(true));
+  std::memcpy(host.data_ptr(), &s, kUploadedScalarBytes);
+  state_->device.narrow(0, 0, words).copy_(host, /*non_blocking=*/true);
 }
 
 std::vector<std::pair<std::string, at::Tensor>> MaskSet::named_state() const {

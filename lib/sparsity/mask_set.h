@@ -63,8 +63,20 @@ class MaskSet {
   std::vector<at::Tensor> parameters() const;
   std::vector<std::pair<std::string, at::Tensor>> named_parameters() const;
   // Compact state: the squared norm of the 2:4 logit gradients the last
-  // backward passes applied (summed over layers), then reset; 0 if none.
+  // backward passes applied (summed over layers), then reset; 0 if none. The
+  // tensor form is a float64 scalar on the logits' device (no sync).
   double take_pattern_sq_norm();
+  at::Tensor take_pattern_sq_norm_tensor();
+
+  // CUDA graphs. use_device_scalars gives the state a StepScalars in device
+  // memory (SamplerState::device), its clip factor starting at grad_scale; the
+  // kernels read the step's values from there from then on, and each step
+  // must upload them first: step_scalars() fills the sampler's part from
+  // state(), the optimizer the AdamW part, upload_step_scalars copies all but
+  // grad_scale on the current stream.
+  void use_device_scalars(double grad_scale);
+  StepScalars step_scalars() const;
+  void upload_step_scalars(const StepScalars& s);
 
   // Checkpoint support: every layer's named_state(), and loading it back
   // (shapes checked; errors name `source` and the tensor).

@@ -1,5 +1,7 @@
 #pragma once
 // Temperature/scale annealing and the sampler state every LinearMask reads.
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
 
@@ -26,6 +28,10 @@ struct SamplerState {
     double lr = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0, grad_scale = 1.0;
     int64_t steps = 1;
   } update;
+  // While a CUDA graph drives the steps: this step's values as StepScalars
+  // (step_scalars.h) in device memory, float32 words, which the kernels read
+  // instead of their arguments (MaskSet::use_device_scalars). Else undefined.
+  at::Tensor device;
 };
 
 // Start/end values of tau and scale (the defaults of mask.tau_24 etc.).

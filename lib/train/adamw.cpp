@@ -1,5 +1,6 @@
 #include "train/adamw.h"
 
+#include <cmath>
 #include <cstdint>
 
 #include "core/error.h"
@@ -17,6 +18,13 @@ bool kernel_fits(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m,
 }
 
 }  // namespace
+
+std::pair<float, float> adamw_step_factors(const AdamWStep& s) {
+  const float step = static_cast<float>(s.step);
+  const float bias1 = 1.0f - std::pow(static_cast<float>(s.opts.beta1), step);
+  const float bias2 = 1.0f - std::pow(static_cast<float>(s.opts.beta2), step);
+  return {static_cast<float>(s.lr) / bias1, 1.0f / std::sqrt(bias2)};
+}
 
 void adamw_update(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                   const std::vector<at::Tensor>& exp_avgs,
@@ -39,6 +47,8 @@ void adamw_update(const std::vector<at::Tensor>& params, const std::vector<at::T
     vs.push_back(exp_avg_sqs[i]);
   }
   if (ps.empty()) return;
+  core::check(s.device == nullptr, "adamw_update",
+              "device step values need float32 CUDA tensors (16-byte aligned)");
   if (s.grad_scale != 1.0) at::_foreach_mul_(gs, s.grad_scale);
   const at::Tensor step =
       at::full({}, static_cast<double>(s.step), ps[0].options().dtype(at::kFloat));

@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace patch::train {
@@ -21,7 +22,14 @@ struct AdamWStep {
   double lr = 1e-3;
   double grad_scale = 1.0;  // gradients are multiplied by this first (norm clipping)
   int64_t step = 1;         // 1-based, for the bias corrections
+  // CUDA graphs: {lr, lr / bias1, 1 / sqrt(bias2), grad_scale} in device memory
+  // (sparsity::StepScalars::lr onwards), read by the kernel in place of lr,
+  // step and grad_scale. Only the CUDA float32 kernel takes it.
+  const float* device = nullptr;
 };
+
+// lr / bias1 and 1 / sqrt(bias2) in float32, as ATen's fused AdamW forms them.
+std::pair<float, float> adamw_step_factors(const AdamWStep& s);
 
 // Decoupled AdamW (PyTorch's formula) on every (param, grad, exp_avg,
 // exp_avg_sq) quadruple, in place. The gradients may be scaled in place.

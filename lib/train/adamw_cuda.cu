@@ -35,7 +35,13 @@ __device__ __forceinline__ void update(float& p, float g, float& m, float& v, co
 
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                 float* __restrict__ v, int64_t n, Args a) {
+                 float* __restrict__ v, int64_t n, Args a, const float* __restrict__ dev) {
+  if (dev) {  // a replayed CUDA graph: this step's values
+    a.lr = dev[0];
+    a.step_size = dev[1];
+    a.inv_bias2_sqrt = dev[2];
+    a.grad_scale = dev[3];
+  }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t n4 = n / 4;
   auto* p4 = reinterpret_cast<float4*>(p);
@@ -70,24 +76,21 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
     core::check(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, "adamw_update",
                 "CUDA AdamW needs 16-byte aligned tensors");
   const c10::cuda::CUDAGuard guard(param.device());
-  // Bias corrections as the fused ATen kernel forms them, in float32.
-  const float step = static_cast<float>(s.step);
-  const float bias1 = 1.0f - std::pow(static_cast<float>(s.opts.beta1), step);
-  const float bias2 = 1.0f - std::pow(static_cast<float>(s.opts.beta2), step);
+  const auto [step_size, inv_bias2_sqrt] = adamw_step_factors(s);
   const Args a{static_cast<float>(s.lr),
                static_cast<float>(s.opts.beta1),
                static_cast<float>(s.opts.beta2),
                static_cast<float>(s.opts.eps),
                static_cast<float>(s.opts.weight_decay),
                static_cast<float>(s.grad_scale),
-               static_cast<float>(s.lr) / bias1,
-               1.0f / std::sqrt(bias2)};
+               step_size,
+               inv_bias2_sqrt};
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks =
       std::max<int64_t>(1, std::min<int64_t>((n / 4 + kThreads - 1) / kThreads, sms * 8));
   adamw_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
-      exp_avg_sq.data_ptr<float>(), n, a);
+      exp_avg_sq.data_ptr<float>(), n, a, s.device);
   const cudaError_t err = cudaGetLastError();
   core::check(err == cudaSuccess, "adamw_update", cudaGetErrorString(err));
 }

@@ -27,6 +27,7 @@ struct MaskBenchOptions {
   bool compact = false;  // train.state
   int warmup = 2, iters = 5;
   bool profile = false;  // add model::profile_kernels of one more step
+  bool cuda_graph = false;  // train.cuda_graph: the step replayed as a CUDA graph
   // Data parallel: every rank runs its own batch and the logit gradients are
   // summed as in training; tokens/s counts all ranks. nullptr: one process.
   dist::Group* group = nullptr;

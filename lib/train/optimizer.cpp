@@ -5,6 +5,8 @@
 #include <c10/core/GradMode.h>
 
 #include <cmath>
+#include <cstddef>
+#include <tuple>
 
 #include "core/error.h"
 
@@ -18,9 +20,9 @@ AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOption
   }
 }
 
-void AdamW::step(double lr, double grad_scale) {
+void AdamW::step(double lr, double grad_scale, const float* device) {
   c10::NoGradGuard no_grad;
-  ++steps_;
+  if (!device) ++steps_;
   std::vector<at::Tensor> ps, gs, ms, vs;
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& p = params_[i].second;
@@ -30,7 +32,7 @@ void AdamW::step(double lr, double grad_scale) {
     ms.push_back(exp_avg_[i]);
     vs.push_back(exp_avg_sq_[i]);
   }
-  adamw_update(ps, gs, ms, vs, {opts_, lr, grad_scale, steps_});
+  adamw_update(ps, gs, ms, vs, {opts_, lr, grad_scale, steps_, device});
 }
 
 void AdamW::zero_grad() {
@@ -47,6 +49,16 @@ double AdamW::grad_norm(double extra_sq) const {
   double sq = extra_sq;
   if (!grads.empty()) sq += at::stack(at::_foreach_norm(grads, 2)).to(at::kDouble).square().sum().item<double>();
   return std::sqrt(sq);
+}
+
+at::Tensor AdamW::grad_norm_tensor(const at::Tensor& extra_sq) const {
+  c10::NoGradGuard no_grad;
+  std::vector<at::Tensor> grads;
+  for (auto& [name, p] : params_)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  at::Tensor sq = extra_sq;  // the same float64 sums as grad_norm, without the read
+  if (!grads.empty()) sq = sq + at::stack(at::_foreach_norm(grads, 2)).to(at::kDouble).square().sum();
+  return sq.sqrt();
 }
 
 std::vector<std::pair<std::string, at::Tensor>> AdamW::state() const {
@@ -78,8 +90,59 @@ MaskOptimizer::MaskOptimizer(sparsity::MaskSet& masks, AdamWOptions opts, bool c
     : masks_(masks), opts_(opts), adam_(masks.named_parameters(), opts), compact_(compact) {}
 
 void MaskOptimizer::begin_step(double lr) {
-  if (!compact_) return;
-  masks_.state().update = {lr, opts_.beta1, opts_.beta2, opts_.eps, opts_.weight_decay, clip_scale_, adam_.steps() + 1};
+  if (compact_)
+    masks_.state().update = {lr, opts_.beta1, opts_.beta2, opts_.eps, opts_.weight_decay, clip_scale_, adam_.steps() + 1};
+  if (!device_scalars_) return;
+  // The step is counted here, on the host, because a replayed graph runs no host code.
+  adam_.set_steps(adam_.steps() + 1);
+  const int64_t t = adam_.steps();
+  sparsity::StepScalars s = masks_.step_scalars();
+  // As adam_args (compact state's update) and adamw_update form them.
+  s.inv_bias1 = static_cast<float>(1.0 / (1.0 - std::pow(opts_.beta1, static_cast<double>(t))));
+  s.inv_bias2 = static_cast<float>(1.0 / (1.0 - std::pow(opts_.beta2, static_cast<double>(t))));
+  s.lr = static_cast<float>(lr);
+  std::tie(s.step_size, s.inv_bias2_sqrt) = adamw_step_factors({opts_, lr, 1.0, t});
+  masks_.upload_step_scalars(s);
+}
+
+void MaskOptimizer::use_device_scalars() {
+  for (const auto& [name, p] : masks_.named_parameters())
+    core::check(p.is_cuda() && p.scalar_type() == at::kFloat, name,
+                "CUDA graphs need float32 mask logits on a CUDA device");
+  masks_.use_device_scalars(clip_scale_);
+  device_scalars_ = true;
+}
+
+namespace {
+// The float32 word of the state's device StepScalars at byte `offset`.
+at::Tensor scalar_slot(sparsity::MaskSet& masks, size_t offset) {
+  return masks.state().device.narrow(0, static_cast<int64_t>(offset / sizeof(float)), 1);
+}
+}  // namespace
+
+at::Tensor MaskOptimizer::finish_step_on_device(double clip) {
+  core::check(device_scalars_, "MaskOptimizer", "finish_step_on_device needs use_device_scalars");
+  c10::NoGradGuard no_grad;
+  const at::Tensor norm = adam_.grad_norm_tensor(masks_.take_pattern_sq_norm_tensor());
+  // clip / (norm + 1e-6) where the norm exceeds clip, as finish_step; compact
+  // state's next in-backward update reads the same slot as its factor.
+  at::Tensor scale = clip > 0 ? at::where(norm > clip, clip / (norm + 1e-6), at::ones_like(norm))
+                              : at::ones_like(norm);
+  scalar_slot(masks_, offsetof(sparsity::StepScalars, grad_scale)).copy_(scale.reshape({1}));
+  const auto* dev = static_cast<const float*>(masks_.state().device.data_ptr());
+  adam_.step(0.0, 1.0, dev + offsetof(sparsity::StepScalars, lr) / sizeof(float));
+  adam_.zero_grad();
+  return norm;
+}
+
+double MaskOptimizer::clip_scale() const {
+  if (!device_scalars_) return clip_scale_;
+  return scalar_slot(masks_, offsetof(sparsity::StepScalars, grad_scale)).item<double>();
+}
+
+void MaskOptimizer::set_clip_scale(double s) {
+  clip_scale_ = s;
+  if (device_scalars_) scalar_slot(masks_, offsetof(sparsity::StepScalars, grad_scale)).fill_(s);
 }
 
 std::vector<at::Tensor> MaskOptimizer::params_in_backward_order() const {

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/atomic_file.h"
+#include "core/cuda_graph.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/paths.h"
@@ -391,6 +392,16 @@ void install_stop_handlers() {
 }
 
 void check_data_parallel(const config::Config& cfg, int world) {
+  if (cfg.get_bool("train.cuda_graph")) {
+    // Each condition keeps the step free of host reads and per-step host values.
+    const auto need = [](bool ok, const std::string& what) {
+      if (!ok) throw core::ConfigError("train.cuda_graph: needs " + what);
+    };
+    need(world <= 1 && cfg.get_int("dist.nproc") <= 1, "one process (dist.nproc=1)");
+    need(cfg.get_string("mask.kernel") == "fused", "mask.kernel=fused");
+    need(cfg.get_float("train.lambda_weight") == 0.0, "train.lambda_weight=0 (its factor changes every step)");
+    need(core::resolve_device(cfg.get_string("model.device")).is_cuda(), "model.device=cuda");
+  }
   if (world <= 1) return;
   const int64_t micro = cfg.get_int("train.micro_batch"), global = cfg.get_int("train.global_batch");
   if ((global / micro) % world != 0)
@@ -441,6 +452,30 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   const double target_density = 1.0 - r.target;
   const int64_t n_micro = r.global / r.micro;
   int64_t last_checkpoint = start;
+  // train.cuda_graph: after one eager step, each step is one graph replay;
+  // its micro-batches are copied into fixed device buffers first, and its
+  // outputs are read after it.
+  std::optional<core::CudaGraph> graph;
+  if (cfg.get_bool("train.cuda_graph")) {
+    r.opt->use_device_scalars();
+    graph.emplace(r.device);
+  }
+  at::Tensor graph_ids;  // [micro-batches of this rank, micro, block] on the device
+  struct {
+    at::Tensor ce, reg, density, norm;
+  } graph_out;
+  // The density regularizer: the global or per-block terms, towards the budget.
+  auto density_reg = [&] {
+    at::Tensor density = r.masks->soft_density();
+    at::Tensor reg;
+    if (per_block) {
+      reg = at::zeros({}, density.options());
+      for (auto& [b, d] : r.masks->block_soft_density()) reg = reg + (d - target_density).abs();
+    } else {
+      reg = (density - target_density).abs();
+    }
+    return std::make_pair(density, reg);
+  };
 
   if (start == 0 && root) {
     // The hardened starting point (init + prior) as step 0, the baseline of the run.
@@ -483,14 +518,39 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     at::Tensor ce_sum;  // read once after the micro-batches: no device sync between them
     auto blocks = sample_blocks(r, step * r.global, (step + 1) * r.global);
     const int64_t first = r.env.rank * per_rank, last = first + per_rank - 1;
-    for (int64_t k = first; k <= last; ++k) {
-      std::vector<int64_t> idx(blocks.begin() + k * r.micro, blocks.begin() + (k + 1) * r.micro);
-      auto ids = r.train_data->blocks(idx).to(r.device);
-      at::Tensor loss = r.model->loss(ids);
-      if (reducer && k == last) reducer->arm();
-      (loss / static_cast<double>(n_micro)).backward();
-      const at::Tensor part = loss.detach().to(at::kDouble) / static_cast<double>(n_micro);
-      ce_sum = ce_sum.defined() ? ce_sum + part : part;
+    double grad_norm = 0.0;
+    if (graph) {
+      for (int64_t k = first; k <= last; ++k) {
+        std::vector<int64_t> idx(blocks.begin() + k * r.micro, blocks.begin() + (k + 1) * r.micro);
+        const at::Tensor ids = r.train_data->blocks(idx);
+        if (!graph_ids.defined())
+          graph_ids = at::empty({per_rank, ids.size(0), ids.size(1)}, ids.options().device(r.device));
+        graph_ids[k - first].copy_(ids);
+      }
+      graph->run([&] {
+        at::Tensor sum;
+        for (int64_t k = 0; k < per_rank; ++k) {
+          at::Tensor loss = r.model->loss(graph_ids[k]);
+          (loss / static_cast<double>(n_micro)).backward();
+          const at::Tensor part = loss.detach().to(at::kDouble) / static_cast<double>(n_micro);
+          sum = sum.defined() ? sum + part : part;
+        }
+        auto [density, reg] = density_reg();
+        at::Tensor total_reg = reg * lambda_s;
+        if (total_reg.requires_grad()) total_reg.backward();
+        graph_out = {sum, reg, density, r.opt->finish_step_on_device(clip)};
+      });
+      ce_sum = graph_out.ce;
+    } else {
+      for (int64_t k = first; k <= last; ++k) {
+        std::vector<int64_t> idx(blocks.begin() + k * r.micro, blocks.begin() + (k + 1) * r.micro);
+        auto ids = r.train_data->blocks(idx).to(r.device);
+        at::Tensor loss = r.model->loss(ids);
+        if (reducer && k == last) reducer->arm();
+        (loss / static_cast<double>(n_micro)).backward();
+        const at::Tensor part = loss.detach().to(at::kDouble) / static_cast<double>(n_micro);
+        ce_sum = ce_sum.defined() ? ce_sum + part : part;
+      }
     }
     double ce = ce_sum.item<double>();
     if (reducer) {
@@ -498,15 +558,9 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
       reducer->finish();
       ce = group.allreduce_sum(ce);
     }
-    // Regularizers: density towards the budget, minus the kept-weight term.
-    at::Tensor density = r.masks->soft_density();
-    at::Tensor reg;
-    if (per_block) {
-      reg = at::zeros({}, density.options());
-      for (auto& [b, d] : r.masks->block_soft_density()) reg = reg + (d - target_density).abs();
-    } else {
-      reg = (density - target_density).abs();
-    }
+    // Regularizers: density towards the budget, minus the kept-weight term
+    // (a replayed graph has run the whole step).
+    auto [density, reg] = graph ? std::make_pair(graph_out.density, graph_out.reg) : density_reg();
     at::Tensor total_reg = reg * lambda_s;
     double weight_term = 0.0;
     const double w_coef = lambda_w * (1.0 - static_cast<double>(step) / static_cast<double>(r.steps));
@@ -518,7 +572,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
       weight_term = wt.item<double>();
       total_reg = total_reg - w_coef * wt;
     }
-    if (total_reg.requires_grad()) total_reg.backward();
+    if (!graph && total_reg.requires_grad()) total_reg.backward();
     const double reg_value = reg.item<double>();
     const double density_value = density.item<double>();
     const double loss_value = ce + lambda_s * reg_value - w_coef * weight_term;
@@ -528,7 +582,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
                             "); stopping. The last good checkpoint (step ", last_checkpoint, ") is in ", out_dir,
                             "; lower train.lr or check the data"));
     }
-    const double grad_norm = r.opt->finish_step(lr, clip);
+    grad_norm = graph ? graph_out.norm.item<double>() : r.opt->finish_step(lr, clip);
     if (!root) continue;
 
     const int64_t done = step + 1;

@@ -1,8 +1,11 @@
+#include <ATen/ATen.h>
+
 #include <filesystem>
 #include <fstream>
 
 #include "catch.h"
 #include "core/atomic_file.h"
+#include "core/cuda_graph.h"
 #include "core/error.h"
 #include "core/paths.h"
 #include "core/progress.h"
@@ -58,4 +61,30 @@ TEST_CASE("data directory honours PATCH_DATA_DIR") {
   REQUIRE(core::data_dir() == "/some/where");
   ::unsetenv("PATCH_DATA_DIR");
   REQUIRE_FALSE(core::data_dir().empty());
+}
+
+TEST_CASE("a CUDA graph step runs eagerly, is captured once, then replays") {
+  CHECK_THROWS_AS(core::CudaGraph(at::Device(at::kCPU)), core::ConfigError);
+  if (!at::hasCUDA()) {
+    SUCCEED("no CUDA device");
+    return;
+  }
+  const auto opts = at::TensorOptions().device(at::kCUDA);
+  at::Tensor input = at::zeros({5}, opts), acc = at::zeros({5}, opts), twice;
+  int host_runs = 0;
+  core::CudaGraph graph(at::Device(at::kCUDA));
+  double want = 0;
+  for (int i = 1; i <= 4; ++i) {
+    input.fill_(i);  // the step's input changes in place between runs
+    graph.run([&] {
+      ++host_runs;
+      acc.add_(input);
+      twice = acc * 2;  // made at the capture, rewritten by every replay
+    });
+    want += i;
+    CHECK(graph.captured() == (i >= 2));
+    CHECK(at::allclose(acc.cpu(), at::full({5}, want)));
+    CHECK(at::allclose(twice.cpu(), at::full({5}, 2 * want)));
+  }
+  CHECK(host_runs == 2);  // the eager run and the capture
 }

@@ -16,6 +16,7 @@
 #include "sparsity/linear_mask.h"
 #include "sparsity/mask_group.h"
 #include "sparsity/mask_kernels.h"
+#include "sparsity/mask_set.h"
 #include "sparsity/philox.h"
 
 using namespace patch::sparsity;
@@ -289,4 +290,75 @@ TEST_CASE("CUDA: fused gradients equal unfused autograd with the same noise", "[
     for (size_t i = 0; i < pr.size(); ++i)
       CHECK(at::allclose(pr[i].grad(), pf[i].grad(), 1e-3, 1e-4));
   }
+}
+
+TEST_CASE("CUDA kernels read a step's values from device memory as from their arguments",
+          "[kernels][cuda]") {
+  if (!at::hasCUDA()) {
+    SUCCEED("no CUDA device");
+    return;
+  }
+  // Two mask sets with the same logits: one eager, one whose state carries
+  // the step in device memory (what a replayed CUDA graph reads). The
+  // device-side state's host values are then scrambled, so only what the
+  // kernels read from the device can make the two agree, bit for bit.
+  const at::Device cuda(at::kCUDA);
+  const Shape shape = kRagged[1];
+  for (auto mode : {MaskMode::kJoint, MaskMode::kTile, MaskMode::kMaskLLM})
+    for (bool compact : {false, true})
+      for (bool hard : {false, true}) {
+        if (compact && mode == MaskMode::kTile) continue;
+        INFO("mode " << mask_mode_name(mode) << " compact " << compact << " hard " << hard);
+        MaskSetOptions so;
+        so.mask = options(mode, /*fused=*/true, at::kFloat, cuda);
+        so.mask.compact = compact;
+        so.tile_rows = shape.tr;
+        so.tile_cols = shape.tc;
+        auto st_eager = state(hard), st_dev = state(hard);
+        st_eager->update = st_dev->update = {0.05, 0.9, 0.99, 1e-8, 0.01, 0.7, 3};
+        MaskSet eager(so, st_eager), dev(so, st_dev);
+        const auto w = at::randn({shape.out, shape.in}, cuda);
+        eager.add_layers({{"model.layers.1.self_attn.q_proj", w}});
+        dev.add_layers({{"model.layers.1.self_attn.q_proj", w}});
+        if (mode == MaskMode::kTile) {
+          const auto p = at::randint(0, 6, {shape.out, shape.in / 4}, at::kLong);
+          eager.masks()[0]->set_fixed_pattern(p);
+          dev.masks()[0]->set_fixed_pattern(p);
+        }
+        dev.use_device_scalars(/*grad_scale=*/0.7);
+        StepScalars s = dev.step_scalars();
+        s.lr = 0.05f;
+        s.inv_bias1 = static_cast<float>(1.0 / (1.0 - std::pow(0.9, 3.0)));
+        s.inv_bias2 = static_cast<float>(1.0 / (1.0 - std::pow(0.99, 3.0)));
+        dev.upload_step_scalars(s);
+        st_dev->step = 77;
+        st_dev->tau_24 = st_dev->tau_tile = 3.0;
+        st_dev->scale_24 = st_dev->scale_tile = 9.0;
+        st_dev->hard_24 = st_dev->hard_tile = !hard;
+        st_dev->update.lr = 1.0;
+        st_dev->update.grad_scale = 0.1;
+        st_dev->update.steps = 40;
+
+        const auto r = at::randn({shape.out, shape.in}, cuda);
+        std::vector<at::Tensor> outs;
+        for (MaskSet* set : {&eager, &dev}) {
+          auto wm = set->masks()[0]->effective_weight(w);
+          auto loss = (wm * r).sum();
+          if (mode != MaskMode::kMaskLLM) loss = loss + 3.0 * set->soft_density();
+          loss.backward();
+          outs.push_back(wm.detach());
+        }
+        CHECK(at::equal(outs[0], outs[1]));
+        const auto& a = *eager.masks()[0];
+        const auto& b = *dev.masks()[0];
+        if (mode != MaskMode::kMaskLLM) CHECK(at::equal(a.tile_logits().grad(), b.tile_logits().grad()));
+        if (mode != MaskMode::kTile) {
+          if (compact) {
+            CHECK(at::equal(a.pattern_logits(), b.pattern_logits()));
+            CHECK(eager.take_pattern_sq_norm() == dev.take_pattern_sq_norm());
+          } else {
+            CHECK(at::equal(a.pattern_logits().grad(), b.pattern_logits().grad()));
+          }
+        }
+      }
 }

@@ -169,6 +169,52 @@ TEST_CASE("compact state learns a mask and checks its limits") {
   CHECK(bad2.err.find("mask.kernel=fused") != std::string::npos);
 }
 
+TEST_CASE("CUDA graph steps learn what eager steps learn", "[cuda]") {
+  test::TempDir dir;
+  // Refused where a replay could not run the step as the eager code does.
+  auto cpu = test::run_command(train_cmd(dir.file("cpu"), 2, " --set train.cuda_graph=true"));
+  CHECK(cpu.exit_code == 2);
+  CHECK(cpu.err.find("train.cuda_graph: needs model.device=cuda") != std::string::npos);
+  auto ref = test::run_command(train_cmd(
+      dir.file("ref"), 2, " --set train.cuda_graph=true --set mask.kernel=reference"));
+  CHECK(ref.exit_code == 2);
+  CHECK(ref.err.find("mask.kernel=fused") != std::string::npos);
+  if (!at::hasCUDA()) {
+    SUCCEED("no CUDA device");
+    return;
+  }
+  // Full and compact state, with clipping active (a small clip) and the
+  // temperatures, learning rate and noise changing every step: each replay
+  // must read its step's values from the device. Same seed, same kernels, so
+  // the checkpoints of the two runs must agree to rounding.
+  for (const std::string state : {"", " --set train.state=compact --set train.micro_batch=8"}) {
+    const std::string common = " --set model.dtype=float32 --set model.device=cuda"
+                               " --set train.grad_clip=0.05 --set train.warmup_steps=2" + state;
+    auto eager = test::run_command(train_cmd(dir.file("eager"), 10, common + " --overwrite"));
+    auto graph = test::run_command(
+        train_cmd(dir.file("graph"), 10, common + " --set train.cuda_graph=true --overwrite"));
+    INFO(state << ": " << eager.err << graph.err);
+    REQUIRE(eager.exit_code == 0);
+    REQUIRE(graph.exit_code == 0);
+    require_same_masks(dir.file("eager") + "/masks.safetensors",
+                       dir.file("graph") + "/masks.safetensors");
+    auto me = read_metrics(dir.file("eager") + "/metrics.jsonl");
+    auto mg = read_metrics(dir.file("graph") + "/metrics.jsonl");
+    REQUIRE(me.size() == mg.size());
+    for (size_t i = 0; i < me.size(); ++i)
+      for (const char* key : {"loss", "grad_norm", "soft_density"})
+        if (me[i].contains(key)) CHECK(mg[i][key].get<double>() == Approx(me[i][key].get<double>()).epsilon(1e-4));
+    io::SafetensorsFile a(dir.file("eager") + "/checkpoint.safetensors"),
+        b(dir.file("graph") + "/checkpoint.safetensors");
+    for (const auto& e : a.entries()) {
+      INFO(e.name);
+      REQUIRE(b.contains(e.name));
+      const auto x = a.tensor(e.name).to(at::kDouble), y = b.tensor(e.name).to(at::kDouble);
+      CHECK(at::allclose(x, y, 1e-3, 1e-4));
+    }
+  }
+}
+
 TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
   test::TempDir dir;
   // Long enough that a fast machine is still running when the signal comes.
