@@ -538,7 +538,9 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
         auto [density, reg] = density_reg();
         at::Tensor total_reg = reg * lambda_s;
         if (total_reg.requires_grad()) total_reg.backward();
-        graph_out = {sum, reg, density, r.opt->finish_step_on_device(clip)};
+        // Detached: an autograd graph kept alive past the step would keep its
+        // leaves' gradient accumulators, and with them the eager run's stream.
+        graph_out = {sum, reg.detach(), density.detach(), r.opt->finish_step_on_device(clip)};
       });
       ce_sum = graph_out.ce;
     } else {

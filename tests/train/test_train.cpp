@@ -172,7 +172,8 @@ TEST_CASE("compact state learns a mask and checks its limits") {
 TEST_CASE("CUDA graph steps learn what eager steps learn", "[cuda]") {
   test::TempDir dir;
   // Refused where a replay could not run the step as the eager code does.
-  auto cpu = test::run_command(train_cmd(dir.file("cpu"), 2, " --set train.cuda_graph=true"));
+  auto cpu = test::run_command(
+      train_cmd(dir.file("cpu"), 2, " --set model.device=cpu --set train.cuda_graph=true"));
   CHECK(cpu.exit_code == 2);
   CHECK(cpu.err.find("train.cuda_graph: needs model.device=cuda") != std::string::npos);
   auto ref = test::run_command(train_cmd(
