@@ -22,11 +22,12 @@ void reset_peak_memory(const at::Device& device);
 double reserved_memory_gib(const at::Device& device);
 // Waits for the device's queued work (no-op on the CPU): benchmark timing.
 void synchronize(const at::Device& device);
-// Benchmark timing: runs step() `warmup` times, resets the peak memory
-// (unless not `reset_peak`: a replayed CUDA graph allocates nothing, its
-// capture in the warm-up saw the step's allocations), then times `iters`
-// synchronized calls; the times in milliseconds, sorted.
+// Benchmark timing: hands the allocator's cached blocks back (an earlier
+// benchmark's in this process), runs step() `warmup` times, resets the peak
+// memory, then times `iters` synchronized calls; the times in milliseconds,
+// sorted. With `peak_from_warmup` the peak is reset before the warm-up
+// instead: a replayed CUDA graph allocates nothing, its capture there does.
 std::vector<double> time_steps(const std::function<void()>& step, const at::Device& device,
-                               int warmup, int iters, bool reset_peak = true);
+                               int warmup, int iters, bool peak_from_warmup = false);
 
 }  // namespace patch::core

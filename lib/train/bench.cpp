@@ -76,7 +76,7 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   };
   // A graph's capture (the second run) is set-up, not a step to time.
   const auto ms = core::time_steps(run_step, o.device, graph ? std::max(o.warmup, 2) : o.warmup,
-                                   o.iters, /*reset_peak=*/!graph);
+                                   o.iters, /*peak_from_warmup=*/graph.has_value());
   const double median = ms[ms.size() / 2];
   nlohmann::json j = {{"mode", o.mode},
           {"median_ms", median},

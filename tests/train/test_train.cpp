@@ -186,11 +186,13 @@ TEST_CASE("CUDA graph steps learn what eager steps learn", "[cuda]") {
   }
   // Full and compact state, with clipping active (a small clip) and the
   // temperatures, learning rate and noise changing every step: each replay
-  // must read its step's values from the device. Same seed, same kernels, so
-  // the checkpoints of the two runs must agree to rounding.
+  // must read its step's values from the device. A hardened validation runs
+  // eagerly between replays. Same seed, same kernels, so the checkpoints of
+  // the two runs must agree to rounding.
   for (const std::string state : {"", " --set train.state=compact --set train.micro_batch=8"}) {
     const std::string common = " --set model.dtype=float32 --set model.device=cuda"
-                               " --set train.grad_clip=0.05 --set train.warmup_steps=2" + state;
+                               " --set train.grad_clip=0.05 --set train.warmup_steps=2"
+                               " --set train.eval_every=5" + state;
     auto eager = test::run_command(train_cmd(dir.file("eager"), 10, common + " --overwrite"));
     auto graph = test::run_command(
         train_cmd(dir.file("graph"), 10, common + " --set train.cuda_graph=true --overwrite"));
@@ -203,7 +205,7 @@ TEST_CASE("CUDA graph steps learn what eager steps learn", "[cuda]") {
     auto mg = read_metrics(dir.file("graph") + "/metrics.jsonl");
     REQUIRE(me.size() == mg.size());
     for (size_t i = 0; i < me.size(); ++i)
-      for (const char* key : {"loss", "grad_norm", "soft_density"})
+      for (const char* key : {"loss", "grad_norm", "soft_density", "valid_loss"})
         if (me[i].contains(key)) CHECK(mg[i][key].get<double>() == Approx(me[i][key].get<double>()).epsilon(1e-4));
     io::SafetensorsFile a(dir.file("eager") + "/checkpoint.safetensors"),
         b(dir.file("graph") + "/checkpoint.safetensors");
