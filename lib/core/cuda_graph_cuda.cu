@@ -63,9 +63,9 @@ void run_graph(CudaGraph::Impl& impl, const std::function<void()>& step) {
       }
       g.graph.capture_end();
     }
-    at::cuda::CUDAEvent captured;
-    captured.record(side);
-    captured.block(current);
+    at::cuda::CUDAEvent recorded;  // the current stream's later work waits for the capture stream
+    recorded.record(side);
+    recorded.block(current);
     g.captured = true;
   }
   g.graph.replay();

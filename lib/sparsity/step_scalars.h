@@ -43,10 +43,10 @@ PATCH_HD uint64_t layer_key(uint64_t step_key, uint64_t layer_hash, uint64_t str
 
 struct StepScalars {
   uint64_t step_key;
-  float scale_24, inv_tau_24;                 // 2:4 sampling
-  float scale_tile, inv_tau_tile, k_tile;     // tile gates; k = scale / tau
-  int32_t hard_24, hard_tile;                 // straight-through flags
-  float inv_bias1, inv_bias2;                 // compact state's in-backward AdamW
+  float scale_24, inv_tau_24;              // 2:4 sampling
+  float scale_tile, inv_tau_tile, k_tile;  // tile gates; k = scale / tau
+  int32_t hard_24, hard_tile;              // straight-through flags
+  float inv_bias1, inv_bias2;              // compact state's in-backward AdamW
   // train's AdamW reads these four as one array (AdamWStep::device).
   float lr, step_size, inv_bias2_sqrt;
   float grad_scale;  // the clip factor, written on the device: never uploaded

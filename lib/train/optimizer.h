@@ -63,7 +63,6 @@ class MaskOptimizer {
   // a sync and returns the gradient norm as a float64 device scalar: what a
   // graph captures and replays.
   void use_device_scalars();
-  bool device_scalars() const { return device_scalars_; }
   at::Tensor finish_step_on_device(double clip);
   // The trained logits in the order the backward reaches them (the last layer
   // first): what data-parallel ranks sum the gradients of (dist::GradReducer).
