@@ -49,7 +49,7 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   if (world > 1) reducer.emplace(*o.group, opt.params_in_backward_order());
   std::optional<core::CudaGraph> graph;
   if (o.cuda_graph) {
-    core::check(world == 1, "train.cuda_graph", "CUDA graphs run one process (no --nproc)");
+    if (world > 1) throw core::ConfigError("train.cuda_graph: needs one process (dist.nproc=1)");
     graph.emplace(o.device);
     opt.use_device_scalars();
   }
