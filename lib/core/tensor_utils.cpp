@@ -46,28 +46,33 @@ std::string dtype_name(at::ScalarType dtype) {
   }
 }
 
-double peak_memory_gib(const at::Device& device) {
+namespace {
+
+// An aggregate statistic of the caching allocator in GiB: the peak of the
+// allocated bytes, or the bytes it holds now (0 on the CPU).
+double allocator_gib(const at::Device& device, bool reserved_now) {
 #ifdef PATCH_HAS_CUDA_ALLOCATOR
   if (!device.is_cuda()) return 0.0;
-  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-  auto peak = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
-  return static_cast<double>(peak) / (1024.0 * 1024.0 * 1024.0);
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  const int64_t bytes =
+      reserved_now ? stats.reserved_bytes[all].current : stats.allocated_bytes[all].peak;
+  return static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0);
 #else
   (void)device;
+  (void)reserved_now;
   return 0.0;
 #endif
 }
 
+}  // namespace
+
+double peak_memory_gib(const at::Device& device) {
+  return allocator_gib(device, /*reserved_now=*/false);
+}
+
 double reserved_memory_gib(const at::Device& device) {
-#ifdef PATCH_HAS_CUDA_ALLOCATOR
-  if (!device.is_cuda()) return 0.0;
-  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-  auto now = stats.reserved_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
-  return static_cast<double>(now) / (1024.0 * 1024.0 * 1024.0);
-#else
-  (void)device;
-  return 0.0;
-#endif
+  return allocator_gib(device, /*reserved_now=*/true);
 }
 
 void reset_peak_memory(const at::Device& device) {
