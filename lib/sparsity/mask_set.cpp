@@ -206,10 +206,6 @@ at::Tensor MaskSet::take_pattern_sq_norm_tensor() {
   return sum.to(at::kDouble);
 }
 
-double MaskSet::take_pattern_sq_norm() {
-  return take_pattern_sq_norm_tensor().item<double>();  // one device sync
-}
-
 void MaskSet::use_device_scalars(double grad_scale) {
   core::check(!masks_.empty() && masks_.front()->tile_logits().is_cuda() && opts_.mask.fused,
               "MaskSet", "device step values need fused masks on a CUDA device");

@@ -63,9 +63,8 @@ class MaskSet {
   std::vector<at::Tensor> parameters() const;
   std::vector<std::pair<std::string, at::Tensor>> named_parameters() const;
   // Compact state: the squared norm of the 2:4 logit gradients the last
-  // backward passes applied (summed over layers), then reset; 0 if none. The
-  // tensor form is a float64 scalar on the logits' device (no sync).
-  double take_pattern_sq_norm();
+  // backward passes applied (summed over layers), then reset; 0 if none. A
+  // float64 scalar on the logits' device (no sync).
   at::Tensor take_pattern_sq_norm_tensor();
 
   // CUDA graphs. use_device_scalars gives the state a StepScalars in device

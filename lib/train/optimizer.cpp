@@ -41,22 +41,18 @@ void AdamW::zero_grad() {
 }
 
 double AdamW::grad_norm(double extra_sq) const {
-  c10::NoGradGuard no_grad;
-  // Multi-tensor kernels: a few launches for all layers, one device sync.
-  std::vector<at::Tensor> grads;
-  for (auto& [name, p] : params_)
-    if (p.grad().defined()) grads.push_back(p.grad());
-  double sq = extra_sq;
-  if (!grads.empty()) sq += at::stack(at::_foreach_norm(grads, 2)).to(at::kDouble).square().sum().item<double>();
-  return std::sqrt(sq);
+  const auto device = params_.empty() ? at::Device(at::kCPU) : params_.front().second.device();
+  return grad_norm_tensor(at::full({}, extra_sq, at::TensorOptions().dtype(at::kDouble).device(device)))
+      .item<double>();
 }
 
 at::Tensor AdamW::grad_norm_tensor(const at::Tensor& extra_sq) const {
   c10::NoGradGuard no_grad;
+  // Multi-tensor kernels: a few launches for all layers, and no read on the host.
   std::vector<at::Tensor> grads;
   for (auto& [name, p] : params_)
     if (p.grad().defined()) grads.push_back(p.grad());
-  at::Tensor sq = extra_sq;  // the same float64 sums as grad_norm, without the read
+  at::Tensor sq = extra_sq;
   if (!grads.empty()) sq = sq + at::stack(at::_foreach_norm(grads, 2)).to(at::kDouble).square().sum();
   return sq.sqrt();
 }
@@ -154,7 +150,8 @@ std::vector<at::Tensor> MaskOptimizer::params_in_backward_order() const {
 }
 
 double MaskOptimizer::finish_step(double lr, double clip) {
-  const double norm = adam_.grad_norm(compact_ ? masks_.take_pattern_sq_norm() : 0.0);
+  // One device sync for both parts of the norm (compact state's 2:4 part is 0 otherwise).
+  const double norm = adam_.grad_norm_tensor(masks_.take_pattern_sq_norm_tensor()).item<double>();
   const double scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
   if (compact_) clip_scale_ = scale;
   adam_.step(lr, scale);

@@ -518,23 +518,29 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     at::Tensor ce_sum;  // read once after the micro-batches: no device sync between them
     auto blocks = sample_blocks(r, step * r.global, (step + 1) * r.global);
     const int64_t first = r.env.rank * per_rank, last = first + per_rank - 1;
-    double grad_norm = 0.0;
+    auto micro_ids = [&](int64_t k) {
+      std::vector<int64_t> idx(blocks.begin() + k * r.micro, blocks.begin() + (k + 1) * r.micro);
+      return r.train_data->blocks(idx);
+    };
+    // One micro-batch's forward and backward; adds its share of the step's
+    // cross-entropy (float64, detached) to `sum`.
+    auto micro_step = [&](const at::Tensor& ids, bool arm_reducer, at::Tensor& sum) {
+      at::Tensor loss = r.model->loss(ids);
+      if (arm_reducer) reducer->arm();
+      (loss / static_cast<double>(n_micro)).backward();
+      const at::Tensor part = loss.detach().to(at::kDouble) / static_cast<double>(n_micro);
+      sum = sum.defined() ? sum + part : part;
+    };
     if (graph) {
       for (int64_t k = first; k <= last; ++k) {
-        std::vector<int64_t> idx(blocks.begin() + k * r.micro, blocks.begin() + (k + 1) * r.micro);
-        const at::Tensor ids = r.train_data->blocks(idx);
+        const at::Tensor ids = micro_ids(k);
         if (!graph_ids.defined())
           graph_ids = at::empty({per_rank, ids.size(0), ids.size(1)}, ids.options().device(r.device));
         graph_ids[k - first].copy_(ids);
       }
       graph->run([&] {
         at::Tensor sum;
-        for (int64_t k = 0; k < per_rank; ++k) {
-          at::Tensor loss = r.model->loss(graph_ids[k]);
-          (loss / static_cast<double>(n_micro)).backward();
-          const at::Tensor part = loss.detach().to(at::kDouble) / static_cast<double>(n_micro);
-          sum = sum.defined() ? sum + part : part;
-        }
+        for (int64_t k = 0; k < per_rank; ++k) micro_step(graph_ids[k], /*arm_reducer=*/false, sum);
         auto [density, reg] = density_reg();
         at::Tensor total_reg = reg * lambda_s;
         if (total_reg.requires_grad()) total_reg.backward();
@@ -544,15 +550,8 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
       });
       ce_sum = graph_out.ce;
     } else {
-      for (int64_t k = first; k <= last; ++k) {
-        std::vector<int64_t> idx(blocks.begin() + k * r.micro, blocks.begin() + (k + 1) * r.micro);
-        auto ids = r.train_data->blocks(idx).to(r.device);
-        at::Tensor loss = r.model->loss(ids);
-        if (reducer && k == last) reducer->arm();
-        (loss / static_cast<double>(n_micro)).backward();
-        const at::Tensor part = loss.detach().to(at::kDouble) / static_cast<double>(n_micro);
-        ce_sum = ce_sum.defined() ? ce_sum + part : part;
-      }
+      for (int64_t k = first; k <= last; ++k)
+        micro_step(micro_ids(k).to(r.device), reducer && k == last, ce_sum);
     }
     double ce = ce_sum.item<double>();
     if (reducer) {
@@ -584,7 +583,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
                             "); stopping. The last good checkpoint (step ", last_checkpoint, ") is in ", out_dir,
                             "; lower train.lr or check the data"));
     }
-    grad_norm = graph ? graph_out.norm.item<double>() : r.opt->finish_step(lr, clip);
+    const double grad_norm = graph ? graph_out.norm.item<double>() : r.opt->finish_step(lr, clip);
     if (!root) continue;
 
     const int64_t done = step + 1;

@@ -67,6 +67,13 @@ struct Shape {
 };
 const Shape kRagged[] = {{300, 520, 128, 128}, {77, 1000, 32, 96}, {5, 12, 4, 8}};
 
+// True, with the test passed, where there is no CUDA device to run it on.
+bool no_cuda() {
+  if (at::hasCUDA()) return false;
+  SUCCEED("no CUDA device");
+  return true;
+}
+
 // loss = sum(W*M * r) + 0.3 ||W*M||^2 through one mask; returns W*M.
 at::Tensor run_loss(LinearMask& m, const at::Tensor& w, const at::Tensor& r, bool weight_term) {
   auto wm = m.effective_weight(w);
@@ -189,10 +196,7 @@ TEST_CASE("compact state applies AdamW inside the backward", "[kernels][compact]
 }
 
 TEST_CASE("CUDA kernels equal the CPU reference on ragged shapes", "[kernels][cuda]") {
-  if (!at::hasCUDA()) {
-    SUCCEED("no CUDA device");
-    return;
-  }
+  if (no_cuda()) return;
   const at::Device cuda(at::kCUDA);
   for (const auto& shape : kRagged)
     for (bool hard : {false, true})
@@ -226,10 +230,7 @@ TEST_CASE("CUDA kernels equal the CPU reference on ragged shapes", "[kernels][cu
 }
 
 TEST_CASE("CUDA compact state updates as the CPU reference does", "[kernels][cuda][compact]") {
-  if (!at::hasCUDA()) {
-    SUCCEED("no CUDA device");
-    return;
-  }
+  if (no_cuda()) return;
   const at::Device cuda(at::kCUDA);
   for (const auto& shape : kRagged)
     for (auto mode : {MaskMode::kJoint, MaskMode::kMaskLLM}) {
@@ -268,10 +269,7 @@ TEST_CASE("CUDA compact state updates as the CPU reference does", "[kernels][cud
 }
 
 TEST_CASE("CUDA: fused gradients equal unfused autograd with the same noise", "[kernels][cuda]") {
-  if (!at::hasCUDA()) {
-    SUCCEED("no CUDA device");
-    return;
-  }
+  if (no_cuda()) return;
   const at::Device cuda(at::kCUDA);
   TileGrid grid(384, 640, 128, 128);
   for (auto mode : {MaskMode::kJoint, MaskMode::kTile, MaskMode::kMaskLLM}) {
@@ -294,10 +292,7 @@ TEST_CASE("CUDA: fused gradients equal unfused autograd with the same noise", "[
 
 TEST_CASE("CUDA kernels read a step's values from device memory as from their arguments",
           "[kernels][cuda]") {
-  if (!at::hasCUDA()) {
-    SUCCEED("no CUDA device");
-    return;
-  }
+  if (no_cuda()) return;
   // Two mask sets with the same logits: one eager, one whose state carries
   // the step in device memory (what a replayed CUDA graph reads). The
   // device-side state's host values are then scrambled, so only what the
@@ -355,7 +350,8 @@ TEST_CASE("CUDA kernels read a step's values from device memory as from their ar
         if (mode != MaskMode::kTile) {
           if (compact) {
             CHECK(at::equal(a.pattern_logits(), b.pattern_logits()));
-            CHECK(eager.take_pattern_sq_norm() == dev.take_pattern_sq_norm());
+            CHECK(eager.take_pattern_sq_norm_tensor().item<double>() ==
+                  dev.take_pattern_sq_norm_tensor().item<double>());
           } else {
             CHECK(at::equal(a.pattern_logits().grad(), b.pattern_logits().grad()));
           }
