@@ -68,7 +68,7 @@ bool decode_supported(const TileGrid& g) {
 
 bool prefill_supported(const TileGrid& g) {
   return g.out() % g.tile_rows() == 0 && g.in() % g.tile_cols() == 0 && g.tile_rows() % 64 == 0 &&
-         g.tile_cols() % kBlockK == 0;
+         g.tile_cols() % kBlockK == 0 && g.cols() <= 512;
 }
 
 DecodeFormat build_decode_format(const PackedLayer& layer) {

@@ -28,7 +28,7 @@ inline constexpr int64_t kDecodeMaxTokens = 16;
 // The decode kernel needs out % 16 == 0, in % 32 == 0 and tiles of 16k x 32k.
 bool decode_supported(const sparsity::TileGrid& grid);
 // The prefill path needs whole tiles (out % tile_rows == in % tile_cols == 0),
-// tile_rows % 64 == 0 and tile_cols % 32 == 0.
+// tile_rows % 64 == 0, tile_cols % 32 == 0 and at most 512 tile columns.
 bool prefill_supported(const sparsity::TileGrid& grid);
 
 // The decode kernel's layout of a layer: per tile, its 16x32 blocks in
@@ -51,9 +51,11 @@ at::Tensor decode_format_weight(const DecodeFormat& fmt, const sparsity::TileGri
 
 #if PATCH_WITH_CUDA
 namespace cuda {
-// y [tokens, out] = x [tokens, in] W^T from the decode format (tokens <= 16).
+// y [tokens, out] = x [tokens, in] W^T from the decode format (tokens <= 16),
+// by one CTA per 16 rows of `warps` (1 to 16) warps splitting the columns; 0
+// picks the number for the layer's shape and the device.
 void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity::TileGrid& grid,
-                   at::Tensor& y);
+                   at::Tensor& y, int warps = 0);
 // y += x D^T over the dense tiles only: tiles [n, tile_rows, tile_cols] in
 // row-major tile order, band_ptr [rows + 1] their CSR over tile rows, band_cols
 // [n] their tile columns.

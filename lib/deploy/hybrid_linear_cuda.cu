@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cusparseLt.h>
 
+#include <array>
 #include <map>
 #include <memory>
 
@@ -17,10 +18,15 @@ namespace {
 
 // ---- decode ------------------------------------------------------------------
 
-// Warps per decode CTA: NT=1 needs ~128 registers per thread, NT=2 ~170.
+// Warps per decode CTA: up to 16, as many as let every slab's CTA be resident
+// at once (decode_matmul). Both variants fit in 128 registers per thread.
+constexpr int kMaxDecodeWarps = 16;
+
+// Blocks per group: NT n-tiles of 8 tokens need NT times the activation
+// registers per block, so two tiles take half the blocks per group.
 template <int NT>
-constexpr int decode_warps() {
-  return NT == 1 ? 8 : 4;
+constexpr int decode_group() {
+  return NT == 1 ? 4 : 2;
 }
 
 struct DecodeArgs {
@@ -74,17 +80,16 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 
 // The decode kernel. One CTA per 16 output rows; its warps split the tile
 // row's tiles and reduce through shared memory at the end. A warp walks its
-// tiles in groups of up to four 16x32 blocks (one 128-column tile row-slab,
-// contiguous in memory), holding two groups in registers so that the loads of
-// one are in flight while the other is multiplied; per block it only bumps a
-// pointer. NT n-tiles of 8 tokens.
-constexpr int kGroup = 4;
+// tiles in groups of up to G 16x32 blocks (contiguous in memory), holding two
+// groups in registers so that the loads of one are in flight while the other
+// is multiplied; per block it only bumps a pointer. NT n-tiles of 8 tokens.
 constexpr int kMaxTilesAcross = 512;
 
 template <int NT>
 struct Group {
-  uint4 v0[kGroup], v1[kGroup];
-  uint32_t b[kGroup][NT][4];
+  static constexpr int G = decode_group<NT>();
+  uint4 v0[G], v1[G];
+  uint32_t b[G][NT][4];
   int blocks = 0;  // valid blocks in the group
   bool dense = false;
 };
@@ -102,13 +107,14 @@ __device__ __forceinline__ void load_group(Group<NT>& r, const DecodeArgs& a,
   const int g = lane >> 2, t = lane & 3;
   const int per_tile = min(a.tile_cols, a.in - w.tc * a.tile_cols) / 32;
   r.dense = tile_dense[w.tc] != 0;
-  r.blocks = min(kGroup, per_tile - w.chunk * kGroup);
+  constexpr int G = Group<NT>::G;
+  r.blocks = min(G, per_tile - w.chunk * G);
   const int bytes = r.dense ? 1024 : 576;
   const uint8_t* p =
-      a.blocks + tile_off[w.tc] + static_cast<int64_t>(slab * per_tile + w.chunk * kGroup) * bytes;
-  const int k0 = w.tc * a.tile_cols + w.chunk * kGroup * 32;
+      a.blocks + tile_off[w.tc] + static_cast<int64_t>(slab * per_tile + w.chunk * G) * bytes;
+  const int k0 = w.tc * a.tile_cols + w.chunk * G * 32;
 #pragma unroll
-  for (int u = 0; u < kGroup; ++u) {
+  for (int u = 0; u < G; ++u) {
     if (u >= r.blocks) break;
     const uint8_t* q = p + u * bytes;
     r.v0[u] = __ldg(reinterpret_cast<const uint4*>(q) + lane);
@@ -131,7 +137,7 @@ __device__ __forceinline__ void load_group(Group<NT>& r, const DecodeArgs& a,
 template <int NT>
 __device__ __forceinline__ void mma_group(float (&acc)[NT][4], const Group<NT>& r) {
 #pragma unroll
-  for (int u = 0; u < kGroup; ++u) {
+  for (int u = 0; u < Group<NT>::G; ++u) {
     if (u >= r.blocks) break;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -147,20 +153,22 @@ __device__ __forceinline__ void mma_group(float (&acc)[NT][4], const Group<NT>& 
   }
 }
 
+template <int G>
 __device__ __forceinline__ void advance(Walk& w, const DecodeArgs& a) {
   const int per_tile = min(a.tile_cols, a.in - w.tc * a.tile_cols) / 32;
-  if (++w.chunk * kGroup >= per_tile) {
+  if (++w.chunk * G >= per_tile) {
     ++w.tc;
     w.chunk = 0;
   }
 }
 
 template <int NT>
-__global__ void __launch_bounds__(decode_warps<NT>() * 32) decode_kernel(DecodeArgs a) {
-  constexpr int kDecodeWarps = decode_warps<NT>();
+__global__ void __launch_bounds__(kMaxDecodeWarps * 32) decode_kernel(DecodeArgs a) {
+  constexpr int G = Group<NT>::G;
+  const int warps = blockDim.x >> 5;
   __shared__ int64_t tile_off[kMaxTilesAcross];
   __shared__ uint8_t tile_dense[kMaxTilesAcross];
-  __shared__ float part[kDecodeWarps][NT][32][4];
+  __shared__ float part[kMaxDecodeWarps][NT][32][4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row0 = blockIdx.x * 16;
   const int tile_r = row0 / a.tile_rows, slab = (row0 - tile_r * a.tile_rows) / 16;
@@ -169,20 +177,20 @@ __global__ void __launch_bounds__(decode_warps<NT>() * 32) decode_kernel(DecodeA
     tile_dense[i] = a.tile_dense[tile_r * a.tiles_across + i];
   }
   __syncthreads();
-  const int per_warp = (a.tiles_across + kDecodeWarps - 1) / kDecodeWarps;
+  const int per_warp = (a.tiles_across + warps - 1) / warps;
   const int tc_end = min(a.tiles_across, (warp + 1) * per_warp);
 
   float acc[NT][4] = {};
   Group<NT> ga, gb;
   Walk w{warp * per_warp, 0};
   load_group(ga, a, tile_off, tile_dense, slab, w, tc_end, lane);
-  advance(w, a);
+  advance<G>(w, a);
   while (ga.blocks > 0) {
     load_group(gb, a, tile_off, tile_dense, slab, w, tc_end, lane);
-    advance(w, a);
+    advance<G>(w, a);
     mma_group(acc, ga);
     load_group(ga, a, tile_off, tile_dense, slab, w, tc_end, lane);
-    advance(w, a);
+    advance<G>(w, a);
     mma_group(acc, gb);
   }
 
@@ -194,13 +202,32 @@ __global__ void __launch_bounds__(decode_warps<NT>() * 32) decode_kernel(DecodeA
   for (int i = threadIdx.x; i < NT * 128; i += blockDim.x) {
     const int nt = i / 128, l = (i / 4) % 32, c = i % 4;
     float s = 0;
-#pragma unroll
-    for (int v = 0; v < kDecodeWarps; ++v) s += part[v][nt][l][c];
+    for (int v = 0; v < warps; ++v) s += part[v][nt][l][c];
     // Accumulator c of lane l: row g (+8 for c >= 2), token 2t + (c & 1).
     const int row = (l >> 2) + ((c & 2) ? 8 : 0), token = nt * 8 + 2 * (l & 3) + (c & 1);
     if (token < a.tokens)
       a.y[static_cast<int64_t>(token) * a.out + row0 + row] = __float2bfloat16(s);
   }
+}
+
+// Warps per CTA for a layer of `slabs` 16-row slabs: the most (of 16, 8, 4, 2,
+// 1) with which all the layer's CTAs are resident at once. More warps split a
+// slab's columns finer, but a last, part-filled wave of CTAs costs more: on an
+// H200 an 11008x4096 layer took 21.2 us with 8 warps (2.6 waves) and 19.8 us
+// with 2 (one wave).
+template <int NT>
+int decode_warps(int64_t slabs, const at::Device& device) {
+  static const auto resident = [] {  // CTAs per SM, for 16, 8, 4, 2 and 1 warps
+    std::array<int, 5> r{};
+    for (int i = 0; i < 5; ++i)
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r[i], decode_kernel<NT>,
+                                                                   (kMaxDecodeWarps >> i) * 32, 0));
+    return r;
+  }();
+  const int sms = at::cuda::getDeviceProperties(device.index())->multiProcessorCount;
+  for (int i = 0; i < 5; ++i)
+    if (static_cast<int64_t>(resident[i]) * sms >= slabs) return kMaxDecodeWarps >> i;
+  return 1;
 }
 
 // ---- prefill: dense tiles ------------------------------------------------------
@@ -227,37 +254,51 @@ __global__ void __launch_bounds__(128) dense_tiles_kernel(TilesArgs a) {
   const int wm = warp >> 1, wn = warp & 1;
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
   const int band = n0 / a.tile_rows, row_in_tile = n0 - band * a.tile_rows;
-  const int first = a.band_ptr[band], steps_per_tile = a.tile_cols / kBK;
-  const int steps = (a.band_ptr[band + 1] - first) * steps_per_tile;
+  const int first = a.band_ptr[band], tiles = a.band_ptr[band + 1] - first;
+  const int steps_per_tile = a.tile_cols / kBK, steps = tiles * steps_per_tile;
+  if (steps == 0) return;  // no dense tile in this tile row: y holds the 2:4 part already
+  // The band's tile columns, so that no copy waits on a lookup.
+  __shared__ int band_k0[kMaxTilesAcross];
+  for (int i = tid; i < tiles; i += blockDim.x) band_k0[i] = a.band_cols[first + i] * a.tile_cols;
+  __syncthreads();
 
-  auto load = [&](int stage,
-                  int step) {  // an empty group past the last step keeps the count uniform
-    if (step >= steps) {
-      cp_async_commit();
-      return;
-    }
-    const int ti = first + step / steps_per_tile, ks = step % steps_per_tile;
-    const int64_t k0 = static_cast<int64_t>(a.band_cols[ti]) * a.tile_cols + ks * kBK;
-    for (int i = tid; i < kBM * 4; i += 128) {
-      const int r = i >> 2, c = (i & 3) * 8;
-      const bool valid = m0 + r < a.tokens;
-      const auto* src = a.x + (valid ? static_cast<int64_t>(m0 + r) * a.in + k0 + c : 0);
-      cp_async16(&As[stage][r][c], src, valid);
-    }
-    const __nv_bfloat16* tile = a.tiles + static_cast<int64_t>(ti) * a.tile_rows * a.tile_cols;
-    for (int i = tid; i < kBN * 4; i += 128) {
-      const int r = i >> 2, c = (i & 3) * 8;
-      cp_async16(&Bs[stage][r][c],
-                 tile + static_cast<int64_t>(row_in_tile + r) * a.tile_cols + ks * kBK + c, true);
+  // A thread copies the same 16 bytes of rows tid / 4 + 32 j in every step:
+  // its sources move only by the step's column offset.
+  const int cr = tid >> 2, cc = (tid & 3) * 8;
+  const __nv_bfloat16* x_src[kBM / 32];
+  bool x_ok[kBM / 32];
+#pragma unroll
+  for (int j = 0; j < kBM / 32; ++j) {
+    x_ok[j] = m0 + cr + 32 * j < a.tokens;
+    x_src[j] = a.x + (x_ok[j] ? static_cast<int64_t>(m0 + cr + 32 * j) * a.in + cc : 0);
+  }
+  const int64_t tile_src = static_cast<int64_t>(row_in_tile + cr) * a.tile_cols + cc;
+  const int64_t tile_elems = static_cast<int64_t>(a.tile_rows) * a.tile_cols;
+  int load_tile = 0, load_ks = 0;  // the next step to copy
+
+  auto load = [&](int stage) {  // an empty group past the last step keeps the count uniform
+    if (load_tile < tiles) {
+      const int k0 = band_k0[load_tile] + load_ks * kBK;
+#pragma unroll
+      for (int j = 0; j < kBM / 32; ++j)
+        cp_async16(&As[stage][cr + 32 * j][cc], x_src[j] + k0, x_ok[j]);
+      const __nv_bfloat16* tile =
+          a.tiles + (first + load_tile) * tile_elems + tile_src + load_ks * kBK;
+#pragma unroll
+      for (int j = 0; j < kBN / 32; ++j)
+        cp_async16(&Bs[stage][cr + 32 * j][cc], tile + 32 * j * a.tile_cols, true);
+      if (++load_ks == steps_per_tile) {
+        load_ks = 0;
+        ++load_tile;
+      }
     }
     cp_async_commit();
   };
 
-  if (steps == 0) return;  // no dense tile in this tile row: y holds the 2:4 part already
   float acc[4][4][4] = {};
-  for (int i = 0; i < kTileStages - 1; ++i) load(i, i);
+  for (int i = 0; i < kTileStages - 1; ++i) load(i);
   for (int step = 0; step < steps; ++step) {
-    load((step + kTileStages - 1) % kTileStages, step + kTileStages - 1);
+    load((step + kTileStages - 1) % kTileStages);
     cp_async_wait<kTileStages - 1>();
     __syncthreads();
     const int s = step % kTileStages;
@@ -332,8 +373,14 @@ const cusparseLtHandle_t* lt_handle() {
 }  // namespace
 
 void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity::TileGrid& grid,
-                   at::Tensor& y) {
+                   at::Tensor& y, int warps) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const bool one_tile = x.size(0) <= 8;
+  core::check(warps <= kMaxDecodeWarps, "decode_matmul",
+              core::str("at most ", kMaxDecodeWarps, " warps per CTA, got ", warps));
+  if (warps <= 0)
+    warps = one_tile ? decode_warps<1>(grid.out() / 16, x.device())
+                     : decode_warps<2>(grid.out() / 16, x.device());
   DecodeArgs a{reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
                static_cast<int>(x.size(0)),
                static_cast<int>(grid.in()),
@@ -347,10 +394,10 @@ void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity:
                reinterpret_cast<__nv_bfloat16*>(y.data_ptr())};
   const dim3 blocks(static_cast<unsigned>(grid.out() / 16));
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (a.tokens <= 8)
-    decode_kernel<1><<<blocks, decode_warps<1>() * 32, 0, stream>>>(a);
+  if (one_tile)
+    decode_kernel<1><<<blocks, warps * 32, 0, stream>>>(a);
   else
-    decode_kernel<2><<<blocks, decode_warps<2>() * 32, 0, stream>>>(a);
+    decode_kernel<2><<<blocks, warps * 32, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

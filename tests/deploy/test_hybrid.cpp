@@ -174,6 +174,34 @@ TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
   }
 }
 
+#if PATCH_WITH_CUDA
+TEST_CASE("the decode kernel gives the same y however many warps split a slab", "[deploy]") {
+  if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
+  const at::Device cuda(at::kCUDA, 0);
+  // 6 tile columns (the last one ragged) and 16 tile columns: from one warp
+  // per slab to more warps than tile columns, which leaves some idle.
+  for (const Case& c : {Case{640, 352, 64, 64, 0.45}, Case{256, 2048, 128, 128, 0.25}}) {
+    auto [w, m] = random_layer(c, 11);
+    const auto p = deploy::pack_layer(w, m);
+    const auto f = deploy::build_decode_format(p);
+    const deploy::DecodeFormat dev{f.blocks.to(cuda), f.tile_offset.to(cuda),
+                                   f.tile_dense.to(cuda)};
+    const auto ref_w = masked(w, m).to(at::kFloat);
+    for (int64_t tokens : {1, 5, 16}) {
+      const auto x = at::randn({tokens, c.in}, at::kFloat).to(at::kBFloat16);
+      const auto ref = at::linear(x.to(at::kFloat), ref_w);
+      const double tol = 8e-3 * ref.abs().max().item<double>();
+      for (int warps : {1, 2, 3, 4, 8, 16, 0}) {
+        INFO(c.out << "x" << c.in << " tokens " << tokens << " warps " << warps);
+        auto y = at::empty({tokens, c.out}, at::TensorOptions(cuda).dtype(at::kBFloat16));
+        deploy::cuda::decode_matmul(x.to(cuda), dev, p.grid, y, warps);
+        CHECK((y.to(at::kCPU, at::kFloat) - ref).abs().max().item<double>() <= tol);
+      }
+    }
+  }
+}
+#endif
+
 TEST_CASE("patch-train pack writes the packed masked layers of a checkpoint", "[deploy][cli]") {
   test::TempDir dir;
   const std::string model = test::data_path("models/tinystories-656k");
