@@ -63,12 +63,12 @@ const char* path_name(HybridPath p) {
 
 bool decode_supported(const TileGrid& g) {
   return g.out() % kSlab == 0 && g.in() % kBlockK == 0 && g.tile_rows() % kSlab == 0 &&
-         g.tile_cols() % kBlockK == 0 && g.cols() <= 512;
+         g.tile_cols() % kBlockK == 0 && g.cols() <= kMaxTileColumns;
 }
 
 bool prefill_supported(const TileGrid& g) {
   return g.out() % g.tile_rows() == 0 && g.in() % g.tile_cols() == 0 && g.tile_rows() % 64 == 0 &&
-         g.tile_cols() % kBlockK == 0 && g.cols() <= 512;
+         g.tile_cols() % kBlockK == 0 && g.cols() <= kMaxTileColumns;
 }
 
 DecodeFormat build_decode_format(const PackedLayer& layer) {

@@ -25,10 +25,16 @@ const char* path_name(HybridPath p);
 // Tokens up to which forward() takes the decode kernel.
 inline constexpr int64_t kDecodeMaxTokens = 16;
 
-// The decode kernel needs out % 16 == 0, in % 32 == 0 and tiles of 16k x 32k.
+// Tile columns the kernels take: both keep a tile row's column data in shared
+// memory.
+inline constexpr int64_t kMaxTileColumns = 512;
+
+// The decode kernel needs out % 16 == 0, in % 32 == 0, tiles of 16k x 32k and
+// at most kMaxTileColumns tile columns.
 bool decode_supported(const sparsity::TileGrid& grid);
 // The prefill path needs whole tiles (out % tile_rows == in % tile_cols == 0),
-// tile_rows % 64 == 0, tile_cols % 32 == 0 and at most 512 tile columns.
+// tile_rows % 64 == 0, tile_cols % 32 == 0 and at most kMaxTileColumns tile
+// columns.
 bool prefill_supported(const sparsity::TileGrid& grid);
 
 // The decode kernel's layout of a layer: per tile, its 16x32 blocks in

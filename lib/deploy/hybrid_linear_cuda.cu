@@ -83,7 +83,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 // tiles in groups of up to G 16x32 blocks (contiguous in memory), holding two
 // groups in registers so that the loads of one are in flight while the other
 // is multiplied; per block it only bumps a pointer. NT n-tiles of 8 tokens.
-constexpr int kMaxTilesAcross = 512;
 
 template <int NT>
 struct Group {
@@ -166,8 +165,8 @@ template <int NT>
 __global__ void __launch_bounds__(kMaxDecodeWarps * 32) decode_kernel(DecodeArgs a) {
   constexpr int G = Group<NT>::G;
   const int warps = blockDim.x >> 5;
-  __shared__ int64_t tile_off[kMaxTilesAcross];
-  __shared__ uint8_t tile_dense[kMaxTilesAcross];
+  __shared__ int64_t tile_off[kMaxTileColumns];
+  __shared__ uint8_t tile_dense[kMaxTileColumns];
   __shared__ float part[kMaxDecodeWarps][NT][32][4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row0 = blockIdx.x * 16;
@@ -258,7 +257,7 @@ __global__ void __launch_bounds__(128) dense_tiles_kernel(TilesArgs a) {
   const int steps_per_tile = a.tile_cols / kBK, steps = tiles * steps_per_tile;
   if (steps == 0) return;  // no dense tile in this tile row: y holds the 2:4 part already
   // The band's tile columns, so that no copy waits on a lookup.
-  __shared__ int band_k0[kMaxTilesAcross];
+  __shared__ int band_k0[kMaxTileColumns];
   for (int i = tid; i < tiles; i += blockDim.x) band_k0[i] = a.band_cols[first + i] * a.tile_cols;
   __syncthreads();
 

@@ -130,6 +130,12 @@ TEST_CASE("the decode blocks read back by the PTX fragment layouts give W times 
     CHECK(at::equal(deploy::decode_format_weight(f, p.grid), masked(w, m)));
   }
   CHECK_FALSE(deploy::decode_supported(sparsity::TileGrid(40, 96, 16, 32)));
+  // Both kernels hold a tile row's column data in shared memory.
+  const int64_t most = deploy::kMaxTileColumns;
+  CHECK(deploy::decode_supported(sparsity::TileGrid(64, 32 * most, 64, 32)));
+  CHECK(deploy::prefill_supported(sparsity::TileGrid(64, 32 * most, 64, 32)));
+  CHECK_FALSE(deploy::decode_supported(sparsity::TileGrid(64, 32 * (most + 1), 64, 32)));
+  CHECK_FALSE(deploy::prefill_supported(sparsity::TileGrid(64, 32 * (most + 1), 64, 32)));
   CHECK_FALSE(deploy::prefill_supported(sparsity::TileGrid(100, 128, 64, 32)));
   CHECK(deploy::prefill_supported(sparsity::TileGrid(128, 256, 64, 32)));
 }
