@@ -253,7 +253,7 @@ int launch_ranks(const RunContext& ctx) {
 int run_train(RunContext& ctx) {
   if (is_launcher(ctx)) {
     const int nproc = static_cast<int>(ctx.config.get_int("dist.nproc"));
-    train::check_data_parallel(ctx.config, nproc);
+    train::check_run_setup(ctx.config, nproc);
     core::log::info(core::str("data-parallel run: ", nproc, " ranks, rank 0 logs to ", ctx.out_dir, "/run.log"));
     return launch_ranks(ctx);
   }

@@ -88,15 +88,18 @@ void synchronize(const at::Device& device) {
 }
 
 std::vector<double> time_steps(const std::function<void()>& step, const at::Device& device,
-                               int warmup, int iters, bool peak_from_warmup) {
+                               int warmup, int iters, bool graph_step) {
   synchronize(device);
 #ifdef PATCH_HAS_CUDA_ALLOCATOR
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
 #endif
-  if (peak_from_warmup) reset_peak_memory(device);
+  if (graph_step) {
+    warmup = std::max(warmup, 2);
+    reset_peak_memory(device);
+  }
   for (int i = 0; i < warmup; ++i) step();
   synchronize(device);
-  if (!peak_from_warmup) reset_peak_memory(device);
+  if (!graph_step) reset_peak_memory(device);
   std::vector<double> ms;
   for (int i = 0; i < iters; ++i) {
     const auto t0 = std::chrono::steady_clock::now();

@@ -25,9 +25,10 @@ void synchronize(const at::Device& device);
 // Benchmark timing: hands the allocator's cached blocks back (an earlier
 // benchmark's in this process), runs step() `warmup` times, resets the peak
 // memory, then times `iters` synchronized calls; the times in milliseconds,
-// sorted. With `peak_from_warmup` the peak is reset before the warm-up
-// instead: a replayed CUDA graph allocates nothing, its capture there does.
+// sorted. A `graph_step` (core::CudaGraph::run) warms up at least twice, so
+// that its eager run and its capture are not timed, and its peak counts the
+// warm-up: a replay allocates nothing, the capture does.
 std::vector<double> time_steps(const std::function<void()>& step, const at::Device& device,
-                               int warmup, int iters, bool peak_from_warmup = false);
+                               int warmup, int iters, bool graph_step = false);
 
 }  // namespace patch::core

@@ -129,9 +129,7 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
   std::optional<core::CudaGraph> graph;
   if (cuda_graph) graph.emplace(device);
   auto step = [&] { graph ? graph->run(body) : body(); };
-  // A graph's capture (the second run) is set-up, not a step to time.
-  const auto ms = core::time_steps(step, device, cuda_graph ? std::max(warmup, 2) : warmup, iters,
-                                   /*peak_from_warmup=*/cuda_graph);
+  const auto ms = core::time_steps(step, device, warmup, iters, /*graph_step=*/cuda_graph);
   const size_t n = ms.size();
   const double median = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
   int64_t params = 0;

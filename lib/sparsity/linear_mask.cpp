@@ -4,7 +4,6 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cctype>
-#include <cmath>
 #include <limits>
 #include <mutex>
 
@@ -85,8 +84,8 @@ struct FusedMask : torch::CustomClassHolder {
               u.beta2,
               u.eps,
               u.weight_decay,
-              1.0 - std::pow(u.beta1, static_cast<double>(u.steps)),
-              1.0 - std::pow(u.beta2, static_cast<double>(u.steps)),
+              SamplerState::bias_correction(u.beta1, u.steps),
+              SamplerState::bias_correction(u.beta2, u.steps),
               u.grad_scale,
               m.noise_seed(kRounding),
               m.exp_avg_,

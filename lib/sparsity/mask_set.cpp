@@ -195,7 +195,7 @@ std::vector<std::pair<std::string, at::Tensor>> MaskSet::named_parameters() cons
   return out;
 }
 
-at::Tensor MaskSet::take_pattern_sq_norm_tensor() {
+at::Tensor MaskSet::take_pattern_sq_norm() {
   at::Tensor sum;
   for (const auto& m : masks_)
     if (auto t = m->take_pattern_sq_norm(); t.defined()) sum = sum.defined() ? sum + t : t;

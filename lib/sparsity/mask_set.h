@@ -65,7 +65,7 @@ class MaskSet {
   // Compact state: the squared norm of the 2:4 logit gradients the last
   // backward passes applied (summed over layers), then reset; 0 if none. A
   // float64 scalar on the logits' device (no sync).
-  at::Tensor take_pattern_sq_norm_tensor();
+  at::Tensor take_pattern_sq_norm();
 
   // CUDA graphs. use_device_scalars gives the state a StepScalars in device
   // memory (SamplerState::device), its clip factor starting at grad_scale; the

@@ -2,6 +2,7 @@
 // Temperature/scale annealing and the sampler state every LinearMask reads.
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -28,6 +29,11 @@ struct SamplerState {
     double lr = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0, grad_scale = 1.0;
     int64_t steps = 1;
   } update;
+  // AdamW's bias correction 1 - beta^t, as both ways of passing the compact
+  // update form it (InlineAdam in eager steps, StepScalars under a graph).
+  static double bias_correction(double beta, int64_t t) {
+    return 1.0 - std::pow(beta, static_cast<double>(t));
+  }
   // While a CUDA graph drives the steps: this step's values as StepScalars
   // (step_scalars.h) in device memory, float32 words, which the kernels read
   // instead of their arguments (MaskSet::use_device_scalars). Else undefined.

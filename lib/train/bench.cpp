@@ -1,6 +1,5 @@
 #include "train/bench.h"
 
-#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -74,9 +73,8 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
     backward();
     opt.finish_step(1e-3, 1.0);
   };
-  // A graph's capture (the second run) is set-up, not a step to time.
-  const auto ms = core::time_steps(run_step, o.device, graph ? std::max(o.warmup, 2) : o.warmup,
-                                   o.iters, /*peak_from_warmup=*/graph.has_value());
+  const auto ms =
+      core::time_steps(run_step, o.device, o.warmup, o.iters, /*graph_step=*/graph.has_value());
   const double median = ms[ms.size() / 2];
   nlohmann::json j = {{"mode", o.mode},
           {"median_ms", median},

@@ -40,13 +40,7 @@ void AdamW::zero_grad() {
     if (p.grad().defined()) p.mutable_grad() = at::Tensor();
 }
 
-double AdamW::grad_norm(double extra_sq) const {
-  const auto device = params_.empty() ? at::Device(at::kCPU) : params_.front().second.device();
-  return grad_norm_tensor(at::full({}, extra_sq, at::TensorOptions().dtype(at::kDouble).device(device)))
-      .item<double>();
-}
-
-at::Tensor AdamW::grad_norm_tensor(const at::Tensor& extra_sq) const {
+at::Tensor AdamW::grad_norm(const at::Tensor& extra_sq) const {
   c10::NoGradGuard no_grad;
   // Multi-tensor kernels: a few launches for all layers, and no read on the host.
   std::vector<at::Tensor> grads;
@@ -94,8 +88,8 @@ void MaskOptimizer::begin_step(double lr) {
   const int64_t t = adam_.steps();
   sparsity::StepScalars s = masks_.step_scalars();
   // As adam_args (compact state's update) and adamw_update form them.
-  s.inv_bias1 = static_cast<float>(1.0 / (1.0 - std::pow(opts_.beta1, static_cast<double>(t))));
-  s.inv_bias2 = static_cast<float>(1.0 / (1.0 - std::pow(opts_.beta2, static_cast<double>(t))));
+  s.inv_bias1 = static_cast<float>(1.0 / sparsity::SamplerState::bias_correction(opts_.beta1, t));
+  s.inv_bias2 = static_cast<float>(1.0 / sparsity::SamplerState::bias_correction(opts_.beta2, t));
   s.lr = static_cast<float>(lr);
   std::tie(s.step_size, s.inv_bias2_sqrt) = adamw_step_factors({opts_, lr, 1.0, t});
   masks_.upload_step_scalars(s);
@@ -119,7 +113,7 @@ at::Tensor scalar_slot(sparsity::MaskSet& masks, size_t offset) {
 at::Tensor MaskOptimizer::finish_step_on_device(double clip) {
   core::check(device_scalars_, "MaskOptimizer", "finish_step_on_device needs use_device_scalars");
   c10::NoGradGuard no_grad;
-  const at::Tensor norm = adam_.grad_norm_tensor(masks_.take_pattern_sq_norm_tensor());
+  const at::Tensor norm = adam_.grad_norm(masks_.take_pattern_sq_norm());
   // clip / (norm + 1e-6) where the norm exceeds clip, as finish_step; compact
   // state's next in-backward update reads the same slot as its factor.
   at::Tensor scale = clip > 0 ? at::where(norm > clip, clip / (norm + 1e-6), at::ones_like(norm))
@@ -151,7 +145,7 @@ std::vector<at::Tensor> MaskOptimizer::params_in_backward_order() const {
 
 double MaskOptimizer::finish_step(double lr, double clip) {
   // One device sync for both parts of the norm (compact state's 2:4 part is 0 otherwise).
-  const double norm = adam_.grad_norm_tensor(masks_.take_pattern_sq_norm_tensor()).item<double>();
+  const double norm = adam_.grad_norm(masks_.take_pattern_sq_norm()).item<double>();
   const double scale = clip > 0 && norm > clip ? clip / (norm + 1e-6) : 1.0;
   if (compact_) clip_scale_ = scale;
   adam_.step(lr, scale);

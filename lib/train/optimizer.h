@@ -22,12 +22,10 @@ class AdamW {
   // there, and the step count is the caller's (set_steps).
   void step(double lr, double grad_scale = 1.0, const float* device = nullptr);
   void zero_grad();
-  // The global L2 norm of the gradients. `extra_sq` adds the squared norm of
+  // The global L2 norm of the gradients, a float64 scalar on the device (no
+  // sync). `extra_sq` (float64 scalar, same device) adds the squared norm of
   // gradients applied elsewhere (compact state's 2:4 logits) to the total.
-  // The tensor form takes and returns float64 scalars on the device (no
-  // sync); the double form reads the result (one sync).
-  double grad_norm(double extra_sq = 0.0) const;
-  at::Tensor grad_norm_tensor(const at::Tensor& extra_sq) const;
+  at::Tensor grad_norm(const at::Tensor& extra_sq) const;
 
   int64_t steps() const { return steps_; }
   void set_steps(int64_t steps) { steps_ = steps; }

@@ -391,7 +391,7 @@ void install_stop_handlers() {
   std::signal(SIGTERM, on_stop_signal);
 }
 
-void check_data_parallel(const config::Config& cfg, int world) {
+void check_run_setup(const config::Config& cfg, int world) {
   if (cfg.get_bool("train.cuda_graph")) {
     // Each condition keeps the step free of host reads and per-step host values.
     const auto need = [](bool ok, const std::string& what) {
@@ -419,7 +419,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   r.micro = cfg.get_int("train.micro_batch");
   r.global = cfg.get_int("train.global_batch");
   const int world = r.env.world;
-  check_data_parallel(cfg, world);
+  check_run_setup(cfg, world);
   at::manual_seed(static_cast<uint64_t>(cfg.get_int("train.seed")));
   load_model_and_data(r);
   build_masks(r);

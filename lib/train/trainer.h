@@ -14,10 +14,12 @@ namespace patch::train {
 // among them, keeping the last good checkpoint).
 int run_training(const config::Config& cfg, const std::string& out_dir);
 
-// Throws core::ConfigError unless the run can be split over `world` ranks:
-// a step's micro-batches (global_batch / micro_batch) a multiple of `world`,
-// and full optimizer state (compact state updates inside each backward).
-void check_data_parallel(const config::Config& cfg, int world);
+// Throws core::ConfigError unless the run can be split over `world` ranks
+// (a step's micro-batches, global_batch / micro_batch, a multiple of `world`,
+// and full optimizer state: compact state updates inside each backward) and,
+// with train.cuda_graph, unless its steps can be replayed (one process, a
+// CUDA device, fused masks, lambda_weight 0).
+void check_run_setup(const config::Config& cfg, int world);
 
 // SIGINT/SIGTERM handlers that make the loop checkpoint and stop at the next
 // step boundary; a second signal kills the process as usual.

@@ -350,8 +350,8 @@ TEST_CASE("CUDA kernels read a step's values from device memory as from their ar
         if (mode != MaskMode::kTile) {
           if (compact) {
             CHECK(at::equal(a.pattern_logits(), b.pattern_logits()));
-            CHECK(eager.take_pattern_sq_norm_tensor().item<double>() ==
-                  dev.take_pattern_sq_norm_tensor().item<double>());
+            CHECK(eager.take_pattern_sq_norm().item<double>() ==
+                  dev.take_pattern_sq_norm().item<double>());
           } else {
             CHECK(at::equal(a.pattern_logits().grad(), b.pattern_logits().grad()));
           }

@@ -44,8 +44,8 @@ TEST_CASE("the gradient norm is global and a step's grad_scale clips like scaled
   train::AdamW opt({{"a", a}, {"b", b}}, {});
   a.mutable_grad() = at::tensor({3.0, 0.0}, at::kDouble);
   b.mutable_grad() = at::tensor({4.0}, at::kDouble);
-  CHECK(opt.grad_norm() == Approx(5.0));
-  CHECK(opt.grad_norm(/*extra_sq=*/11.0) == Approx(6.0));
+  CHECK(opt.grad_norm(at::zeros({}, at::kDouble)).item<double>() == Approx(5.0));
+  CHECK(opt.grad_norm(/*extra_sq=*/at::full({}, 11.0, at::kDouble)).item<double>() == Approx(6.0));
   auto c = at::zeros({2}, at::kDouble).requires_grad_(true);
   auto d = at::zeros({1}, at::kDouble).requires_grad_(true);
   train::AdamW scaled({{"c", c}, {"d", d}}, {});
