@@ -4,7 +4,8 @@
 //   decode (at most 16 tokens): one kernel streams the weight once, each 16x32
 //     block in its own format (dense: mma.m16n8k16 on all values; 2:4: the
 //     kept values and their positions straight into mma.sp.m16n8k32), so a
-//     sparse tile costs 9/16 of a dense tile's bytes;
+//     sparse tile costs 9/16 of a dense tile's bytes; for 9 to 16 tokens a
+//     small kernel first lays x out in mma fragment order;
 //   prefill (more tokens): the 2:4 tiles on the sparse tensor cores through
 //     cuSPARSELt (dense tiles zeroed, which is a valid 2:4 matrix), then a
 //     block-sparse tensor-core kernel adds the products of the dense tiles only.
