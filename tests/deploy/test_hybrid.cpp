@@ -51,6 +51,17 @@ std::string read_error(const std::string& path) {
   return "";
 }
 
+// Magnitude hybrid masks at 35% with square tiles of `tile`, for a checkpoint.
+maskfile::MaskFile magnitude_masks(const io::Checkpoint& ckpt, int64_t tile) {
+  model::Decoder d(ckpt, model::DecoderOptions{});
+  prune::PruneOptions o;
+  o.method = prune::Method::kMagnitude;
+  o.structure = prune::Structure::kHybrid;
+  o.target_sparsity = 0.35;
+  o.tile_rows = o.tile_cols = tile;
+  return prune::prune_model(d, {}, o).masks;
+}
+
 }  // namespace
 
 TEST_CASE("a packed layer holds exactly W times M in 9/16 of the bytes for 2:4 tiles", "[deploy]") {
@@ -212,16 +223,7 @@ TEST_CASE("patch-train pack writes the packed masked layers of a checkpoint", "[
   test::TempDir dir;
   const std::string model = test::data_path("models/tinystories-656k");
   auto ckpt = io::load_checkpoint(model);
-  maskfile::MaskFile masks;
-  {
-    model::Decoder d(ckpt, model::DecoderOptions{});
-    prune::PruneOptions o;
-    o.method = prune::Method::kMagnitude;
-    o.structure = prune::Structure::kHybrid;
-    o.target_sparsity = 0.35;
-    o.tile_rows = o.tile_cols = 32;
-    masks = prune::prune_model(d, {}, o).masks;
-  }
+  const auto masks = magnitude_masks(ckpt, 32);
   maskfile::write_mask_file(dir.file("masks.safetensors"), masks);
   const std::string bin = test::train_bin();
   auto r = test::run_command("'" + bin + "' pack -q --model '" + model + "' --masks '" +
@@ -289,17 +291,8 @@ TEST_CASE("eval --packed on the GPU scores the masked model within bf16 toleranc
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   test::TempDir dir;
   const std::string model = test::data_path("models/tinystories-656k");
-  auto ckpt = io::load_checkpoint(model);
-  maskfile::MaskFile masks;
-  {
-    model::Decoder d(ckpt, model::DecoderOptions{});
-    prune::PruneOptions o;
-    o.method = prune::Method::kMagnitude;
-    o.structure = prune::Structure::kHybrid;
-    o.target_sparsity = 0.35;
-    o.tile_rows = o.tile_cols = 64;  // whole 64x64 tiles: both GPU paths take every layer
-    masks = prune::prune_model(d, {}, o).masks;
-  }
+  // Whole 64x64 tiles: both GPU paths take every layer.
+  const auto masks = magnitude_masks(io::load_checkpoint(model), 64);
   maskfile::write_mask_file(dir.file("masks.safetensors"), masks);
   const std::string bin = test::train_bin();
   auto r = test::run_command("'" + bin + "' pack -q --model '" + model + "' --masks '" +
