@@ -6,6 +6,9 @@
 #               step's device time per kernel (bench.profile), summed in profile.txt;
 #               GRAPH=1 times every step again replayed as a CUDA graph (train.cuda_graph)
 #   STAGE=deploy [TESTS=regex] [DEPLOY_ARGS=...] the hybrid inference tests, then bench-deploy
+#               (bench_deploy.jsonl, summed up in bench_deploy.txt); BASE=DIR also builds
+#               patch-train from the source tree DIR (e.g. `git archive REV | tar -x -C
+#               .base`) and runs its bench-deploy before and after ours, side by side
 #   STAGE=dist [TESTS=regex] [SHAPES=...] the data-parallel tests, then the mask step
 #               on 1 and on every visible GPU (NCCL)
 #   STAGE=profile Nsight Compute on the fused mask kernels of a LLaMA-3.2-1B step
@@ -29,12 +32,33 @@ if [[ $STAGE == test ]]; then
 fi
 
 if [[ $STAGE == deploy ]]; then
+  runs=(build/bin/patch-train)
+  if [[ -n ${BASE:-} ]]; then  # built while our tests run
+    prefix=$(sed -n 's/^CMAKE_PREFIX_PATH:[A-Z]*=//p' build/CMakeCache.txt)
+    { cmake -S "$BASE" -B /tmp/patch-base -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PREFIX_PATH="$prefix" -DPATCH_BUILD_TESTS=OFF &&
+        cmake --build /tmp/patch-base -j "$PATCH_JOBS" --target patch-train; } > "$OUT/base_build.log" 2>&1 &
+    base_build=$!
+    runs=(/tmp/patch-base/bin/patch-train build/bin/patch-train /tmp/patch-base/bin/patch-train)
+  fi
   (cd build && ctest -R "${TESTS:-test_hybrid}" --output-on-failure) > "$OUT/test.log" 2>&1
   grep -aE "tests passed|tests failed|Failed" "$OUT/test.log" | tail -10
-  # shellcheck disable=SC2086
-  build/bin/patch-train bench-deploy --set model.device=cuda ${DEPLOY_ARGS:-} 2>"$OUT/bench_deploy.err" |
-    grep '^{' | tee "$OUT/bench_deploy.jsonl"
-  tail -5 "$OUT/bench_deploy.err"
+  if [[ -n ${BASE:-} ]] && ! wait "$base_build"; then
+    tail -30 "$OUT/base_build.log"
+    exit 1
+  fi
+  files=()
+  for i in "${!runs[@]}"; do
+    name=bench_deploy$([[ ${#runs[@]} -gt 1 ]] && echo "_$i")
+    # shellcheck disable=SC2086
+    "${runs[$i]}" bench-deploy --set model.device=cuda ${DEPLOY_ARGS:-} 2>>"$OUT/bench_deploy.err" |
+      grep '^{' > "$OUT/$name.jsonl"
+    tail -3 "$OUT/bench_deploy.err"
+    label=new
+    [[ ${runs[$i]} == build/* ]] || label=base$((i / 2 + 1))
+    files+=("$label=$OUT/$name.jsonl")
+  done
+  python3 scripts/bench_deploy_summary.py "${files[@]}" | tee "$OUT/bench_deploy.txt"
   exit 0
 fi
 

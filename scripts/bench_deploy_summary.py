@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Prints `patch-train bench-deploy` JSON lines as one table row per layer shape,
+block and model: cuBLAS time -> hybrid time (speedup), for each file side by side.
+
+usage: bench_deploy_summary.py [LABEL=]FILE [[LABEL=]FILE ...]
+
+Rows present in only some files show "-" for the others, so two builds' runs
+(e.g. gpu_check.sh STAGE=deploy with BASE=...) compare line by line."""
+import json
+import sys
+
+
+def key(row):
+    bench = row["bench"]
+    if bench == "deploy_layer":
+        what = row["layers"]
+    elif bench == "deploy_block":
+        what = "block"
+    elif bench == "deploy_model":
+        what = "end to end"
+    else:
+        return None
+    return (row["shape"], row["target_sparsity"], row.get("tokens", 0), what)
+
+
+def cell(row):
+    if row["bench"] == "deploy_model":
+        return (f"decode {row['dense_decode_tokens_per_s']:.0f} -> "
+                f"{row['hybrid_decode_tokens_per_s']:.0f} tok/s ({row['decode_speedup']:.2f}x), "
+                f"prefill {row['prefill_tokens']} {row['dense_prefill_ms']:.1f} -> "
+                f"{row['hybrid_prefill_ms']:.1f} ms ({row['prefill_speedup']:.2f}x)")
+    return f"{row['dense_us']:8.1f} -> {row['hybrid_us']:8.1f} us ({row['speedup']:.2f}x)"
+
+
+def main(args):
+    if not args:
+        sys.exit(__doc__)
+    runs = []
+    for arg in args:
+        label, _, path = arg.rpartition("=")
+        rows = {}
+        try:
+            with open(path) as f:
+                for n, line in enumerate(f, 1):
+                    if not line.startswith("{"):
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        sys.exit(f"{path}:{n}: not a JSON line ({e})")
+                    k = key(row)
+                    if k is not None:
+                        rows[k] = row
+        except OSError as e:
+            sys.exit(f"{path}: {e.strerror}")
+        runs.append((label or path, rows))
+    order = []  # first appearance across the files keeps bench-deploy's layer order
+    for _, rows in runs:
+        order += [k for k in rows if k not in order]
+    order.sort(key=lambda k: (k[0], k[1], k[2]))
+    if len(runs) > 1:
+        print("columns: " + " | ".join(label for label, _ in runs))
+    for k in order:
+        shape, sparsity, tokens, what = k
+        head = f"{shape:13} {sparsity:<5} {'' if what == 'end to end' else tokens:>5} {what[:30]:30}"
+        print(head + " | ".join(cell(rows[k]) if k in rows else "-" for _, rows in runs))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
