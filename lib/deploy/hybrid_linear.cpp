@@ -49,14 +49,17 @@ DecodeFormat build_decode_format(const PackedLayer& layer, const at::Tensor& w) 
   const TileGrid& g = layer.grid;
   core::check(decode_supported(g), layer.name,
               "decode format needs out % 16, in % 32, tile rows % 16 and tile cols % 32 == 0");
-  const int64_t S = g.out() / kSlab, KB = g.in() / kBlockK, G = g.groups();
-  const auto nib = group_nibbles(layer).to(at::kLong);  // [out, G]
+  const int64_t S = g.out() / kSlab, KB = g.in() / kBlockK;
+  const auto nib = group_nibbles(layer).to(at::kLong);  // [out, groups]
 
   // Every block in both layouts; each tile then takes the one it needs. Both
-  // are one strided copy: with a gather per element instead, an 11008x4096
-  // layer took 0.96 s here against 0.55 (2 CPU cores). The mma A
-  // fragment of lane (g, t) holds register a_{2j+e} at row g + 8 j0 and column
-  // 2t + 8 j1 + e (j = 2 j1 + j0) of a 16-column half (PTX ISA, m16n8k16 .bf16).
+  // are one strided copy, and the kept values come from the packed layer: with
+  // gathers by index instead (fragment permutations, kept values from w by
+  // their positions), an 11008x4096 layer took 0.87-1.03 s here against 0.41
+  // (2 CPU cores).
+  // The mma A fragment of lane (g, t) holds register a_{2j+e} at row g + 8 j0
+  // and column 2t + 8 j1 + e (j = 2 j1 + j0) of a 16-column half (PTX ISA,
+  // m16n8k16 .bf16).
   // Dense: per 16x32 block, element h*256 + lane*8 + j*2 + e is row j0*8 + g,
   // column h*16 + j1*8 + t*2 + e: dims (h, g, t, j1, j0, e) of the weight's
   // (slab: j0, g; block column: h, j1, t, e).
@@ -66,9 +69,8 @@ DecodeFormat build_decode_format(const PackedLayer& layer, const at::Tensor& w) 
   // 2:4: the compressed 16x16 values (per row, each group's two kept values)
   // in the same A layout, mma.sp.m16n8k32 taking them as m16n8k16 does: row
   // j0*8 + g, compressed column j1*8 + t*2 + e.
-  const auto pos = at::stack({nib.bitwise_and(3), nib.bitwise_right_shift(2).bitwise_and(3)}, 2);
-  const auto kept = w.view({g.out(), G, 4}).gather(2, pos);  // [out, G, 2]
-  const auto sparse_frag = kept.view({S, 2, 8, KB, 2, 4, 2})
+  const auto sparse_frag = kept_values(layer)
+                               .view({S, 2, 8, KB, 2, 4, 2})
                                .permute({0, 3, 2, 5, 4, 1, 6})
                                .reshape({S, KB, 256});  // bf16
   // Metadata word of lane (g, tig < 2): nibbles of groups 4*tig .. 4*tig+3 of

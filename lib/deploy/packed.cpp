@@ -131,11 +131,9 @@ at::Tensor group_nibbles(const PackedLayer& layer) {
   return out;
 }
 
-at::Tensor unpack_layer(const PackedLayer& layer) {
+at::Tensor kept_values(const PackedLayer& layer) {
   const TileGrid& g = layer.grid;
-  const int64_t out = g.out(), groups = g.groups();
-  // Every group's two kept values, tile by tile; dense tiles' stay zero.
-  auto kept = at::zeros({out, groups, 2}, at::kBFloat16);
+  auto kept = at::zeros({g.out(), g.groups(), 2}, at::kBFloat16);
   const auto* dense_flag = layer.tile_dense.data_ptr<uint8_t>();
   int64_t at_value = 0;
   for_each_tile(g, [&](int64_t r, int64_t c, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
@@ -147,6 +145,14 @@ at::Tensor unpack_layer(const PackedLayer& layer) {
                    .view({r1 - r0, (c1 - c0) / kGroupSize, 2}));
     at_value += n;
   });
+  return kept;
+}
+
+at::Tensor unpack_layer(const PackedLayer& layer) {
+  const TileGrid& g = layer.grid;
+  const int64_t out = g.out();
+  const auto kept = kept_values(layer);
+  const auto* dense_flag = layer.tile_dense.data_ptr<uint8_t>();
   // Position p of a group holds the first kept value where i0 == p, the second
   // where i1 == p (i0 < i1), else zero: four selects, where a scatter by int64
   // indices and a select over the expanded tile map took twice as long

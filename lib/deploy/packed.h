@@ -48,6 +48,9 @@ at::Tensor unpack_layer(const PackedLayer& layer);
 // Per group of the layer's [out, in/4] groups, its nibble (i0 | i1 << 2) as
 // uint8; dense tiles' groups get 0. The CUDA formats are built from it.
 at::Tensor group_nibbles(const PackedLayer& layer);
+// Per group, its two kept values (the lower position first) as bfloat16
+// [out, in/4, 2]; dense tiles' groups get zeros.
+at::Tensor kept_values(const PackedLayer& layer);
 
 struct PackedModel {
   std::string path;  // where it was read from; empty when built in memory
