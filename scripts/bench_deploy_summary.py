@@ -54,10 +54,8 @@ def main(args):
         except OSError as e:
             sys.exit(f"{path}: {e.strerror}")
         runs.append((label or path, rows))
-    order = []  # first appearance across the files keeps bench-deploy's layer order
-    for _, rows in runs:
-        order += [k for k in rows if k not in order]
-    order.sort(key=lambda k: (k[0], k[1], k[2]))
+    # First appearance across the files keeps bench-deploy's layer order (stable sort).
+    order = sorted(dict.fromkeys(k for _, rows in runs for k in rows), key=lambda k: k[:3])
     if len(runs) > 1:
         print("columns: " + " | ".join(label for label, _ in runs))
     for k in order:
