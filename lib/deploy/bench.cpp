@@ -108,6 +108,8 @@ void bench_layers(const DeployBenchOptions& o, const std::string& shape_name,
             {"hybrid_us", hybrid_us},
             {"speedup", dense_us / hybrid_us},
             {"weight_bytes_ratio", static_cast<double>(packed.bytes()) / (2.0 * s.out * s.in)},
+            {"device_bytes_ratio",
+             static_cast<double>(hybrid.front().device_bytes()) / (2.0 * s.out * s.in)},
             {"max_rel_err", err},
             {"copies", copies}};
         emit(j);

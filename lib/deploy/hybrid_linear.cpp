@@ -23,8 +23,10 @@ const char* path_name(HybridPath p) {
   switch (p) {
     case HybridPath::kDecode:
       return "decode";
-    case HybridPath::kPrefill:
-      return "prefill";
+    case HybridPath::kSparse:
+      return "sparse";
+    case HybridPath::kExpand:
+      return "expand";
     case HybridPath::kDense:
       return "dense";
   }
@@ -36,9 +38,8 @@ bool decode_supported(const TileGrid& g) {
          g.tile_cols() % kBlockK == 0 && g.cols() <= kMaxTileColumns;
 }
 
-bool prefill_supported(const TileGrid& g) {
-  return g.out() % g.tile_rows() == 0 && g.in() % g.tile_cols() == 0 && g.tile_rows() % 64 == 0 &&
-         g.tile_cols() % kBlockK == 0 && g.cols() <= kMaxTileColumns;
+bool sparse_supported(const TileGrid& g) {
+  return g.out() % 64 == 0 && g.in() % 32 == 0;
 }
 
 DecodeFormat build_decode_format(const PackedLayer& layer) {
@@ -161,13 +162,11 @@ struct HybridLinear::Impl {
   std::string name;
   TileGrid grid;
   at::Device device = at::kCPU;
-  bool decode = false, prefill = false;
-  at::Tensor weight;  // W ⊙ M, where some path falls back to it
+  bool decode = false;  // decode blocks on the device: the decode and expand paths
+  at::Tensor weight;    // W ⊙ M, where the decode blocks are not
   DecodeFormat dec;
-  at::Tensor dense_tiles, band_ptr,
-      band_cols;  // prefill: dense tiles [n, th, tw] and their CSR over tile rows
 #if PATCH_WITH_CUDA
-  std::unique_ptr<cuda::SparseGemm> sparse;  // prefill: the 2:4 part on cuSPARSELt
+  std::unique_ptr<cuda::SparseGemm> sparse;  // a layer of 2:4 tiles only, more than 16 tokens
 #endif
 };
 
@@ -177,31 +176,19 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device)
   m.name = layer.name;
   m.grid = layer.grid;
   m.device = device;
+  const auto w = unpack_layer(layer);  // W ⊙ M, once for every format below
 #if PATCH_WITH_CUDA
   if (device.is_cuda()) {
     m.decode = decode_supported(layer.grid);
-    m.prefill = prefill_supported(layer.grid);
+    if (m.decode) {
+      auto f = build_decode_format(layer, w);
+      m.dec = {f.blocks.to(device), f.tile_offset.to(device), f.tile_dense.to(device)};
+    }
+    if (m.decode && layer.dense_tiles() == 0 && sparse_supported(layer.grid))
+      m.sparse = std::make_unique<cuda::SparseGemm>(w.to(device));
   }
 #endif
-  const auto w = unpack_layer(layer);  // W ⊙ M, once for every format below
-  if (!m.decode || !m.prefill) m.weight = w.to(device);
-#if PATCH_WITH_CUDA
-  if (m.decode) {
-    auto f = build_decode_format(layer, w);
-    m.dec = {f.blocks.to(device), f.tile_offset.to(device), f.tile_dense.to(device)};
-  }
-  if (m.prefill) {
-    const auto& g = layer.grid;
-    m.dense_tiles = layer.dense.view({-1, g.tile_rows(), g.tile_cols()}).to(device);
-    auto td = layer.tile_dense.to(at::kInt);
-    m.band_ptr = at::cat({at::zeros({1}, at::kInt), td.sum(1).cumsum(0).to(at::kInt)}).to(device);
-    m.band_cols =
-        td.nonzero().select(1, 1).to(at::kInt).contiguous().to(device);  // row-major: storage order
-    // The 2:4 part: sparse tiles as they are, dense tiles zero.
-    auto sparse_tile = g.expand(1 - layer.tile_dense.to(at::kFloat)).to(at::kBFloat16);
-    m.sparse = std::make_unique<cuda::SparseGemm>((w * sparse_tile).to(device));
-  }
-#endif
+  if (!m.decode) m.weight = w.to(device);
 }
 
 HybridLinear::HybridLinear(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -214,12 +201,8 @@ HybridLinear HybridLinear::clone() const {
   c->grid = m.grid;
   c->device = m.device;
   c->decode = m.decode;
-  c->prefill = m.prefill;
   c->weight = copy(m.weight);
   c->dec = {copy(m.dec.blocks), copy(m.dec.tile_offset), copy(m.dec.tile_dense)};
-  c->dense_tiles = copy(m.dense_tiles);
-  c->band_ptr = copy(m.band_ptr);
-  c->band_cols = copy(m.band_cols);
 #if PATCH_WITH_CUDA
   if (m.sparse) c->sparse = std::make_unique<cuda::SparseGemm>(*m.sparse);
 #endif
@@ -240,9 +223,25 @@ int64_t HybridLinear::in() const {
   return impl_->grid.in();
 }
 
+int64_t HybridLinear::device_bytes() const {
+  const auto& m = *impl_;
+  int64_t n = 0;
+  for (const auto* t : {&m.weight, &m.dec.blocks, &m.dec.tile_offset, &m.dec.tile_dense})
+    if (t->defined()) n += t->numel() * static_cast<int64_t>(t->element_size());
+#if PATCH_WITH_CUDA
+  if (m.sparse) n += m.sparse->bytes();
+#endif
+  return n;
+}
+
 HybridPath HybridLinear::path(int64_t tokens) const {
-  if (tokens <= kDecodeMaxTokens) return impl_->decode ? HybridPath::kDecode : HybridPath::kDense;
-  return impl_->prefill ? HybridPath::kPrefill : HybridPath::kDense;
+  const auto& m = *impl_;
+  if (!m.decode) return HybridPath::kDense;
+  if (tokens <= kDecodeMaxTokens) return HybridPath::kDecode;
+#if PATCH_WITH_CUDA
+  if (m.sparse) return HybridPath::kSparse;
+#endif
+  return HybridPath::kExpand;
 }
 
 at::Tensor HybridLinear::forward(const at::Tensor& x) {
@@ -265,6 +264,12 @@ at::Tensor HybridLinear::forward(const at::Tensor& x) {
     cuda::decode_matmul(xc, m.dec, m.grid, y);
     return y.view(shape);
   }
+  if (p == HybridPath::kExpand) {
+    // Scratch from the caching allocator: one layer's dense weight at a time.
+    auto w = at::empty({m.grid.out(), m.grid.in()}, x.options());
+    cuda::expand_weight(m.dec, m.grid, w);
+    return at::linear(x, w);
+  }
   // cuSPARSELt takes token counts in multiples of 16: zero rows pad the rest.
   const int64_t padded = (tokens + 15) / 16 * 16;
   const auto xp = padded == tokens
@@ -272,7 +277,6 @@ at::Tensor HybridLinear::forward(const at::Tensor& x) {
                       : at::cat({xc, at::zeros({padded - tokens, m.grid.in()}, xc.options())});
   auto y = at::empty({padded, m.grid.out()}, x.options());
   m.sparse->multiply(xp, y);
-  cuda::dense_tiles_matmul(xp, m.dense_tiles, m.band_ptr, m.band_cols, m.grid, y);
   return y.narrow(0, 0, tokens).view(shape);
 #else
   return at::linear(x, m.weight);

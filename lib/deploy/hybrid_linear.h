@@ -1,14 +1,19 @@
 #pragma once
-// y = x (W ⊙ M)^T for a packed hybrid layer, on the GPU without ever forming
-// the dense masked weight:
-//   decode (at most 16 tokens): one kernel streams the weight once, each 16x32
-//     block in its own format (dense: mma.m16n8k16 on all values; 2:4: the
-//     kept values and their positions straight into mma.sp.m16n8k32), so a
-//     sparse tile costs 9/16 of a dense tile's bytes; for 9 to 16 tokens a
-//     small kernel first lays x out in mma fragment order;
-//   prefill (more tokens): the 2:4 tiles on the sparse tensor cores through
-//     cuSPARSELt (dense tiles zeroed, which is a valid 2:4 matrix), then a
-//     block-sparse tensor-core kernel adds the products of the dense tiles only.
+// y = x (W ⊙ M)^T for a packed hybrid layer on the GPU, which keeps only the
+// layer's decode blocks (each tile in its own format: a sparse tile in 9/16
+// of a dense tile's bytes), plus cuSPARSELt's copy for a layer of 2:4 tiles only:
+//   decode (at most 16 tokens): one kernel streams the blocks once (dense:
+//     mma.m16n8k16 on all values; 2:4: the kept values and their positions
+//     straight into mma.sp.m16n8k32); for 9 to 16 tokens a small kernel first
+//     lays x out in mma fragment order;
+//   more tokens, a layer of 2:4 tiles only: the sparse tensor cores through
+//     cuSPARSELt;
+//   more tokens, a layer with dense tiles: a kernel expands the blocks into
+//     W ⊙ M in scratch memory and cuBLAS multiplies by it. On an H200 that
+//     matched cuSPARSELt on the 2:4 tiles plus a block-sparse kernel for the
+//     dense ones at 45% sparsity and ran 1.8x as fast at 25% (LLaMA blocks,
+//     2048 tokens), with one format on the device instead of three
+//     (docs/benchmarks.md, session 11).
 // On the CPU, and for shapes the kernels do not cover, it multiplies by the
 // masked dense weight (the reference).
 #include <ATen/ATen.h>
@@ -20,23 +25,21 @@
 
 namespace patch::deploy {
 
-enum class HybridPath { kDecode, kPrefill, kDense };
+enum class HybridPath { kDecode, kSparse, kExpand, kDense };
 const char* path_name(HybridPath p);
 
 // Tokens up to which forward() takes the decode kernel.
 inline constexpr int64_t kDecodeMaxTokens = 16;
 
-// Tile columns the kernels take: both keep a tile row's column data in shared
-// memory.
+// Tile columns the decode kernel takes: it keeps a tile row's tile offsets in
+// shared memory.
 inline constexpr int64_t kMaxTileColumns = 512;
 
-// The decode kernel needs out % 16 == 0, in % 32 == 0, tiles of 16k x 32k and
-// at most kMaxTileColumns tile columns.
+// The decode blocks (decode and expand paths) need out % 16 == 0, in % 32 == 0,
+// tiles of 16k x 32k and at most kMaxTileColumns tile columns.
 bool decode_supported(const sparsity::TileGrid& grid);
-// The prefill path needs whole tiles (out % tile_rows == in % tile_cols == 0),
-// tile_rows % 64 == 0, tile_cols % 32 == 0 and at most kMaxTileColumns tile
-// columns.
-bool prefill_supported(const sparsity::TileGrid& grid);
+// cuSPARSELt takes a layer of 2:4 tiles only with out % 64 == 0 and in % 32 == 0.
+bool sparse_supported(const sparsity::TileGrid& grid);
 
 // The decode kernel's layout of a layer: per tile, its 16x32 blocks in
 // row-major block order; a dense block is 1024 bytes (per lane 16 bytes of
@@ -63,11 +66,8 @@ namespace cuda {
 // picks the number for the layer's shape and the device.
 void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity::TileGrid& grid,
                    at::Tensor& y, int warps = 0);
-// y += x D^T over the dense tiles only: tiles [n, tile_rows, tile_cols] in
-// row-major tile order, band_ptr [rows + 1] their CSR over tile rows, band_cols
-// [n] their tile columns.
-void dense_tiles_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& band_ptr,
-                        const at::Tensor& band_cols, const sparsity::TileGrid& grid, at::Tensor& y);
+// w [out, in] bf16 = the layer's W ⊙ M, from its decode blocks.
+void expand_weight(const DecodeFormat& fmt, const sparsity::TileGrid& grid, at::Tensor& w);
 // A 2:4 weight [out, in] compressed once for cuSPARSELt; multiply() writes
 // y = x W^T, with one matmul plan per token count made (and its algorithm
 // searched) on first use.
@@ -78,6 +78,7 @@ class SparseGemm {
   SparseGemm& operator=(const SparseGemm&) = delete;
   ~SparseGemm();
   void multiply(const at::Tensor& x, at::Tensor& y);
+  int64_t bytes() const;  // of the compressed weight
 
  private:
   struct State;
@@ -88,8 +89,9 @@ class SparseGemm {
 
 class HybridLinear {
  public:
-  // Moves the layer's formats to `device` (CUDA: decode blocks, cuSPARSELt's
-  // compressed 2:4 part and the dense tiles; CPU: the masked dense weight).
+  // Moves the layer's formats to `device` (CUDA: the decode blocks, and
+  // cuSPARSELt's compressed weight for a layer of 2:4 tiles only; CPU: the
+  // masked dense weight).
   HybridLinear(const PackedLayer& layer, at::Device device);
   HybridLinear(HybridLinear&&) noexcept;
   HybridLinear& operator=(HybridLinear&&) noexcept;
@@ -105,6 +107,8 @@ class HybridLinear {
   const std::string& name() const;
   int64_t out() const;
   int64_t in() const;
+  // Bytes the layer keeps on its device, every path's format together.
+  int64_t device_bytes() const;
 
  private:
   struct Impl;

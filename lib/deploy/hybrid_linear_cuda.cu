@@ -1,5 +1,6 @@
 // CUDA side of HybridLinear: the decode kernel (mma / mma.sp straight from the
-// packed blocks), the dense-tile kernel of prefill, and the cuSPARSELt part.
+// packed blocks), the kernel that expands the blocks into W ⊙ M, and the
+// cuSPARSELt part.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -57,26 +58,6 @@ __device__ __forceinline__ void mma_sparse(float (&d)[4], const uint4& a, const 
       "{%4,%5,%6,%7}, {%8,%9,%10,%11}, {%0,%1,%2,%3}, %12, 0x0;\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e));
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* src, bool valid) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: fill with zeros
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
 }
 
 // The decode kernel. One CTA per 16 output rows; its warps split the tile
@@ -265,142 +246,53 @@ int decode_warps(int64_t slabs, const at::Device& device) {
   return 1;
 }
 
-// ---- prefill: dense tiles ------------------------------------------------------
+// ---- expand: the decode blocks back into W ⊙ M ------------------------------------
 
-constexpr int kBM = 128, kPad = 8, kTileStages = 3;
-
-struct TilesArgs {
-  const __nv_bfloat16* x;
-  int tokens, in, out;
-  const __nv_bfloat16* tiles;
-  const int* band_ptr;
-  const int* band_cols;
-  int tile_rows, tile_cols;
-  __nv_bfloat16* y;
-};
-
-// CTA: 128 tokens x kBN weight rows of one tile row, summed over that row's
-// dense tiles in kBK-column steps, three stages deep with cp.async; warps of
-// 64 x 32. Adds its sum to y, which holds the 2:4 part from cuSPARSELt.
-template <int kBN, int kBK>
-__global__ void __launch_bounds__(kBN * 2) dense_tiles_kernel(TilesArgs a) {
-  // Warps along the weight rows; 16-byte copy chunks per row; rows per copy pass.
-  constexpr int kWarpsN = kBN / 32, kChunks = kBK / 8, kPass = kBN * 2 / kChunks;
-  extern __shared__ __align__(16) uint8_t tiles_smem[];  // As, then Bs
-  auto As = reinterpret_cast<__nv_bfloat16(*)[kBM][kBK + kPad]>(tiles_smem);
-  auto Bs = reinterpret_cast<__nv_bfloat16(*)[kBN][kBK + kPad]>(
-      tiles_smem + sizeof(__nv_bfloat16) * kTileStages * kBM * (kBK + kPad));
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int wm = warp / kWarpsN, wn = warp % kWarpsN;
-  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
-  const int band = n0 / a.tile_rows, row_in_tile = n0 - band * a.tile_rows;
-  const int first = a.band_ptr[band], tiles = a.band_ptr[band + 1] - first;
-  const int steps_per_tile = a.tile_cols / kBK, steps = tiles * steps_per_tile;
-  if (steps == 0) return;  // no dense tile in this tile row: y holds the 2:4 part already
-  // The band's tile columns, so that no copy waits on a lookup.
-  __shared__ int band_k0[kMaxTileColumns];
-  for (int i = tid; i < tiles; i += blockDim.x) band_k0[i] = a.band_cols[first + i] * a.tile_cols;
-  __syncthreads();
-
-  // A thread copies the same 16 bytes of rows tid / kChunks + kPass j in every
-  // step: its sources move only by the step's column offset.
-  const int cr = tid / kChunks, cc = (tid % kChunks) * 8;
-  const __nv_bfloat16* x_src[kBM / kPass];
-  bool x_ok[kBM / kPass];
+// One warp per 16x32 block, eight per CTA. A lane holds the block's words at
+// fragment positions (decode_format_weight's reading), so it writes each
+// 4-byte pair of a dense block, and each 2:4 group's four values (its two kept
+// values placed by their metadata nibble) as one 8-byte store.
+__global__ void __launch_bounds__(256) expand_kernel(DecodeArgs a, __nv_bfloat16* w) {
+  const int64_t block = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  const int kbs = a.in / 32;
+  if (block >= static_cast<int64_t>(a.out / 16) * kbs) return;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int slab = static_cast<int>(block / kbs), kb = static_cast<int>(block % kbs);
+  const int r = slab * 16 / a.tile_rows, c = kb * 32 / a.tile_cols;
+  const int tile = r * a.tiles_across + c;
+  const int per_tile = min(a.tile_cols, a.in - c * a.tile_cols) / 32;
+  const bool dense = a.tile_dense[tile] != 0;
+  const int index = (slab - r * a.tile_rows / 16) * per_tile + kb - c * a.tile_cols / 32;
+  const uint8_t* q =
+      a.blocks + a.tile_offset[tile] + static_cast<int64_t>(index) * (dense ? 1024 : 576);
+  // Word j of a lane's 16 bytes: row g + 8 (j & 1), columns 2t + 8 (j >> 1) + {0, 1}.
+  __nv_bfloat16* base = w + static_cast<int64_t>(slab * 16 + g) * a.in + kb * 32;
+  const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(q) + lane);
+  const uint32_t v0w[4] = {v0.x, v0.y, v0.z, v0.w};
+  if (dense) {
+    const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(q + 512) + lane);
+    const uint32_t v1w[4] = {v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
-  for (int j = 0; j < kBM / kPass; ++j) {
-    x_ok[j] = m0 + cr + kPass * j < a.tokens;
-    x_src[j] = a.x + (x_ok[j] ? static_cast<int64_t>(m0 + cr + kPass * j) * a.in + cc : 0);
-  }
-  const int64_t tile_src = static_cast<int64_t>(row_in_tile + cr) * a.tile_cols + cc;
-  const int64_t tile_elems = static_cast<int64_t>(a.tile_rows) * a.tile_cols;
-  int load_tile = 0, load_ks = 0;  // the next step to copy
-
-  auto load = [&](int stage) {  // an empty group past the last step keeps the count uniform
-    if (load_tile < tiles) {
-      const int k0 = band_k0[load_tile] + load_ks * kBK;
-#pragma unroll
-      for (int j = 0; j < kBM / kPass; ++j)
-        cp_async16(&As[stage][cr + kPass * j][cc], x_src[j] + k0, x_ok[j]);
-      const __nv_bfloat16* tile =
-          a.tiles + (first + load_tile) * tile_elems + tile_src + load_ks * kBK;
-#pragma unroll
-      for (int j = 0; j < kBN / kPass; ++j)
-        cp_async16(&Bs[stage][cr + kPass * j][cc], tile + kPass * j * a.tile_cols, true);
-      if (++load_ks == steps_per_tile) {
-        load_ks = 0;
-        ++load_tile;
-      }
+    for (int j = 0; j < 4; ++j) {
+      __nv_bfloat16* p = base + static_cast<int64_t>(8 * (j & 1)) * a.in + 2 * t + 8 * (j >> 1);
+      *reinterpret_cast<uint32_t*>(p) = v0w[j];
+      *reinterpret_cast<uint32_t*>(p + 16) = v1w[j];
     }
-    cp_async_commit();
-  };
-
-  float acc[4][4][4] = {};
-  for (int i = 0; i < kTileStages - 1; ++i) load(i);
-  for (int step = 0; step < steps; ++step) {
-    load((step + kTileStages - 1) % kTileStages);
-    cp_async_wait<kTileStages - 1>();
-    __syncthreads();
-    const int s = step % kTileStages;
-#pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t af[4][4], bf[2][4];
-#pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
-        ldmatrix_x4(af[mi], &As[s][wm * 64 + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
-#pragma unroll
-      for (int np = 0; np < 2; ++np)
-        ldmatrix_x4(
-            bf[np],
-            &Bs[s][wn * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8][kk + ((lane >> 3) & 1) * 8]);
-#pragma unroll
-      for (int mi = 0; mi < 4; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
-          mma_dense(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3],
-                    bf[ni >> 1][(ni & 1) * 2], bf[ni >> 1][(ni & 1) * 2 + 1]);
-    }
-    __syncthreads();
+    return;
   }
-
-  // y += acc, reading a whole row block of y before writing any of it, so that
-  // the reads are in flight together.
-  const int g = lane >> 2, t = lane & 3;
+  // Compressed columns 2t + 8 (j >> 1) + {0, 1} are group t + 4 (j >> 1)'s two
+  // kept values; its nibble is in word g * 2 + (j >> 1), 16 bits up for row g + 8.
+  const uint2 meta = __ldg(reinterpret_cast<const uint2*>(q + 512) + g);
 #pragma unroll
-  for (int mi = 0; mi < 4; ++mi) {
-    float2 prev[4][2];
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int token = m0 + wm * 64 + mi * 16 + g + 8 * h, col = n0 + wn * 32 + ni * 8 + 2 * t;
-        prev[ni][h] = token < a.tokens
-                          ? __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
-                                a.y + static_cast<int64_t>(token) * a.out + col))
-                          : make_float2(0.f, 0.f);
-      }
-#pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int token = m0 + wm * 64 + mi * 16 + g + 8 * h, col = n0 + wn * 32 + ni * 8 + 2 * t;
-        if (token < a.tokens)
-          *reinterpret_cast<__nv_bfloat162*>(a.y + static_cast<int64_t>(token) * a.out + col) =
-              __floats2bfloat162_rn(prev[ni][h].x + acc[mi][ni][2 * h],
-                                    prev[ni][h].y + acc[mi][ni][2 * h + 1]);
-      }
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t word = (j >> 1) ? meta.y : meta.x;
+    const uint32_t nib = (word >> (16 * (j & 1) + 4 * t)) & 0xfu;
+    // The group's four values as one 64-bit word: kept value i at 16 * its position.
+    const uint64_t four = (static_cast<uint64_t>(v0w[j] & 0xffffu) << (16 * (nib & 3u))) |
+                          (static_cast<uint64_t>(v0w[j] >> 16) << (16 * (nib >> 2)));
+    __nv_bfloat16* p = base + static_cast<int64_t>(8 * (j & 1)) * a.in + 4 * (t + 4 * (j >> 1));
+    *reinterpret_cast<uint64_t*>(p) = four;
   }
-}
-
-template <int kBN, int kBK>
-void launch_dense_tiles(const TilesArgs& a) {
-  constexpr int smem = sizeof(__nv_bfloat16) * kTileStages * (kBM + kBN) * (kBK + kPad);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(dense_tiles_kernel<kBN, kBK>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 blocks(static_cast<unsigned>((a.tokens + kBM - 1) / kBM),
-                    static_cast<unsigned>(a.out / kBN));
-  dense_tiles_kernel<kBN, kBK><<<blocks, kBN * 2, smem, at::cuda::getCurrentCUDAStream()>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- cuSPARSELt ------------------------------------------------------------------
@@ -459,27 +351,27 @@ void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity:
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void dense_tiles_matmul(const at::Tensor& x, const at::Tensor& tiles, const at::Tensor& band_ptr,
-                        const at::Tensor& band_cols, const sparsity::TileGrid& grid,
-                        at::Tensor& y) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  TilesArgs a{reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
-              static_cast<int>(x.size(0)),
-              static_cast<int>(grid.in()),
-              static_cast<int>(grid.out()),
-              reinterpret_cast<const __nv_bfloat16*>(tiles.data_ptr()),
-              band_ptr.data_ptr<int>(),
-              band_cols.data_ptr<int>(),
-              static_cast<int>(grid.tile_rows()),
-              static_cast<int>(grid.tile_cols()),
-              reinterpret_cast<__nv_bfloat16*>(y.data_ptr())};
-  // 128 weight rows in 64-column steps where the tiles allow it: on an H200 it
-  // cut a 2048-token LLaMA-2-7B gate/up prefill from 347 to 291 us against the
-  // 64 x 32 shape, which remains for smaller tiles.
-  if (grid.tile_rows() % 128 == 0 && grid.tile_cols() % 64 == 0)
-    launch_dense_tiles<128, 64>(a);
-  else
-    launch_dense_tiles<64, 32>(a);
+void expand_weight(const DecodeFormat& fmt, const sparsity::TileGrid& grid, at::Tensor& w) {
+  core::check(w.is_cuda() && w.scalar_type() == at::kBFloat16 && w.is_contiguous() &&
+                  w.sizes() == at::IntArrayRef({grid.out(), grid.in()}),
+              "expand_weight",
+              core::str("expected a contiguous bf16 CUDA [", grid.out(), ", ", grid.in(),
+                        "] tensor, got ", w.sizes()));
+  const c10::cuda::CUDAGuard guard(w.device());
+  DecodeArgs a{};
+  a.in = static_cast<int>(grid.in());
+  a.out = static_cast<int>(grid.out());
+  a.blocks = fmt.blocks.data_ptr<uint8_t>();
+  a.tile_offset = fmt.tile_offset.data_ptr<int64_t>();
+  a.tile_dense = fmt.tile_dense.data_ptr<uint8_t>();
+  a.tile_rows = static_cast<int>(grid.tile_rows());
+  a.tile_cols = static_cast<int>(grid.tile_cols());
+  a.tiles_across = static_cast<int>(grid.cols());
+  const int64_t blocks = grid.out() / 16 * (grid.in() / 32);
+  expand_kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0,
+                  at::cuda::getCurrentCUDAStream()>>>(
+      a, reinterpret_cast<__nv_bfloat16*>(w.data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // A = W [out, in] row-major, structured; B = x^T (x row-major [T, in] read as a
@@ -532,6 +424,10 @@ SparseGemm::SparseGemm(const at::Tensor& weight) : s_(std::make_unique<State>())
                                     s_->compressed.data_ptr(), scratch.data_ptr(),
                                     at::cuda::getCurrentCUDAStream()),
            "compress");
+}
+
+int64_t SparseGemm::bytes() const {
+  return s_->compressed.numel();
 }
 
 SparseGemm::~SparseGemm() {

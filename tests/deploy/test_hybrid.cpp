@@ -141,14 +141,12 @@ TEST_CASE("the decode blocks read back by the PTX fragment layouts give W times 
     CHECK(at::equal(deploy::decode_format_weight(f, p.grid), masked(w, m)));
   }
   CHECK_FALSE(deploy::decode_supported(sparsity::TileGrid(40, 96, 16, 32)));
-  // Both kernels hold a tile row's column data in shared memory.
+  // The decode kernel holds a tile row's tile offsets in shared memory.
   const int64_t most = deploy::kMaxTileColumns;
   CHECK(deploy::decode_supported(sparsity::TileGrid(64, 32 * most, 64, 32)));
-  CHECK(deploy::prefill_supported(sparsity::TileGrid(64, 32 * most, 64, 32)));
   CHECK_FALSE(deploy::decode_supported(sparsity::TileGrid(64, 32 * (most + 1), 64, 32)));
-  CHECK_FALSE(deploy::prefill_supported(sparsity::TileGrid(64, 32 * (most + 1), 64, 32)));
-  CHECK_FALSE(deploy::prefill_supported(sparsity::TileGrid(100, 128, 64, 32)));
-  CHECK(deploy::prefill_supported(sparsity::TileGrid(128, 256, 64, 32)));
+  CHECK_FALSE(deploy::sparse_supported(sparsity::TileGrid(96, 128, 32, 32)));
+  CHECK(deploy::sparse_supported(sparsity::TileGrid(128, 256, 64, 32)));
 }
 
 TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
@@ -174,15 +172,28 @@ TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
         const double tol = 8e-3 * ref.abs().max().item<double>();
         CHECK((y - ref).abs().max().item<double>() <= tol);
         if (device.is_cuda()) {
-          const bool decode = deploy::decode_supported(p.grid),
-                     prefill = deploy::prefill_supported(p.grid);
+          // cuSPARSELt only for a layer of 2:4 tiles only (here sparsity 0.5).
+          const bool sparse = p.dense_tiles() == 0 && deploy::sparse_supported(p.grid);
           CHECK(lin.path(tokens) ==
-                (tokens <= deploy::kDecodeMaxTokens
-                     ? (decode ? deploy::HybridPath::kDecode : deploy::HybridPath::kDense)
-                     : (prefill ? deploy::HybridPath::kPrefill : deploy::HybridPath::kDense)));
+                (!deploy::decode_supported(p.grid)     ? deploy::HybridPath::kDense
+                 : tokens <= deploy::kDecodeMaxTokens ? deploy::HybridPath::kDecode
+                 : sparse                             ? deploy::HybridPath::kSparse
+                                                      : deploy::HybridPath::kExpand));
         } else {
           CHECK(lin.path(tokens) == deploy::HybridPath::kDense);
         }
+      }
+      // On the CPU the layer keeps the masked weight; on the GPU the decode
+      // blocks (the packed layer's bytes) and their tile offsets and flags,
+      // plus cuSPARSELt's copy for a layer of 2:4 tiles only.
+      if (device.is_cpu()) {
+        CHECK(lin.device_bytes() == 2 * c.out * c.in);
+      } else {
+        const int64_t blocks = p.bytes() + p.grid.num_tiles() * 9;
+        if (lin.path(256) == deploy::HybridPath::kSparse)
+          CHECK(lin.device_bytes() > blocks + c.out * c.in);
+        else
+          CHECK(lin.device_bytes() == blocks);
       }
       // A clone computes the same in its own memory.
       const auto x = at::randn({4, c.in}, at::kFloat).to(at::kBFloat16).to(device);
@@ -219,6 +230,28 @@ TEST_CASE("the decode kernel gives the same y however many warps split a slab", 
 }
 #endif
 
+#if PATCH_WITH_CUDA
+TEST_CASE("the expand kernel writes exactly W times M from the decode blocks", "[deploy]") {
+  if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
+  const at::Device cuda(at::kCUDA, 0);
+  // Ragged last tile column (352 = 5.5 x 64) and last tile row (48 = 1.5 x 32),
+  // all-dense and all-2:4 layers.
+  for (const Case& c : {Case{640, 352, 64, 64, 0.45}, Case{48, 96, 32, 64, 0.5},
+                        Case{256, 2048, 128, 128, 0.25}, Case{128, 256, 64, 32, 0.0},
+                        Case{96, 160, 32, 32, 0.35}}) {
+    INFO(c.out << "x" << c.in << " tiles " << c.tile_rows << "x" << c.tile_cols);
+    auto [w, m] = random_layer(c, 13);
+    const auto p = deploy::pack_layer(w, m);
+    const auto f = deploy::build_decode_format(p);
+    const deploy::DecodeFormat dev{f.blocks.to(cuda), f.tile_offset.to(cuda),
+                                   f.tile_dense.to(cuda)};
+    auto out = at::full({c.out, c.in}, 7.0, at::TensorOptions(cuda).dtype(at::kBFloat16));
+    deploy::cuda::expand_weight(dev, p.grid, out);
+    CHECK(at::equal(out.cpu(), masked(w, m)));
+  }
+}
+#endif
+
 TEST_CASE("patch-train pack writes the packed masked layers of a checkpoint", "[deploy][cli]") {
   test::TempDir dir;
   const std::string model = test::data_path("models/tinystories-656k");
@@ -248,20 +281,21 @@ TEST_CASE("patch-train pack writes the packed masked layers of a checkpoint", "[
   const std::string eval = "'" + bin + "' eval -q --model '" + model + "' --data '" +
                            test::data_path("text/tinystories/tinystories_validation_head.txt") +
                            "' --set model.dtype=bfloat16 --set data.seq_len=128 ";
-  auto via_packed = test::run_command(eval + "--packed '" + dir.file("out/packed.safetensors") + "' --out '" +
-                                      dir.file("eval-packed") + "'");
+  auto via_packed = test::run_command(eval + "--packed '" + dir.file("out/packed.safetensors") +
+                                      "' --out '" + dir.file("eval-packed") + "'");
   INFO(via_packed.err);
   REQUIRE(via_packed.exit_code == 0);
-  auto via_masks = test::run_command(eval + "--masks '" + dir.file("masks.safetensors") + "' --out '" +
-                                     dir.file("eval-masks") + "'");
+  auto via_masks = test::run_command(eval + "--masks '" + dir.file("masks.safetensors") +
+                                     "' --out '" + dir.file("eval-masks") + "'");
   REQUIRE(via_masks.exit_code == 0);
   auto ep = nlohmann::json::parse(core::read_file(dir.file("eval-packed/eval.json")));
   auto em = nlohmann::json::parse(core::read_file(dir.file("eval-masks/eval.json")));
   CHECK(ep["perplexity"].get<double>() == em["perplexity"].get<double>());
   CHECK(ep["sparsity"].get<double>() == Approx(em["sparsity"].get<double>()));
   // Both at once is a usage error.
-  auto both = test::run_command(eval + "--packed '" + dir.file("out/packed.safetensors") + "' --masks '" +
-                                dir.file("masks.safetensors") + "' --out '" + dir.file("eval-both") + "'");
+  auto both =
+      test::run_command(eval + "--packed '" + dir.file("out/packed.safetensors") + "' --masks '" +
+                        dir.file("masks.safetensors") + "' --out '" + dir.file("eval-both") + "'");
   CHECK(both.exit_code == 2);
 
   // No mask file: a usage error; an unstructured one: refused with a reason.
@@ -291,7 +325,7 @@ TEST_CASE("eval --packed on the GPU scores the masked model within bf16 toleranc
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   test::TempDir dir;
   const std::string model = test::data_path("models/tinystories-656k");
-  // Whole 64x64 tiles: both GPU paths take every layer.
+  // Whole 64x64 tiles: the GPU paths take every layer.
   const auto masks = magnitude_masks(io::load_checkpoint(model), 64);
   maskfile::write_mask_file(dir.file("masks.safetensors"), masks);
   const std::string bin = test::train_bin();
@@ -303,10 +337,11 @@ TEST_CASE("eval --packed on the GPU scores the masked model within bf16 toleranc
     INFO(layer.name);
     deploy::HybridLinear lin(layer, at::Device(at::kCUDA, 0));
     CHECK(lin.path(1) == deploy::HybridPath::kDecode);
-    CHECK(lin.path(128) == deploy::HybridPath::kPrefill);
+    CHECK(lin.path(128) == (layer.dense_tiles() == 0 ? deploy::HybridPath::kSparse
+                                                     : deploy::HybridPath::kExpand));
   }
-  // Windows of 128 tokens run the prefill path (cuSPARSELt and the dense-tile
-  // kernel); the oracle is the masked model through at::linear on the GPU.
+  // Windows of 128 tokens run the expand (or cuSPARSELt) path; the oracle is
+  // the masked model through at::linear on the GPU.
   const std::string eval =
       "'" + bin + "' eval -q --model '" + model + "' --data '" +
       test::data_path("text/tinystories/tinystories_validation_head.txt") +
