@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Prints `patch-train bench-deploy` JSON lines as one table row per layer shape,
-block and model: cuBLAS time -> hybrid time (speedup), for each file side by side.
+block and model: cuBLAS time -> hybrid time (speedup), for a layer also its device
+memory over a dense layer's, for each file side by side.
 
 usage: bench_deploy_summary.py [LABEL=]FILE [[LABEL=]FILE ...]
 
@@ -29,7 +30,11 @@ def cell(row):
                 f"{row['hybrid_decode_tokens_per_s']:.0f} tok/s ({row['decode_speedup']:.2f}x), "
                 f"prefill {row['prefill_tokens']} {row['dense_prefill_ms']:.1f} -> "
                 f"{row['hybrid_prefill_ms']:.1f} ms ({row['prefill_speedup']:.2f}x)")
-    return f"{row['dense_us']:8.1f} -> {row['hybrid_us']:8.1f} us ({row['speedup']:.2f}x)"
+    text = f"{row['dense_us']:8.1f} -> {row['hybrid_us']:8.1f} us ({row['speedup']:.2f}x)"
+    if row["bench"] == "deploy_layer":  # runs before session 11 lack the memory
+        mem = row.get("device_bytes_ratio")
+        text += f" mem {mem:.2f}" if mem is not None else " " * 9
+    return text
 
 
 def main(args):
