@@ -43,30 +43,33 @@ bool sparse_supported(const TileGrid& g) {
 }
 
 DecodeFormat build_decode_format(const PackedLayer& layer) {
-  return build_decode_format(layer, unpack_layer(layer));
-}
-
-DecodeFormat build_decode_format(const PackedLayer& layer, const at::Tensor& w) {
   const TileGrid& g = layer.grid;
   core::check(decode_supported(g), layer.name,
               "decode format needs out % 16, in % 32, tile rows % 16 and tile cols % 32 == 0");
   const int64_t S = g.out() / kSlab, KB = g.in() / kBlockK;
-  const auto nib = group_nibbles(layer).to(at::kLong);  // [out, groups]
+  const auto nib = group_nibbles(layer).to(at::kInt);  // [out, groups]
 
-  // Every block in both layouts; each tile then takes the one it needs. Both
-  // are one strided copy, and the kept values come from the packed layer: with
-  // gathers by index instead (fragment permutations, kept values from w by
-  // their positions), an 11008x4096 layer took 0.87-1.03 s here against 0.41
-  // (2 CPU cores).
+  // Each layout is one strided copy straight from the packed layer: of each
+  // dense tile, of every group's kept values, and of every group's nibble into
+  // metadata words. With gathers by index instead (fragment permutations, kept
+  // values from the unpacked weight by their positions) an 11008x4096 layer
+  // took 0.87-1.03 s here; with the dense layout of the whole unpacked weight
+  // and int64 metadata arithmetic, 0.40 (2 CPU cores).
   // The mma A fragment of lane (g, t) holds register a_{2j+e} at row g + 8 j0
   // and column 2t + 8 j1 + e (j = 2 j1 + j0) of a 16-column half (PTX ISA,
   // m16n8k16 .bf16).
   // Dense: per 16x32 block, element h*256 + lane*8 + j*2 + e is row j0*8 + g,
   // column h*16 + j1*8 + t*2 + e: dims (h, g, t, j1, j0, e) of the weight's
   // (slab: j0, g; block column: h, j1, t, e).
-  const auto dense_frag = w.view({S, 2, 8, KB, 2, 2, 4, 2})
-                              .permute({0, 3, 4, 2, 6, 5, 1, 7})
-                              .reshape({S, KB, 512});  // bf16
+  int64_t at_dense = 0;  // dense tiles are stored in row-major tile order
+  auto dense_blocks = [&](int64_t s0, int64_t s1, int64_t k0, int64_t k1) {
+    const int64_t n = (s1 - s0) * kSlab * (k1 - k0) * kBlockK;
+    const auto tile = layer.dense.slice(0, at_dense, at_dense + n);
+    at_dense += n;
+    return tile.view({s1 - s0, 2, 8, k1 - k0, 2, 2, 4, 2})
+        .permute({0, 3, 4, 2, 6, 5, 1, 7})
+        .reshape({s1 - s0, k1 - k0, 512});  // bf16
+  };
   // 2:4: the compressed 16x16 values (per row, each group's two kept values)
   // in the same A layout, mma.sp.m16n8k32 taking them as m16n8k16 does: row
   // j0*8 + g, compressed column j1*8 + t*2 + e.
@@ -75,15 +78,23 @@ DecodeFormat build_decode_format(const PackedLayer& layer, const at::Tensor& w) 
                                .permute({0, 3, 2, 5, 4, 1, 6})
                                .reshape({S, KB, 256});  // bf16
   // Metadata word of lane (g, tig < 2): nibbles of groups 4*tig .. 4*tig+3 of
-  // row g in bits 0-15 and of row g+8 in bits 16-31, four bits per group.
+  // row g in bits 0-15 and of row g+8 in bits 16-31, four bits per group; its
+  // four little-endian bytes are taken from the two 16-bit halves.
   const auto nb = nib.view({S, kSlab, KB, 8}).permute({0, 2, 1, 3});  // [S, KB, 16, 8]
-  const auto shifts = at::tensor({0, 4, 8, 12}, at::kLong);
-  const auto lo = nb.slice(2, 0, 8).reshape({S, KB, 8, 2, 4}).bitwise_left_shift(shifts).sum(-1);
-  const auto hi =
-      nb.slice(2, 8, 16).reshape({S, KB, 8, 2, 4}).bitwise_left_shift(shifts + 16).sum(-1);
-  const auto words64 = (lo + hi).reshape({S, KB, 16}).contiguous();
-  // Low 4 bytes of each little-endian int64: the 32-bit word.
-  const auto words = bytes_of(words64).view({S, KB, 16, 8}).slice(3, 0, 4).reshape({S, KB, 64});
+  const auto shifts = at::tensor({0, 4, 8, 12}, at::kInt);
+  const auto lo = nb.slice(2, 0, 8)
+                      .reshape({S, KB, 8, 2, 4})
+                      .bitwise_left_shift(shifts)
+                      .sum(-1, false, at::kInt);
+  const auto hi = nb.slice(2, 8, 16)
+                      .reshape({S, KB, 8, 2, 4})
+                      .bitwise_left_shift(shifts)
+                      .sum(-1, false, at::kInt);
+  const auto words = at::stack({lo.bitwise_and(255), lo.bitwise_right_shift(8), hi.bitwise_and(255),
+                                hi.bitwise_right_shift(8)},
+                               -1)
+                         .to(at::kByte)
+                         .reshape({S, KB, 64});
 
   DecodeFormat f;
   f.tile_dense = layer.tile_dense.reshape(-1).contiguous();
@@ -98,7 +109,7 @@ DecodeFormat build_decode_format(const PackedLayer& layer, const at::Tensor& w) 
       const int64_t k0 = c * g.tile_cols() / kBlockK, k1 = k0 + g.tile_width(c) / kBlockK;
       at::Tensor part;
       if (dense_flag[r * g.cols() + c]) {
-        part = bytes_of(dense_frag.slice(0, s0, s1).slice(1, k0, k1));
+        part = bytes_of(dense_blocks(s0, s1, k0, k1));
       } else {
         part = at::cat({bytes_of(sparse_frag.slice(0, s0, s1).slice(1, k0, k1)),
                         words.slice(0, s0, s1).slice(1, k0, k1)},
@@ -176,19 +187,16 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device)
   m.name = layer.name;
   m.grid = layer.grid;
   m.device = device;
-  const auto w = unpack_layer(layer);  // W ⊙ M, once for every format below
 #if PATCH_WITH_CUDA
-  if (device.is_cuda()) {
-    m.decode = decode_supported(layer.grid);
-    if (m.decode) {
-      auto f = build_decode_format(layer, w);
-      m.dec = {f.blocks.to(device), f.tile_offset.to(device), f.tile_dense.to(device)};
-    }
-    if (m.decode && layer.dense_tiles() == 0 && sparse_supported(layer.grid))
-      m.sparse = std::make_unique<cuda::SparseGemm>(w.to(device));
+  if (device.is_cuda() && decode_supported(layer.grid)) {
+    m.decode = true;
+    auto f = build_decode_format(layer);
+    m.dec = {f.blocks.to(device), f.tile_offset.to(device), f.tile_dense.to(device)};
+    if (layer.dense_tiles() == 0 && sparse_supported(layer.grid))
+      m.sparse = std::make_unique<cuda::SparseGemm>(unpack_layer(layer).to(device));
   }
 #endif
-  if (!m.decode) m.weight = w.to(device);
+  if (!m.decode) m.weight = unpack_layer(layer).to(device);
 }
 
 HybridLinear::HybridLinear(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}

@@ -53,8 +53,6 @@ struct DecodeFormat {
   at::Tensor tile_dense;   // uint8 [rows * cols]
 };
 DecodeFormat build_decode_format(const PackedLayer& layer);  // CPU tensors
-// The same from the layer's unpacked weight (unpack_layer), when it is at hand.
-DecodeFormat build_decode_format(const PackedLayer& layer, const at::Tensor& weight);
 // Reads a DecodeFormat back into the [out, in] bf16 weight by the PTX ISA's
 // fragment definitions: the CPU oracle for build_decode_format.
 at::Tensor decode_format_weight(const DecodeFormat& fmt, const sparsity::TileGrid& grid);
