@@ -266,17 +266,18 @@ at::Tensor HybridLinear::forward(const at::Tensor& x) {
   if (p == HybridPath::kDense) return at::linear(x, m.weight.to(x.scalar_type()));
 #if PATCH_WITH_CUDA
   core::check(x.scalar_type() == at::kBFloat16, m.name, "the hybrid kernels take bfloat16 inputs");
-  const auto xc = x2.contiguous();
+  if (p == HybridPath::kExpand) {
+    // Scratch from the caching allocator: one layer's dense weight at a time;
+    // cuBLAS takes x as it is.
+    auto w = at::empty({m.grid.out(), m.grid.in()}, x.options());
+    cuda::expand_weight(m.dec, m.grid, w);
+    return at::linear(x, w);
+  }
+  const auto xc = x2.contiguous();  // the decode kernel and cuSPARSELt read rows densely
   if (p == HybridPath::kDecode) {
     auto y = at::empty({tokens, m.grid.out()}, x.options());
     cuda::decode_matmul(xc, m.dec, m.grid, y);
     return y.view(shape);
-  }
-  if (p == HybridPath::kExpand) {
-    // Scratch from the caching allocator: one layer's dense weight at a time.
-    auto w = at::empty({m.grid.out(), m.grid.in()}, x.options());
-    cuda::expand_weight(m.dec, m.grid, w);
-    return at::linear(x, w);
   }
   // cuSPARSELt takes token counts in multiples of 16: zero rows pad the rest.
   const int64_t padded = (tokens + 15) / 16 * 16;
