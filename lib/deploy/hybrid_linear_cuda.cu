@@ -62,91 +62,119 @@ __device__ __forceinline__ void mma_sparse(float (&d)[4], const uint4& a, const 
 
 // The decode kernel. One CTA per 16 output rows; its warps split the tile
 // row's tiles and reduce through shared memory at the end. A warp walks its
-// tiles in groups of up to G 16x32 blocks (contiguous in memory), holding two
-// groups in registers so that the loads of one are in flight while the other
-// is multiplied; per block it only bumps a pointer. NT n-tiles of 8 tokens.
+// tiles in groups of up to G 16x32 blocks of one tile (contiguous in memory),
+// holding two groups in registers so that the loads of one are in flight while
+// the other is multiplied. A group is all dense or all 2:4, so each kind has
+// its own unrolled loads at fixed offsets from one pointer, and with kFull
+// (every tile's blocks come in whole groups) no block is bounds-checked. The
+// kernel was bound by instruction latency (ncu: 12.3 cycles between a warp's
+// instructions), most of them per-block branches and address arithmetic: on
+// an H200 at 0.45 and one token, a LLaMA-2-7B block went 1.42x -> 1.54x of
+// cuBLAS with these loads. NT n-tiles of 8 tokens.
 
 template <int NT>
 struct Group {
   static constexpr int G = decode_group<NT>();
-  uint4 v0[G], v1[G];
+  uint4 v0[G], v1[G];  // v1: a dense block's second half, or in .x a 2:4 block's metadata word
   uint32_t b[G][NT][4];
   int blocks = 0;  // valid blocks in the group
   bool dense = false;
+};
+
+// What a lane reads from, fixed for its whole walk.
+struct LaneView {
+  int values;         // its 16 bytes within a block
+  int meta;           // its metadata word within a 2:4 block: lanes 2 and 3 of a quad
+                      // read those of lanes 0 and 1, which the mma ignores
+  const uint32_t* x;  // one n-tile: its activation row at its column pair
+  const uint4* xf;    // two n-tiles: its fragments of the first block
 };
 
 struct Walk {  // a warp's position: tile column and group within it
   int tc, chunk;
 };
 
-template <int NT>
+template <int NT, bool kFull>
 __device__ __forceinline__ void load_group(Group<NT>& r, const DecodeArgs& a,
-                                           const int64_t* tile_off, const uint8_t* tile_dense,
-                                           int slab, const Walk& w, int tc_end, int lane) {
+                                           const uint8_t* const* first, const uint8_t* dense,
+                                           const LaneView& view, const Walk& w, int tc_end) {
+  constexpr int G = Group<NT>::G;
   r.blocks = 0;
   if (w.tc >= tc_end) return;
-  const int g = lane >> 2, t = lane & 3;
   const int per_tile = min(a.tile_cols, a.in - w.tc * a.tile_cols) / 32;
-  r.dense = tile_dense[w.tc] != 0;
-  constexpr int G = Group<NT>::G;
-  r.blocks = min(G, per_tile - w.chunk * G);
-  const int bytes = r.dense ? 1024 : 576;
-  const uint8_t* p =
-      a.blocks + tile_off[w.tc] + static_cast<int64_t>(slab * per_tile + w.chunk * G) * bytes;
-  const int k0 = w.tc * a.tile_cols + w.chunk * G * 32;
+  r.blocks = kFull ? G : min(G, per_tile - w.chunk * G);
+  r.dense = dense[w.tc] != 0;
+  if (r.dense) {
+    const uint8_t* q = first[w.tc] + w.chunk * G * 1024 + view.values;
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      if (!kFull && u >= r.blocks) break;
+      r.v0[u] = __ldg(reinterpret_cast<const uint4*>(q + u * 1024));
+      r.v1[u] = __ldg(reinterpret_cast<const uint4*>(q + u * 1024 + 512));
+    }
+  } else {
+    const uint8_t* q = first[w.tc] + w.chunk * G * 576;
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      if (!kFull && u >= r.blocks) break;
+      r.v0[u] = __ldg(reinterpret_cast<const uint4*>(q + view.values + u * 576));
+      r.v1[u].x = __ldg(reinterpret_cast<const uint32_t*>(q + view.meta + u * 576));
+    }
+  }
+  const int kb = w.tc * (a.tile_cols / 32) + w.chunk * G;  // the group's first 32-column block
 #pragma unroll
   for (int u = 0; u < G; ++u) {
-    if (u >= r.blocks) break;
-    const uint8_t* q = p + u * bytes;
-    r.v0[u] = __ldg(reinterpret_cast<const uint4*>(q) + lane);
-    if (r.dense)
-      r.v1[u] = __ldg(reinterpret_cast<const uint4*>(q + 512) + lane);
-    else
-      r.v1[u].x = t < 2 ? __ldg(reinterpret_cast<const uint32_t*>(q + 512) + g * 2 + t) : 0u;
-    // Two n-tiles take x laid out in fragment order (frag_x_kernel), one
-    // 16-byte load per n-tile: eight scattered 4-byte loads per block made the
-    // 16-token decode 0.77x of cuBLAS on an H200, fragment order 1.04x
-    // (LLaMA-2-7B block). For one n-tile the extra launch costs more than it
-    // saves (1 token: 1.42x direct, 1.28x through fragment order).
-    if constexpr (NT == 2) {
-      const uint4* xf = a.xf + (static_cast<int64_t>(k0 / 32 + u) * 32 + lane) * NT;
+    if (!kFull && u >= r.blocks) break;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint4 v = __ldg(xf + nt);
+    for (int nt = 0; nt < NT; ++nt) {
+      if constexpr (NT == 2) {
+        // Two n-tiles take x laid out in fragment order (frag_x_kernel), one
+        // 16-byte load per n-tile: eight scattered 4-byte loads per block made
+        // the 16-token decode 0.77x of cuBLAS on an H200, fragment order 1.04x
+        // (LLaMA-2-7B block). For one n-tile the extra launch costs more than
+        // it saves (1 token: 1.42x direct, 1.28x through fragment order).
+        const uint4 v = __ldg(view.xf + ((kb + u) * 32) * NT + nt);
         r.b[u][nt][0] = v.x;
         r.b[u][nt][1] = v.y;
         r.b[u][nt][2] = v.z;
         r.b[u][nt][3] = v.w;
-      }
-    } else {
+      } else {
+        const uint32_t* xr = view.x + (kb + u) * 16;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int n = nt * 8 + g;
-        const auto* xr = reinterpret_cast<const uint32_t*>(
-            a.x + static_cast<int64_t>(min(n, a.tokens - 1)) * a.in + k0 + u * 32 + 2 * t);
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          r.b[u][nt][j] = n < a.tokens ? __ldg(xr + 4 * j) : 0u;  // k + 2t + 8j
+        for (int j = 0; j < 4; ++j) r.b[u][nt][j] = __ldg(xr + 4 * j);
       }
     }
   }
 }
 
-template <int NT>
-__device__ __forceinline__ void mma_group(float (&acc)[NT][4], const Group<NT>& r) {
+// Accumulator sets: the blocks of a group alternate between them, so that an
+// mma does not wait for the one before it and the group's registers are free
+// for the next loads sooner.
+constexpr int kDecodeAccumulators = 2;
+
+template <int NT, bool kFull>
+__device__ __forceinline__ void mma_group(float (&acc)[kDecodeAccumulators][NT][4],
+                                          const Group<NT>& r) {
+  constexpr int G = Group<NT>::G, K = kDecodeAccumulators;
+  if (r.blocks == 0) return;  // past the warp's last tile
+  if (r.dense) {
 #pragma unroll
-  for (int u = 0; u < Group<NT>::G; ++u) {
-    if (u >= r.blocks) break;
+    for (int u = 0; u < G; ++u) {
+      if (!kFull && u >= r.blocks) break;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      if (r.dense) {
-        mma_dense(acc[nt], r.v0[u].x, r.v0[u].y, r.v0[u].z, r.v0[u].w, r.b[u][nt][0],
+      for (int nt = 0; nt < NT; ++nt) {
+        mma_dense(acc[(2 * u) % K][nt], r.v0[u].x, r.v0[u].y, r.v0[u].z, r.v0[u].w, r.b[u][nt][0],
                   r.b[u][nt][1]);
-        mma_dense(acc[nt], r.v1[u].x, r.v1[u].y, r.v1[u].z, r.v1[u].w, r.b[u][nt][2],
-                  r.b[u][nt][3]);
-      } else {
-        mma_sparse(acc[nt], r.v0[u], r.b[u][nt], r.v1[u].x);
+        mma_dense(acc[(2 * u + 1) % K][nt], r.v1[u].x, r.v1[u].y, r.v1[u].z, r.v1[u].w,
+                  r.b[u][nt][2], r.b[u][nt][3]);
       }
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < G; ++u) {
+      if (!kFull && u >= r.blocks) break;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mma_sparse(acc[u % K][nt], r.v0[u], r.b[u][nt], r.v1[u].x);
     }
   }
 }
@@ -160,42 +188,66 @@ __device__ __forceinline__ void advance(Walk& w, const DecodeArgs& a) {
   }
 }
 
-template <int NT>
+template <int NT, bool kFull>
 __global__ void __launch_bounds__(kMaxDecodeWarps * 32) decode_kernel(DecodeArgs a) {
-  constexpr int G = Group<NT>::G;
+  constexpr int G = Group<NT>::G, K = kDecodeAccumulators;
   const int warps = blockDim.x >> 5;
-  __shared__ int64_t tile_off[kMaxTileColumns];
-  __shared__ uint8_t tile_dense[kMaxTileColumns];
+  // Per tile column, this slab's first block and the tile's kind.
+  __shared__ const uint8_t* first[kMaxTileColumns];
+  __shared__ uint8_t dense[kMaxTileColumns];
   __shared__ float part[kMaxDecodeWarps][NT][32][4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row0 = blockIdx.x * 16;
   const int tile_r = row0 / a.tile_rows, slab = (row0 - tile_r * a.tile_rows) / 16;
   for (int i = threadIdx.x; i < a.tiles_across; i += blockDim.x) {
-    tile_off[i] = a.tile_offset[tile_r * a.tiles_across + i];
-    tile_dense[i] = a.tile_dense[tile_r * a.tiles_across + i];
+    const int tile = tile_r * a.tiles_across + i;
+    const int per_tile = min(a.tile_cols, a.in - i * a.tile_cols) / 32;
+    dense[i] = a.tile_dense[tile];
+    first[i] = a.blocks + a.tile_offset[tile] +
+               static_cast<int64_t>(slab * per_tile) * (dense[i] ? 1024 : 576);
   }
   __syncthreads();
   const int per_warp = (a.tiles_across + warps - 1) / warps;
   const int tc_end = min(a.tiles_across, (warp + 1) * per_warp);
 
-  float acc[NT][4] = {};
+  const int g = lane >> 2, t = lane & 3;
+  LaneView view{};
+  view.values = lane * 16;
+  view.meta = 512 + (g * 2 + (t & 1)) * 4;
+  if constexpr (NT == 2) {
+    view.xf = a.xf + lane * NT;
+  } else {
+    // Columns 2t + 8j of each block, j = 0..3 (the mma B fragment), of token
+    // g; a lane past the last token reads it again, for an output column that
+    // is never stored (mma columns do not mix).
+    view.x =
+        reinterpret_cast<const uint32_t*>(a.x + static_cast<int64_t>(min(g, a.tokens - 1)) * a.in) +
+        t;
+  }
+
+  float acc[K][NT][4] = {};
   Group<NT> ga, gb;
   Walk w{warp * per_warp, 0};
-  load_group(ga, a, tile_off, tile_dense, slab, w, tc_end, lane);
+  load_group<NT, kFull>(ga, a, first, dense, view, w, tc_end);
   advance<G>(w, a);
   while (ga.blocks > 0) {
-    load_group(gb, a, tile_off, tile_dense, slab, w, tc_end, lane);
+    load_group<NT, kFull>(gb, a, first, dense, view, w, tc_end);
     advance<G>(w, a);
-    mma_group(acc, ga);
-    load_group(ga, a, tile_off, tile_dense, slab, w, tc_end, lane);
+    mma_group<NT, kFull>(acc, ga);
+    load_group<NT, kFull>(ga, a, first, dense, view, w, tc_end);
     advance<G>(w, a);
-    mma_group(acc, gb);
+    mma_group<NT, kFull>(acc, gb);
   }
 
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) part[warp][nt][lane][c] = acc[nt][c];
+    for (int c = 0; c < 4; ++c) {
+      float s = 0;
+#pragma unroll
+      for (int k = 0; k < K; ++k) s += acc[k][nt][c];
+      part[warp][nt][lane][c] = s;
+    }
   __syncthreads();
   for (int i = threadIdx.x; i < NT * 128; i += blockDim.x) {
     const int nt = i / 128, l = (i / 4) % 32, c = i % 4;
@@ -231,12 +283,12 @@ __global__ void frag_x_kernel(const __nv_bfloat16* x, int tokens, int in, uint4*
 // slab's columns finer, but a last, part-filled wave of CTAs costs more: on an
 // H200 an 11008x4096 layer took 21.2 us with 8 warps (2.6 waves) and 19.8 us
 // with 2 (one wave).
-template <int NT>
+template <int NT, bool kFull>
 int decode_warps(int64_t slabs, const at::Device& device) {
   static const auto resident = [] {  // CTAs per SM, for 16, 8, 4, 2 and 1 warps
     std::array<int, 5> r{};
     for (int i = 0; i < 5; ++i)
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r[i], decode_kernel<NT>,
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r[i], decode_kernel<NT, kFull>,
                                                                    (kMaxDecodeWarps >> i) * 32, 0));
     return r;
   }();
@@ -244,6 +296,49 @@ int decode_warps(int64_t slabs, const at::Device& device) {
   for (int i = 0; i < 5; ++i)
     if (static_cast<int64_t>(resident[i]) * sms >= slabs) return kMaxDecodeWarps >> i;
   return 1;
+}
+
+template <int NT, bool kFull>
+void launch_decode_kernel(const DecodeArgs& a, int64_t slabs, const at::Device& device, int warps,
+                          cudaStream_t stream) {
+  if (warps <= 0) warps = decode_warps<NT, kFull>(slabs, device);
+  decode_kernel<NT, kFull><<<static_cast<unsigned>(slabs), warps * 32, 0, stream>>>(a);
+}
+
+template <int NT>
+void decode_launch(const at::Tensor& x, const DecodeFormat& fmt, const sparsity::TileGrid& grid,
+                   at::Tensor& y, int warps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  core::check(warps <= kMaxDecodeWarps, "decode_matmul",
+              core::str("at most ", kMaxDecodeWarps, " warps per CTA, got ", warps));
+  DecodeArgs a{reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
+               nullptr,
+               static_cast<int>(x.size(0)),
+               static_cast<int>(grid.in()),
+               static_cast<int>(grid.out()),
+               fmt.blocks.data_ptr<uint8_t>(),
+               fmt.tile_offset.data_ptr<int64_t>(),
+               fmt.tile_dense.data_ptr<uint8_t>(),
+               static_cast<int>(grid.tile_rows()),
+               static_cast<int>(grid.tile_cols()),
+               static_cast<int>(grid.cols()),
+               reinterpret_cast<__nv_bfloat16*>(y.data_ptr())};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor xf;
+  if constexpr (NT == 2) {
+    const int n = static_cast<int>(grid.in() / 32 * 32 * NT);
+    xf = at::empty({n * 4}, x.options().dtype(at::kInt));
+    a.xf = reinterpret_cast<const uint4*>(xf.data_ptr());
+    frag_x_kernel<NT><<<(n + 255) / 256, 256, 0, stream>>>(a.x, a.tokens, a.in,
+                                                           reinterpret_cast<uint4*>(xf.data_ptr()));
+  }
+  // Whole groups everywhere: the tiles' width and the last tile's are multiples of G blocks.
+  const int span = 32 * decode_group<NT>();
+  if (grid.tile_cols() % span == 0 && grid.in() % span == 0)
+    launch_decode_kernel<NT, true>(a, grid.out() / 16, x.device(), warps, stream);
+  else
+    launch_decode_kernel<NT, false>(a, grid.out() / 16, x.device(), warps, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- expand: the decode blocks back into W ⊙ M ------------------------------------
@@ -317,38 +412,11 @@ const cusparseLtHandle_t* lt_handle() {
 
 void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity::TileGrid& grid,
                    at::Tensor& y, int warps) {
-  const c10::cuda::CUDAGuard guard(x.device());
   const bool one_tile = x.size(0) <= 8;
-  core::check(warps <= kMaxDecodeWarps, "decode_matmul",
-              core::str("at most ", kMaxDecodeWarps, " warps per CTA, got ", warps));
-  if (warps <= 0)
-    warps = one_tile ? decode_warps<1>(grid.out() / 16, x.device())
-                     : decode_warps<2>(grid.out() / 16, x.device());
-  DecodeArgs a{reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
-               nullptr,
-               static_cast<int>(x.size(0)),
-               static_cast<int>(grid.in()),
-               static_cast<int>(grid.out()),
-               fmt.blocks.data_ptr<uint8_t>(),
-               fmt.tile_offset.data_ptr<int64_t>(),
-               fmt.tile_dense.data_ptr<uint8_t>(),
-               static_cast<int>(grid.tile_rows()),
-               static_cast<int>(grid.tile_cols()),
-               static_cast<int>(grid.cols()),
-               reinterpret_cast<__nv_bfloat16*>(y.data_ptr())};
-  const dim3 blocks(static_cast<unsigned>(grid.out() / 16));
-  auto stream = at::cuda::getCurrentCUDAStream();
-  if (one_tile) {
-    decode_kernel<1><<<blocks, warps * 32, 0, stream>>>(a);
-  } else {
-    const int n = static_cast<int>(grid.in() / 32 * 32 * 2);
-    auto xf = at::empty({n * 4}, x.options().dtype(at::kInt));
-    a.xf = reinterpret_cast<const uint4*>(xf.data_ptr());
-    frag_x_kernel<2><<<(n + 255) / 256, 256, 0, stream>>>(a.x, a.tokens, a.in,
-                                                          reinterpret_cast<uint4*>(xf.data_ptr()));
-    decode_kernel<2><<<blocks, warps * 32, 0, stream>>>(a);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (one_tile)
+    decode_launch<1>(x, fmt, grid, y, warps);
+  else
+    decode_launch<2>(x, fmt, grid, y, warps);
 }
 
 void expand_weight(const DecodeFormat& fmt, const sparsity::TileGrid& grid, at::Tensor& w) {
