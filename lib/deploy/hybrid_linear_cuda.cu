@@ -94,6 +94,22 @@ struct Walk {  // a warp's position: tile column and group within it
   int tc, chunk;
 };
 
+// Weight loads stream past L1 (each byte is read once), leaving L1 to the
+// activations that every warp of the SM reads: on an H200 at 0.45 a LLaMA-2-7B
+// block went 1.53x -> 1.60x of cuBLAS at 1 token, 1.25x -> 1.34x at 16.
+__device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_stream32(const uint8_t* p) {
+  uint32_t v;
+  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
 template <int NT, bool kFull>
 __device__ __forceinline__ void load_group(Group<NT>& r, const DecodeArgs& a,
                                            const uint8_t* const* first, const uint8_t* dense,
@@ -109,16 +125,16 @@ __device__ __forceinline__ void load_group(Group<NT>& r, const DecodeArgs& a,
 #pragma unroll
     for (int u = 0; u < G; ++u) {
       if (!kFull && u >= r.blocks) break;
-      r.v0[u] = __ldg(reinterpret_cast<const uint4*>(q + u * 1024));
-      r.v1[u] = __ldg(reinterpret_cast<const uint4*>(q + u * 1024 + 512));
+      r.v0[u] = ld_stream(q + u * 1024);
+      r.v1[u] = ld_stream(q + u * 1024 + 512);
     }
   } else {
     const uint8_t* q = first[w.tc] + w.chunk * G * 576;
 #pragma unroll
     for (int u = 0; u < G; ++u) {
       if (!kFull && u >= r.blocks) break;
-      r.v0[u] = __ldg(reinterpret_cast<const uint4*>(q + view.values + u * 576));
-      r.v1[u].x = __ldg(reinterpret_cast<const uint32_t*>(q + view.meta + u * 576));
+      r.v0[u] = ld_stream(q + view.values + u * 576);
+      r.v1[u].x = ld_stream32(q + view.meta + u * 576);
     }
   }
   const int kb = w.tc * (a.tile_cols / 32) + w.chunk * G;  // the group's first 32-column block
@@ -149,7 +165,7 @@ __device__ __forceinline__ void load_group(Group<NT>& r, const DecodeArgs& a,
 
 // Accumulator sets: the blocks of a group alternate between them, so that an
 // mma does not wait for the one before it and the group's registers are free
-// for the next loads sooner.
+// for the next loads sooner (one set: 7B gate/up at 16 tokens 22.7 -> 24.7 us).
 constexpr int kDecodeAccumulators = 2;
 
 template <int NT, bool kFull>
