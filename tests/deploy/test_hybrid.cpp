@@ -207,7 +207,10 @@ TEST_CASE("the decode kernel gives the same y however many warps split a slab", 
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   const at::Device cuda(at::kCUDA, 0);
   // 6 tile columns (the last one ragged) and 16 tile columns: from one warp
-  // per slab to more warps than tile columns, which leaves some idle.
+  // per slab to more warps than tile columns, which leaves some idle. 128-column
+  // tiles take the kernel without per-block bounds; up to 8 tokens, 16 warps
+  // over their 16 tile columns give each warp one group of four blocks, an odd
+  // number, so its walk ends on an empty group.
   for (const Case& c : {Case{640, 352, 64, 64, 0.45}, Case{256, 2048, 128, 128, 0.25}}) {
     auto [w, m] = random_layer(c, 11);
     const auto p = deploy::pack_layer(w, m);
