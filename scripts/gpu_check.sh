@@ -12,6 +12,7 @@
 #   STAGE=dist [TESTS=regex] [SHAPES=...] the data-parallel tests, then the mask step
 #               on 1 and on every visible GPU (NCCL)
 #   STAGE=profile Nsight Compute on the fused mask kernels of a LLaMA-3.2-1B step
+#   STAGE=profile-deploy Nsight Compute on the decode kernel of one layer of bench-deploy
 # Results go to $OUT (or ./gpu-out): build/test logs and bench JSON lines.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -76,24 +77,40 @@ if [[ $STAGE == dist ]]; then
   exit 0
 fi
 
+# ncu NAME SKIP COMMAND...: speed-of-light, stall reasons and executed SASS
+# per instruction of one launch of the kernels matching NAME (ncu_NAME*.txt/csv).
+ncu_kernel() {
+  local name=$1 skip=$2
+  shift 2
+  ncu --kernel-name "regex:$name" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section Occupancy --section InstructionStats "$@" > "$OUT/ncu_$name.txt" 2>&1
+  grep -aE "Duration|Throughput|Occupancy|Issued|Stall|Executed Ipc|Registers|Block Size|Grid Size" "$OUT/ncu_$name.txt" | head -32
+  ncu --kernel-name "regex:$name" --launch-skip "$skip" --launch-count 1 --section SourceCounters --page source \
+    --print-source sass --csv "$@" > "$OUT/ncu_${name}_sass.csv" 2>/dev/null
+}
+
 if [[ $STAGE == profile ]]; then
-  # Fused mask kernels of one LLaMA-3.2-1B step under Nsight Compute: by
-  # default the gate projection's forward (8192x2048) and the up projection's
-  # backward; KERNELS="name:skip ..." picks others, PROFILE_ARGS adds bench
-  # settings (e.g. "--set train.state=compact"). Speed-of-light, stall
-  # reasons and executed SASS per instruction.
+  # Fused mask kernels of one LLaMA-3.2-1B step: by default the gate
+  # projection's forward (8192x2048) and the up projection's backward;
+  # KERNELS="name:skip ..." picks others, PROFILE_ARGS adds bench settings
+  # (e.g. "--set train.state=compact").
   # shellcheck disable=SC2206
   run=(build/bin/patch-train bench --shape llama-3.2-1b --mode joint --set model.device=cuda
     --set bench.iters=1 --set bench.warmup=0 ${PROFILE_ARGS:-})
   for k in ${KERNELS:-forward_kernel:4 backward_kernel:1}; do
-    name=${k%%:*} skip=${k##*:}
-    ncu --kernel-name "regex:$name" --launch-skip "$skip" --launch-count 1 --section SpeedOfLight \
-      --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section Occupancy --section InstructionStats "${run[@]}" > "$OUT/ncu_$name.txt" 2>&1
-    grep -aE "Duration|Throughput|Occupancy|Issued|Stall|Executed Ipc|Registers" "$OUT/ncu_$name.txt" | head -30
-    ncu --kernel-name "regex:$name" --launch-skip "$skip" --launch-count 1 --section SourceCounters --page source \
-      --print-source sass --csv "${run[@]}" > "$OUT/ncu_${name}_sass.csv" 2>/dev/null
+    ncu_kernel "${k%%:*}" "${k##*:}" "${run[@]}"
   done
+  exit 0
+fi
+
+if [[ $STAGE == profile-deploy ]]; then
+  # The decode kernel on LAYER (gate_proj) of SHAPE (llama-2-7b) at SPARSITY
+  # (0.45) and TOKENS (1). Launch 0 is the call that checks the outputs; SKIP=N
+  # takes a later one, from the timed CUDA-graph replays.
+  ncu_kernel decode_kernel "${SKIP:-0}" build/bin/patch-train bench-deploy --set model.device=cuda \
+    --shapes "${SHAPE:-llama-2-7b}" --layers "${LAYER:-gate_proj}" --sparsities "${SPARSITY:-0.45}" \
+    --tokens "${TOKENS:-1}" --set deploy.end_to_end=false --set deploy.repeats=1
   exit 0
 fi
 

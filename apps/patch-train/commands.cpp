@@ -205,6 +205,7 @@ int run_bench_deploy(RunContext& ctx) {
   const auto& cfg = ctx.config;
   deploy::DeployBenchOptions o;
   o.shapes = cfg.get_string_list("deploy.shapes");
+  o.layers = cfg.get_string_list("deploy.layers");
   o.sparsities = cfg.get_float_list("deploy.sparsities");
   o.tokens = cfg.get_int_list("deploy.tokens");
   o.repeats = static_cast<int>(cfg.get_int("deploy.repeats"));
@@ -445,7 +446,8 @@ const std::vector<Command>& commands() {
        "", /*writes_outputs=*/false, run_bench_deploy,
        {{"--shapes", "deploy.shapes", "Model shapes, comma separated"},
         {"--sparsities", "deploy.sparsities", "Sparsities, comma separated"},
-        {"--tokens", "deploy.tokens", "Tokens per matmul, comma separated"}}},
+        {"--tokens", "deploy.tokens", "Tokens per matmul, comma separated"},
+        {"--layers", "deploy.layers", "Only these linears (q_proj ... down_proj), comma separated"}}},
       {"inspect",
        "List the model's linear layers (--model) and/or a mask file's density per layer and block (--masks)",
        "", /*writes_outputs=*/false, run_inspect,

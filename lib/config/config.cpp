@@ -42,7 +42,8 @@ const std::map<std::string, std::string> kShortcutOptions = {
     {"sweep.targets", "--targets"},   {"sweep.baselines", "--baselines"},
     {"bench.shape", "--shape"},       {"bench.modes", "--mode"},
     {"deploy.shapes", "--shapes"},    {"deploy.sparsities", "--sparsities"},
-    {"deploy.tokens", "--tokens"},    {"dist.nproc", "--nproc"},
+    {"deploy.tokens", "--tokens"},    {"deploy.layers", "--layers"},
+    {"dist.nproc", "--nproc"},
     {"model.packed", "--packed"}};
 
 // Where each key's resolved value came from (higher rank wins), so that

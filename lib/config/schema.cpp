@@ -210,6 +210,9 @@ std::vector<KeyDef> build() {
       key("deploy.shapes", T::kStringList, Json::array({"llama-2-7b", "llama-3.1-8b"}),
           "bench-deploy: model shapes whose linear layers are timed (qwen2.5-0.5b, llama-3.2-1b, llama-2-7b, "
           "llama-3.1-8b)"),
+      choices(key("deploy.layers", T::kStringList, Json::array(),
+                  "bench-deploy: only the shapes of these linears, without the block rows (empty: all seven)"),
+              {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
       range(key("deploy.sparsities", T::kFloatList, Json::array({0.0, 0.25, 0.35, 0.45, 0.5}),
                 "bench-deploy: sparsities of the random hybrid masks (2:4 tile share 2s)"),
             0.0, 0.5),

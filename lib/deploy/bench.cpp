@@ -62,6 +62,10 @@ void bench_layers(const DeployBenchOptions& o, const std::string& shape_name,
   std::map<std::pair<double, int64_t>, std::pair<double, double>> block;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   for (const auto& s : block_shapes(cfg)) {
+    if (!o.layers.empty() && std::none_of(s.names.begin(), s.names.end(), [&](const auto& n) {
+          return std::find(o.layers.begin(), o.layers.end(), n) != o.layers.end();
+        }))
+      continue;
     const sparsity::TileGrid grid(s.out, s.in, o.tile_rows, o.tile_cols);
     const auto w = (at::randn({s.out, s.in}, gen, at::kFloat) * 0.02).to(at::kBFloat16);
     for (double sp : o.sparsities) {
@@ -123,6 +127,7 @@ void bench_layers(const DeployBenchOptions& o, const std::string& shape_name,
       }
     }
   }
+  if (!o.layers.empty()) return;  // a block needs all seven
   for (const auto& [key, t] : block)
     emit(ordered_json{{"bench", "deploy_block"},
                       {"shape", shape_name},

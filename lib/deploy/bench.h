@@ -23,6 +23,7 @@ maskfile::LayerMask random_layer_mask(const std::string& name, const sparsity::T
 
 struct DeployBenchOptions {
   std::vector<std::string> shapes{"llama-2-7b", "llama-3.1-8b"};
+  std::vector<std::string> layers;  // only the shapes of these linears, no block rows; empty: all
   std::vector<double> sparsities{0.0, 0.25, 0.35, 0.45, 0.5};
   std::vector<int64_t> tokens{1, 4, 16, 256, 2048};
   int64_t tile_rows = 128, tile_cols = 128;
@@ -38,8 +39,9 @@ struct DeployBenchOptions {
 };
 
 // Emits one JSON object per (shape, layer, sparsity, tokens), one per (shape,
-// sparsity, tokens) summing a decoder block's seven linears, and, with
-// end_to_end, the whole model's prefill time and decode steps per second.
+// sparsity, tokens) summing a decoder block's seven linears (unless `layers`
+// picks some), and, with end_to_end, the whole model's prefill time and decode
+// steps per second.
 void bench_deploy(const DeployBenchOptions& o,
                   const std::function<void(const nlohmann::json&)>& emit);
 

@@ -99,6 +99,17 @@ TEST_CASE("bad configurations exit 2 with one line naming file and key - and wri
   CHECK(contains(no_file.err, "nope.yaml"));
 }
 
+TEST_CASE("bench-deploy --layers takes only the names of a block's seven linears") {
+  auto bad = run_command(bin() + " bench-deploy --layers gate_proj,gate");
+  CHECK(bad.exit_code == 2);
+  CHECK(contains(bad.err, "deploy.layers[1]"));
+  CHECK(contains(bad.err, "down_proj"));  // the names it takes
+  CHECK(lines(bad.err) == 1);
+  auto dump = run_command(bin() + " bench-deploy --layers gate_proj,down_proj --dump-config");
+  REQUIRE(dump.exit_code == 0);
+  CHECK(contains(dump.out, "layers: [gate_proj, down_proj]"));
+}
+
 TEST_CASE("a non-empty output directory needs --overwrite or --resume") {
   TempDir dir;
   const std::string out = dir.file("run");
