@@ -17,6 +17,7 @@ BUILD_DIR=${PATCH_BUILD_DIR:-build}
 BUILD_TYPE=${PATCH_BUILD_TYPE:-Release}
 JOBS=${PATCH_JOBS:-$(nproc)}
 TORCH_VERSION=2.11.0
+VENV_FREE_GIB=8
 # Test oracles, pinned to the versions the tests were written against.
 PY_PACKAGES=(transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0 matplotlib==3.11.2)
 
@@ -75,7 +76,14 @@ elif [[ ! -d .venv ]] && torch_ok python3; then
   PY=$(command -v python3)
   oracles_ok "$PY" || say "warning: $PY lacks some test oracles (transformers, tokenizers, safetensors, numpy, gguf, matplotlib); tests that need them will fail"
 else
-  say "creating .venv with torch==$TORCH_VERSION and the test oracles (several GB, a few minutes)"
+  # torch's wheel and its CUDA libraries unpack to about 5 GB, and pip holds
+  # the downloaded wheels meanwhile: stop now rather than midway on a full disk.
+  for d in "$ROOT" "${TMPDIR:-/tmp}"; do
+    free_gib=$(( $(df -Pk "$d" | awk 'NR==2 {print $4}') / 1048576 ))
+    (( free_gib >= VENV_FREE_GIB )) ||
+      die "$d has ${free_gib} GiB free; creating .venv needs about $VENV_FREE_GIB GiB (free some space, or point TMPDIR elsewhere for pip's downloads)"
+  done
+  say "creating .venv with torch==$TORCH_VERSION and the test oracles (about 5 GB, a few minutes)"
   [[ -x .venv/bin/python ]] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   torch_ok .venv/bin/python || .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
