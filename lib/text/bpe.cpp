@@ -15,11 +15,6 @@ uint64_t pair_key(int32_t a, int32_t b) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
 }
 
-// Words longer than this are not cached (a pre-tokenizer-less tokenizer sees
-// whole documents as one word).
-constexpr size_t kMaxCachedWord = 256;
-constexpr size_t kMaxCacheEntries = size_t{1} << 18;
-
 // Above this many symbols (a word without pre-tokenization, e.g. a whole
 // document under a SentencePiece-style normalizer) the bucket queue is used.
 constexpr size_t kBucketQueueMinSymbols = 512;
@@ -198,25 +193,8 @@ void BpeModel::encode(std::string_view word, std::vector<int32_t>& out) const {
       return;
     }
   }
-  if (word.size() > kMaxCachedWord) {
-    merge_word(word, out);
-    return;
-  }
-  std::string key(word);
-  {
-    std::lock_guard<std::mutex> lock(cache_mutex_);
-    const auto it = cache_.find(key);
-    if (it != cache_.end()) {
-      out.insert(out.end(), it->second.begin(), it->second.end());
-      return;
-    }
-  }
-  std::vector<int32_t> ids;
-  merge_word(word, ids);
-  out.insert(out.end(), ids.begin(), ids.end());
-  std::lock_guard<std::mutex> lock(cache_mutex_);
-  if (cache_.size() >= kMaxCacheEntries) cache_.clear();
-  cache_.emplace(std::move(key), std::move(ids));
+  cache_.encode(word, out,
+                [this](std::string_view w, std::vector<int32_t>& ids) { merge_word(w, ids); });
 }
 
 void BpeModel::merge_word(std::string_view w, std::vector<int32_t>& out) const {

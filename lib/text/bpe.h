@@ -4,11 +4,12 @@
 // byte fallback to <0xNN> tokens, unknown-token fusing, ignore_merges. Results
 // are cached per word.
 #include <cstdint>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
+
+#include "text/word_cache.h"
 
 namespace patch::text {
 
@@ -49,8 +50,7 @@ class BpeModel {
   int32_t unk_id_ = -1;
   int32_t byte_ids_[256];
 
-  mutable std::mutex cache_mutex_;
-  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+  WordCache cache_;
 };
 
 }  // namespace patch::text

@@ -4,7 +4,6 @@
 // falls back to <0xNN> byte tokens.
 #include <cstdio>
 #include <functional>
-#include <mutex>
 #include <queue>
 #include <string_view>
 #include <unordered_map>
@@ -17,6 +16,7 @@
 #include "text/token_matcher.h"
 #include "text/tokenizer.h"
 #include "text/unicode.h"
+#include "text/word_cache.h"
 
 namespace patch::text {
 
@@ -152,25 +152,8 @@ class SpmTokenizer final : public Tokenizer {
   }
 
   void encode_word(std::string_view word, std::vector<int32_t>& out) const {
-    if (word.size() > 256) {
-      session(word, out);
-      return;
-    }
-    std::string key(word);
-    {
-      std::lock_guard<std::mutex> lock(cache_mutex_);
-      const auto it = cache_.find(key);
-      if (it != cache_.end()) {
-        out.insert(out.end(), it->second.begin(), it->second.end());
-        return;
-      }
-    }
-    std::vector<int32_t> ids;
-    session(word, ids);
-    out.insert(out.end(), ids.begin(), ids.end());
-    std::lock_guard<std::mutex> lock(cache_mutex_);
-    if (cache_.size() >= (size_t{1} << 18)) cache_.clear();
-    cache_.emplace(std::move(key), std::move(ids));
+    cache_.encode(word, out,
+                  [this](std::string_view w, std::vector<int32_t>& ids) { session(w, ids); });
   }
 
   // llm_tokenizer_spm_session::tokenize.
@@ -258,8 +241,7 @@ class SpmTokenizer final : public Tokenizer {
   bool word_safe_ = true;
   std::string fingerprint_;
 
-  mutable std::mutex cache_mutex_;
-  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+  WordCache cache_;
 };
 
 SpmTokenizer::SpmTokenizer(const io::GgufFile& gguf) {
