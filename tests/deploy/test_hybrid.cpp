@@ -51,6 +51,23 @@ std::string read_error(const std::string& path) {
   return "";
 }
 
+// Runs `eval` (a command line ending in options) once with dir's
+// out/packed.safetensors and once with its masks.safetensors; returns the two
+// eval.json, packed first.
+std::pair<nlohmann::json, nlohmann::json> eval_packed_and_masked(const std::string& eval,
+                                                                 const test::TempDir& dir) {
+  auto via_packed = test::run_command(eval + "--packed '" + dir.file("out/packed.safetensors") +
+                                      "' --out '" + dir.file("eval-packed") + "'");
+  INFO(via_packed.err);
+  REQUIRE(via_packed.exit_code == 0);
+  auto via_masks = test::run_command(eval + "--masks '" + dir.file("masks.safetensors") +
+                                     "' --out '" + dir.file("eval-masks") + "'");
+  INFO(via_masks.err);
+  REQUIRE(via_masks.exit_code == 0);
+  return {nlohmann::json::parse(core::read_file(dir.file("eval-packed/eval.json"))),
+          nlohmann::json::parse(core::read_file(dir.file("eval-masks/eval.json")))};
+}
+
 // Magnitude hybrid masks at 35% with square tiles of `tile`, for a checkpoint.
 maskfile::MaskFile magnitude_masks(const io::Checkpoint& ckpt, int64_t tile) {
   model::Decoder d(ckpt, model::DecoderOptions{});
@@ -284,15 +301,7 @@ TEST_CASE("patch-train pack writes the packed masked layers of a checkpoint", "[
   const std::string eval = "'" + bin + "' eval -q --model '" + model + "' --data '" +
                            test::data_path("text/tinystories/tinystories_validation_head.txt") +
                            "' --set model.dtype=bfloat16 --set data.seq_len=128 ";
-  auto via_packed = test::run_command(eval + "--packed '" + dir.file("out/packed.safetensors") +
-                                      "' --out '" + dir.file("eval-packed") + "'");
-  INFO(via_packed.err);
-  REQUIRE(via_packed.exit_code == 0);
-  auto via_masks = test::run_command(eval + "--masks '" + dir.file("masks.safetensors") +
-                                     "' --out '" + dir.file("eval-masks") + "'");
-  REQUIRE(via_masks.exit_code == 0);
-  auto ep = nlohmann::json::parse(core::read_file(dir.file("eval-packed/eval.json")));
-  auto em = nlohmann::json::parse(core::read_file(dir.file("eval-masks/eval.json")));
+  const auto [ep, em] = eval_packed_and_masked(eval, dir);
   CHECK(ep["perplexity"].get<double>() == em["perplexity"].get<double>());
   CHECK(ep["sparsity"].get<double>() == Approx(em["sparsity"].get<double>()));
   // Both at once is a usage error.
@@ -349,17 +358,9 @@ TEST_CASE("eval --packed on the GPU scores the masked model within bf16 toleranc
       "'" + bin + "' eval -q --model '" + model + "' --data '" +
       test::data_path("text/tinystories/tinystories_validation_head.txt") +
       "' --set model.dtype=bfloat16 --set model.device=cuda --set data.seq_len=128 ";
-  auto via_packed = test::run_command(eval + "--packed '" + dir.file("out/packed.safetensors") +
-                                      "' --out '" + dir.file("eval-packed") + "'");
-  INFO(via_packed.err);
-  REQUIRE(via_packed.exit_code == 0);
-  auto via_masks = test::run_command(eval + "--masks '" + dir.file("masks.safetensors") +
-                                     "' --out '" + dir.file("eval-masks") + "'");
-  REQUIRE(via_masks.exit_code == 0);
-  const double ep =
-      nlohmann::json::parse(core::read_file(dir.file("eval-packed/eval.json")))["perplexity"];
-  const double em =
-      nlohmann::json::parse(core::read_file(dir.file("eval-masks/eval.json")))["perplexity"];
+  const auto evals = eval_packed_and_masked(eval, dir);
+  const double ep = evals.first["perplexity"];
+  const double em = evals.second["perplexity"];
   INFO("packed " << ep << " masks " << em);
   // bf16 outputs summed in another order: the perplexities agree to well under 1%.
   CHECK(std::abs(ep - em) <= 0.01 * em);
