@@ -41,6 +41,20 @@ struct DecodeArgs {
   __nv_bfloat16* y;
 };
 
+// The layer's part of the arguments (both kernels); decode adds x, tokens and y.
+DecodeArgs layer_args(const DecodeFormat& fmt, const sparsity::TileGrid& grid) {
+  DecodeArgs a{};
+  a.in = static_cast<int>(grid.in());
+  a.out = static_cast<int>(grid.out());
+  a.blocks = fmt.blocks.data_ptr<uint8_t>();
+  a.tile_offset = fmt.tile_offset.data_ptr<int64_t>();
+  a.tile_dense = fmt.tile_dense.data_ptr<uint8_t>();
+  a.tile_rows = static_cast<int>(grid.tile_rows());
+  a.tile_cols = static_cast<int>(grid.tile_cols());
+  a.tiles_across = static_cast<int>(grid.cols());
+  return a;
+}
+
 __device__ __forceinline__ void mma_dense(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                           uint32_t a3, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -327,18 +341,10 @@ void decode_launch(const at::Tensor& x, const DecodeFormat& fmt, const sparsity:
   const c10::cuda::CUDAGuard guard(x.device());
   core::check(warps <= kMaxDecodeWarps, "decode_matmul",
               core::str("at most ", kMaxDecodeWarps, " warps per CTA, got ", warps));
-  DecodeArgs a{reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
-               nullptr,
-               static_cast<int>(x.size(0)),
-               static_cast<int>(grid.in()),
-               static_cast<int>(grid.out()),
-               fmt.blocks.data_ptr<uint8_t>(),
-               fmt.tile_offset.data_ptr<int64_t>(),
-               fmt.tile_dense.data_ptr<uint8_t>(),
-               static_cast<int>(grid.tile_rows()),
-               static_cast<int>(grid.tile_cols()),
-               static_cast<int>(grid.cols()),
-               reinterpret_cast<__nv_bfloat16*>(y.data_ptr())};
+  DecodeArgs a = layer_args(fmt, grid);
+  a.x = reinterpret_cast<const __nv_bfloat16*>(x.data_ptr());
+  a.tokens = static_cast<int>(x.size(0));
+  a.y = reinterpret_cast<__nv_bfloat16*>(y.data_ptr());
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor xf;
   if constexpr (NT == 2) {
@@ -442,15 +448,7 @@ void expand_weight(const DecodeFormat& fmt, const sparsity::TileGrid& grid, at::
               core::str("expected a contiguous bf16 CUDA [", grid.out(), ", ", grid.in(),
                         "] tensor, got ", w.sizes()));
   const c10::cuda::CUDAGuard guard(w.device());
-  DecodeArgs a{};
-  a.in = static_cast<int>(grid.in());
-  a.out = static_cast<int>(grid.out());
-  a.blocks = fmt.blocks.data_ptr<uint8_t>();
-  a.tile_offset = fmt.tile_offset.data_ptr<int64_t>();
-  a.tile_dense = fmt.tile_dense.data_ptr<uint8_t>();
-  a.tile_rows = static_cast<int>(grid.tile_rows());
-  a.tile_cols = static_cast<int>(grid.tile_cols());
-  a.tiles_across = static_cast<int>(grid.cols());
+  const DecodeArgs a = layer_args(fmt, grid);
   const int64_t blocks = grid.out() / 16 * (grid.in() / 32);
   expand_kernel<<<static_cast<unsigned>((blocks + 7) / 8), 256, 0,
                   at::cuda::getCurrentCUDAStream()>>>(
