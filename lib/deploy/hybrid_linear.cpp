@@ -176,6 +176,7 @@ struct HybridLinear::Impl {
   bool decode = false;  // decode blocks on the device: the decode and expand paths
   at::Tensor weight;    // W ⊙ M, where the decode blocks are not
   DecodeFormat dec;
+  bool overlap = true;  // the decode kernel's launch (set_overlap)
 #if PATCH_WITH_CUDA
   std::unique_ptr<cuda::SparseGemm> sparse;  // a layer of 2:4 tiles only, more than 16 tokens
 #endif
@@ -209,6 +210,7 @@ HybridLinear HybridLinear::clone() const {
   c->grid = m.grid;
   c->device = m.device;
   c->decode = m.decode;
+  c->overlap = m.overlap;
   c->weight = copy(m.weight);
   c->dec = {copy(m.dec.blocks), copy(m.dec.tile_offset), copy(m.dec.tile_dense)};
 #if PATCH_WITH_CUDA
@@ -240,6 +242,10 @@ int64_t HybridLinear::device_bytes() const {
   if (m.sparse) n += m.sparse->bytes();
 #endif
   return n;
+}
+
+void HybridLinear::set_overlap(bool on) {
+  impl_->overlap = on;
 }
 
 HybridPath HybridLinear::path(int64_t tokens) const {
@@ -276,7 +282,7 @@ at::Tensor HybridLinear::forward(const at::Tensor& x) {
   const auto xc = x2.contiguous();  // the decode kernel and cuSPARSELt read rows densely
   if (p == HybridPath::kDecode) {
     auto y = at::empty({tokens, m.grid.out()}, x.options());
-    cuda::decode_matmul(xc, m.dec, m.grid, y);
+    cuda::decode_matmul(xc, m.dec, m.grid, y, /*warps=*/0, m.overlap);
     return y.view(shape);
   }
   // cuSPARSELt takes token counts in multiples of 16: zero rows pad the rest.

@@ -61,9 +61,13 @@ at::Tensor decode_format_weight(const DecodeFormat& fmt, const sparsity::TileGri
 namespace cuda {
 // y [tokens, out] = x [tokens, in] W^T from the decode format (tokens <= 16),
 // by one CTA per 16 rows of `warps` (1 to 16) warps splitting the columns; 0
-// picks the number for the layer's shape and the device.
+// picks the number for the layer's shape and the device. With `overlap` the
+// kernel may start streaming its weights while the kernel before it on the
+// stream still runs (a programmatic dependent launch, up to 8 tokens); it
+// reads x and writes y only once that one has finished. The decode format
+// must not come from the kernel just before (a layer's is copied in once).
 void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity::TileGrid& grid,
-                   at::Tensor& y, int warps = 0);
+                   at::Tensor& y, int warps = 0, bool overlap = true);
 // w [out, in] bf16 = the layer's W ⊙ M, from its decode blocks.
 void expand_weight(const DecodeFormat& fmt, const sparsity::TileGrid& grid, at::Tensor& w);
 // A 2:4 weight [out, in] compressed once for cuSPARSELt; multiply() writes
@@ -107,6 +111,9 @@ class HybridLinear {
   int64_t in() const;
   // Bytes the layer keeps on its device, every path's format together.
   int64_t device_bytes() const;
+  // Whether the decode kernel may overlap the end of the kernel before it
+  // (default on; bench-deploy turns it off to time a layer on its own).
+  void set_overlap(bool on);
 
  private:
   struct Impl;

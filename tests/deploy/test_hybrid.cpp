@@ -3,6 +3,9 @@
 // layouts (decode_format_weight) for the decode blocks, and at::linear on the
 // masked weight for every kernel's output.
 #include <ATen/ATen.h>
+#if PATCH_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include <filesystem>
 #include <fstream>
@@ -246,6 +249,39 @@ TEST_CASE("the decode kernel gives the same y however many warps split a slab", 
         CHECK((y.to(at::kCPU, at::kFloat) - ref).abs().max().item<double>() <= tol);
       }
     }
+  }
+}
+#endif
+
+#if PATCH_WITH_CUDA
+TEST_CASE("back-to-back decode kernels read and write only after the one before ends", "[deploy]") {
+  if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
+  const at::Device cuda(at::kCUDA, 0);
+  // Up to 8 tokens each launch may start while the one before runs
+  // (programmatic dependent launch). Ping-pong between two buffers, so a
+  // launch reads what the one before writes and overwrites what it reads; a
+  // run synchronized after every launch is the oracle (the kernel is
+  // deterministic, so equal to the bit).
+  auto [w, m] = random_layer(Case{512, 512, 128, 128, 0.45}, 12);
+  const auto p = deploy::pack_layer(w, m);
+  const auto f = deploy::build_decode_format(p);
+  const deploy::DecodeFormat dev{f.blocks.to(cuda), f.tile_offset.to(cuda), f.tile_dense.to(cuda)};
+  for (int64_t tokens : {1, 16}) {
+    const auto x0 = (at::randn({tokens, 512}, at::kFloat) * 0.05).to(at::kBFloat16).to(cuda);
+    const auto chain = [&](bool sync, bool overlap) {
+      at::Tensor buf[2] = {x0.clone(), at::empty_like(x0)};
+      for (int step = 0; step < 6; ++step) {
+        deploy::cuda::decode_matmul(buf[step % 2], dev, p.grid, buf[(step + 1) % 2],
+                                    /*warps=*/0, overlap);
+        if (sync) c10::cuda::device_synchronize();
+      }
+      return buf[0].cpu();
+    };
+    INFO("tokens " << tokens);
+    const auto ref = chain(/*sync=*/true, /*overlap=*/false);
+    CHECK(ref.isfinite().all().item<bool>());
+    CHECK(at::equal(chain(/*sync=*/false, /*overlap=*/true), ref));
+    CHECK(at::equal(chain(/*sync=*/false, /*overlap=*/false), ref));
   }
 }
 #endif
