@@ -260,20 +260,28 @@ TEST_CASE("back-to-back decode kernels read and write only after the one before 
   // Up to 8 tokens each launch may start while the one before runs
   // (programmatic dependent launch). Ping-pong between two buffers, so a
   // launch reads what the one before writes and overwrites what it reads; a
-  // run synchronized after every launch is the oracle (the kernel is
+  // run synchronized after every launch, each step checked against the
+  // masked dense matmul of its input, is the oracle (the kernel is
   // deterministic, so equal to the bit).
   auto [w, m] = random_layer(Case{512, 512, 128, 128, 0.45}, 12);
   const auto p = deploy::pack_layer(w, m);
   const auto f = deploy::build_decode_format(p);
   const deploy::DecodeFormat dev{f.blocks.to(cuda), f.tile_offset.to(cuda), f.tile_dense.to(cuda)};
+  const auto ref_w = masked(w, m).to(at::kFloat);
   for (int64_t tokens : {1, 16}) {
     const auto x0 = (at::randn({tokens, 512}, at::kFloat) * 0.05).to(at::kBFloat16).to(cuda);
     const auto chain = [&](bool sync, bool overlap) {
       at::Tensor buf[2] = {x0.clone(), at::empty_like(x0)};
       for (int step = 0; step < 6; ++step) {
-        deploy::cuda::decode_matmul(buf[step % 2], dev, p.grid, buf[(step + 1) % 2],
-                                    /*warps=*/0, overlap);
-        if (sync) c10::cuda::device_synchronize();
+        const auto& in = buf[step % 2];
+        const auto before = sync ? in.to(at::kCPU, at::kFloat) : at::Tensor();
+        deploy::cuda::decode_matmul(in, dev, p.grid, buf[(step + 1) % 2], /*warps=*/0, overlap);
+        if (!sync) continue;
+        c10::cuda::device_synchronize();
+        const auto want = at::linear(before, ref_w);
+        const double tol = 8e-3 * want.abs().max().item<double>();
+        CHECK((buf[(step + 1) % 2].to(at::kCPU, at::kFloat) - want).abs().max().item<double>() <=
+              tol);
       }
       return buf[0].cpu();
     };
