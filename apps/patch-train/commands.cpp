@@ -444,7 +444,7 @@ const std::vector<Command>& commands() {
       {"bench-deploy",
        "Time the hybrid kernels against cuBLAS per layer shape and end to end on random models (JSON lines)",
        "", /*writes_outputs=*/false, run_bench_deploy,
-       {{"--shapes", "deploy.shapes", "Model shapes, comma separated"},
+       {{"--shapes", "deploy.shapes", "Model shapes or OUTxIN linears, comma separated"},
         {"--sparsities", "deploy.sparsities", "Sparsities, comma separated"},
         {"--tokens", "deploy.tokens", "Tokens per matmul, comma separated"},
         {"--layers", "deploy.layers", "Only these linears (q_proj ... down_proj), comma separated"}}},

@@ -208,8 +208,9 @@ std::vector<KeyDef> build() {
               {"auto", "gloo", "nccl"}),
       // bench-deploy
       key("deploy.shapes", T::kStringList, Json::array({"llama-2-7b", "llama-3.1-8b"}),
-          "bench-deploy: model shapes whose linear layers are timed (qwen2.5-0.5b, llama-3.2-1b, llama-2-7b, "
-          "llama-3.1-8b)"),
+          "bench-deploy: model shapes whose linear layers are timed (qwen2.5-0.5b, llama-3.2-1b, "
+          "llama-2-7b, llama-3.1-8b), or OUTxIN for one linear of that shape alone (e.g. "
+          "11008x4096)"),
       choices(key("deploy.layers", T::kStringList, Json::array(),
                   "bench-deploy: only the shapes of these linears, without the block rows (empty: all seven)"),
               {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <map>
 #include <memory>
+#include <optional>
+#include <regex>
 
 #include "core/error.h"
 #include "core/tensor_utils.h"
@@ -17,10 +19,17 @@ namespace {
 
 using nlohmann::ordered_json;
 
-#if PATCH_WITH_CUDA
 struct LayerShape {
   std::vector<std::string> names;  // layers of a block with this shape
   int64_t out, in;
+};
+
+// A shape of deploy.shapes: a model's (its block's linears, a block row and
+// the end-to-end rows) or "OUTxIN" (one linear of that shape, nothing else).
+struct BenchShape {
+  std::string name;
+  std::optional<io::ModelConfig> model;
+  std::vector<LayerShape> layers;
 };
 
 // A decoder block's linears, identical shapes merged (q/o, k/v, gate/up).
@@ -43,6 +52,28 @@ std::vector<LayerShape> block_shapes(const io::ModelConfig& c) {
   return out;
 }
 
+// Checked before any GPU work, so that a typo fails at once on every build.
+BenchShape bench_shape(const std::string& name) {
+  static const std::regex linear("([0-9]{1,9})x([0-9]{1,9})");
+  std::smatch m;
+  if (std::regex_match(name, m, linear)) {
+    const int64_t out = std::stoll(m[1].str()), in = std::stoll(m[2].str());
+    if (out > 0 && in > 0) return {name, std::nullopt, {{{"linear"}, out, in}}};
+  } else {
+    try {
+      auto cfg = model::model_shape(name);
+      return {name, cfg, block_shapes(cfg)};
+    } catch (const core::ConfigError&) {
+      // not a model shape either: the message below names the key and both forms
+    }
+  }
+  throw core::ConfigError(core::str(
+      "deploy.shapes: expected qwen2.5-0.5b, llama-3.2-1b, llama-2-7b, llama-3.1-8b or OUTxIN "
+      "(one linear, e.g. 11008x4096), got '",
+      name, "'"));
+}
+
+#if PATCH_WITH_CUDA
 std::string joined(const std::vector<std::string>& v) {
   std::string s;
   for (const auto& x : v) s += (s.empty() ? "" : ",") + x;
@@ -55,14 +86,15 @@ double wall_ms(const std::function<void()>& fn, const at::Device& d, int repeats
   return t[t.size() / 2];
 }
 
-void bench_layers(const DeployBenchOptions& o, const std::string& shape_name,
-                  const io::ModelConfig& cfg,
+void bench_layers(const DeployBenchOptions& o, const BenchShape& shape,
                   const std::function<void(const nlohmann::json&)>& emit) {
+  const std::string& shape_name = shape.name;
   // Per (sparsity, tokens): a block's seven linears summed.
   std::map<std::pair<double, int64_t>, std::pair<double, double>> block;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
-  for (const auto& s : block_shapes(cfg)) {
-    if (!o.layers.empty() && std::none_of(s.names.begin(), s.names.end(), [&](const auto& n) {
+  for (const auto& s : shape.layers) {
+    if (shape.model && !o.layers.empty() &&
+        std::none_of(s.names.begin(), s.names.end(), [&](const auto& n) {
           return std::find(o.layers.begin(), o.layers.end(), n) != o.layers.end();
         }))
       continue;
@@ -131,7 +163,7 @@ void bench_layers(const DeployBenchOptions& o, const std::string& shape_name,
       }
     }
   }
-  if (!o.layers.empty()) return;  // a block needs all seven
+  if (!o.layers.empty() || !shape.model) return;  // a block needs all seven
   for (const auto& [key, t] : block)
     emit(ordered_json{{"bench", "deploy_block"},
                       {"shape", shape_name},
@@ -226,17 +258,18 @@ maskfile::LayerMask random_layer_mask(const std::string& name, const sparsity::T
 
 void bench_deploy(const DeployBenchOptions& o,
                   const std::function<void(const nlohmann::json&)>& emit) {
+  std::vector<BenchShape> shapes;
+  for (const auto& name : o.shapes) shapes.push_back(bench_shape(name));
 #if PATCH_WITH_CUDA
   if (!o.device.is_cuda())
     throw core::ConfigError(
         "bench-deploy: the hybrid kernels run on a CUDA device (model.device=cuda)");
-  for (const auto& shape : o.shapes) {
-    const auto cfg = model::model_shape(shape);
-    bench_layers(o, shape, cfg, emit);
-    if (o.end_to_end) bench_model(o, shape, cfg, emit);
+  for (const auto& shape : shapes) {
+    bench_layers(o, shape, emit);
+    if (o.end_to_end && shape.model) bench_model(o, shape.name, *shape.model, emit);
   }
 #else
-  (void)o;
+  (void)shapes;
   (void)emit;
   throw core::ConfigError(
       "bench-deploy: this build has no CUDA kernels (configure with PATCH_WITH_CUDA=ON)");

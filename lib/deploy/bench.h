@@ -22,8 +22,11 @@ maskfile::LayerMask random_layer_mask(const std::string& name, const sparsity::T
                                       double sparsity, at::Generator& gen);
 
 struct DeployBenchOptions {
+  // Model shapes (model::model_shape), or "OUTxIN" for one linear of that
+  // shape alone (no block or end-to-end rows).
   std::vector<std::string> shapes{"llama-2-7b", "llama-3.1-8b"};
-  std::vector<std::string> layers;  // only the shapes of these linears, no block rows; empty: all
+  // Of model shapes, only these linears and no block rows; empty: all.
+  std::vector<std::string> layers;
   std::vector<double> sparsities{0.0, 0.25, 0.35, 0.45, 0.5};
   std::vector<int64_t> tokens{1, 4, 16, 256, 2048};
   int64_t tile_rows = 128, tile_cols = 128;

@@ -110,6 +110,18 @@ TEST_CASE("bench-deploy --layers takes only the names of a block's seven linears
   CHECK(contains(dump.out, "layers: [gate_proj, down_proj]"));
 }
 
+TEST_CASE("bench-deploy --shapes takes model shapes or OUTxIN") {
+  for (const std::string shape : {"11008x", "0x4096", "llama-2-70b"}) {
+    auto bad =
+        run_command(bin() + " bench-deploy --set model.device=cpu --shapes llama-2-7b," + shape);
+    INFO(bad.err);
+    CHECK(bad.exit_code == 2);
+    CHECK(contains(bad.err, "deploy.shapes"));
+    CHECK(contains(bad.err, "'" + shape + "'"));
+    CHECK(lines(bad.err) == 1);
+  }
+}
+
 TEST_CASE("a non-empty output directory needs --overwrite or --resume") {
   TempDir dir;
   const std::string out = dir.file("run");

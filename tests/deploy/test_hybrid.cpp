@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "catch.h"
 #include "core/atomic_file.h"
@@ -291,6 +292,34 @@ TEST_CASE("back-to-back decode kernels read and write only after the one before 
     CHECK(at::equal(chain(/*sync=*/false, /*overlap=*/true), ref));
     CHECK(at::equal(chain(/*sync=*/false, /*overlap=*/false), ref));
   }
+}
+#endif
+
+#if PATCH_WITH_CUDA
+TEST_CASE("bench-deploy times an OUTxIN shape as one linear on every path", "[deploy]") {
+  if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
+  deploy::DeployBenchOptions o;
+  o.shapes = {"384x512"};
+  o.sparsities = {0.25, 0.5};
+  o.tokens = {1, 16, 64};
+  o.repeats = 1;
+  o.min_bytes = 1 << 20;
+  o.device = at::Device(at::kCUDA, 0);
+  std::vector<nlohmann::json> rows;
+  deploy::bench_deploy(o, [&](const nlohmann::json& j) { rows.push_back(j); });
+  // No block or end-to-end rows: one layer is not a model.
+  REQUIRE(rows.size() == 6);
+  std::set<std::string> paths;
+  for (const auto& r : rows) {
+    INFO(r.dump());
+    CHECK(r["bench"] == "deploy_layer");
+    CHECK(r["out"] == 384);
+    CHECK(r["in"] == 512);
+    CHECK(r["max_rel_err"].get<double>() <= 8e-3);
+    CHECK(r["hybrid_us"].get<double>() > 0);
+    paths.insert(r["path"].get<std::string>());
+  }
+  CHECK(paths == std::set<std::string>{"decode", "expand", "sparse"});
 }
 #endif
 
