@@ -11,6 +11,9 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
+#include <string>
+#include <vector>
 
 #include "catch.h"
 #include "core/atomic_file.h"
@@ -439,3 +442,73 @@ TEST_CASE("eval --packed on the GPU scores the masked model within bf16 toleranc
   CHECK(std::abs(ep - em) <= 0.01 * em);
 }
 #endif
+
+TEST_CASE("bench_deploy_summary.py puts runs side by side, row for row", "[deploy]") {
+  test::TempDir dir;
+  const auto write = [&](const std::string& name, const std::vector<std::string>& lines) {
+    std::ofstream f(dir.file(name));
+    for (const auto& l : lines) f << l << "\n";
+  };
+  // Rows as bench-deploy prints them (LLaMA-2-7B shape, sparsity 0.45).
+  const auto row = [](const std::string& bench, nlohmann::json fields) {
+    fields["bench"] = bench;
+    fields["shape"] = "llama-2-7b";
+    fields["target_sparsity"] = 0.45;
+    if (fields.contains("dense_us"))
+      fields["speedup"] = fields["dense_us"].get<double>() / fields["hybrid_us"].get<double>();
+    return fields.dump();
+  };
+  const auto layer = [&](const std::string& layers, int tokens, double dense, double hybrid) {
+    return row("deploy_layer", {{"layers", layers},
+                                {"tokens", tokens},
+                                {"dense_us", dense},
+                                {"hybrid_us", hybrid},
+                                {"device_bytes_ratio", 0.606}});
+  };
+  write("base.jsonl",
+        {"[I] a log line, skipped", layer("gate_proj,up_proj", 1, 24.6, 17.2),
+         layer("down_proj", 1, 28.0, 16.0),
+         row("deploy_block", {{"tokens", 1}, {"dense_us", 130.0}, {"hybrid_us", 82.0}})});
+  write("new.jsonl",
+        {layer("gate_proj,up_proj", 16, 25.0, 21.1), layer("gate_proj,up_proj", 1, 24.5, 16.5),
+         row("deploy_model", {{"prefill_tokens", 2048},
+                              {"dense_prefill_ms", 63.1},
+                              {"hybrid_prefill_ms", 67.4},
+                              {"prefill_speedup", 0.936},
+                              {"dense_decode_tokens_per_s", 157.2},
+                              {"hybrid_decode_tokens_per_s", 216.9},
+                              {"decode_speedup", 1.38}})});
+  const std::string script = test::env_or("PATCH_PYTHON", "python3") + " " + test::source_dir() +
+                             "/scripts/bench_deploy_summary.py ";
+  auto r = test::run_command(script + "base=" + dir.file("base.jsonl") +
+                             " new=" + dir.file("new.jsonl"));
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  std::vector<std::string> rows;
+  std::istringstream in(r.out);
+  for (std::string l; std::getline(in, l);) rows.push_back(l);
+  INFO(r.out);
+  const auto has = [&](size_t i, const std::string& text) {
+    return rows[i].find(text) != std::string::npos;
+  };
+  // A header, then one row per (shape, sparsity, tokens, layers) of either
+  // file: the model row (no tokens) first, tokens 1 in bench-deploy's order,
+  // then tokens 16; "-" where a file lacks the row.
+  REQUIRE(rows.size() == 6);
+  CHECK(rows[0] == "columns: base | new");
+  CHECK(has(1, "end to end"));
+  CHECK(has(1, "- | decode 157 -> 217 tok/s (1.38x), prefill 2048 63.1 -> 67.4 ms (0.94x)"));
+  CHECK(has(2, "gate_proj,up_proj"));
+  CHECK(has(2, "24.6 ->     17.2 us (1.43x) mem 0.61 |     24.5 ->     16.5 us (1.48x) mem 0.61"));
+  CHECK(has(3, "down_proj"));
+  CHECK(rows[3].substr(rows[3].size() - 4) == " | -");
+  CHECK(has(4, "block"));
+  CHECK(has(4, "130.0 ->     82.0 us (1.59x) | -"));
+  CHECK(has(5, "   16 gate_proj,up_proj"));
+  CHECK(has(5, "- |     25.0 ->     21.1 us (1.18x) mem 0.61"));
+
+  write("bad.jsonl", {layer("q_proj", 1, 13.0, 8.0), "{not json"});
+  auto bad = test::run_command(script + dir.file("bad.jsonl"));
+  CHECK(bad.exit_code != 0);
+  CHECK(bad.err.find("bad.jsonl:2: not a JSON line") != std::string::npos);
+}
