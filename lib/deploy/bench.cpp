@@ -56,21 +56,16 @@ std::vector<LayerShape> block_shapes(const io::ModelConfig& c) {
 BenchShape bench_shape(const std::string& name) {
   static const std::regex linear("([0-9]{1,9})x([0-9]{1,9})");
   std::smatch m;
+  if (model::is_model_shape(name)) {
+    auto cfg = model::model_shape(name);
+    return {name, cfg, block_shapes(cfg)};
+  }
   if (std::regex_match(name, m, linear)) {
     const int64_t out = std::stoll(m[1].str()), in = std::stoll(m[2].str());
     if (out > 0 && in > 0) return {name, std::nullopt, {{{"linear"}, out, in}}};
-  } else {
-    try {
-      auto cfg = model::model_shape(name);
-      return {name, cfg, block_shapes(cfg)};
-    } catch (const core::ConfigError&) {
-      // not a model shape either: the message below names the key and both forms
-    }
   }
-  throw core::ConfigError(core::str(
-      "deploy.shapes: expected qwen2.5-0.5b, llama-3.2-1b, llama-2-7b, llama-3.1-8b or OUTxIN "
-      "(one linear, e.g. 11008x4096), got '",
-      name, "'"));
+  throw core::ConfigError(core::str("deploy.shapes: expected one of ", model::model_shape_names(),
+                                    " or OUTxIN (one linear, e.g. 11008x4096), got '", name, "'"));
 }
 
 #if PATCH_WITH_CUDA

@@ -17,6 +17,10 @@ namespace patch::model {
 
 namespace {
 
+// The names model_shape() takes, in its order.
+const std::vector<std::string> kShapeNames = {"qwen2.5-0.5b", "llama-3.2-1b", "llama-2-7b",
+                                              "llama-3.1-8b"};
+
 // W * s: a cheap stand-in for W * M that puts a leaf into every linear.
 class ScaledWeight : public WeightProvider {
  public:
@@ -98,8 +102,17 @@ io::ModelConfig model_shape(const std::string& name) {
     return c;
   }
   throw core::ConfigError(
-      core::str("model shape: expected qwen2.5-0.5b, llama-3.2-1b, llama-2-7b or ",
-                "llama-3.1-8b, got '", name, "'"));
+      core::str("model shape: expected one of ", model_shape_names(), ", got '", name, "'"));
+}
+
+std::string model_shape_names() {
+  std::string s;
+  for (const auto& n : kShapeNames) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
+bool is_model_shape(const std::string& name) {
+  return std::find(kShapeNames.begin(), kShapeNames.end(), name) != kShapeNames.end();
 }
 
 nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device device,

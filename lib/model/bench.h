@@ -17,6 +17,9 @@ namespace patch::model {
 // "llama-3.1-8b" (from their Hugging Face config.json). Throws
 // core::ConfigError for other names.
 io::ModelConfig model_shape(const std::string& name);
+// The names model_shape() takes, as one line: "qwen2.5-0.5b, ..., llama-3.1-8b".
+std::string model_shape_names();
+bool is_model_shape(const std::string& name);
 
 // Builds Decoder::random(cfg) on `device` in `dtype`, puts a provider W * s with
 // one scalar leaf s (requires grad) on every linear so that backward runs

@@ -290,6 +290,11 @@ TEST_CASE("benchmark entry point runs on a tiny shape and model shapes are known
   CHECK(model::model_shape("llama-3.2-1b").rope_scaling->factor == 32.0);
   CHECK(model::model_shape("llama-2-7b").num_kv_heads == 32);
   CHECK_THROWS_AS(model::model_shape("gpt2"), core::ConfigError);
+  for (const char* name : {"qwen2.5-0.5b", "llama-3.2-1b", "llama-2-7b", "llama-3.1-8b"}) {
+    CHECK(model::is_model_shape(name));
+    CHECK(model::model_shape_names().find(name) != std::string::npos);
+  }
+  CHECK_FALSE(model::is_model_shape("gpt2"));
 }
 
 TEST_CASE("bench.profile sums a step's kernels and needs CUDA", "[cuda]") {
