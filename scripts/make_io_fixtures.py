@@ -243,6 +243,59 @@ def gguf_files(out):
     w.close()
 
 
+QUANT_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+# Where each block format keeps its float16 scales (byte offsets in a block):
+# random bytes there could be Inf/NaN, which no quantizer writes.
+HALF_OFFSETS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+                "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+def random_blocks(rng, qtype, n_blocks):
+    """Raw blocks of `qtype`: random quants and scales, finite float16 scales."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    for off in HALF_OFFSETS[qtype.name]:
+        halves = (rng.standard_normal(n_blocks) * 0.05).astype(np.float16)
+        halves[0] = np.float16(3e-6)  # a subnormal float16
+        raw[:, off:off + 2] = halves.view(np.uint8).reshape(n_blocks, 2)
+    return raw
+
+
+def quant_files(out):
+    """Every quantized type the loader supports, dequantized by gguf-py.
+
+    Legacy types are quantized by gguf-py from random floats and also written as
+    random raw blocks; K-quants (gguf-py has no quantizer for them) as random raw
+    blocks. Shapes have several rows so row order is checked too.
+    """
+    rng = np.random.default_rng(25)
+    w = gguf.GGUFWriter(os.path.join(out, "quants.gguf"), "testarch")
+    expected = {}
+    for name in QUANT_TYPES:
+        qt = QT[name]
+        block_size, type_size = gguf.GGML_QUANT_SIZES[qt]
+        rows, cols = 3, 2 * block_size
+        raw = random_blocks(rng, qt, rows * cols // block_size).reshape(rows, cols // block_size * type_size)
+        w.add_tensor(f"raw.{name}", raw, raw_dtype=qt)
+        expected[f"raw.{name}"] = gguf.quants.dequantize(raw, qt)
+        if name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+            src = rng.standard_normal((rows, cols)).astype(np.float32)
+            q = gguf.quants.quantize(src, qt)
+            w.add_tensor(f"quantized.{name}", q, raw_dtype=qt)
+            expected[f"quantized.{name}"] = gguf.quants.dequantize(q, qt)
+    # A type the loader does not dequantize.
+    iq4 = rng.integers(0, 256, size=(2, 18), dtype=np.uint8)
+    iq4[:, 0:2] = np.float16(0.01).reshape(1, 1).view(np.uint8)
+    w.add_tensor("unsupported.IQ4_NL", iq4, raw_dtype=QT.IQ4_NL)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in expected.items()},
+               os.path.join(out, "quants_expected.safetensors"))
+
+
 def shared_gguf_reference(out, data_dir):
     """gguf-py's reading of the shared GGUF models: per tensor shape, type, sum, head."""
     ref = {}
@@ -269,6 +322,7 @@ def main():
     sharded_llama(args.out)
     hf_configs(args.out)
     gguf_files(args.out)
+    quant_files(args.out)
     shared_gguf_reference(args.out, args.data)
 
 

@@ -63,9 +63,10 @@ int run_eval(RunContext& ctx) {
   if (cfg.get_string_list("eval.data").empty())
     throw core::ConfigError("eval.data: no evaluation file given (use --data FILE or eval.data in the config)");
   const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
-  io::Checkpoint ckpt = io::load_checkpoint(model_path);
+  const model::DecoderOptions dopts = decoder_options(cfg);
+  io::Checkpoint ckpt = io::load_checkpoint(model_path, dopts.dtype);
   auto tok = text::load_tokenizer_for(model_path);
-  model::Decoder decoder(ckpt, decoder_options(cfg));
+  model::Decoder decoder(ckpt, dopts);
   ordered_json out;
   out["model"] = model_path;
   if (const std::string masks = cfg.get_string("model.masks"); !masks.empty()) {
@@ -106,9 +107,10 @@ int run_eval(RunContext& ctx) {
 int run_prune(RunContext& ctx) {
   const auto& cfg = ctx.config;
   const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
-  io::Checkpoint ckpt = io::load_checkpoint(model_path);
+  const model::DecoderOptions dopts = decoder_options(cfg);
+  io::Checkpoint ckpt = io::load_checkpoint(model_path, dopts.dtype);
   auto tok = text::load_tokenizer_for(model_path);
-  model::Decoder decoder(ckpt, decoder_options(cfg));
+  model::Decoder decoder(ckpt, dopts);
   auto po = prune::prune_options(cfg);
   const bool update = po.method == prune::Method::kSparseGPT && po.sparsegpt.update_weights;
   if (po.sparsegpt.update_weights && !update)

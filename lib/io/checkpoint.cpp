@@ -359,7 +359,7 @@ at::Tensor undo_rope_permutation(const at::Tensor& w, int64_t n_heads, int64_t h
   return w.reshape(split).transpose(1, 2).reshape(w.sizes()).contiguous();
 }
 
-Checkpoint load_gguf(const std::string& path) {
+Checkpoint load_gguf(const std::string& path, at::ScalarType dequant_dtype) {
   Checkpoint ck;
   ck.source = path;
   ck.format = "gguf";
@@ -371,7 +371,7 @@ Checkpoint load_gguf(const std::string& path) {
     if (name.empty())
       throw core::Error(core::str(path, ": tensor '", info.name,
                                   "' has no Hugging Face llama counterpart (unsupported)"));
-    at::Tensor t = g.tensor(info.name);
+    at::Tensor t = g.tensor(info.name, dequant_dtype);
     const std::string context = core::str(path, ": tensor '", info.name, "'");
     if (name.find(".q_proj.") != std::string::npos)
       t = undo_rope_permutation(t, ck.config.num_heads, ck.config.head_dim, context);
@@ -465,7 +465,7 @@ void resolve_embeddings(Checkpoint& ck) {
 
 }  // namespace
 
-Checkpoint load_checkpoint(const std::string& path) {
+Checkpoint load_checkpoint(const std::string& path, at::ScalarType dequant_dtype) {
   std::error_code ec;
   const auto status = fs::status(path, ec);
   Checkpoint ck;
@@ -477,7 +477,7 @@ Checkpoint load_checkpoint(const std::string& path) {
     if (std::memcmp(magic, "GGUF", 4) != 0)
       throw core::Error(core::str(path, ": neither a GGUF file nor a Hugging Face checkpoint ",
                                   "directory (config.json + model.safetensors)"));
-    ck = load_gguf(path);
+    ck = load_gguf(path, dequant_dtype);
   } else {
     throw core::Error(core::str(path, ": no such checkpoint file or directory"));
   }

@@ -2,8 +2,10 @@
 // One entry point for every checkpoint a user has: a Hugging Face directory
 // (config.json + model.safetensors or a sharded index) or a .gguf file.
 // Tensors come back under Hugging Face names on the CPU in the stored dtype
-// (GGUF Q8_0 dequantized to float32), and GGUF's rotary convention is undone so
-// the same decoder computes the same function for both formats.
+// (GGUF quantized tensors dequantized, one at a time, into `dequant_dtype`, the
+// compute dtype, so no float32 copy of a quantized file is ever held), and
+// GGUF's rotary convention is undone so the same decoder computes the same
+// function for both formats.
 #include <ATen/ATen.h>
 
 #include <map>
@@ -29,7 +31,7 @@ struct Checkpoint {
   std::shared_ptr<GgufFile> gguf;  // set for GGUF inputs (tokenizer lives there)
 };
 
-Checkpoint load_checkpoint(const std::string& path);
+Checkpoint load_checkpoint(const std::string& path, at::ScalarType dequant_dtype = at::kFloat);
 
 // GGUF name -> Hugging Face name ("blk.7.attn_q.weight" ->
 // "model.layers.7.self_attn.q_proj.weight"); empty when unknown.

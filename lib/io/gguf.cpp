@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "io/ggml_quants.h"
 #include "io/mapped_file.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "GGUF files read here are little-endian");
@@ -12,7 +13,6 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "GGUF files read here a
 namespace patch::io {
 namespace {
 
-constexpr uint32_t kF32 = 0, kF16 = 1, kQ8_0 = 8, kBF16 = 30;
 constexpr int kMaxArrayDepth = 8;
 constexpr uint32_t kMaxDims = 4;  // GGML_MAX_DIMS
 
@@ -265,42 +265,57 @@ bool GgufFile::contains(const std::string& name) const {
   return index_.count(name) > 0;
 }
 
-at::Tensor GgufFile::tensor(const std::string& name) const {
+at::Tensor GgufFile::tensor(const std::string& name, at::ScalarType dtype) const {
   auto it = index_.find(name);
   if (it == index_.end()) throw core::Error(core::str(path_, ": no tensor '", name, "'"));
   const GgufTensorInfo& t = tensors_[it->second];
   const std::vector<int64_t> shape(t.dims.rbegin(), t.dims.rend());
   const size_t offset = data_offset_ + t.offset;
   switch (t.ggml_type) {
-    case kF32:
+    case kGgmlF32:
       return view_mapped(map_, offset, shape, at::kFloat);
-    case kF16:
+    case kGgmlF16:
       return view_mapped(map_, offset, shape, at::kHalf);
-    case kBF16:
+    case kGgmlBF16:
       return view_mapped(map_, offset, shape, at::kBFloat16);
-    case kQ8_0: {
-      // Blocks of 32: an fp16 scale d, then 32 int8 q; value = d * q.
-      at::Tensor out = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
-      float* dst = out.data_ptr<float>();
-      const uint8_t* src = map_->data + offset;
-      const int64_t n_blocks = out.numel() / 32;
-      at::parallel_for(0, n_blocks, 1024, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          const uint8_t* block = src + b * 34;
-          uint16_t bits;
-          std::memcpy(&bits, block, 2);
-          const float d = static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-          const int8_t* q = reinterpret_cast<const int8_t*>(block + 2);
-          for (int j = 0; j < 32; ++j) dst[b * 32 + j] = d * static_cast<float>(q[j]);
-        }
-      });
-      return out;
-    }
     default:
+      if (is_dequantizable(t.ggml_type)) return dequantize(t, shape, offset, dtype);
       throw core::Error(core::str(path_, ": tensor '", name, "' has ggml type ",
                                   find_type(t.ggml_type)->name,
-                                  ", which is not supported (F32, F16, BF16, Q8_0)"));
+                                  ", which is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, "
+                                  "Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)"));
   }
+}
+
+// Block by block into `dtype`, through a float32 buffer of one chunk per
+// thread: a quantized tensor never exists whole in float32 unless float32 is
+// what was asked for.
+at::Tensor GgufFile::dequantize(const GgufTensorInfo& t, const std::vector<int64_t>& shape,
+                                size_t offset, at::ScalarType dtype) const {
+  const GgmlType* type = find_type(t.ggml_type);
+  at::Tensor out = at::empty(shape, at::TensorOptions().dtype(dtype));
+  const uint8_t* src = map_->data + offset;
+  const int64_t n_blocks = out.numel() / static_cast<int64_t>(type->block);
+  const int64_t block = static_cast<int64_t>(type->block), bytes = static_cast<int64_t>(type->bytes);
+  constexpr int64_t kChunk = 256;  // blocks per conversion chunk
+  if (dtype == at::kFloat) {
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, n_blocks, kChunk, [&](int64_t begin, int64_t end) {
+      dequantize_blocks(t.ggml_type, src + begin * bytes, dst + begin * block, end - begin);
+    });
+    return out;
+  }
+  at::Tensor flat = out.view({-1});
+  at::parallel_for(0, n_blocks, kChunk, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(std::min(kChunk, end - begin) * block));
+    for (int64_t b = begin; b < end; b += kChunk) {
+      const int64_t n = std::min(kChunk, end - b);
+      dequantize_blocks(t.ggml_type, src + b * bytes, buf.data(), n);
+      flat.narrow(0, b * block, n * block)
+          .copy_(at::from_blob(buf.data(), {n * block}, at::TensorOptions().dtype(at::kFloat)));
+    }
+  });
+  return out;
 }
 
 }  // namespace patch::io

@@ -1,6 +1,7 @@
 #pragma once
 // GGUF v2/v3 reader: metadata, tensor infos and tensors (F32/F16/BF16 as views
-// of the mapped file, Q8_0 dequantized to float32 on load).
+// of the mapped file; Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q2_K..Q6_K
+// dequantized on load, tensor by tensor, into the dtype asked for).
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -33,9 +34,13 @@ class GgufFile {
   const std::vector<GgufTensorInfo>& tensors() const { return tensors_; }
   bool contains(const std::string& name) const;
   // Row-major torch tensor of shape reversed(dims) (so [out, in] for matrices).
-  at::Tensor tensor(const std::string& name) const;
+  // Quantized tensors are dequantized into `dtype`; others keep their type.
+  at::Tensor tensor(const std::string& name, at::ScalarType dtype = at::kFloat) const;
 
  private:
+  at::Tensor dequantize(const GgufTensorInfo& t, const std::vector<int64_t>& shape, size_t offset,
+                        at::ScalarType dtype) const;
+
   std::string path_;
   uint32_t version_ = 0;
   std::shared_ptr<struct MappedFile> map_;

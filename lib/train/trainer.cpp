@@ -75,12 +75,12 @@ struct Run {
 void load_model_and_data(Run& r) {
   const auto& cfg = r.cfg;
   r.model_path = core::resolve_path(cfg.get_string("model.path"));
-  io::Checkpoint ckpt = io::load_checkpoint(r.model_path);
   r.device = core::resolve_device(cfg.get_string("model.device"));
   r.device = dist::rank_device(r.device, r.env.local_rank, r.env.world);
   model::DecoderOptions mo;
   mo.device = r.device;
   mo.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), r.device);
+  io::Checkpoint ckpt = io::load_checkpoint(r.model_path, mo.dtype);
   mo.checkpointing = cfg.get_bool("model.checkpointing");
   r.model = std::make_unique<model::Decoder>(ckpt, mo);
   core::log::info(str("model ", r.model_path, ": ", ckpt.config.num_layers, " layers on ", r.device.str(),
@@ -444,6 +444,8 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   const int64_t warmup = cfg.get_int("train.warmup_steps");
   const double clip = cfg.get_float("train.grad_clip");
   const double lambda_s = cfg.get_float("train.lambda_sparsity");
+  // train.loss=kd: the LM term (logged as "ce") is the divergence from the unmasked model.
+  const bool distill = cfg.get_string("train.loss") == "kd";
   const double lambda_w = cfg.get_float("train.lambda_weight");
   const int64_t eval_every = cfg.get_int("train.eval_every");
   const int64_t ckpt_every = cfg.get_int("train.checkpoint_every");
@@ -525,7 +527,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     // One micro-batch's forward and backward; adds its share of the step's
     // cross-entropy (float64, detached) to `sum`.
     auto micro_step = [&](const at::Tensor& ids, bool arm_reducer, at::Tensor& sum) {
-      at::Tensor loss = r.model->loss(ids);
+      at::Tensor loss = distill ? r.model->distill_loss(ids, r.model->teacher_hidden(ids)) : r.model->loss(ids);
       if (arm_reducer) reducer->arm();
       (loss / static_cast<double>(n_micro)).backward();
       const at::Tensor part = loss.detach().to(at::kDouble) / static_cast<double>(n_micro);

@@ -1,5 +1,6 @@
 // GGUF reading, GGUF -> ModelConfig and the GGUF -> Hugging Face mapping.
 #include <cstring>
+#include <set>
 
 #include "io/checkpoint.h"
 #include "io/gguf.h"
@@ -271,4 +272,40 @@ TEST_CASE("corrupt GGUF files fail with one-line errors") {
     test::write_bytes(path, "");
     require_bad_gguf(path, "bad magic");
   }
+}
+
+TEST_CASE("quantized GGUF tensors dequantize exactly as gguf-py does") {
+  io::GgufFile g(test::io_fixture("quants.gguf"));
+  io::SafetensorsFile expected(test::io_fixture("quants_expected.safetensors"));
+  const std::vector<std::string> types = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                                          "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"};
+  std::set<std::string> seen;
+  for (const auto& e : expected.entries()) {
+    INFO(e.name);
+    const at::Tensor want = expected.tensor(e.name);
+    const at::Tensor got = g.tensor(e.name);
+    REQUIRE(got.scalar_type() == at::kFloat);
+    REQUIRE(got.sizes().equals(want.sizes()));
+    REQUIRE(at::isfinite(want).all().item<bool>());
+    // Bit for bit: the same float32 operations in the same order.
+    REQUIRE(at::equal(got, want));
+    // Into bfloat16 directly: what rounding the float32 values gives.
+    REQUIRE(at::equal(g.tensor(e.name, at::kBFloat16), want.to(at::kBFloat16)));
+    seen.insert(e.name.substr(e.name.find('.') + 1));
+  }
+  REQUIRE(seen == std::set<std::string>(types.begin(), types.end()));
+  const std::string msg = test::error_of([&] { g.tensor("unsupported.IQ4_NL"); });
+  INFO(msg);
+  REQUIRE(msg.find("tensor 'unsupported.IQ4_NL' has ggml type IQ4_NL, which is not supported") !=
+          std::string::npos);
+  REQUIRE(msg.find('\n') == std::string::npos);
+}
+
+TEST_CASE("a truncated quantized block names the tensor") {
+  const std::string good = core::read_file(test::io_fixture("quants.gguf"));
+  test::TempDir dir;
+  const std::string path = dir.file("cut.gguf");
+  // The last tensor is the IQ4_NL one (36 bytes, padded); cut into the Q6_K before it.
+  test::write_bytes(path, good.substr(0, good.size() - 100));
+  require_bad_gguf(path, "tensor 'raw.Q6_K': data at offset");
 }
