@@ -1,7 +1,10 @@
-// GGUF-embedded `llama` vocabularies (SentencePiece with scores): llama.cpp's
-// llm_tokenizer_spm. Adjacent symbols are merged greedily by the score of the
-// merged token (highest first, leftmost on ties); what never forms a token
-// falls back to <0xNN> byte tokens.
+// GGUF-embedded vocabularies.
+// `llama` (SentencePiece with scores): llama.cpp's llm_tokenizer_spm. Adjacent
+// symbols are merged greedily by the score of the merged token (highest first,
+// leftmost on ties); what never forms a token falls back to <0xNN> byte tokens.
+// `gpt2` (byte-level BPE with merges): the tokenizer.json the vocabulary stands
+// for, with the pre-tokenizer that tokenizer.ggml.pre names, run through the
+// Hugging Face pipeline of hf_tokenizer.cpp.
 #include <cstdio>
 #include <functional>
 #include <queue>
@@ -12,6 +15,7 @@
 
 #include "core/error.h"
 #include "io/gguf.h"
+#include "text/hf_pipeline.h"
 #include "text/sha256.h"
 #include "text/token_matcher.h"
 #include "text/tokenizer.h"
@@ -335,6 +339,139 @@ SpmTokenizer::SpmTokenizer(const io::GgufFile& gguf) {
   fingerprint_ = "gguf-spm:" + h.hex_digest();
 }
 
+// The pre-tokenizer regexes of llama.cpp's llama_vocab pre types, as the
+// models' own tokenizer.json files spell them.
+constexpr const char* kLlama3Split =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*)"
+    R"(|\s*[\r\n]+|\s+(?!\S)|\s+)";
+constexpr const char* kQwen2Split =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*)"
+    R"(|\s*[\r\n]+|\s+(?!\S)|\s+)";
+
+json byte_level(bool use_regex) {
+  return {{"type", "ByteLevel"},
+          {"add_prefix_space", false},
+          {"trim_offsets", true},
+          {"use_regex", use_regex}};
+}
+
+json split_then_bytes(const char* regex) {
+  return {{"type", "Sequence"},
+          {"pretokenizers",
+           json::array({{{"type", "Split"},
+                         {"pattern", {{"Regex", regex}}},
+                         {"behavior", "Isolated"},
+                         {"invert", false}},
+                        byte_level(false)})}};
+}
+
+// What a tokenizer.json of the model family that `pre` names has: normalizer,
+// pre-tokenizer, and whether words in the vocabulary skip the merges
+// (llama.cpp's tokenizer_ignore_merges). Unknown names are refused: a wrong
+// split would silently give other ids.
+struct PreTokenization {
+  json normalizer;
+  json pre_tokenizer;
+  bool ignore_merges = false;
+};
+
+PreTokenization pre_tokenization(const std::string& pre, const std::string& path) {
+  PreTokenization p;
+  if (pre == "default" || pre == "gpt-2" || pre == "gpt2") {
+    p.pre_tokenizer = byte_level(true);
+  } else if (pre == "smollm") {
+    // SmolLM's tokenizer.json: each digit alone, then GPT-2's split.
+    p.pre_tokenizer = {
+        {"type", "Sequence"},
+        {"pretokenizers",
+         json::array({{{"type", "Digits"}, {"individual_digits", true}}, byte_level(true)})}};
+  } else if (pre == "llama-bpe" || pre == "llama3" || pre == "llama-v3") {
+    p.pre_tokenizer = split_then_bytes(kLlama3Split);
+    p.ignore_merges = true;
+  } else if (pre == "qwen2") {
+    p.normalizer = {{"type", "NFC"}};
+    p.pre_tokenizer = split_then_bytes(kQwen2Split);
+  } else {
+    throw core::Error(core::str(path, ": tokenizer.ggml.pre '", pre,
+                                "' is not supported (supported: default, gpt-2, smollm, llama-bpe, "
+                                "llama3, llama-v3, qwen2)"));
+  }
+  return p;
+}
+
+// A `gpt2` vocabulary as the tokenizer.json it stands for: tokens outside
+// GPT-2's byte alphabet are respelled in it, control tokens become special
+// added tokens and user-defined ones plain added tokens (both matched in the
+// raw text), and BOS is added when tokenizer.ggml.add_bos_token says so.
+std::unique_ptr<Tokenizer> load_gguf_bpe(const io::GgufFile& gguf) {
+  const json& m = gguf.metadata();
+  const std::string& path = gguf.path();
+  auto fail = [&](const std::string& what) { throw core::Error(core::str(path, ": ", what)); };
+  auto array = [&](const char* key) -> const json& {
+    if (!m.contains(key)) fail(core::str("missing metadata key '", key, "'"));
+    if (!m.at(key).is_array()) fail(core::str("metadata '", key, "' must be an array"));
+    return m.at(key);
+  };
+  const json& tokens = array("tokenizer.ggml.tokens");
+  const json& merges = array("tokenizer.ggml.merges");
+  if (merges.empty()) fail("metadata 'tokenizer.ggml.merges' is empty (a gpt2 vocabulary needs merges)");
+  const size_t n = tokens.size();
+  std::vector<int32_t> types(n, kNormal);
+  if (m.contains("tokenizer.ggml.token_type")) {
+    const json& t = array("tokenizer.ggml.token_type");
+    if (t.size() != n)
+      fail(core::str("'tokenizer.ggml.token_type' has ", t.size(), " entries, expected ", n));
+    for (size_t i = 0; i < n; ++i) types[i] = t[i].get<int32_t>();
+  }
+  const std::string pre = m.contains("tokenizer.ggml.pre") && m.at("tokenizer.ggml.pre").is_string()
+                              ? m.at("tokenizer.ggml.pre").get<std::string>()
+                              : "default";
+  PreTokenization p = pre_tokenization(pre, path);
+
+  json vocab = json::object();
+  json added = json::array();
+  for (size_t i = 0; i < n; ++i) {
+    if (!tokens[i].is_string()) fail("metadata 'tokenizer.ggml.tokens' must hold strings");
+    const std::string t = tokens[i].get<std::string>();
+    const bool spelled = is_byte_level_spelled(t);
+    vocab[spelled ? t : byte_level_spell(t)] = static_cast<int32_t>(i);
+    if ((types[i] == kControl && spelled) || types[i] == kUserDefined)
+      added.push_back({{"id", static_cast<int32_t>(i)},
+                       {"content", t},
+                       {"single_word", false},
+                       {"lstrip", false},
+                       {"rstrip", false},
+                       {"normalized", false},
+                       {"special", types[i] == kControl}});
+  }
+  json tj = {{"model",
+              {{"type", "BPE"},
+               {"vocab", std::move(vocab)},
+               {"merges", merges},
+               {"ignore_merges", p.ignore_merges}}},
+             {"normalizer", p.normalizer},
+             {"pre_tokenizer", p.pre_tokenizer},
+             {"post_processor", nullptr},
+             {"decoder", {{"type", "ByteLevel"}}},
+             {"added_tokens", std::move(added)}};
+
+  json tcfg = json::object();
+  auto special = [&](const char* key, const char* name) {
+    if (!m.contains(key)) return;
+    const int64_t id = m.at(key).get<int64_t>();
+    if (id < 0 || id >= static_cast<int64_t>(n))
+      fail(core::str("'", key, "' = ", id, " is outside the vocabulary"));
+    tcfg[name] = tokens[static_cast<size_t>(id)];
+  };
+  special("tokenizer.ggml.bos_token_id", "bos_token");
+  special("tokenizer.ggml.eos_token_id", "eos_token");
+  for (const char* flag : {"add_bos_token", "add_eos_token"}) {
+    const std::string key = core::str("tokenizer.ggml.", flag);
+    if (m.contains(key) && m.at(key).is_boolean()) tcfg[flag] = m.at(key).get<bool>();
+  }
+  return tokenizer_from_json(tj, path, tcfg, json(), tj.dump() + tcfg.dump(), "gguf-bpe:");
+}
+
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_gguf_tokenizer(const io::GgufFile& gguf) {
@@ -342,10 +479,12 @@ std::unique_ptr<Tokenizer> load_gguf_tokenizer(const io::GgufFile& gguf) {
   if (!m.contains("tokenizer.ggml.model") || !m.at("tokenizer.ggml.model").is_string())
     throw core::Error(core::str(gguf.path(), ": missing metadata key 'tokenizer.ggml.model'"));
   const std::string model = m.at("tokenizer.ggml.model").get<std::string>();
-  if (model != "llama")
+  if (model != "llama" && model != "gpt2")
     throw core::Error(core::str(gguf.path(), ": tokenizer.ggml.model '", model,
-                                "' is not supported (only 'llama', SentencePiece with scores)"));
+                                "' is not supported (supported: 'llama', SentencePiece with scores; "
+                                "'gpt2', byte-level BPE)"));
   try {
+    if (model == "gpt2") return load_gguf_bpe(gguf);
     return std::make_unique<SpmTokenizer>(gguf);
   } catch (const nlohmann::json::exception& e) {  // metadata of the wrong type
     throw core::Error(core::str(gguf.path(), ": unexpected tokenizer metadata (", e.what(), ")"));

@@ -15,6 +15,7 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "text/bpe.h"
+#include "text/hf_pipeline.h"
 #include "text/regex.h"
 #include "text/sha256.h"
 #include "text/token_matcher.h"
@@ -581,7 +582,14 @@ bool is_word_char(char32_t c) {
 
 class HfTokenizer final : public Tokenizer {
  public:
-  explicit HfTokenizer(const std::string& path) { load(path); }
+  // `j` is tokenizer.json's content; `context` names its source in errors;
+  // `tcfg` and `mcfg` are tokenizer_config.json and config.json (null when
+  // absent); `fingerprint_prefix` + sha256 of `identity` and the special ids
+  // make the fingerprint.
+  HfTokenizer(const json& j, const std::string& context, const json& tcfg, const json& mcfg,
+              const std::string& identity, const std::string& fingerprint_prefix) {
+    build(j, context, tcfg, mcfg, identity, fingerprint_prefix);
+  }
 
   std::vector<int32_t> encode(const std::string& text, bool add_special) const override {
     std::vector<int32_t> ids;
@@ -686,7 +694,8 @@ class HfTokenizer final : public Tokenizer {
     return out;
   }
 
-  void load(const std::string& path);
+  void build(const json& j, const std::string& context, const json& tcfg, const json& mcfg,
+             const std::string& identity, const std::string& fingerprint_prefix);
 
   std::unique_ptr<BpeModel> model_;
   std::vector<AddedToken> added_tokens_;
@@ -721,14 +730,9 @@ json read_json_if_exists(const std::filesystem::path& p) {
   }
 }
 
-void HfTokenizer::load(const std::string& path) {
-  const std::string bytes = core::read_file(path);
-  json j;
-  try {
-    j = json::parse(bytes);
-  } catch (const json::exception& e) {
-    throw core::Error(core::str(path, ": invalid JSON: ", e.what()));
-  }
+void HfTokenizer::build(const json& j, const std::string& path, const json& tcfg,
+                        const json& mcfg, const std::string& identity,
+                        const std::string& fingerprint_prefix) {
   const Loader L(path);
   const json& model = L.member(j, "model", "top level");
   const std::string model_type = L.opt_string(model, "type", "BPE");
@@ -808,14 +812,11 @@ void HfTokenizer::load(const std::string& path) {
     L.post_processor(j.at("post_processor"), "post_processor", prefix_, suffix_);
 
   // BOS/EOS: tokenizer_config.json, else config.json, else the template's first special.
-  const std::filesystem::path dir = std::filesystem::path(path).parent_path();
-  const json tcfg = read_json_if_exists(dir / "tokenizer_config.json");
   const std::string bos_tok = config_token(tcfg, "bos_token"),
                     eos_tok = config_token(tcfg, "eos_token");
   if (!bos_tok.empty()) bos_ = id_of(bos_tok);
   if (!eos_tok.empty()) eos_ = id_of(eos_tok);
   if (bos_ < 0 || eos_ < 0) {
-    const json mcfg = read_json_if_exists(dir / "config.json");
     auto cfg_id = [&](const char* key) -> int32_t {
       if (!mcfg.is_object() || !mcfg.contains(key)) return -1;
       const json& v = mcfg.at(key);
@@ -834,21 +835,55 @@ void HfTokenizer::load(const std::string& path) {
     if (L.opt_bool(tcfg, "add_eos_token", false) && eos_ >= 0) suffix_.push_back(eos_);
   }
 
-  std::string key = core::str(bytes, "\nbos ", bos_, " eos ", eos_, " prefix");
+  std::string key = core::str(identity, "\nbos ", bos_, " eos ", eos_, " prefix");
   for (int32_t id : prefix_) key += core::str(" ", id);
   key += " suffix";
   for (int32_t id : suffix_) key += core::str(" ", id);
-  fingerprint_ = "hf-bpe:" + sha256_hex(key);
+  fingerprint_ = fingerprint_prefix + sha256_hex(key);
 }
 
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& tokenizer_json_path) {
+  const std::string bytes = core::read_file(tokenizer_json_path);
+  json j;
   try {
-    return std::make_unique<HfTokenizer>(tokenizer_json_path);
-  } catch (const nlohmann::json::exception& e) {  // a value of the wrong JSON type
-    throw core::Error(core::str(tokenizer_json_path, ": unexpected structure (", e.what(), ")"));
+    j = json::parse(bytes);
+  } catch (const json::exception& e) {
+    throw core::Error(core::str(tokenizer_json_path, ": invalid JSON: ", e.what()));
   }
+  const std::filesystem::path dir = std::filesystem::path(tokenizer_json_path).parent_path();
+  const json tcfg = read_json_if_exists(dir / "tokenizer_config.json");
+  const json mcfg = read_json_if_exists(dir / "config.json");
+  return tokenizer_from_json(j, tokenizer_json_path, tcfg, mcfg, bytes, "hf-bpe:");
+}
+
+std::unique_ptr<Tokenizer> tokenizer_from_json(const nlohmann::json& tokenizer_json,
+                                               const std::string& context,
+                                               const nlohmann::json& tokenizer_config,
+                                               const nlohmann::json& model_config,
+                                               const std::string& identity,
+                                               const std::string& fingerprint_prefix) {
+  try {
+    return std::make_unique<HfTokenizer>(tokenizer_json, context, tokenizer_config, model_config,
+                                         identity, fingerprint_prefix);
+  } catch (const nlohmann::json::exception& e) {  // a value of the wrong JSON type
+    throw core::Error(core::str(context, ": unexpected structure (", e.what(), ")"));
+  }
+}
+
+bool is_byte_level_spelled(std::string_view token) {
+  const ByteLevelTables& t = byte_level();
+  for (char32_t c : uc::decode_utf8(token))
+    if (!t.char_byte.count(c)) return false;
+  return true;
+}
+
+std::string byte_level_spell(std::string_view bytes) {
+  const ByteLevelTables& t = byte_level();
+  std::string out;
+  for (unsigned char c : bytes) out += t.byte_str[c];
+  return out;
 }
 
 }  // namespace patch::text
