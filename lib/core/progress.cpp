@@ -35,13 +35,16 @@ void Progress::update(long done, long tokens, const std::string& extra) {
   tokens_ += tokens;
   auto now = std::chrono::steady_clock::now();
   double since = std::chrono::duration<double>(now - last_print_).count();
+  // The final count is shown once, however often it is reported.
+  const bool final_again = done >= total_ && done == last_done_;
+  last_done_ = done;
   if (tty_) {
-    if (since < 0.2 && done < total_) return;
+    if (since < 0.2 && (done < total_ || final_again)) return;
     std::fprintf(stderr, "\r\033[K%s", line(done, extra).c_str());
     std::fflush(stderr);
     live_ = true;
   } else {
-    if (since < every_ && done < total_) return;
+    if (since < every_ && (done < total_ || final_again)) return;
     log::info(line(done, extra));
   }
   last_print_ = now;

@@ -26,6 +26,7 @@ class Progress {
   long tokens_ = 0;
   bool live_ = false;
   std::chrono::steady_clock::time_point start_;
+  long last_done_ = -1;
   std::chrono::steady_clock::time_point last_print_;
 };
 

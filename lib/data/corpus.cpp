@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
+#include <memory>
 
 #include <nlohmann/json.hpp>
 
@@ -11,6 +13,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "data/xz_stream.h"
 #include "text/sha256.h"
 
 namespace patch::data {
@@ -28,7 +31,10 @@ Format resolve_format(const std::string& path, const std::string& format) {
   if (format != "auto")
     throw core::ConfigError(
         core::str("data format '", format, "' is not one of auto, text, jsonl, bin"));
-  const std::string ext = fs::path(path).extension().string();
+  // "x.jsonl.xz" is JSONL: the extension under the compression's.
+  fs::path p(path);
+  if (is_xz(path)) p = p.stem();
+  const std::string ext = p.extension().string();
   if (ext == ".jsonl" || ext == ".json") return Format::kJsonl;
   if (ext == ".bin") return Format::kBin;
   return Format::kText;
@@ -55,19 +61,22 @@ bool blank(const std::string& s) {
 void for_each_document(const std::string& path, Format format, const DataOptions& opts,
                        const std::function<void(const std::string&)>& fn,
                        const std::function<void(long)>& progress) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw core::Error(core::str(path, ": cannot open for reading"));
+  long compressed = 0;  // bytes of an .xz file consumed so far
+  const bool xz = is_xz(path);
+  std::unique_ptr<std::istream> input = open_input(path, &compressed);
+  std::istream& in = *input;
   if (format == Format::kText && opts.document_separator.empty()) {
-    const std::string all = core::read_file(path);
+    std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (in.bad()) throw core::Error(core::str(path, ": read error"));
     if (!blank(all)) fn(all);
-    progress(static_cast<long>(all.size()));
+    progress(xz ? compressed : static_cast<long>(all.size()));
     return;
   }
   std::string line, doc;
   bool has_lines = false;
   long bytes = 0;
   for (long lineno = 1; std::getline(in, line); ++lineno) {
-    bytes += static_cast<long>(line.size()) + 1;
+    bytes = xz ? compressed : bytes + static_cast<long>(line.size()) + 1;
     if (format == Format::kJsonl) {
       if (blank(line)) continue;
       nlohmann::json j;

@@ -1,9 +1,11 @@
 // Corpus loading, .bin token files, the token cache, packing, split and order.
 #include "data/dataset.h"  // torch headers define CHECK: include them before catch.h
+#include "data/xz_stream.h"
 
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -265,4 +267,59 @@ TEST_CASE("WikiText-2 evaluation text equals Hugging Face's encoding of the whol
   CHECK(ids.size() == expected.size());
   CHECK(ids == expected);
   CHECK(ids.front() != tinystories().bos_id());
+}
+
+TEST_CASE(".xz corpora stream to the tokens of their decompressed text") {
+  REQUIRE(data::xz_supported());
+  test::TempDir dir;
+  const auto xz = [](const std::string& args) {
+    REQUIRE(std::system(("xz " + args).c_str()) == 0);  // the xz tool is the oracle
+  };
+  SECTION("text with separators, and the token cache keyed by the compressed file") {
+    const std::string plain = dir.file("corpus.txt");
+    std::string body;
+    for (int i = 0; i < 2000; ++i)
+      body += core::str("Story ", i, ": a frog sang to the moon.\n<|endoftext|>\n");
+    core::write_file_atomic(plain, body);
+    xz("-k -T1 '" + plain + "'");
+    data::DataOptions opts;
+    opts.document_separator = "<|endoftext|>";
+    const auto want = data::load_tokens(plain, tinystories(), opts).to_vector();
+    REQUIRE(want.size() > 20000);
+    CHECK(data::load_tokens(plain + ".xz", tinystories(), opts).to_vector() == want);
+    opts.cache_dir = dir.file("cache");
+    const data::TokenStream cached = data::load_tokens(plain + ".xz", tinystories(), opts);
+    CHECK(cached.to_vector() == want);
+    REQUIRE(cached.path().rfind(opts.cache_dir + "/", 0) == 0);
+    // Other contents under the same name: a new cache entry with the new tokens.
+    core::write_file_atomic(plain, "A dog barked.\n<|endoftext|>\n");
+    fs::remove(plain + ".xz");
+    xz("-k -T1 '" + plain + "'");
+    const data::TokenStream changed = data::load_tokens(plain + ".xz", tinystories(), opts);
+    CHECK(changed.path() != cached.path());
+    CHECK(changed.to_vector() == expected_stream({"A dog barked."}, tinystories()));
+  }
+  SECTION("JSONL by the extension under .xz, and the shared WebText file") {
+    const std::string shared = test::data_path("text/extra/web_text.jsonl.xz");
+    const std::string plain = dir.file("web_text.jsonl");
+    REQUIRE(std::system(core::str("xz -dc '", shared, "' > '", plain, "'").c_str()) == 0);
+    data::DataOptions opts;
+    const auto want = data::load_tokens(plain, tinystories(), opts).to_vector();
+    REQUIRE(want.size() > 100000);
+    CHECK(data::load_tokens(shared, tinystories(), opts).to_vector() == want);
+  }
+  SECTION("corrupt or truncated .xz data names the file") {
+    const std::string plain = dir.file("t.txt");
+    core::write_file_atomic(plain, std::string(100000, 'a') + "\n");
+    xz("-k -T1 '" + plain + "'");
+    const std::string good = core::read_file(plain + ".xz");
+    const std::string cut = dir.file("cut.txt.xz");
+    core::write_file_atomic(cut, good.substr(0, good.size() / 2));
+    std::string err = error_of([&] { data::load_tokens(cut, tinystories(), data::DataOptions{}); });
+    CHECK(err.find(cut + ": corrupt or truncated xz data") == 0);
+    const std::string junk = dir.file("junk.txt.xz");
+    core::write_file_atomic(junk, "not xz at all");
+    err = error_of([&] { data::load_tokens(junk, tinystories(), data::DataOptions{}); });
+    CHECK(err.find(junk + ": corrupt or truncated xz data") == 0);
+  }
 }
