@@ -144,6 +144,11 @@ std::vector<KeyDef> build() {
                 "Sequences per optimizer step (a multiple of train.micro_batch)"),
             1, inf),
       range(key("train.grad_clip", T::kFloat, 1.0, "Gradient norm clip (0: off)"), 0.0, inf),
+      choices(key("train.loss", T::kString, "ce",
+                  "Language-model term of the loss: ce (next-token cross-entropy on the data) or kd "
+                  "(distillation: KL divergence from the same model without masks, whose next-token "
+                  "distribution is the target; one extra forward per micro-batch)"),
+              {"ce", "kd"}),
       range(key("train.lambda_sparsity", T::kFloat, 10.0, "Weight of the density regularizer"), 0.0, inf),
       range(key("train.lambda_weight", T::kFloat, 0.0, "Weight of the kept-weight-norm term"), 0.0, inf),
       range(key("train.eval_every", T::kInt, 50, "Held-out evaluation every N steps (0: only at the end)"),
@@ -185,7 +190,10 @@ std::vector<KeyDef> build() {
                 "Target sparsities of a sweep"),
             0.0, 0.5),
       key("sweep.baselines", T::kStringList, Json::array(),
-          "Baselines run beside PATCH in a sweep: wanda, sparsegpt, magnitude, maskllm"),
+          "Baselines run beside PATCH in a sweep: maskllm; magnitude, wanda, sparsegpt (2:4; sparsegpt with its "
+          "updated weights), sparsegpt-mask (2:4, mask only); magnitude-hybrid, wanda-hybrid, sparsegpt-hybrid "
+          "(one-shot hybrid at each target, mask only), sparsegpt-hybrid-update; joint, tile (another learned "
+          "mode at each target). A per-target baseline may end in @T (e.g. tile@0.45) to run at T only"),
       // bench
       choices(key("bench.shape", T::kString, "qwen2.5-0.5b",
                   "Model shape benchmarked with random weights"),

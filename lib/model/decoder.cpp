@@ -262,6 +262,13 @@ void validate(const io::ModelConfig& c, const DecoderOptions& opts, const std::s
 
 // ---- LinearImpl ------------------------------------------------------------------
 
+namespace {
+// Set while Decoder::teacher_hidden runs: linears use their dense weights and
+// ignore providers and kernels (the teacher of distillation is the model
+// without masks). Thread-local: a forward runs on one thread.
+thread_local bool t_dense_weights = false;
+}  // namespace
+
 LinearImpl::LinearImpl(std::string hf_name, at::Tensor weight, at::Tensor bias)
     : name_(std::move(hf_name)) {
   weight_ = register_buffer("weight", std::move(weight));
@@ -269,6 +276,7 @@ LinearImpl::LinearImpl(std::string hf_name, at::Tensor weight, at::Tensor bias)
 }
 
 at::Tensor LinearImpl::forward(const at::Tensor& x) {
+  if (t_dense_weights) return at::linear(x, weight_, bias_);
   if (observer_) observer_(x);
   if (kernel_) {
     auto y = kernel_(x);
@@ -386,6 +394,9 @@ struct Decoder::Impl {
   at::Tensor logits(const at::Tensor& normed) const {
     return at::linear(normed, lm_head_weight).to(upcast(opts.dtype));
   }
+
+  at::Tensor chunked_loss(const at::Tensor& dev_ids,
+                          const std::function<at::Tensor(const at::Tensor&, int64_t, int64_t)>& chunk_loss);
 };
 
 Decoder::Decoder(const io::Checkpoint& ckpt, const DecoderOptions& opts)
@@ -440,35 +451,83 @@ at::Tensor Decoder::forward(const at::Tensor& ids) {
   return impl_->logits(impl_->hidden(ids));
 }
 
-at::Tensor Decoder::loss(const at::Tensor& ids) {
+namespace {
+
+void check_loss_ids(const at::Tensor& ids, const char* what) {
   if (ids.dim() != 2 || ids.size(1) < 2)
     throw core::Error(
-        str("decoder loss: expected token ids [batch, seq >= 2], got ", shape_str(ids.sizes())));
-  const at::Tensor dev_ids = impl_->ids_on_device(ids);
-  at::Tensor h = impl_->hidden(dev_ids);
-  const int64_t hidden = h.size(-1);
-  h = h.slice(1, 0, -1).reshape({-1, hidden});
-  const at::Tensor targets = dev_ids.slice(1, 1).reshape({-1});
+        str("decoder ", what, ": expected token ids [batch, seq >= 2], got ", shape_str(ids.sizes())));
+}
+
+}  // namespace
+
+// The mean over next-token positions of a per-position loss of the logits,
+// summed chunk by chunk of rows of the final hidden states: `chunk_loss(x,
+// begin, end)` gets rows [begin, end) of them (positions 0..seq-2 of every
+// sequence, flattened) and returns the chunk's summed loss. Each chunk is
+// recomputed in backward, so the [tokens, vocab] logits never exist at once.
+at::Tensor Decoder::Impl::chunked_loss(
+    const at::Tensor& dev_ids,
+    const std::function<at::Tensor(const at::Tensor&, int64_t, int64_t)>& chunk_loss) {
+  at::Tensor h = hidden(dev_ids);
+  h = h.slice(1, 0, -1).reshape({-1, h.size(-1)});
   const int64_t n = h.size(0);
-  const int64_t rows = impl_->opts.loss_chunk_rows > 0
-                           ? impl_->opts.loss_chunk_rows
-                           : std::max<int64_t>(1, kLossChunkElements / impl_->cfg.vocab_size);
-  const at::Tensor w = impl_->lm_head_weight;
-  const at::ScalarType out = upcast(impl_->opts.dtype);
+  const int64_t rows = opts.loss_chunk_rows > 0
+                           ? opts.loss_chunk_rows
+                           : std::max<int64_t>(1, kLossChunkElements / cfg.vocab_size);
   const bool recompute = at::GradMode::is_enabled() && h.requires_grad();
   at::Tensor total;
   for (int64_t begin = 0; begin < n; begin += rows) {
     const int64_t end = std::min(n, begin + rows);
-    const at::Tensor tgt = targets.slice(0, begin, end);
-    auto chunk_loss = [w, tgt, out](const at::Tensor& x) {
-      return at::cross_entropy_loss(at::linear(x, w).to(out), tgt, /*weight=*/{},
-                                    at::Reduction::Sum);
-    };
+    auto fn = [chunk_loss, begin, end](const at::Tensor& x) { return chunk_loss(x, begin, end); };
     const at::Tensor hc = h.slice(0, begin, end);
-    at::Tensor l = recompute ? checkpoint(chunk_loss, hc, impl_->anchor) : chunk_loss(hc);
+    at::Tensor l = recompute ? checkpoint(fn, hc, anchor) : fn(hc);
     total = total.defined() ? total + l : l;
   }
   return total / static_cast<double>(n);
+}
+
+at::Tensor Decoder::loss(const at::Tensor& ids) {
+  check_loss_ids(ids, "loss");
+  const at::Tensor dev_ids = impl_->ids_on_device(ids);
+  const at::Tensor targets = dev_ids.slice(1, 1).reshape({-1});
+  const at::Tensor w = impl_->lm_head_weight;
+  const at::ScalarType out = upcast(impl_->opts.dtype);
+  return impl_->chunked_loss(dev_ids, [w, targets, out](const at::Tensor& x, int64_t begin, int64_t end) {
+    return at::cross_entropy_loss(at::linear(x, w).to(out), targets.slice(0, begin, end), /*weight=*/{},
+                                  at::Reduction::Sum);
+  });
+}
+
+at::Tensor Decoder::teacher_hidden(const at::Tensor& ids) {
+  c10::NoGradGuard no_grad;
+  struct DenseWeights {
+    DenseWeights() { t_dense_weights = true; }
+    ~DenseWeights() { t_dense_weights = false; }
+  } dense;
+  return impl_->hidden(impl_->ids_on_device(ids));
+}
+
+at::Tensor Decoder::distill_loss(const at::Tensor& ids, const at::Tensor& teacher) {
+  check_loss_ids(ids, "distill_loss");
+  if (teacher.dim() != 3 || teacher.size(0) != ids.size(0) || teacher.size(1) != ids.size(1))
+    throw core::Error(str("decoder distill_loss: teacher hidden states ", shape_str(teacher.sizes()),
+                          " do not match the ids ", shape_str(ids.sizes())));
+  const at::Tensor t = teacher.detach().slice(1, 0, -1).reshape({-1, teacher.size(-1)});
+  const at::Tensor w = impl_->lm_head_weight;
+  const at::ScalarType out = upcast(impl_->opts.dtype);
+  // KL(teacher || model) summed over the chunk; the teacher's log-probabilities
+  // are made again from its hidden states wherever the chunk is (re)computed.
+  return impl_->chunked_loss(impl_->ids_on_device(ids), [w, t, out](const at::Tensor& x, int64_t begin,
+                                                                    int64_t end) {
+    at::Tensor log_p;
+    {
+      c10::NoGradGuard no_grad;
+      log_p = at::log_softmax(at::linear(t.slice(0, begin, end), w).to(out), -1);
+    }
+    const at::Tensor log_q = at::log_softmax(at::linear(x, w).to(out), -1);
+    return (log_p.exp() * (log_p - log_q)).sum();
+  });
 }
 
 const io::ModelConfig& Decoder::config() const {

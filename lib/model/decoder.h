@@ -84,6 +84,15 @@ class Decoder {
   // each recomputed in backward, so the [tokens, vocab] logits never exist at once.
   at::Tensor loss(const at::Tensor& ids);
 
+  // Knowledge distillation from the model itself without masks: the final-norm
+  // hidden states [batch, seq, hidden] of ids with every linear on its dense
+  // weight (providers and kernels ignored; no gradient), and the mean over
+  // next-token positions of KL(teacher || model) of the two models' next-token
+  // distributions, chunked like loss(). The teacher's logits are made from its
+  // hidden states one chunk at a time, so they never exist whole either.
+  at::Tensor teacher_hidden(const at::Tensor& ids);
+  at::Tensor distill_loss(const at::Tensor& ids, const at::Tensor& teacher_hidden);
+
   const io::ModelConfig& config() const;
   const DecoderOptions& options() const;
   // Every linear layer of the decoder blocks in module order (q, k, v, o, gate,

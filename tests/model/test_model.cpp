@@ -256,6 +256,52 @@ TEST_CASE("checkpointed gradients equal plain ones and finite differences (float
   }
 }
 
+TEST_CASE("distillation: the teacher is the unmasked model and the loss is KL of full logits (float64)") {
+  at::manual_seed(3);
+  model::DecoderOptions opts = options(at::kDouble, /*checkpointing=*/true);
+  opts.loss_chunk_rows = 4;  // chunks recomputed in backward, a ragged last one
+  model::Decoder d = model::Decoder::random(tiny_config(), opts, /*init_std=*/0.3);
+  at::manual_seed(5);
+  const at::Tensor ids = at::randint(50, {2, 7}, at::kLong);
+  at::Tensor dense_logits, dense_hidden;
+  {
+    at::NoGradGuard no_grad;
+    dense_logits = d.forward(ids);
+    dense_hidden = d.teacher_hidden(ids);
+  }
+  const std::vector<at::Tensor> leaves = attach_leaves(d);
+  // The teacher ignores the providers: the hidden states of the dense model.
+  const at::Tensor teacher = d.teacher_hidden(ids);
+  CHECK_FALSE(teacher.requires_grad());
+  CHECK(max_abs_diff(teacher, dense_hidden) == 0.0);
+  // The oracle: KL(teacher || student) over all next-token positions from the
+  // full logits, with plain ATen ops.
+  const at::Tensor student_logits = d.forward(ids);
+  REQUIRE(max_abs_diff(student_logits.detach(), dense_logits) > 1e-3);  // the masks matter
+  const at::Tensor lp = at::log_softmax(dense_logits.slice(1, 0, -1), -1);
+  const at::Tensor lq = at::log_softmax(student_logits.slice(1, 0, -1), -1);
+  const at::Tensor kl = (lp.exp() * (lp - lq)).sum(-1).mean();
+  const at::Tensor got = d.distill_loss(ids, teacher);
+  CHECK(got.item<double>() == Approx(kl.item<double>()).epsilon(1e-10));
+  CHECK(got.item<double>() > 0.0);
+  // Gradients equal the oracle's, through the checkpointed blocks and chunks.
+  kl.backward();
+  std::vector<at::Tensor> want;
+  for (const at::Tensor& l : leaves) {
+    want.push_back(l.grad().clone());
+    l.grad().zero_();
+  }
+  got.backward();
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    INFO(d.linears()[i]->name());
+    CHECK(max_abs_diff(leaves[i].grad(), want[i]) <= 1e-10);
+    CHECK(want[i].abs().max().item<double>() > 0.0);
+  }
+  // Without masks the student is the teacher: no divergence.
+  for (model::LinearImpl* l : d.linears()) l->set_provider(nullptr);
+  CHECK(std::abs(d.distill_loss(ids, d.teacher_hidden(ids)).item<double>()) <= 1e-12);
+}
+
 TEST_CASE("half-precision forwards run and stay close to float32") {
   const Oracle o = load_oracle("llama3");
   const io::Checkpoint ckpt = io::load_checkpoint(fixture("llama3"));
