@@ -1,6 +1,8 @@
 #include "sweep/sweep.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <sstream>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <vector>
@@ -27,8 +29,12 @@ using json = nlohmann::ordered_json;
 
 struct Point {
   std::string name;    // directory under points/
-  std::string method;  // dense | patch-<mode> | maskllm | wanda | sparsegpt | magnitude
+  std::string method;  // dense | patch-<mode> | maskllm | <one-shot method> 2:4 | ... hybrid
   double target = 0;   // requested sparsity
+  // One-shot points: the pruning method and pattern, and whether the model is
+  // evaluated with SparseGPT's updated weights rather than the mask alone.
+  std::string prune_method, pattern;
+  bool update_weights = false;
 };
 
 std::string target_label(double t) {
@@ -37,20 +43,63 @@ std::string target_label(double t) {
   return buf;
 }
 
+const char* const kBaselineHelp =
+    "expected maskllm, magnitude, wanda, sparsegpt (2:4 with SparseGPT's updated weights), "
+    "sparsegpt-mask (2:4, mask only), magnitude-hybrid, wanda-hybrid, sparsegpt-hybrid (one-shot "
+    "hybrid at each target, mask only), sparsegpt-hybrid-update, or joint, tile, maskllm-mode "
+    "learned modes; a per-target baseline may end in @T to run at target T only";
+
+// A baseline name, possibly "<name>@<target>" for per-target baselines.
+std::vector<Point> baseline_points(const std::string& spec, const std::vector<double>& targets) {
+  std::string b = spec;
+  std::vector<double> at = targets;
+  if (const size_t pos = spec.find('@'); pos != std::string::npos) {
+    b = spec.substr(0, pos);
+    try {
+      at = {std::stod(spec.substr(pos + 1))};
+    } catch (const std::exception&) {
+      throw core::ConfigError(core::str("sweep.baselines: '", spec, "': no target after '@'"));
+    }
+  }
+  const bool one_shot = b == "magnitude" || b == "wanda" || b == "sparsegpt";
+  if (b == "maskllm" || one_shot || b == "sparsegpt-mask") {
+    if (at != targets)
+      throw core::ConfigError(core::str("sweep.baselines: '", spec, "' is 2:4 (sparsity 0.5); it takes no @target"));
+    if (b == "maskllm") return {{"maskllm", "maskllm", 0.5}};
+    if (b == "sparsegpt-mask") return {{"sparsegpt-mask-2-4", "sparsegpt 2:4 mask", 0.5, "sparsegpt", "2:4", false}};
+    // SparseGPT as published: with its updated weights.
+    return {{b + "-2-4", b + " 2:4", 0.5, b, "2:4", b == "sparsegpt"}};
+  }
+  std::vector<Point> points;
+  for (double t : at) {
+    const std::string label = target_label(t);
+    if (b == "magnitude-hybrid" || b == "wanda-hybrid" || b == "sparsegpt-hybrid" ||
+        b == "sparsegpt-hybrid-update") {
+      const std::string method = b.substr(0, b.find('-'));
+      const bool update = b == "sparsegpt-hybrid-update";
+      points.push_back({b + "-" + label, method + " hybrid" + (update ? " update" : ""), t, method, "hybrid", update});
+    } else if (b == "joint" || b == "tile") {
+      points.push_back({"patch-" + b + "-" + label, "patch-" + b, t});
+    } else {
+      throw core::ConfigError(core::str("sweep.baselines: unknown baseline '", spec, "' (", kBaselineHelp, ")"));
+    }
+  }
+  return points;
+}
+
 std::vector<Point> plan(const config::Config& cfg) {
   std::vector<Point> points = {{"dense", "dense", 0.0}};
   const std::string mode = cfg.get_string("mask.mode");
-  for (double t : cfg.get_float_list("sweep.targets"))
+  const std::vector<double> targets = cfg.get_float_list("sweep.targets");
+  for (double t : targets)
     points.push_back({"patch-" + mode + "-" + target_label(t), "patch-" + mode, t});
-  for (const auto& b : cfg.get_string_list("sweep.baselines")) {
-    if (b == "maskllm")
-      points.push_back({"maskllm", "maskllm", 0.5});
-    else if (b == "wanda" || b == "sparsegpt" || b == "magnitude")
-      points.push_back({b + "-2-4", b + " 2:4", 0.5});
-    else
-      throw core::ConfigError(core::str("sweep.baselines: unknown baseline '", b,
-                                        "' (expected wanda, sparsegpt, magnitude or maskllm)"));
-  }
+  for (const auto& b : cfg.get_string_list("sweep.baselines"))
+    for (Point& p : baseline_points(b, targets)) {
+      for (const Point& q : points)
+        if (q.name == p.name)
+          throw core::ConfigError(core::str("sweep.baselines: '", b, "' repeats the point ", p.name));
+      points.push_back(std::move(p));
+    }
   return points;
 }
 
@@ -59,6 +108,30 @@ model::DecoderOptions decoder_options(const config::Config& cfg) {
   o.device = core::resolve_device(cfg.get_string("model.device"));
   o.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), o.device);
   return o;
+}
+
+// What a learned point cost: steps, tokens, wall time, the median tokens/s and
+// the largest peak memory of its steps (from its metrics.jsonl).
+json training_summary(const std::string& dir, int64_t tokens_per_step) {
+  std::vector<double> rates;
+  double peak = 0.0, elapsed = 0.0;
+  int64_t steps = 0;
+  std::istringstream lines(core::read_file(dir + "/metrics.jsonl"));
+  for (std::string line; std::getline(lines, line);) {
+    const json m = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!m.is_object()) continue;
+    if (m.contains("tokens_per_s")) rates.push_back(m["tokens_per_s"].get<double>());
+    if (m.contains("peak_mem_gib")) peak = std::max(peak, m["peak_mem_gib"].get<double>());
+    if (m.contains("step")) steps = std::max(steps, m["step"].get<int64_t>());
+    if (m.value("final", false)) elapsed = m.value("elapsed_s", 0.0);
+  }
+  std::sort(rates.begin(), rates.end());
+  const double median = rates.empty() ? 0.0 : rates[rates.size() / 2];
+  return {{"steps", steps},
+          {"train_tokens", steps * tokens_per_step},
+          {"train_seconds", elapsed},
+          {"tokens_per_s", median},
+          {"peak_mem_gib", peak}};
 }
 
 // Trains a learned point (PATCH or MaskLLM), resuming a stopped run; 0 when done.
@@ -80,13 +153,15 @@ json run_point(const config::Config& cfg, const Point& p, const std::string& dir
   std::string masks_path;
 
   if (p.method == "maskllm" || p.method.rfind("patch-", 0) == 0) {
-    if (p.method == "maskllm") pcfg.set("mask.mode", "maskllm");
+    pcfg.set("mask.mode", p.method == "maskllm" ? "maskllm" : p.method.substr(6));
     if (int rc = train_point(pcfg, dir); rc != 0) return {{"exit", rc}};
     masks_path = dir + "/masks.safetensors";
+    result.update(training_summary(dir, pcfg.get_int("train.global_batch") * pcfg.get_int("data.seq_len")));
   }
-  io::Checkpoint ckpt = io::load_checkpoint(model_path);
+  const model::DecoderOptions dopts = decoder_options(pcfg);
+  io::Checkpoint ckpt = io::load_checkpoint(model_path, dopts.dtype);
   auto tok = text::load_tokenizer_for(model_path);
-  model::Decoder decoder(ckpt, decoder_options(pcfg));
+  model::Decoder decoder(ckpt, dopts);
   if (!masks_path.empty()) {
     auto file = maskfile::read_mask_file(masks_path);
     maskfile::apply_masks(decoder, file);
@@ -94,11 +169,10 @@ json run_point(const config::Config& cfg, const Point& p, const std::string& dir
   } else if (p.method == "dense") {
     result["sparsity"] = 0.0;
   } else {
-    // One-shot 2:4; SparseGPT evaluated with its updated weights, as published.
-    pcfg.set("prune.method", p.name.substr(0, p.name.find('-')));
-    pcfg.set("prune.pattern", "2:4");
+    pcfg.set("prune.method", p.prune_method);
+    pcfg.set("prune.pattern", p.pattern);
     auto po = prune::prune_options(pcfg);
-    po.sparsegpt.update_weights = true;
+    po.sparsegpt.update_weights = p.update_weights;
     at::Tensor calib;
     if (po.method != prune::Method::kMagnitude) calib = prune::calibration_from_config(pcfg, *tok);
     core::prepare_output_dir(dir, /*overwrite=*/true, /*resume=*/false);

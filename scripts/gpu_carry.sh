@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Fills .gpu_carry/ (git-ignored) with what device call N of 2 carries to the
+# GPU machine for the SmolLM2-135M study (scripts/gpu_check.sh STAGE=carry):
+#   1: C4 and WikiText-2 test (tar.xz) and the first 58.6 MB of the GGUF
+#   2: the rest of the GGUF and the 21 MB of extra training text (.xz files)
+# A call carries at most 64 MiB with the working tree (~1.3 MB), so the 98 MB
+# GGUF and 24 MB of text fit two calls made back to back while the machine is
+# warm: gpu_check.sh keeps each call's part in /tmp and joins them.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+N=${1:?usage: gpu_carry.sh 1|2}
+DATA=${PATCH_DATA_DIR:-$ROOT/../shared/data}
+ASSETS=${PATCH_ASSETS_DIR:-$ROOT/data/assets}
+GGUF=$ASSETS/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+[[ -f $GGUF ]] || { echo "gpu_carry: $GGUF is missing (scripts/setup.sh fetches it)" >&2; exit 1; }
+grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >>.git/info/exclude
+rm -rf .gpu_carry && mkdir -p .gpu_carry
+FIRST=58600000
+case $N in
+  1)
+    tar -cJf .gpu_carry/data1.tar.xz -C "$DATA" text/c4 text/wikitext-2-raw/wiki.test.raw
+    head -c $FIRST "$GGUF" >.gpu_carry/smollm2.part.1
+    ;;
+  2)
+    tar -cf .gpu_carry/data2.tar -C "$DATA" text/extra
+    tail -c +$((FIRST + 1)) "$GGUF" >.gpu_carry/smollm2.part.2
+    ;;
+  *) echo "gpu_carry: N must be 1 or 2" >&2; exit 1 ;;
+esac
+du -cb .gpu_carry/* | tail -1

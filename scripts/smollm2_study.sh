@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The SmolLM2-135M study of docs/benchmarks.md ("Real model: SmolLM2-135M") on
+# one GPU, the most important runs first, so that a study cut short still has
+# the main table: every method at WikiText-2 test perplexity over all windows
+# of 2048 tokens (configs/smollm2-135m.yaml), through `sweep`, plus the
+# distillation ablation, the data question (C4 alone against C4 + 19.5M more
+# tokens) and the curve against training steps.
+#   scripts/smollm2_study.sh                 # build/bin/patch-train, runs/smollm2-study
+#   P=BIN RUNS=DIR STEPS=1000 ONLY="1 2" scripts/smollm2_study.sh
+# Each part appends to DIR/progress.txt; each run leaves its folder; the last
+# part writes DIR/summary.json (every result.json / eval.json gathered).
+set -uo pipefail
+P=${P:-build/bin/patch-train}
+C=${C:-configs/smollm2-135m.yaml}
+R=${RUNS:-runs/smollm2-study}
+STEPS=${STEPS:-1000}
+ONLY=${ONLY:-1 2 3 4 5 6 7}
+S=$R/sweep
+mkdir -p "$R"
+log() { echo "[$(date +%T)] $*" | tee -a "$R/progress.txt"; }
+caches=(--set "data.cache_dir=$S/cache/tokens" --set "mask.prior_cache=$S/cache/priors")
+BASELINES=maskllm,magnitude,wanda,sparsegpt,sparsegpt-mask,wanda-hybrid,sparsegpt-hybrid
+sweep() {  # sweep TARGETS BASELINES [--set ...]
+  local targets=$1 baselines=$2
+  shift 2
+  "$P" sweep --config "$C" --set "train.steps=$STEPS" --targets "$targets" ${baselines:+--baselines "$baselines"} \
+    --out "$S" --resume "$@" >>"$R/sweep.log" 2>&1
+}
+learn() {  # learn NAME [--set ...]: train at 45% then evaluate its masks on the sweep's text
+  local name=$1
+  shift
+  "$P" train --config "$C" --set "train.steps=$STEPS" "${caches[@]}" --out "$R/$name" --overwrite "$@" \
+    >"$R/$name.log" 2>&1 &&
+    "$P" eval --config "$C" --masks "$R/$name/masks.safetensors" --out "$R/$name-eval" --overwrite \
+      >>"$R/$name.log" 2>&1
+}
+part() { [[ " $ONLY " == *" $1 "* ]]; }
+
+part 1 && { log "1 dense and PATCH-Joint 45% (ce)"; sweep 0.45 "" && log "1 done"; }
+part 2 && { log "2 PATCH-Joint 45% with distillation (train.loss=kd)"; learn kd-45 --set train.loss=kd && log "2 done"; }
+part 3 && { log "3 MaskLLM, the 2:4 baselines and the one-shot hybrids at 45%"; sweep 0.45 "$BASELINES" && log "3 done"; }
+part 4 && { log "4 PATCH-Joint 25/35%, PATCH-Tile 45%, hybrids at 25/35%"
+  sweep 0.25,0.35,0.45 "$BASELINES,tile@0.45" && log "4 done"; }
+part 5 && { log "5 PATCH-Joint 45% on C4 alone (1.46M tokens, ~11 epochs)"
+  learn c4only-45 --set 'data.train=["@data/text/c4/c4_en_train_first1000.jsonl","@data/text/c4/c4_en_validation_2k.jsonl"]' &&
+    log "5 done"; }
+part 6 && { log "6 PATCH-Joint 45% for $((STEPS * 3 / 10)) steps"; learn steps-$((STEPS * 3 / 10)) --set "train.steps=$((STEPS * 3 / 10))" && log "6 done"; }
+part 7 && { log "7 PATCH-Joint 45% for $((STEPS * 3)) steps"; learn steps-$((STEPS * 3)) --set "train.steps=$((STEPS * 3))" && log "7 done"; }
+# Everything measured so far, in one file (the sweep's points and the extra runs).
+python3 - "$R" <<'EOF'
+import glob, json, os, sys
+r = sys.argv[1]
+out = {"points": [], "runs": {}}
+for f in sorted(glob.glob(os.path.join(r, "sweep/points/*/result.json"))):
+    out["points"].append(json.load(open(f)))
+for f in sorted(glob.glob(os.path.join(r, "*-eval/eval.json"))):
+    name = os.path.basename(os.path.dirname(f))[:-5]
+    e = json.load(open(f))
+    run = {"perplexity": e.get("perplexity"), "windows": e.get("windows"), "sparsity": e.get("sparsity")}
+    metrics = os.path.join(r, name, "metrics.jsonl")
+    if os.path.exists(metrics):
+        lines = [json.loads(l) for l in open(metrics) if l.strip()]
+        rates = sorted(l["tokens_per_s"] for l in lines if "tokens_per_s" in l)
+        run["steps"] = max((l["step"] for l in lines), default=0)
+        run["tokens_per_s"] = rates[len(rates) // 2] if rates else None
+        run["peak_mem_gib"] = max((l.get("peak_mem_gib", 0) for l in lines), default=0)
+        run["train_seconds"] = next((l["elapsed_s"] for l in lines if l.get("final")), None)
+        run["curve"] = [(l["step"], l["valid_ppl"]) for l in lines if "valid_ppl" in l]
+    out["runs"][name] = run
+json.dump(out, open(os.path.join(r, "summary.json"), "w"), indent=1)
+print(f"summary: {len(out['points'])} sweep points, {len(out['runs'])} runs")
+EOF
+log "study finished"
