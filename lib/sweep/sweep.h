@@ -1,7 +1,10 @@
 #pragma once
 // A sweep: PATCH at several target sparsities beside the dense model and the
-// baselines (MaskLLM, Wanda/SparseGPT/magnitude 2:4), each trained or pruned,
-// then evaluated, with the same data and steps.
+// baselines (MaskLLM; magnitude/Wanda/SparseGPT 2:4, mask only or with
+// SparseGPT's updated weights; the one-shot hybrid prunes and other learned
+// modes at the sweep's targets), each trained or pruned, then evaluated, with
+// the same data and steps. A learned point's result also gives its steps,
+// tokens, wall time, median tokens/s and peak memory.
 #include <string>
 
 #include "config/config.h"
