@@ -26,6 +26,8 @@
 # A device call carries at most 64 MiB, the machine cannot download and is
 # given back 30 s after a call: the 98 MB GGUF travels in three calls made back
 # to back (scripts/gpu_carry.sh 1, then 2), each call's part copied to /tmp.
+# The background build and study keep no descriptor of the call's output, so
+# `STAGE=... scripts/gpu_check.sh | tail` returns as soon as the stage is done.
 # Results go to $OUT (or ./gpu-out): build/test logs and bench JSON lines.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -45,11 +47,19 @@ if [[ $STAGE == carry ]]; then
   for t in "$CARRY"/*.tar.xz "$CARRY"/*.tar; do [[ -e $t ]] && tar -xf "$t" -C "$DATA" && rm "$t"; done
   ls -la "$CARRY"
   if [[ ${BUILD:-0} == 1 ]]; then
+    # .xz corpora need liblzma's header; the library itself is on every Linux.
+    lzma_args=""
+    if [[ ! -e /usr/include/lzma.h && -d $CARRY/lzma-include ]]; then
+      lib=$(ldconfig -p | sed -n 's/.*liblzma\.so\.5 .*=> //p' | head -1)
+      lzma_args="-DLIBLZMA_INCLUDE_DIR=$CARRY/lzma-include -DLIBLZMA_LIBRARY=$lib"
+      echo "liblzma: carried headers, $lib"
+    fi
     rm -rf "$SRC" && mkdir -p "$SRC"
     tar --exclude=./.gpu_carry --exclude=./build --exclude=./.git -cf - . | tar -xf - -C "$SRC"
     (cd "$SRC" && PATCH_DATA_DIR=$DATA PATCH_ASSETS_DIR=$ASSETS PATCH_FETCH_ASSETS=0 PATCH_BUILD_TESTS=OFF \
-      setsid nohup bash -c 'scripts/setup.sh > /tmp/patch-build.log 2>&1; echo $? > /tmp/patch-build.rc' \
-      >/dev/null 2>&1 &)
+      PATCH_CMAKE_ARGS="$lzma_args" \
+      setsid nohup bash -c 'scripts/setup.sh > /tmp/patch-build.log 2>&1; echo $? > /tmp/patch-build.rc') \
+      </dev/null >/dev/null 2>&1 &
     echo "build started in $SRC"
   fi
   exit 0
@@ -65,7 +75,8 @@ if [[ $STAGE == smollm2 ]]; then
   tail -3 /tmp/patch-build.log
   [[ $(cat /tmp/patch-build.rc) == 0 ]] || { tail -40 /tmp/patch-build.log; exit 1; }
   (cd "$SRC" && PATCH_DATA_DIR=$DATA PATCH_ASSETS_DIR=$ASSETS P=$SRC/build/bin/patch-train RUNS=$STUDY_DIR \
-    ONLY=${STUDY:-1 2 3 4 5 6 7} setsid nohup scripts/smollm2_study.sh >/tmp/patch-study.log 2>&1 &)
+    ONLY=${STUDY:-1 2 3 4 5 6 7} P4_TARGETS=${P4_TARGETS:-} P4_BASELINES=${P4_BASELINES:-} \
+    setsid nohup scripts/smollm2_study.sh) </dev/null >/tmp/patch-study.log 2>&1 &
   echo "study started in $STUDY_DIR"
   exit 0
 fi

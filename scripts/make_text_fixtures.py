@@ -244,6 +244,66 @@ class SpmOracle:
         return ids
 
 
+def add_cases(manifest, name, tok, texts, long_texts, long_chars, tdir):
+    """Oracle ids of `tok` for the short texts (with and without special tokens,
+    and their decodings) and for the long texts (side files)."""
+    for i, text in enumerate(texts):
+        for add_special in (False, True):
+            ids = tok.encode(text, add_special_tokens=add_special).ids
+            manifest["cases"].append({
+                "tokenizer": name, "name": f"short{i}", "text": text, "add_special": add_special,
+                "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=False),
+                "decoded_skip": tok.decode(ids, skip_special_tokens=True)})
+    for tname, path in long_texts.items():
+        text = path.read_text(encoding="utf-8")
+        if long_chars is not None:
+            text = text[:long_chars]
+            path = tdir / f"{tname}.txt"
+            path.write_text(text, encoding="utf-8")
+        ids = tok.encode(text, add_special_tokens=False).ids
+        write_ids(tdir / f"{tname}.i32", ids)
+        (tdir / f"{tname}.decoded.txt").write_text(tok.decode(ids, skip_special_tokens=False),
+                                                   encoding="utf-8")
+        manifest["cases"].append({
+            "tokenizer": name, "name": tname, "text_file": str(path), "add_special": False,
+            "ids_file": str(tdir / f"{tname}.i32"),
+            "decoded_file": str(tdir / f"{tname}.decoded.txt")})
+
+
+def clear_strip(d):
+    for a in d["added_tokens"]:
+        a["lstrip"] = a["rstrip"] = False
+
+
+def write_gpt2_gguf(path, tok, pre, bos_id, eos_id, add_bos):
+    """A vocabulary-only GGUF as llama.cpp's converter writes a byte-level BPE
+    tokenizer: tokens by id, control (3) / user-defined (4) types for the added
+    tokens, merges as "a b"."""
+    from gguf import GGUFWriter
+    d = json.loads(tok.to_str())
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [1] * len(tokens)
+    for a in d["added_tokens"]:
+        types[a["id"]] = 3 if a["special"] else 4
+    merges = [m if isinstance(m, str) else " ".join(m) for m in d["model"]["merges"]]
+    w = GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(bos_id)
+    w.add_eos_token_id(eos_id)
+    w.add_add_bos_token(add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -322,28 +382,23 @@ def main():
             bos_id, eos_id = 1, 2
         manifest["tokenizers"][name] = {"kind": "hf", "path": str(tdir / "tokenizer.json"),
                                         "bos": bos_id, "eos": eos_id, "vocab_size": tok.get_vocab_size()}
-        texts = SHORT_TEXTS + SPECIAL_TEXTS[family]
-        for i, text in enumerate(texts):
-            for add_special in (False, True):
-                ids = tok.encode(text, add_special_tokens=add_special).ids
-                manifest["cases"].append({
-                    "tokenizer": name, "name": f"short{i}", "text": text, "add_special": add_special,
-                    "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=False),
-                    "decoded_skip": tok.decode(ids, skip_special_tokens=True)})
-        for tname, path in long_texts.items():
-            text = path.read_text(encoding="utf-8")
-            if long_chars is not None:
-                text = text[:long_chars]
-                path = tdir / f"{tname}.txt"
-                path.write_text(text, encoding="utf-8")
-            ids = tok.encode(text, add_special_tokens=False).ids
-            write_ids(tdir / f"{tname}.i32", ids)
-            (tdir / f"{tname}.decoded.txt").write_text(tok.decode(ids, skip_special_tokens=False),
-                                                       encoding="utf-8")
-            manifest["cases"].append({
-                "tokenizer": name, "name": tname, "text_file": str(path), "add_special": False,
-                "ids_file": str(tdir / f"{tname}.i32"),
-                "decoded_file": str(tdir / f"{tname}.decoded.txt")})
+        add_cases(manifest, name, tok, SHORT_TEXTS + SPECIAL_TEXTS[family], long_texts, long_chars, tdir)
+
+    # GGUF `gpt2` vocabularies written from the byte-level tokenizers, with the
+    # tokenizer.ggml.pre of their family: tokenized like the tokenizer they came
+    # from, less what GGUF cannot say (an added token's lstrip/rstrip).
+    for name, pre, add_bos in (("bl_llama3", "llama-bpe", True), ("bl_qwen2", "qwen2", False),
+                               ("bl_gpt2", "gpt-2", False)):
+        tok = with_json(toks[name][0], clear_strip)
+        tdir = out / (name + "_gguf")
+        tdir.mkdir(exist_ok=True)
+        path = tdir / "vocab.gguf"
+        bos_id, eos_id = tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|end_of_text|>")
+        write_gpt2_gguf(path, tok, pre, bos_id, eos_id, add_bos)
+        manifest["tokenizers"][name + "_gguf"] = {"kind": "gguf", "path": str(path), "bos": bos_id,
+                                                  "eos": eos_id, "vocab_size": tok.get_vocab_size()}
+        add_cases(manifest, name + "_gguf", tok, SHORT_TEXTS + SPECIAL_TEXTS["bl"], long_texts,
+                  toks[name][2], tdir)
 
     gguf_models = {"stories260k": data / "models/stories260K/stories260K.gguf",
                    "llama2_tiny": data / "models/llama-2-tiny-random/llama-2-tiny-random.gguf"}

@@ -112,7 +112,12 @@ def sweep(args):
         else:
             ax.plot(xs, ys, marker="o", label=m)
     ax.set_xlabel("sparsity")
-    ax.set_ylabel("perplexity")
+    ppl = [p["perplexity"] for p in points if p.get("perplexity")]
+    # A collapsed baseline (magnitude 2:4 on a real model) would flatten the rest.
+    log = ppl and max(ppl) / min(ppl) > 20
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel("perplexity" + (" (log scale)" if log else ""))
     ax.set_title(args.title or "perplexity against sparsity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

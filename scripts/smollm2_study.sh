@@ -7,6 +7,7 @@
 # tokens) and the curve against training steps.
 #   scripts/smollm2_study.sh                 # build/bin/patch-train, runs/smollm2-study
 #   P=BIN RUNS=DIR STEPS=1000 ONLY="1 2" scripts/smollm2_study.sh
+# (P4_TARGETS / P4_BASELINES narrow part 4 to the points a stopped study lacks)
 # Each part appends to DIR/progress.txt; each run leaves its folder; the last
 # part writes DIR/summary.json (every result.json / eval.json gathered).
 set -uo pipefail
@@ -40,7 +41,7 @@ part 1 && { log "1 dense and PATCH-Joint 45% (ce)"; sweep 0.45 "" && log "1 done
 part 2 && { log "2 PATCH-Joint 45% with distillation (train.loss=kd)"; learn kd-45 --set train.loss=kd && log "2 done"; }
 part 3 && { log "3 MaskLLM, the 2:4 baselines and the one-shot hybrids at 45%"; sweep 0.45 "$BASELINES" && log "3 done"; }
 part 4 && { log "4 PATCH-Joint 25/35%, PATCH-Tile 45%, hybrids at 25/35%"
-  sweep 0.25,0.35,0.45 "$BASELINES,tile@0.45" && log "4 done"; }
+  sweep "${P4_TARGETS:-0.25,0.35,0.45}" "${P4_BASELINES:-$BASELINES,tile@0.45}" && log "4 done"; }
 part 5 && { log "5 PATCH-Joint 45% on C4 alone (1.46M tokens, ~11 epochs)"
   learn c4only-45 --set 'data.train=["@data/text/c4/c4_en_train_first1000.jsonl","@data/text/c4/c4_en_validation_2k.jsonl"]' &&
     log "5 done"; }

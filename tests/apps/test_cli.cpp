@@ -336,3 +336,21 @@ TEST_CASE("export - verify - inspect: transformers scores the export like eval -
   CHECK(pl.exit_code == 0);
   CHECK(is_png(dir.file("m.png")));
 }
+
+TEST_CASE("every bundled configuration validates, and @assets/ names the fetched SmolLM2 GGUF") {
+  const std::string dir = patch::test::source_dir() + "/configs";
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    if (e.path().extension() != ".yaml") continue;
+    ++n;
+    const auto r = run_command(bin() + " train --config " + e.path().string() + " --dump-config");
+    INFO(e.path() << ": " << r.err);
+    CHECK(r.exit_code == 0);
+    CHECK(contains(r.out, "target_sparsity"));
+  }
+  CHECK(n >= 2);
+  const auto r = run_command(bin() + " train --config " + dir + "/smollm2-135m.yaml --dump-config");
+  CHECK(contains(r.out, "@assets/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"));
+  CHECK(patch::core::resolve_path("@assets/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf") ==
+        patch::test::smollm2_gguf());
+}

@@ -118,6 +118,49 @@ TEST_CASE("Metaspace pre-tokenizers (prepend_scheme first and legacy split) equa
   check_against_oracle("sp_metaspace_legacy", /*round_trip=*/false);
 }
 
+TEST_CASE("GGUF gpt2 vocabularies tokenize like the tokenizer.json they came from") {
+  // llama-bpe: the LLaMA-3 split and ignore_merges; qwen2: NFC and the Qwen2
+  // split; gpt-2: GPT-2's ByteLevel regex. Control tokens are special, the
+  // user-defined "<tool>" a plain added token.
+  check_against_oracle("bl_llama3_gguf", /*round_trip=*/true);
+  check_against_oracle("bl_qwen2_gguf", /*round_trip=*/false);
+  check_against_oracle("bl_gpt2_gguf", /*round_trip=*/true);
+}
+
+TEST_CASE("GGUF gpt2 vocabularies: an unknown pre-tokenizer or no merges is a one-line error") {
+  const std::string src = manifest()["tokenizers"]["bl_gpt2_gguf"]["path"].get<std::string>();
+  const std::string bytes = core::read_file(src);
+  test::TempDir dir;
+  // Same-length edits of the metadata: the pre-tokenizer name, the merges key.
+  auto edited = [&](const std::string& from, const std::string& to) {
+    std::string s = bytes;
+    const size_t at = s.find(from);
+    REQUIRE(at != std::string::npos);
+    REQUIRE(from.size() == to.size());
+    s.replace(at, from.size(), to);
+    const std::string path = dir.file("edited.gguf");
+    core::write_file_atomic(path, s);
+    return path;
+  };
+  auto error_of = [](const std::string& path) {
+    try {
+      text::load_gguf_tokenizer(io::GgufFile(path));
+    } catch (const core::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  std::string path = edited("gpt-2", "gpt-9");
+  std::string err = error_of(path);
+  INFO(err);
+  CHECK(err.find(path + ": tokenizer.ggml.pre 'gpt-9' is not supported") == 0);
+  CHECK(err.find('\n') == std::string::npos);
+  path = edited("tokenizer.ggml.merges", "tokenizer.ggml.merged");
+  err = error_of(path);
+  INFO(err);
+  CHECK(err.find(path + ": missing metadata key 'tokenizer.ggml.merges'") == 0);
+}
+
 TEST_CASE("GGUF SentencePiece vocabularies equal llama.cpp's algorithm") {
   check_against_oracle("stories260k", /*round_trip=*/false);
   check_against_oracle("llama2_tiny", /*round_trip=*/false);
