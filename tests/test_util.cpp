@@ -15,6 +15,27 @@ namespace fs = std::filesystem;
 
 std::string data_dir() { return core::data_dir(); }
 
+int spawn(const std::string& cmd) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execl("/bin/sh", "sh", "-c", ("exec " + cmd + " >/dev/null 2>&1").c_str(), nullptr);
+    ::_exit(127);
+  }
+  return pid;
+}
+
+bool wait_for(int pid, const std::function<bool()>& ready, int* status) {
+  for (;;) {
+    if (ready()) return true;
+    int st = 0;
+    if (::waitpid(pid, &st, WNOHANG) == pid) {
+      if (status) *status = st;
+      return ready();
+    }
+    ::usleep(50 * 1000);
+  }
+}
+
 std::string smollm2_gguf() {
   return core::assets_dir() + "/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf";
 }

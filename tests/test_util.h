@@ -2,6 +2,7 @@
 // Helpers shared by the tests: where the data and fixtures are, temp dirs.
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 namespace patch::test {
@@ -43,5 +44,12 @@ struct RunResult {
 };
 // Runs a shell command, capturing stdout and stderr.
 RunResult run_command(const std::string& cmd);
+
+// Starts `cmd` under /bin/sh in a child process (its output discarded).
+int spawn(const std::string& cmd);
+// Polls `ready` (every 50 ms) until it holds, or until child `pid` has exited
+// (then false, with its wait status in *status). No time limit of its own: a
+// busy machine only makes it wait longer, and CTest's timeout bounds the test.
+bool wait_for(int pid, const std::function<bool()>& ready, int* status = nullptr);
 
 }  // namespace patch::test

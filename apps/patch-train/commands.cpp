@@ -66,6 +66,7 @@ int run_eval(RunContext& ctx) {
   const model::DecoderOptions dopts = decoder_options(cfg);
   io::Checkpoint ckpt = io::load_checkpoint(model_path, dopts.dtype);
   auto tok = text::load_tokenizer_for(model_path);
+  eval::check_sequence_lengths(cfg, ckpt.config, model_path, /*windows=*/true, /*calibrates=*/false);
   model::Decoder decoder(ckpt, dopts);
   ordered_json out;
   out["model"] = model_path;
@@ -112,6 +113,10 @@ int run_prune(RunContext& ctx) {
   auto tok = text::load_tokenizer_for(model_path);
   model::Decoder decoder(ckpt, dopts);
   auto po = prune::prune_options(cfg);
+  // Windows of eval.data only when files are given; calibration unless magnitude.
+  if (po.method != prune::Method::kMagnitude) prune::require_calibration_data(cfg);
+  eval::check_sequence_lengths(cfg, ckpt.config, model_path, !cfg.get_string_list("eval.data").empty(),
+                               po.method != prune::Method::kMagnitude);
   const bool update = po.method == prune::Method::kSparseGPT && po.sparsegpt.update_weights;
   if (po.sparsegpt.update_weights && !update)
     core::log::warn("prune.update_weights: only sparsegpt updates weights; writing masks only");
@@ -129,8 +134,10 @@ int run_prune(RunContext& ctx) {
   file.meta.model_source = model_path;
   file.meta.model_config_hash = io::config_hash(ckpt.config);
   file.meta.training_config = cfg.tree().dump();
-  maskfile::write_mask_file(ctx.out_dir + "/masks.safetensors", file);
-  if (update) deploy::export_checkpoint(ckpt, file, result.weights, ctx.out_dir + "/model");
+  // masks.safetensors, model/ and prune.json appear together, prune.json last.
+  core::OutputSet outputs(ctx.out_dir);
+  maskfile::write_mask_file(outputs.path("masks.safetensors"), file);
+  if (update) deploy::export_checkpoint(ckpt, file, result.weights, outputs.path("model"));
 
   ordered_json out;
   out["model"] = model_path;
@@ -152,8 +159,8 @@ int run_prune(RunContext& ctx) {
   if (update) out["pruned_model"] = ctx.out_dir + "/model";
   if (!cfg.get_string_list("eval.data").empty()) out.update(eval::evaluate_config(decoder, *tok, cfg));
   std::string text = out.dump(2);
+  outputs.publish("prune.json", text + "\n");
   std::cout << text << std::endl;
-  core::write_file_atomic(ctx.out_dir + "/prune.json", text + "\n");
   return 0;
 }
 
@@ -170,10 +177,13 @@ int run_export(RunContext& ctx) {
   const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
   auto file = required_masks(cfg, "export");
   io::Checkpoint ckpt = io::load_checkpoint(model_path);
-  deploy::export_checkpoint(ckpt, file, {}, ctx.out_dir);
+  // The checkpoint's files appear together, export.json last.
+  core::OutputSet outputs(ctx.out_dir);
+  deploy::export_checkpoint(ckpt, file, {}, outputs.path(""));
   ordered_json out{{"model", model_path},       {"masks", file.path},
                    {"sparsity", file.sparsity()}, {"layers", file.layers.size() + file.bitmasks.size()},
                    {"out", ctx.out_dir}};
+  outputs.publish("export.json", out.dump(2) + "\n");
   std::cout << out.dump(2) << std::endl;
   return 0;
 }

@@ -11,6 +11,7 @@
 #include "config/config.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/signals.h"
 #include "patch/version.h"
 
 namespace {
@@ -120,6 +121,8 @@ int run(int argc, char** argv) {
     std::cout << patch::config::dump_yaml(cfg);
     return 0;
   }
+  // SIGINT/SIGTERM stop every command at its next check with exit status 130.
+  patch::core::install_stop_handlers();
   patch::app::RunContext ctx = patch::app::start_run(cmd.name, std::move(cfg), cmd.writes_outputs);
   ctx.argv.assign(argv, argv + argc);
   int rc = cmd.run(ctx);
@@ -137,7 +140,14 @@ int main(int argc, char** argv) {
     patch::core::log::flush();
     return e.exit_code();
   } catch (const std::exception& e) {
-    patch::core::log::error(std::string("unexpected error: ") + e.what());
+    // One line: LibTorch's errors carry a C++ stack trace after the message.
+    std::string what = e.what();
+    what = what.substr(0, what.find('\n'));
+    patch::core::log::error(std::string("unexpected error: ") + what);
+    patch::core::log::flush();
+    return patch::core::kExitFailure;
+  } catch (...) {
+    patch::core::log::error("unexpected error (not a std::exception)");
     patch::core::log::flush();
     return patch::core::kExitFailure;
   }

@@ -67,6 +67,9 @@ std::vector<KeyDef> build() {
                 "Blocks held out for validation when data.valid is empty"),
             0, inf),
       range(key("data.max_tokens", T::kInt, 0, "Use at most this many training tokens (0: all)"), 0, inf),
+      key("data.beyond_context", T::kBool, false,
+          "Allow data.seq_len and prune.calib_seq_len beyond the model's context (max_position_embeddings), "
+          "with a warning; otherwise that is an error"),
       key("data.cache_dir", T::kString, "", "Token cache directory (empty: <output.dir>/../.cache/tokens)"),
       // eval
       key("eval.data", T::kStringList, Json::array(), "Files to compute perplexity on"),

@@ -66,6 +66,8 @@ void set_file(const std::string& file) {
   s.file->set_level(spdlog::level::debug);
   s.file->set_pattern("%Y-%m-%d %H:%M:%S.%e [%l] %v");
   sinks.push_back(s.file);
+  // Every line reaches the file at once: a killed run keeps its log.
+  lg->flush_on(spdlog::level::debug);
 }
 
 bool enabled(Level level) {

@@ -1,5 +1,7 @@
 #include "core/progress.h"
 
+#include "core/signals.h"
+
 #include <unistd.h>
 
 #include <cstdio>
@@ -9,11 +11,12 @@
 
 namespace patch::core {
 
-Progress::Progress(std::string label, long total, double every_seconds)
+Progress::Progress(std::string label, long total, double every_seconds, bool interruptible)
     : label_(std::move(label)),
       total_(total),
       every_(every_seconds),
       tty_(::isatty(STDERR_FILENO) == 1),
+      interruptible_(interruptible),
       start_(std::chrono::steady_clock::now()),
       last_print_(start_) {}
 
@@ -32,6 +35,7 @@ std::string Progress::line(long done, const std::string& extra) const {
 }
 
 void Progress::update(long done, long tokens, const std::string& extra) {
+  if (interruptible_) throw_if_stopped(label_);
   tokens_ += tokens;
   auto now = std::chrono::steady_clock::now();
   double since = std::chrono::duration<double>(now - last_print_).count();

@@ -8,7 +8,9 @@ namespace patch::core {
 class Progress {
  public:
   // `every_seconds` is the interval of log lines when stderr is not a terminal.
-  Progress(std::string label, long total, double every_seconds = 10.0);
+  // An interruptible progress throws core::Interrupted from update() once
+  // SIGINT/SIGTERM came (core/signals.h), so every long loop stops promptly.
+  Progress(std::string label, long total, double every_seconds = 10.0, bool interruptible = true);
   // Reports that `done` of `total` units are finished and `tokens` more tokens
   // were processed since the last call; `extra` is appended (e.g. "loss 2.31").
   void update(long done, long tokens = 0, const std::string& extra = "");
@@ -23,6 +25,7 @@ class Progress {
   long total_;
   double every_;
   bool tty_;
+  bool interruptible_;
   long tokens_ = 0;
   bool live_ = false;
   std::chrono::steady_clock::time_point start_;

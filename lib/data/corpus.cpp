@@ -52,6 +52,13 @@ const char* format_name(Format f) {
   return "";
 }
 
+void check_readable_file(const std::string& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec))
+    throw core::Error(core::str(path, ": is a directory; expected a text, JSONL, .xz or .bin file"));
+  if (!fs::exists(path, ec)) throw core::Error(core::str(path, ": no such file"));
+}
+
 bool blank(const std::string& s) {
   return s.find_first_not_of(" \t\r\n") == std::string::npos;
 }
@@ -151,6 +158,7 @@ void check_ids(const TokenStream& s, const text::Tokenizer& tok) {
 
 TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
                         const DataOptions& opts) {
+  check_readable_file(path);
   const Format format = resolve_format(path, opts.format);
   if (format == Format::kBin) {
     TokenStream s = TokenStream::open(path);
@@ -197,7 +205,22 @@ TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
 }
 
 std::vector<int32_t> tokenize_eval_text(const std::string& path, const text::Tokenizer& tok) {
-  return tok.encode(core::read_file(path), /*add_special=*/false);
+  check_readable_file(path);
+  std::string text;
+  if (resolve_format(path, "auto") == Format::kJsonl) {
+    // A JSONL file is scored on its documents' text (each line checked), one
+    // blank line between documents; never on the JSON syntax itself.
+    DataOptions opts;
+    for_each_document(
+        path, Format::kJsonl, opts,
+        [&](const std::string& doc) { text += (text.empty() ? "" : "\n\n") + doc; }, [](long) {});
+  } else {
+    std::unique_ptr<std::istream> in = open_input(path);
+    text.assign(std::istreambuf_iterator<char>(*in), std::istreambuf_iterator<char>());
+  }
+  std::vector<int32_t> ids = tok.encode(text, /*add_special=*/false);
+  if (ids.empty()) throw core::Error(core::str(path, ": holds no text to evaluate"));
+  return ids;
 }
 
 DataOptions data_options(const config::Config& cfg) {

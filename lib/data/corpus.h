@@ -38,7 +38,9 @@ TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
                         const DataOptions& opts);
 
 // The evaluation protocol of WikiText-2 perplexity: the whole file as one
-// string, tokenized without special tokens.
+// string, tokenized without special tokens (.xz read decompressed; a JSONL
+// file's documents joined by a blank line, each line checked as JSON).
+// Errors name the file: a directory, a missing file, no text.
 std::vector<int32_t> tokenize_eval_text(const std::string& path, const text::Tokenizer& tok);
 
 }  // namespace patch::data

@@ -99,8 +99,7 @@ void export_checkpoint(const io::Checkpoint& ckpt, const maskfile::MaskFile& mas
       throw core::Error(core::str("export: replacement '", name, "' ", t.sizes(), " does not match a tensor of ", ckpt.source));
   }
 
-  const std::string tmp = out_dir + ".partial";
-  core::remove_tree(tmp);
+  const std::string tmp = out_dir;
   std::error_code ec;
   fs::create_directories(tmp, ec);
   if (ec) throw core::Error(core::str("export: cannot create '", tmp, "': ", ec.message()));
@@ -145,14 +144,6 @@ void export_checkpoint(const io::Checkpoint& ckpt, const maskfile::MaskFile& mas
     core::write_file_atomic((fs::path(tmp) / "config.json").string(), config.dump(2) + "\n");
   }
   maskfile::write_mask_file((fs::path(tmp) / "masks.safetensors").string(), masks);
-
-  // Every file is complete before any is moved into place.
-  fs::create_directories(out_dir, ec);
-  for (const auto& entry : fs::directory_iterator(tmp)) {
-    fs::rename(entry.path(), fs::path(out_dir) / entry.path().filename(), ec);
-    if (ec) throw core::Error(core::str("export: cannot move '", entry.path().string(), "' into '", out_dir, "': ", ec.message()));
-  }
-  core::remove_tree(tmp);
 }
 
 }  // namespace patch::deploy

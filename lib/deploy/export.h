@@ -18,18 +18,18 @@ namespace patch::deploy {
 // stored dtype; then every weight of a layer in `masks` multiplied by its mask
 // (zeros exactly where the mask says). Every other file of the input directory
 // (tokenizer, generation config, index) is copied, config.json gains
-// "patch_masks": "masks.safetensors" and the mask file is copied beside it. All
-// files are written into "<out_dir>.partial" first and moved into out_dir
-// (created if missing; other files there are left alone) once complete. A GGUF input becomes one model.safetensors under
-// Hugging Face names in its stored dtype (float32 for quantized tensors) with a
-// config.json made from its metadata; its tokenizer is not converted (tokenizer
-// files are not written). Throws core::Error for a layer the checkpoint lacks or
-// a shape that does not fit.
+// "patch_masks": "masks.safetensors" and the mask file is copied beside it,
+// into out_dir (created if missing): callers give it a staging folder of a
+// core::OutputSet, which publishes the whole set at once. A GGUF input becomes
+// one model.safetensors under Hugging Face names in its stored dtype (float32
+// for quantized tensors) with a config.json made from its metadata; its
+// tokenizer is not converted (tokenizer files are not written). Throws
+// core::Error for a layer the checkpoint lacks or a shape that does not fit.
+void export_checkpoint(const io::Checkpoint& ckpt, const maskfile::MaskFile& masks,
+                       const std::map<std::string, at::Tensor>& replace, const std::string& out_dir);
+
 // The Hugging Face config.json of a model (what transformers needs to load a
 // GGUF-derived checkpoint as LlamaForCausalLM / Qwen2 / Qwen3 / Mistral).
 nlohmann::ordered_json hf_config_json(const io::ModelConfig& cfg);
-
-void export_checkpoint(const io::Checkpoint& ckpt, const maskfile::MaskFile& masks,
-                       const std::map<std::string, at::Tensor>& replace, const std::string& out_dir);
 
 }  // namespace patch::deploy

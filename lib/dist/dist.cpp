@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -295,10 +296,15 @@ int launch(int nproc, const std::vector<std::string>& argv) {
   sigaction(SIGTERM, &sa, nullptr);
 
   std::vector<pid_t> pids;
+  const pid_t launcher = ::getpid();
   for (int r = 0; r < nproc; ++r) {
     const pid_t pid = ::fork();
     if (pid < 0) throw core::Error(core::str("launch: fork: ", std::strerror(errno)));
     if (pid == 0) {
+      // A rank outlives no launcher: if it dies (even by SIGKILL) the rank gets
+      // SIGTERM, checkpoints at its next step and stops.
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (::getppid() != launcher) ::_exit(core::kExitInterrupted);
       ::setenv("RANK", std::to_string(r).c_str(), 1);
       ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
       ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);

@@ -100,6 +100,24 @@ PerplexityOptions perplexity_options(const config::Config& cfg) {
   return po;
 }
 
+void check_sequence_lengths(const config::Config& cfg, const io::ModelConfig& model, const std::string& source,
+                            bool windows, bool calibrates) {
+  const int64_t context = model.max_position_embeddings;
+  if (context <= 0) return;
+  const bool allow = cfg.get_bool("data.beyond_context");
+  std::vector<const char*> keys;
+  if (windows) keys.push_back("data.seq_len");
+  if (calibrates) keys.push_back("prune.calib_seq_len");
+  for (const char* key : keys) {
+    const int64_t seq = cfg.get_int(key);
+    if (seq <= context) continue;
+    const std::string what = core::str(key, ": ", seq, " tokens exceed the context of ", source, " (",
+                                       context, " positions, max_position_embeddings)");
+    if (!allow) throw core::ConfigError(what + "; set data.beyond_context=true to run past it anyway");
+    core::log::warn(what + "; data.beyond_context is set: results past the context are not meaningful");
+  }
+}
+
 nlohmann::ordered_json evaluate_config(model::Decoder& model, const text::Tokenizer& tok, const config::Config& cfg) {
   std::vector<std::string> files;
   for (const auto& f : cfg.get_string_list("eval.data")) files.push_back(core::resolve_path(f));

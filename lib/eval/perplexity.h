@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "io/model_config.h"
 #include "model/decoder.h"
 #include "text/tokenizer.h"
 
@@ -43,6 +44,12 @@ nlohmann::ordered_json evaluate_files(model::Decoder& model, const text::Tokeniz
 // The eval.* / data.seq_len keys, and evaluate_files on eval.data (paths
 // resolved, "@data/" allowed).
 PerplexityOptions perplexity_options(const config::Config& cfg);
+// data.seq_len (when `windows`) and prune.calib_seq_len (when `calibrates`)
+// against the model's context, max_position_embeddings of `source`: a longer
+// window is a core::ConfigError naming the key, or a warning with
+// data.beyond_context.
+void check_sequence_lengths(const config::Config& cfg, const io::ModelConfig& model, const std::string& source,
+                            bool windows, bool calibrates);
 nlohmann::ordered_json evaluate_config(model::Decoder& model, const text::Tokenizer& tok, const config::Config& cfg);
 
 }  // namespace patch::eval

@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "core/signals.h"
 #include "core/paths.h"
 #include "data/corpus.h"
 #include "data/dataset.h"
@@ -75,6 +76,9 @@ std::string stats_key(const std::string& name) {
 
 std::vector<LayerSpec> select_layers(model::Decoder& decoder, const PruneOptions& o) {
   std::vector<LayerSpec> specs;
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  for (auto* lin : decoder.linears()) shapes.emplace_back(lin->weight().size(0), lin->weight().size(1));
+  sparsity::check_tile_fits(o.tile_rows, o.tile_cols, shapes);
   for (auto* lin : decoder.linears()) {
     const auto& name = lin->name();
     bool in = false;
@@ -153,12 +157,18 @@ void run_pass(model::Decoder& decoder, const at::Tensor& calib, const std::vecto
                        .first->second;
         s->lin->set_input_observer([&st](const at::Tensor& x) { st.add(x); });
       }
-      for (const auto& h : hidden) decoder.run_block(blk, h);
+      for (const auto& h : hidden) {
+        core::throw_if_stopped("calibration");
+        decoder.run_block(blk, h);
+      }
       for (const auto* s : here) s->lin->set_input_observer({});
       for (const auto* s : here) prune_layer(*s, &stats.at(stats_key(s->lin->name())), o, update, sink);
     }
     if (blk < last_block)
-      for (auto& h : hidden) h = decoder.run_block(blk, h);
+      for (auto& h : hidden) {
+        core::throw_if_stopped("calibration");
+        h = decoder.run_block(blk, h);
+      }
     progress.update(static_cast<long>(blk + 1));
   }
   progress.finish();
@@ -208,9 +218,14 @@ at::Tensor calibration_ids(const data::TokenStream& tokens, const CalibrationOpt
   return ds.blocks(order).narrow(1, 0, opts.seq_len).contiguous();
 }
 
+void require_calibration_data(const config::Config& cfg) {
+  if (cfg.get_string_list("data.train").empty())
+    throw core::ConfigError("data.train: wanda and sparsegpt need calibration text (use --data FILE)");
+}
+
 at::Tensor calibration_from_config(const config::Config& cfg, const text::Tokenizer& tok) {
+  require_calibration_data(cfg);
   auto files = cfg.get_string_list("data.train");
-  if (files.empty()) throw core::ConfigError("data.train: wanda and sparsegpt need calibration text (use --data FILE)");
   auto calib = calibration_ids(data::load_tokens(core::resolve_path(files.front()), tok, data::data_options(cfg)),
                                calibration_options(cfg));
   core::log::info(core::str("calibration: ", calib.size(0), " sequences of ", calib.size(1), " tokens from ",

@@ -34,6 +34,9 @@ struct CalibrationOptions {
 // stream is short. Throws core::Error when it holds no window at all.
 at::Tensor calibration_ids(const data::TokenStream& tokens, const CalibrationOptions& opts);
 
+// Throws core::ConfigError naming data.train when no calibration text is given.
+void require_calibration_data(const config::Config& cfg);
+
 // Calibration windows from the first data.train file (prune.calib_* keys);
 // core::ConfigError when data.train is empty.
 at::Tensor calibration_from_config(const config::Config& cfg, const text::Tokenizer& tok);

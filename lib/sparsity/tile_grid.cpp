@@ -59,4 +59,17 @@ at::Tensor build_mask(const TileGrid& grid, const at::Tensor& tile_dense, const 
   return at::maximum(dense, m24).to(dtype);
 }
 
+void check_tile_fits(int64_t tile_rows, int64_t tile_cols, const std::vector<std::pair<int64_t, int64_t>>& shapes) {
+  int64_t max_out = 0, max_in = 0;
+  for (const auto& [out, in] : shapes) {
+    max_out = std::max(max_out, out);
+    max_in = std::max(max_in, in);
+  }
+  // Columns go up to the widest layer rounded up to whole 2:4 groups.
+  if (!shapes.empty() && (tile_rows > max_out || tile_cols > (max_in + 3) / 4 * 4))
+    throw core::ConfigError(core::str("mask.tile: [", tile_rows, ", ", tile_cols,
+                                      "] is larger than every masked layer (the tallest has ", max_out,
+                                      " rows, the widest ", max_in, " columns)"));
+}
+
 }  // namespace patch::sparsity

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace patch::sparsity {
 
@@ -46,6 +48,11 @@ class TileGrid {
  private:
   int64_t out_ = 0, in_ = 0, tile_rows_ = 1, tile_cols_ = 4;
 };
+
+// Throws core::ConfigError (naming mask.tile) when a tile is taller than the
+// tallest layer of `shapes` ([out, in] each) or wider than the widest: such a
+// tile only wastes memory (a 100000 x 100000 tile would ask for 40 GB).
+void check_tile_fits(int64_t tile_rows, int64_t tile_cols, const std::vector<std::pair<int64_t, int64_t>>& shapes);
 
 // A 0/1 mask [out, in] of `dtype` from hard decisions: tile_dense [rows, cols]
 // (nonzero = dense, all ones) and pattern [out, in/4] (2:4 pattern index used

@@ -161,6 +161,8 @@ json run_point(const config::Config& cfg, const Point& p, const std::string& dir
   const model::DecoderOptions dopts = decoder_options(pcfg);
   io::Checkpoint ckpt = io::load_checkpoint(model_path, dopts.dtype);
   auto tok = text::load_tokenizer_for(model_path);
+  eval::check_sequence_lengths(pcfg, ckpt.config, model_path, /*windows=*/true,
+                               /*calibrates=*/!p.prune_method.empty() && p.prune_method != "magnitude");
   model::Decoder decoder(ckpt, dopts);
   if (!masks_path.empty()) {
     auto file = maskfile::read_mask_file(masks_path);

@@ -4,9 +4,12 @@
 #include <c10/core/GradMode.h>
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cerrno>
 #include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -18,15 +21,18 @@
 #include "core/log.h"
 #include "core/paths.h"
 #include "core/progress.h"
+#include "core/signals.h"
 #include "core/tensor_utils.h"
 #include "data/dataset.h"
 #include "dist/dist.h"
+#include "eval/perplexity.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "maskfile/apply.h"
 #include "maskfile/mask_file.h"
 #include "model/decoder.h"
 #include "prune/pruner.h"
+#include "sparsity/tile_grid.h"
 #include "sparsity/budget.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/prior.h"
@@ -40,13 +46,6 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 using core::str;
-
-std::atomic<int> g_stop_signal{0};
-
-extern "C" void on_stop_signal(int sig) {
-  g_stop_signal.store(sig);
-  std::signal(sig, SIG_DFL);  // a second signal ends the process at once
-}
 
 constexpr const char* kCheckpointName = "checkpoint.safetensors";
 constexpr const char* kCheckpointFormat = "patch-train-checkpoint";
@@ -81,6 +80,9 @@ void load_model_and_data(Run& r) {
   mo.device = r.device;
   mo.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), r.device);
   io::Checkpoint ckpt = io::load_checkpoint(r.model_path, mo.dtype);
+  const std::string prior = cfg.get_string("mask.prior");
+  eval::check_sequence_lengths(cfg, ckpt.config, r.model_path, /*windows=*/true,
+                               /*calibrates=*/prior == "wanda" || prior == "sparsegpt");
   mo.checkpointing = cfg.get_bool("model.checkpointing");
   r.model = std::make_unique<model::Decoder>(ckpt, mo);
   core::log::info(str("model ", r.model_path, ": ", ckpt.config.num_layers, " layers on ", r.device.str(),
@@ -93,9 +95,13 @@ void load_model_and_data(Run& r) {
   // Several files, or a token cap, make one in-memory stream; a single file
   // stays memory-mapped.
   const int64_t max_tokens = cfg.get_int("data.max_tokens");
-  auto stream_of = [&](const std::vector<std::string>& files, int64_t cap) {
+  auto stream_of = [&](const char* key, const std::vector<std::string>& files, int64_t cap) {
     std::vector<data::TokenStream> parts;
-    for (const auto& f : files) parts.push_back(data::load_tokens(core::resolve_path(f), *tok, dopts));
+    for (const auto& f : files) {
+      parts.push_back(data::load_tokens(core::resolve_path(f), *tok, dopts));
+      if (parts.back().size() == 0)
+        throw core::Error(str(key, ": '", core::resolve_path(f), "' holds no tokens (an empty file, or blank documents only)"));
+    }
     if (parts.size() == 1 && (cap <= 0 || parts[0].size() <= cap)) return parts[0];
     std::vector<int32_t> all;
     for (const auto& p : parts) {
@@ -111,15 +117,20 @@ void load_model_and_data(Run& r) {
   if (train_files.empty())
     throw core::ConfigError("data.train: no training file given (use --data FILE or data.train in the config)");
   r.seq_len = cfg.get_int("data.seq_len");
-  r.train_data = std::make_unique<data::BlockDataset>(stream_of(train_files, max_tokens), r.seq_len);
+  r.train_data = std::make_unique<data::BlockDataset>(stream_of("data.train", train_files, max_tokens), r.seq_len);
   auto valid_files = cfg.get_string_list("data.valid");
   if (valid_files.empty()) {
-    auto split = data::split_blocks(r.train_data->num_blocks(), cfg.get_int("data.valid_blocks"));
+    const int64_t held_out = cfg.get_int("data.valid_blocks");
+    if (r.train_data->num_blocks() <= held_out)
+      throw core::Error(str("data.train: ", r.train_data->num_blocks(), " blocks of data.seq_len + 1 = ", r.seq_len + 1,
+                            " tokens, too few to hold out data.valid_blocks = ", held_out,
+                            " for validation and train on the rest (more text, a shorter data.seq_len, or data.valid)"));
+    auto split = data::split_blocks(r.train_data->num_blocks(), held_out);
     r.train_blocks = split.train;
     r.valid_blocks = split.valid;
   } else {
     for (int64_t i = 0; i < r.train_data->num_blocks(); ++i) r.train_blocks.push_back(i);
-    r.valid_data = std::make_unique<data::BlockDataset>(stream_of(valid_files, 0), r.seq_len);
+    r.valid_data = std::make_unique<data::BlockDataset>(stream_of("data.valid", valid_files, 0), r.seq_len);
     for (int64_t i = 0; i < r.valid_data->num_blocks(); ++i) r.valid_blocks.push_back(i);
   }
   const int64_t eval_blocks = cfg.get_int("train.eval_blocks");
@@ -156,6 +167,9 @@ void build_masks(Run& r) {
   auto tile = cfg.get_int_list("mask.tile");
   mo.tile_rows = tile[0];
   mo.tile_cols = tile[1];
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  for (auto* lin : r.model->linears()) shapes.emplace_back(lin->weight().size(0), lin->weight().size(1));
+  sparsity::check_tile_fits(mo.tile_rows, mo.tile_cols, shapes);
   mo.include = cfg.get_string_list("mask.include");
   mo.exclude = cfg.get_string_list("mask.exclude");
 
@@ -214,16 +228,35 @@ void build_masks(Run& r) {
                       cfg.get_string("mask.mode"), ", target sparsity ", r.target));
 
   // Priors shift the N(0, sigma) initial logits towards a one-shot mask.
+  bool prior_applied = false;
   if (prior == "magnitude") {
     priors = sparsity::magnitude_priors(*r.masks, r.target);
   } else if (prior == "file") {
-    auto file = maskfile::read_mask_file(core::resolve_path(cfg.get_string("mask.prior_file")));
+    const std::string path = core::resolve_path(cfg.get_string("mask.prior_file"));
+    auto file = maskfile::read_mask_file(path);
     priors = maskfile::priors_from_file(file);
+    // The file must give exactly the masked layers, each of the model's shape.
+    for (const auto& [name, p] : priors)
+      if (!std::any_of(r.masks->masks().begin(), r.masks->masks().end(),
+                       [&](const auto& m) { return m->name() == name; }))
+        throw core::Error(str(path, ": layer '", name, "' is not a masked layer of ", r.model_path,
+                              " (mask.prior_file must come from this model with the same mask.include)"));
+    for (const auto& m : r.masks->masks())
+      if (!priors.count(m->name()))
+        throw core::Error(str(path, ": no mask for the layer '", m->name(), "' of ", r.model_path));
+    try {
+      sparsity::PriorStrength strength{mo.mask.init_std, cfg.get_float("mask.prior_strength_24"),
+                                       cfg.get_float("mask.prior_strength_tile")};
+      sparsity::apply_prior(*r.masks, priors, r.target, r.budget, strength);
+    } catch (const core::Error& e) {
+      throw core::Error(str(path, ": ", e.what(), " (mask.prior_file, tile ", cfg.at("mask.tile").dump(), ")"));
+    }
+    prior_applied = true;
   }
   if (prior == "none") {
     if (mo.mask.mode == sparsity::MaskMode::kTile)
       throw core::ConfigError("mask.prior: tile mode fixes the 2:4 patterns from a prior; 'none' gives none");
-  } else {
+  } else if (!prior_applied) {
     sparsity::PriorStrength strength{mo.mask.init_std, cfg.get_float("mask.prior_strength_24"),
                                      cfg.get_float("mask.prior_strength_tile")};
     sparsity::apply_prior(*r.masks, priors, r.target, r.budget, strength);
@@ -308,9 +341,6 @@ int64_t load_checkpoint(Run& r) {
     return it->second;
   };
   if (get("format") != kCheckpointFormat) throw core::Error(str(path, ": not a patch-train checkpoint"));
-  if (get("seed") != std::to_string(r.cfg.get_int("train.seed")))
-    throw core::ConfigError(str("train.seed: ", r.cfg.get_int("train.seed"), " differs from the checkpoint's ",
-                                get("seed"), "; resume with the run's configuration"));
   std::map<std::string, at::Tensor> masks, adam;
   for (const auto& e : f.entries()) {
     if (e.name.rfind("mask/", 0) == 0) masks[e.name.substr(5)] = f.tensor(e.name);
@@ -384,12 +414,46 @@ void write_outputs(Run& r, const sparsity::Hardened& hard, double valid_loss) {
 
 }  // namespace
 
-int stop_signal() { return g_stop_signal.load(); }
-
-void install_stop_handlers() {
-  std::signal(SIGINT, on_stop_signal);
-  std::signal(SIGTERM, on_stop_signal);
+const std::vector<std::string>& resume_mutable_keys() {
+  static const std::vector<std::string> keys = {
+      "model.device",         "model.checkpointing",    "model.masks",        "model.packed",
+      "data.cache_dir",       "mask.kernel",            "mask.prior_cache",   "train.cuda_graph",
+      "train.eval_every",     "train.eval_blocks",      "train.checkpoint_every", "train.log_every",
+      "prune.micro_batch",    "prune.method",           "prune.pattern",      "prune.update_weights"};
+  return keys;
 }
+
+void check_resume_config(const config::Config& cfg, const std::string& out_dir) {
+  const std::string path = (fs::path(out_dir) / kCheckpointName).string();
+  if (!fs::exists(path)) return;
+  io::SafetensorsFile f(path);
+  const auto& meta = f.metadata();
+  const auto it = meta.find("config");
+  if (it == meta.end()) throw core::Error(str(path, ": not a patch-train checkpoint (no 'config')"));
+  using config::Json;
+  const Json saved = Json::parse(it->second, nullptr, /*allow_exceptions=*/false);
+  if (!saved.is_object()) throw core::Error(str(path, ": its 'config' is not a JSON object"));
+  const auto& mutable_keys = resume_mutable_keys();
+  // Every key of the sections that shape what is learned: the model, the data,
+  // the masks and their prior, the optimization.
+  for (const char* section : {"model", "data", "mask", "train", "prune"}) {
+    const Json now = cfg.tree().contains(section) ? cfg.tree().at(section) : Json::object();
+    const Json then = saved.contains(section) ? saved.at(section) : Json::object();
+    for (auto k = now.begin(); k != now.end(); ++k) {
+      const std::string key = str(section, ".", k.key());
+      if (std::find(mutable_keys.begin(), mutable_keys.end(), key) != mutable_keys.end()) continue;
+      const Json before = then.contains(k.key()) ? then.at(k.key()) : Json();
+      if (before != k.value())
+        throw core::ConfigError(str(key, ": ", k.value().dump(), " differs from ", before.dump(),
+                                    " in the checkpoint of ", out_dir,
+                                    "; a resumed run must be the same run (start a new one, or --overwrite)"));
+    }
+  }
+}
+
+int stop_signal() { return core::stop_signal(); }
+
+void install_stop_handlers() { core::install_stop_handlers(); }
 
 void check_run_setup(const config::Config& cfg, int world) {
   if (cfg.get_bool("train.cuda_graph")) {
@@ -420,6 +484,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   r.global = cfg.get_int("train.global_batch");
   const int world = r.env.world;
   check_run_setup(cfg, world);
+  if (cfg.get_bool("output.resume")) check_resume_config(cfg, out_dir);
   at::manual_seed(static_cast<uint64_t>(cfg.get_int("train.seed")));
   load_model_and_data(r);
   build_masks(r);
@@ -438,6 +503,13 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   if (root) truncate_metrics(metrics_path, start == 0 ? -1 : start);
   std::ofstream metrics;
   if (root) metrics.open(metrics_path, std::ios::app);
+  // One line per call, flushed; a failed write names the file and the reason.
+  auto write_metrics = [&](const json& line) {
+    errno = 0;
+    metrics << line.dump() << "\n" << std::flush;
+    if (!metrics)
+      throw core::Error(str(metrics_path, ": write failed (", errno ? std::strerror(errno) : "unknown error", ")"));
+  };
 
   const double lr_peak = cfg.get_float("train.lr");
   const double min_ratio = cfg.get_float("train.min_lr_ratio");
@@ -483,16 +555,14 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     // The hardened starting point (init + prior) as step 0, the baseline of the run.
     auto hard0 = sparsity::harden(*r.masks, r.target, r.budget);
     double vl0 = evaluate_hard(r, hard0);
-    metrics << json({{"step", 0}, {"valid_loss", vl0}, {"valid_ppl", std::exp(vl0)},
-                     {"hard_sparsity", hard0.achieved_sparsity()}})
-                   .dump()
-            << "\n"
-            << std::flush;
+    write_metrics({{"step", 0}, {"valid_loss", vl0}, {"valid_ppl", std::exp(vl0)},
+                   {"hard_sparsity", hard0.achieved_sparsity()}});
     core::log::info(str("start: validation loss ", vl0, " with hardened initial masks"));
   }
 
   std::optional<core::Progress> progress;
-  if (root) progress.emplace("train", static_cast<long>(r.steps));
+  // Not interruptible: a signal stops the loop at the next step boundary, with a checkpoint.
+  if (root) progress.emplace("train", static_cast<long>(r.steps), 10.0, /*interruptible=*/false);
   auto t_start = std::chrono::steady_clock::now();
   const int64_t per_rank = n_micro / world;
   // After a resume has loaded the logits: the reducer hooks the tensors themselves.
@@ -500,7 +570,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   if (world > 1) reducer.emplace(group, r.opt->params_in_backward_order());
   for (int64_t step = start; step < r.steps; ++step) {
     // The ranks agree on stopping, so that none waits for the others in a collective.
-    int sig = g_stop_signal.load();
+    int sig = core::stop_signal();
     if (world > 1) sig = static_cast<int>(group.allreduce_max(sig));
     if (sig) {
       if (root) save_checkpoint(r, step);
@@ -618,7 +688,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
       m["valid_ppl"] = std::exp(vl);
       m["hard_sparsity"] = hard.achieved_sparsity();
     }
-    if (!m.is_null()) metrics << m.dump() << "\n" << std::flush;
+    if (!m.is_null()) write_metrics(m);
     progress->update(static_cast<long>(done), static_cast<long>(tokens),
                     str("loss ", std::round(ce * 1000) / 1000, " density ",
                         std::round(density_value * 1000) / 1000));
@@ -635,7 +705,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   json fin = {{"step", r.steps}, {"final", true}, {"valid_loss", vl}, {"valid_ppl", std::exp(vl)},
               {"hard_sparsity", hard.achieved_sparsity()},
               {"elapsed_s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count()}};
-  metrics << fin.dump() << "\n" << std::flush;
+  write_metrics(fin);
   save_checkpoint(r, r.steps);
   write_outputs(r, hard, vl);
   return 0;

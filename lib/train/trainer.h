@@ -2,6 +2,7 @@
 // Mask learning (PATCH-Joint, PATCH-Tile, MaskLLM): the training loop with its
 // schedules, regularizers, evaluation, checkpoints, resume and hardening.
 #include <string>
+#include <vector>
 
 #include "config/config.h"
 
@@ -20,6 +21,15 @@ int run_training(const config::Config& cfg, const std::string& out_dir);
 // with train.cuda_graph, unless its steps can be replayed (one process, a
 // CUDA device, fused masks, lambda_weight 0).
 void check_run_setup(const config::Config& cfg, int world);
+
+// The configuration keys a resumed run may change (evaluation and logging
+// cadence, devices, caches, kernels that compute the same function); every
+// other key of model.*, data.*, mask.*, train.* and prune.* is part of what the
+// checkpoint means.
+const std::vector<std::string>& resume_mutable_keys();
+// Throws core::ConfigError naming the first key whose value differs from the
+// one stored in out_dir's checkpoint (nothing to check without a checkpoint).
+void check_resume_config(const config::Config& cfg, const std::string& out_dir);
 
 // SIGINT/SIGTERM handlers that make the loop checkpoint and stop at the next
 // step boundary; a second signal kills the process as usual.

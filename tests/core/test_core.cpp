@@ -1,5 +1,11 @@
 #include <ATen/ATen.h>
 
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+
 #include <filesystem>
 #include <fstream>
 
@@ -9,6 +15,7 @@
 #include "core/error.h"
 #include "core/paths.h"
 #include "core/progress.h"
+#include "core/run_dir.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -48,6 +55,84 @@ TEST_CASE("output directory rules") {
     REQUIRE(e.exit_code() == core::kExitUsage);
     REQUIRE(std::string(e.what()).find("--overwrite") != std::string::npos);
   }
+}
+
+TEST_CASE("a run folder: claimed by one process, temporaries of killed runs removed, overwrite clears") {
+  test::TempDir dir;
+  const std::string out = dir.file("run");
+  core::claim_output_dir(out, false, false);
+  REQUIRE(fs::exists(out + "/" + core::kRunLockName));
+  // (A second process is refused: test_safety runs two patch-train processes.)
+  core::write_file_atomic(out + "/masks.safetensors", "old");
+  core::write_file_atomic(out + "/.report.json.tmp.12345", "half");
+  fs::create_directories(out + "/.partial-12345/model");
+  CHECK(core::remove_stale_temporaries(out) == 2);
+  CHECK_FALSE(fs::exists(out + "/.report.json.tmp.12345"));
+  CHECK_FALSE(fs::exists(out + "/.partial-12345"));
+  CHECK(fs::exists(out + "/masks.safetensors"));
+  REQUIRE_THROWS_AS(core::claim_output_dir(out, false, false), core::ConfigError);  // not empty
+  core::claim_output_dir(out, /*overwrite=*/false, /*resume=*/true);  // resume keeps outputs
+  CHECK(fs::exists(out + "/masks.safetensors"));
+  core::claim_output_dir(out, /*overwrite=*/true, /*resume=*/false);  // overwrite clears them
+  CHECK_FALSE(fs::exists(out + "/masks.safetensors"));
+  CHECK(fs::exists(out + "/" + core::kRunLockName));
+}
+
+TEST_CASE("path_within: the folder itself and what lies under it") {
+  test::TempDir dir;
+  const std::string d = dir.file("a");
+  fs::create_directories(d + "/b");
+  CHECK(core::path_within(d, d));
+  CHECK(core::path_within(d + "/b/c.txt", d));
+  CHECK(core::path_within(d + "/b/../b", d + "/"));
+  CHECK_FALSE(core::path_within(dir.file("ab"), d));
+  CHECK_FALSE(core::path_within(dir.path(), d));
+  fs::create_directory_symlink(d + "/b", dir.file("link"));
+  CHECK(core::path_within(dir.file("link") + "/x", d));
+}
+
+TEST_CASE("an output set appears whole or not at all, its marker last") {
+  test::TempDir dir;
+  {
+    core::OutputSet set(dir.path());
+    core::write_file_atomic(set.path("masks.safetensors"), "m");
+    fs::create_directories(set.path("model"));
+    core::write_file_atomic(set.path("model") + "/w.bin", "w");
+    CHECK_FALSE(fs::exists(dir.file("masks.safetensors")));
+  }  // abandoned: nothing of it remains
+  CHECK(fs::is_empty(dir.path()));
+  core::OutputSet set(dir.path());
+  core::write_file_atomic(set.path("masks.safetensors"), "m");
+  fs::create_directories(set.path("model"));
+  core::write_file_atomic(set.path("model") + "/w.bin", "w");
+  set.publish("prune.json", "{}");
+  CHECK(core::read_file(dir.file("masks.safetensors")) == "m");
+  CHECK(core::read_file(dir.file("model/w.bin")) == "w");
+  CHECK(core::read_file(dir.file("prune.json")) == "{}");
+  CHECK(std::distance(fs::directory_iterator(dir.path()), fs::directory_iterator()) == 3);
+}
+
+TEST_CASE("a failed write names the file and the operating system's reason") {
+  test::TempDir dir;
+  const std::string path = dir.file("big.bin");
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    // A file size limit makes the write fail as a full disk would.
+    ::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit lim {4096, 4096};
+    ::setrlimit(RLIMIT_FSIZE, &lim);
+    try {
+      core::write_file_atomic(path, std::string(1 << 20, 'x'));
+    } catch (const core::Error& e) {
+      const std::string what = e.what();
+      ::_exit(what.find(path + ": write failed (File too large)") == 0 ? 0 : 2);
+    }
+    ::_exit(1);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(fs::is_empty(dir.path()));  // no temporary left behind
 }
 
 TEST_CASE("duration formatting") {

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <thread>
 
@@ -57,15 +58,10 @@ bool has_matplotlib() {
 TEST_CASE("an interrupted sweep resumes and skips finished points", "[sweep]") {
   test::TempDir dir;
   const std::string out = dir.file("sweep");
-  pid_t pid = fork();
-  if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", ("exec " + sweep_cmd(out, "-q") + " >/dev/null 2>&1").c_str(), nullptr);
-    _exit(127);
-  }
-  // Stop it inside the second PATCH point, after its first checkpoint.
+  const pid_t pid = test::spawn(sweep_cmd(out, "-q"));
+  // Stop it inside the second PATCH point, after its first checkpoint, however long that takes.
   const std::string second = out + "/points/patch-joint-0.4";
-  for (int i = 0; i < 1800 && last_step(second + "/metrics.jsonl") < 7; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  REQUIRE(test::wait_for(pid, [&] { return last_step(second + "/metrics.jsonl") >= 7; }));
   REQUIRE(::kill(pid, SIGTERM) == 0);
   int status = 0;
   waitpid(pid, &status, 0);
@@ -108,4 +104,65 @@ TEST_CASE("an interrupted sweep resumes and skips finished points", "[sweep]") {
   const std::string png = core::read_file(out + "/sweep.png");
   CHECK(png.compare(0, 8, "\x89PNG\r\n\x1a\n") == 0);
   CHECK(png.compare(12, 4, "IHDR") == 0);
+}
+
+TEST_CASE("sweep baselines: mask-only and hybrid one-shot rows equal prune + eval, learned rows their cost",
+          "[sweep]") {
+  test::TempDir dir;
+  const std::string out = dir.file("sweep");
+  const std::string common =
+      " --set data.seq_len=64 --set data.max_tokens=100000 --set prune.calib_samples=8"
+      " --set prune.calib_seq_len=64 --set eval.max_windows=8 --set train.micro_batch=4"
+      " --set train.global_batch=4 --set train.steps=6 --set train.eval_every=0";
+  const std::string config = " --config " + test::source_dir() + "/configs/tinystories-656k.yaml";
+  const auto r = test::run_command(test::train_bin() + " sweep" + config + common +
+                                   " --targets 0.4 --baselines sparsegpt-mask,sparsegpt,wanda-hybrid,tile@0.4 --out " +
+                                   out + "");
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  std::map<std::string, nlohmann::json> rows;
+  const nlohmann::json sweep = nlohmann::json::parse(core::read_file(out + "/sweep.json"));
+  for (const auto& p : sweep["points"]) rows[p["name"].get<std::string>()] = p;
+  for (const char* name : {"dense", "patch-joint-0.4", "sparsegpt-mask-2-4", "sparsegpt-2-4", "wanda-hybrid-0.4",
+                           "patch-tile-0.4"})
+    CHECK(rows.count(name) == 1);
+  // The oracle of a one-shot row: the same prune written by `prune`, scored by `eval --masks`.
+  auto pruned_ppl = [&](const std::string& name, const std::string& args) {
+    const std::string pdir = dir.file(name), edir = dir.file(name + "-eval");
+    const auto p = test::run_command(test::train_bin() + " prune" + config + common + args + " --out " + pdir + "");
+    INFO(p.err);
+    REQUIRE(p.exit_code == 0);
+    const auto e = test::run_command(test::train_bin() + " eval" + config + common + " --masks " + pdir +
+                                     "/masks.safetensors --out " + edir + "");
+    INFO(e.err);
+    REQUIRE(e.exit_code == 0);
+    return nlohmann::json::parse(core::read_file(edir + "/eval.json"))["perplexity"].get<double>();
+  };
+  CHECK(rows["sparsegpt-mask-2-4"]["perplexity"].get<double>() ==
+        Approx(pruned_ppl("sg", " --method sparsegpt --pattern 2:4")).epsilon(1e-9));
+  CHECK(rows["wanda-hybrid-0.4"]["perplexity"].get<double>() ==
+        Approx(pruned_ppl("wh", " --method wanda --pattern hybrid --target 0.4")).epsilon(1e-9));
+  CHECK(rows["wanda-hybrid-0.4"]["sparsity"].get<double>() == Approx(0.4).margin(0.01));
+  // SparseGPT as published keeps its updated weights: another model than the mask alone.
+  CHECK(rows["sparsegpt-2-4"]["perplexity"].get<double>() != rows["sparsegpt-mask-2-4"]["perplexity"].get<double>());
+  for (const char* learned : {"patch-joint-0.4", "patch-tile-0.4"}) {
+    const auto& p = rows[learned];
+    INFO(learned);
+    CHECK(p["steps"].get<int64_t>() == 6);
+    CHECK(p["train_tokens"].get<int64_t>() == 6 * 4 * 64);
+    CHECK(p["tokens_per_s"].get<double>() > 0.0);
+    CHECK(p["train_seconds"].get<double>() > 0.0);
+    CHECK(p.contains("peak_mem_gib"));
+  }
+  CHECK(rows["patch-tile-0.4"]["method"] == "patch-tile");
+
+  // Bad baseline lists fail before any work, naming the key.
+  for (const char* bad : {"frobnicate", "wanda@0.3", "tile@x", "joint"}) {
+    const std::string bout = dir.file(std::string("bad-") + bad);
+    const auto b = test::run_command(test::train_bin() + " sweep" + config + " --targets 0.4 --baselines " + bad +
+                                     " --out " + bout + "");
+    INFO(bad << ": " << b.err);
+    CHECK(b.exit_code == 2);
+    CHECK(b.err.find("sweep.baselines") != std::string::npos);
+  }
 }

@@ -71,18 +71,15 @@ bool same_checkpoints(const std::string& a_path, const std::string& b_path) {
 
 // Runs `cmd` (exec'd, so the pid is patch-train itself), sends `sig` once the
 // run has passed its first periodic checkpoint (step 5) and returns the wait status.
+// Sends `sig` once the run has logged step 7 (however long that takes); -1
+// when the run ended before.
 int run_until_step_7(const std::string& cmd, const std::string& out, int sig) {
-  pid_t pid = fork();
-  if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", ("exec " + cmd + " 2>/dev/null").c_str(), nullptr);
-    _exit(127);
-  }
-  for (int i = 0; i < 600; ++i) {
+  const pid_t pid = test::spawn(cmd);
+  const bool reached = test::wait_for(pid, [&] {
     auto m = read_metrics(out + "/metrics.jsonl");
-    if (!m.empty() && m.back().value("step", 0) >= 7) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  if (::kill(pid, sig) != 0) return -1;
+    return !m.empty() && m.back().value("step", 0) >= 7;
+  });
+  if (!reached || ::kill(pid, sig) != 0) return -1;
   int status = 0;
   waitpid(pid, &status, 0);
   return status;
