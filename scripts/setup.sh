@@ -51,7 +51,7 @@ if [[ $need_apt == 1 ]]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq build-essential cmake ninja-build git curl ca-certificates \
     python3 python3-venv python3-pip catch2 libcli11-dev nlohmann-json3-dev libspdlog-dev \
-    libfmt-dev libyaml-cpp-dev liblzma-dev libgloo-dev xz-utils >/dev/null
+    libfmt-dev libyaml-cpp-dev liblzma-dev libgloo-dev xz-utils clang libclang-rt-dev >/dev/null
 else
   say "system packages present"
 fi
