@@ -41,8 +41,9 @@ std::vector<LayerShape> block_shapes(const io::ModelConfig& c) {
       {"gate_proj", {f, h}}, {"up_proj", {f, h}}, {"down_proj", {h, f}}};
   std::vector<LayerShape> out;
   for (const auto& [name, shape] : all) {
+    const auto dims = shape;  // lambdas may not capture structured bindings before C++20
     auto it = std::find_if(out.begin(), out.end(), [&](const LayerShape& s) {
-      return s.out == shape.first && s.in == shape.second;
+      return s.out == dims.first && s.in == dims.second;
     });
     if (it == out.end())
       out.push_back({{name}, shape.first, shape.second});

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <thread>
+#include <vector>
 
 #include "catch.h"
 #include "core/atomic_file.h"
@@ -253,6 +254,52 @@ TEST_CASE("a run stopped by SIGTERM or killed resumes to the same mask file") {
     for (const auto& j : m)
       if (!j.value("final", false)) CHECK(seen.insert(j["step"].get<int64_t>()).second);
   }
+}
+
+namespace {
+
+// The child processes of `pid` (Linux /proc).
+std::vector<int> children_of(int pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) + "/children");
+  std::vector<int> out;
+  for (int c; in >> c;) out.push_back(c);
+  return out;
+}
+
+// Gone, or a zombie that nobody has reaped yet: either way no longer running.
+bool exited(int pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  if (!std::getline(in, stat)) return true;
+  const size_t paren = stat.rfind(')');
+  return paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'Z';
+}
+
+}  // namespace
+
+TEST_CASE("ranks stop when their launcher is killed with SIGKILL, leaving a resumable checkpoint") {
+  if (!dist::has_backend("gloo")) {
+    SUCCEED("this build has no Gloo headers");
+    return;
+  }
+  test::TempDir dir;
+  const std::string out = dir.file("orphaned");
+  const int launcher = test::spawn(train_cmd(out, 100000, "--nproc 2"));
+  REQUIRE(test::wait_for(launcher, [&] {
+    auto m = read_metrics(out + "/metrics.jsonl");
+    return !m.empty() && m.back().value("step", 0) >= 3;
+  }));
+  const std::vector<int> ranks = children_of(launcher);
+  REQUIRE(ranks.size() == 2);
+  REQUIRE(::kill(launcher, SIGKILL) == 0);
+  int status = 0;
+  ::waitpid(launcher, &status, 0);
+  // However long it takes: each rank gets SIGTERM, checkpoints at its next step and ends.
+  for (int r : ranks)
+    while (!exited(r)) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto m = read_metrics(out + "/metrics.jsonl");
+  REQUIRE(fs::exists(out + "/checkpoint.safetensors"));
+  CHECK(m.back().value("step", 0) < 100000);
 }
 
 TEST_CASE("two Gloo ranks learn what one process learns and resume together") {
