@@ -15,6 +15,17 @@ namespace fs = std::filesystem;
 
 std::string data_dir() { return core::data_dir(); }
 
+int64_t last_step(const std::string& metrics_path) {
+  std::ifstream in(metrics_path);
+  std::string line;
+  int64_t step = -1;
+  while (std::getline(in, line)) {
+    const size_t at = line.find("\"step\":");
+    if (at != std::string::npos) step = std::strtoll(line.c_str() + at + 7, nullptr, 10);
+  }
+  return step;
+}
+
 int spawn(const std::string& cmd) {
   const pid_t pid = ::fork();
   if (pid == 0) {

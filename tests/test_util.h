@@ -1,5 +1,6 @@
 #pragma once
 // Helpers shared by the tests: where the data and fixtures are, temp dirs.
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
@@ -44,6 +45,9 @@ struct RunResult {
 };
 // Runs a shell command, capturing stdout and stderr.
 RunResult run_command(const std::string& cmd);
+
+// The last "step" of a metrics.jsonl (-1 when none yet).
+int64_t last_step(const std::string& metrics_path);
 
 // Starts `cmd` under /bin/sh in a child process (its output discarded).
 int spawn(const std::string& cmd);

@@ -42,16 +42,6 @@ std::string train_cmd(const std::string& out, int steps, const std::string& extr
          std::to_string(steps) + " " + extra + " --out " + out + " -q";
 }
 
-int64_t last_step(const std::string& metrics) {
-  std::ifstream in(metrics);
-  std::string line;
-  int64_t step = -1;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_object() && j.contains("step")) step = j["step"].get<int64_t>();
-  }
-  return step;
-}
 
 bool file_has(const std::string& path, const std::string& part) {
   std::error_code ec;
@@ -80,7 +70,7 @@ TEST_CASE("a run folder belongs to one run: a second run on it fails at once nam
   const std::string out = dir.file("run");
   const int pid = patch::test::spawn(train_cmd(out, 100000));
   // The first run holds the folder once it logs its first step.
-  REQUIRE(patch::test::wait_for(pid, [&] { return last_step(out + "/metrics.jsonl") >= 1; }));
+  REQUIRE(patch::test::wait_for(pid, [&] { return patch::test::last_step(out + "/metrics.jsonl") >= 1; }));
   for (const char* flag : {"--overwrite", "--resume"}) {
     auto second = run_command(train_cmd(out, 3, flag));
     INFO(second.err);

@@ -32,16 +32,6 @@ std::string sweep_cmd(const std::string& out, const std::string& extra) {
          " --set eval.max_windows=8 --out " + out + " " + extra;
 }
 
-int64_t last_step(const std::string& metrics) {
-  std::ifstream in(metrics);
-  std::string line;
-  int64_t step = -1;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_object() && j.contains("step")) step = j["step"].get<int64_t>();
-  }
-  return step;
-}
 
 double mtime(const std::string& path) {
   struct stat st {};
@@ -61,7 +51,7 @@ TEST_CASE("an interrupted sweep resumes and skips finished points", "[sweep]") {
   const pid_t pid = test::spawn(sweep_cmd(out, "-q"));
   // Stop it inside the second PATCH point, after its first checkpoint, however long that takes.
   const std::string second = out + "/points/patch-joint-0.4";
-  REQUIRE(test::wait_for(pid, [&] { return last_step(second + "/metrics.jsonl") >= 7; }));
+  REQUIRE(test::wait_for(pid, [&] { return test::last_step(second + "/metrics.jsonl") >= 7; }));
   REQUIRE(::kill(pid, SIGTERM) == 0);
   int status = 0;
   waitpid(pid, &status, 0);
