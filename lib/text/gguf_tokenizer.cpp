@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "io/gguf.h"
 #include "text/hf_pipeline.h"
+#include "text/json_checked.h"
 #include "text/sha256.h"
 #include "text/token_matcher.h"
 #include "text/tokenizer.h"
@@ -39,6 +40,10 @@ enum TokenType : int32_t {
   kUnused = 5,
   kByte = 6
 };
+
+// A token type as stored; a value that is no integer counts as normal, as an
+// unknown type does in llama.cpp.
+int32_t token_type(const json& v) { return json_integer<int32_t>(v).value_or(kNormal); }
 
 // llama.cpp's unicode_len_utf8: by the high nibble of the lead byte.
 size_t spm_char_len(unsigned char lead) {
@@ -273,17 +278,20 @@ SpmTokenizer::SpmTokenizer(const io::GgufFile& gguf) {
   if (const json* s = array("tokenizer.ggml.scores", false)) {
     if (s->size() != n)
       fail(core::str("'tokenizer.ggml.scores' has ", s->size(), " entries, expected ", n));
-    for (size_t i = 0; i < n; ++i) scores_[i] = (*s)[i].get<float>();
+    for (size_t i = 0; i < n; ++i) {
+      if (!(*s)[i].is_number()) fail("metadata 'tokenizer.ggml.scores' must hold numbers");
+      scores_[i] = (*s)[i].get<float>();
+    }
   }
   types_.assign(n, kNormal);
   if (const json* t = array("tokenizer.ggml.token_type", false)) {
     if (t->size() != n)
       fail(core::str("'tokenizer.ggml.token_type' has ", t->size(), " entries, expected ", n));
-    for (size_t i = 0; i < n; ++i) types_[i] = (*t)[i].get<int32_t>();
+    for (size_t i = 0; i < n; ++i) types_[i] = token_type((*t)[i]);
   }
   auto opt_id = [&](const char* key, int32_t fallback) {
     if (!m.contains(key)) return fallback;
-    const int64_t v = m.at(key).get<int64_t>();
+    const int64_t v = json_integer<int64_t>(m.at(key)).value_or(-1);
     if (v < 0 || v >= static_cast<int64_t>(n))
       fail(core::str("'", key, "' = ", v, " is outside the vocabulary"));
     return static_cast<int32_t>(v);
@@ -421,7 +429,7 @@ std::unique_ptr<Tokenizer> load_gguf_bpe(const io::GgufFile& gguf) {
     const json& t = array("tokenizer.ggml.token_type");
     if (t.size() != n)
       fail(core::str("'tokenizer.ggml.token_type' has ", t.size(), " entries, expected ", n));
-    for (size_t i = 0; i < n; ++i) types[i] = t[i].get<int32_t>();
+    for (size_t i = 0; i < n; ++i) types[i] = token_type(t[i]);
   }
   const std::string pre = m.contains("tokenizer.ggml.pre") && m.at("tokenizer.ggml.pre").is_string()
                               ? m.at("tokenizer.ggml.pre").get<std::string>()
@@ -458,7 +466,7 @@ std::unique_ptr<Tokenizer> load_gguf_bpe(const io::GgufFile& gguf) {
   json tcfg = json::object();
   auto special = [&](const char* key, const char* name) {
     if (!m.contains(key)) return;
-    const int64_t id = m.at(key).get<int64_t>();
+    const int64_t id = json_integer<int64_t>(m.at(key)).value_or(-1);
     if (id < 0 || id >= static_cast<int64_t>(n))
       fail(core::str("'", key, "' = ", id, " is outside the vocabulary"));
     tcfg[name] = tokens[static_cast<size_t>(id)];

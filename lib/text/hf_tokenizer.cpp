@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "text/bpe.h"
 #include "text/hf_pipeline.h"
+#include "text/json_checked.h"
 #include "text/regex.h"
 #include "text/sha256.h"
 #include "text/token_matcher.h"
@@ -222,6 +223,13 @@ class Loader {
     const json& v = member(j, key, where);
     if (!v.is_string()) fail(where, core::str("'", key, "' must be a string"));
     return v.get<std::string>();
+  }
+  // A token id or index: a JSON integer in [0, T's maximum].
+  template <typename T>
+  T index(const json& v, const std::string& where, const char* what) const {
+    const auto x = json_integer<T>(v);
+    if (!x || *x < 0) fail(where, core::str("'", what, "' must be a non-negative integer, got ", v.dump()));
+    return *x;
   }
   std::string opt_string(const json& j, const char* key, const std::string& fallback) const {
     return j.is_object() && j.contains(key) && j.at(key).is_string() ? j.at(key).get<std::string>()
@@ -463,8 +471,8 @@ class Loader {
     }
     if (type == "Strip") {
       const char32_t content = single_char(j, "content", w, " ");
-      const size_t start = member(j, "start", w).get<size_t>(),
-                   stop = member(j, "stop", w).get<size_t>();
+      const size_t start = index<size_t>(member(j, "start", w), w, "start"),
+                   stop = index<size_t>(member(j, "stop", w), w, "stop");
       return [content, start, stop](std::vector<std::string>& toks) {
         for (std::string& t : toks) {
           const std::u32string u = uc::decode_utf8(t);
@@ -525,7 +533,7 @@ class Loader {
         if (!specials.contains(name))
           fail(w, core::str("special token '", name, "' missing from special_tokens"));
         for (const json& id : member(specials.at(name), "ids", w))
-          (seen_a ? post : pre).push_back(id.get<int32_t>());
+          (seen_a ? post : pre).push_back(index<int32_t>(id, w, "ids"));
       }
       prefix.insert(prefix.begin(), pre.begin(), pre.end());
       suffix.insert(suffix.end(), post.begin(), post.end());
@@ -536,8 +544,8 @@ class Loader {
       const json& sep = member(j, "sep", w);
       if (!cls.is_array() || cls.size() != 2 || !sep.is_array() || sep.size() != 2)
         fail(w, "'cls' and 'sep' must be [token, id]");
-      prefix.insert(prefix.begin(), cls[1].get<int32_t>());
-      suffix.push_back(sep[1].get<int32_t>());
+      prefix.insert(prefix.begin(), index<int32_t>(cls[1], w, "cls"));
+      suffix.push_back(index<int32_t>(sep[1], w, "sep"));
       return;
     }
     fail(where, core::str("post_processor '", type,
@@ -745,7 +753,7 @@ void HfTokenizer::build(const json& j, const std::string& path, const json& tcfg
   // Model vocabulary and merges ("a b" strings, or [a, b] pairs since tokenizers 0.20).
   std::unordered_map<std::string, int32_t> vocab;
   for (const auto& [tok, id] : L.member(model, "vocab", "model").items())
-    vocab[tok] = id.get<int32_t>();
+    vocab[tok] = L.index<int32_t>(id, "model.vocab", tok.c_str());
   std::vector<std::pair<std::string, std::string>> merges;
   for (const json& m : L.member(model, "merges", "model")) {
     if (m.is_string()) {
@@ -784,7 +792,7 @@ void HfTokenizer::build(const json& j, const std::string& path, const json& tcfg
     for (const json& a : j.at("added_tokens")) {
       AddedToken t;
       t.content = L.get_string(a, "content", "added_tokens");
-      t.id = L.member(a, "id", "added_tokens").get<int32_t>();
+      t.id = L.index<int32_t>(L.member(a, "id", "added_tokens"), "added_tokens", "id");
       t.special = L.opt_bool(a, "special", false);
       t.lstrip = L.opt_bool(a, "lstrip", false);
       t.rstrip = L.opt_bool(a, "rstrip", false);
@@ -820,9 +828,8 @@ void HfTokenizer::build(const json& j, const std::string& path, const json& tcfg
     auto cfg_id = [&](const char* key) -> int32_t {
       if (!mcfg.is_object() || !mcfg.contains(key)) return -1;
       const json& v = mcfg.at(key);
-      if (v.is_number_integer()) return v.get<int32_t>();
-      if (v.is_array() && !v.empty() && v[0].is_number_integer()) return v[0].get<int32_t>();
-      return -1;
+      const json& first = v.is_array() && !v.empty() ? v[0] : v;
+      return json_integer<int32_t>(first).value_or(-1);
     };
     if (bos_ < 0) bos_ = cfg_id("bos_token_id");
     if (eos_ < 0) eos_ = cfg_id("eos_token_id");

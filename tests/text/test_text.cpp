@@ -236,6 +236,53 @@ TEST_CASE("unsupported tokenizer.json components are named in the error") {
   expect_error(j, "model.merges");
 }
 
+// Inputs libFuzzer found (fuzz_tokenizer_json, reduced to their cause): ids and
+// indices that are not integers in range were converted by nlohmann's get<int>,
+// undefined behaviour (UBSan: "outside the range of representable values").
+TEST_CASE("token ids and indices that are not integers in range are a one-line error (fuzz regressions)") {
+  test::TempDir dir;
+  const json base = json::parse(core::read_file(test::data_path("models/tinystories-656k/tokenizer.json")));
+  const std::string path = dir.file("tokenizer.json");
+  auto error_of = [&](const std::string& text) {
+    core::write_file_atomic(path, text);
+    try {
+      text::load_hf_tokenizer(path);
+    } catch (const core::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  // The fuzzer's input: a vocabulary id of 111 digits, which JSON parsers hold as a double.
+  std::string huge = base.dump();
+  const std::string key = "\"safe\":";
+  const size_t at = huge.find(key);
+  REQUIRE(at != std::string::npos);
+  const size_t end = huge.find_first_of(",}", at);
+  huge.replace(at + key.size(), end - at - key.size(), "1381" + std::string(107, '4'));
+  std::string msg = error_of(huge);
+  CHECK(msg.find(path + ": model.vocab:") == 0);
+  CHECK(msg.find('\n') == std::string::npos);
+
+  json j = base;
+  j["model"]["vocab"]["safe"] = 2.5;
+  CHECK(error_of(j.dump()).find("model.vocab") != std::string::npos);
+  j = base;
+  j["model"]["vocab"]["safe"] = -3;
+  CHECK(error_of(j.dump()).find("non-negative integer") != std::string::npos);
+  j = base;
+  j["added_tokens"][0]["id"] = 4294967296.0;
+  CHECK(error_of(j.dump()).find("added_tokens") != std::string::npos);
+  j = base;
+  j["added_tokens"][0]["id"] = 3000000000LL;  // beyond int32
+  CHECK(error_of(j.dump()).find("added_tokens") != std::string::npos);
+  j = base;
+  j["decoder"] = {{"type", "Strip"}, {"content", " "}, {"start", 1e300}, {"stop", 0}};
+  CHECK(error_of(j.dump()).find("'start' must be a non-negative integer") != std::string::npos);
+  j = base;
+  j["post_processor"] = {{"type", "BertProcessing"}, {"cls", {"[CLS]", 1e200}}, {"sep", {"[SEP]", 2}}};
+  CHECK(error_of(j.dump()).find("cls") != std::string::npos);
+}
+
 TEST_CASE("regex engine agrees with Python re on the supported subset") {
   for (const json& c : manifest()["regex"]) {
     const text::Regex re(c["pattern"].get<std::string>());
