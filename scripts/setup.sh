@@ -22,6 +22,7 @@ BUILD_DIR=${PATCH_BUILD_DIR:-build}
 BUILD_TYPE=${PATCH_BUILD_TYPE:-Release}
 JOBS=${PATCH_JOBS:-$(nproc)}
 TORCH_VERSION=2.11.0
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 VENV_FREE_GIB=8
 # Test oracles, pinned to the versions the tests were written against.
 PY_PACKAGES=(transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 numpy==2.4.6 gguf==0.19.0 matplotlib==3.11.2 accelerate==1.16.0)
@@ -79,6 +80,8 @@ if ! have_header gloo/algorithm.h; then
 fi
 
 # ---- 2. Python: LibTorch and the test oracles ----------------------------
+# CUDA is built where nvcc is found, unless PATCH_WITH_CUDA says otherwise.
+WITH_CUDA=${PATCH_WITH_CUDA:-$(command -v nvcc >/dev/null && echo ON || echo OFF)}
 torch_ok() { "$1" -c "import torch,sys; sys.exit(0 if torch.__version__.startswith('${TORCH_VERSION%.*}') else 1)" 2>/dev/null; }
 oracles_ok() { "$1" -c "import transformers, tokenizers, safetensors, numpy, gguf, matplotlib, accelerate" 2>/dev/null; }
 PY=""
@@ -97,10 +100,23 @@ else
     (( free_gib >= VENV_FREE_GIB )) ||
       die "$d has ${free_gib} GiB free; creating .venv needs about $VENV_FREE_GIB GiB (free some space, or point TMPDIR elsewhere for pip's downloads)"
   done
-  say "creating .venv with torch==$TORCH_VERSION and the test oracles (about 5 GB, a few minutes)"
   [[ -x .venv/bin/python ]] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  torch_ok .venv/bin/python || .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
+  if ! torch_ok .venv/bin/python; then
+    # A CPU-only build needs only the CPU wheel (about 200 MB, 1 GB unpacked),
+    # which lives on PyTorch's own index; PyPI's wheel carries the CUDA
+    # libraries (about 5 GB), which a CUDA build links.
+    if [[ $WITH_CUDA == OFF ]] &&
+      say "installing the CPU wheel of torch==$TORCH_VERSION (about 200 MB) from $TORCH_CPU_INDEX" &&
+      .venv/bin/python -m pip install -q --timeout 30 --retries 1 --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION"; then
+      :
+    else
+      [[ $WITH_CUDA == OFF ]] && say "the CPU wheel index is unreachable; falling back to PyPI's wheel"
+      say "installing torch==$TORCH_VERSION from PyPI with its CUDA libraries (about 5 GB, a few minutes)"
+      .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
+    fi
+  fi
+  say "installing the test oracles (transformers, tokenizers, safetensors, numpy, gguf, matplotlib)"
   .venv/bin/python -m pip install -q "${PY_PACKAGES[@]}"
   PY=$ROOT/.venv/bin/python
 fi

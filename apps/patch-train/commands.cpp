@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <functional>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -96,10 +97,11 @@ int run_eval(RunContext& ctx) {
     core::log::info(core::str("packed ", packed.path, ": ", packed.layers.size(), " layers, sparsity ",
                               packed.sparsity()));
   }
+  open_outputs(ctx);
   out.update(eval::evaluate_config(decoder, *tok, cfg));
   std::string text = out.dump(2);
   std::cout << text << std::endl;
-  core::write_file_atomic(ctx.out_dir + "/eval.json", text + "\n");
+  if (!ctx.out_dir.empty()) core::write_file_atomic(ctx.out_dir + "/eval.json", text + "\n");
   return 0;
 }
 
@@ -123,6 +125,7 @@ int run_prune(RunContext& ctx) {
   if (update && ckpt.format != "safetensors")
     throw core::ConfigError(core::str("prune.update_weights: the pruned checkpoint is written in the input's "
                                       "safetensors layout; ", model_path, " is ", ckpt.format));
+  open_outputs(ctx);
 
   at::Tensor calib;
   if (po.method != prune::Method::kMagnitude) calib = prune::calibration_from_config(cfg, *tok);
@@ -177,6 +180,7 @@ int run_export(RunContext& ctx) {
   const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
   auto file = required_masks(cfg, "export");
   io::Checkpoint ckpt = io::load_checkpoint(model_path);
+  open_outputs(ctx);
   // The checkpoint's files appear together, export.json last.
   core::OutputSet outputs(ctx.out_dir);
   deploy::export_checkpoint(ckpt, file, {}, outputs.path(""));
@@ -195,6 +199,7 @@ int run_pack(RunContext& ctx) {
   auto file = required_masks(cfg, "pack");
   io::Checkpoint ckpt = io::load_checkpoint(model_path);
   auto packed = deploy::pack_model(ckpt, file);
+  open_outputs(ctx);
   const std::string out_file = ctx.out_dir + "/packed.safetensors";
   deploy::write_packed(out_file, packed);
   int64_t dense_bytes = 0;
@@ -243,6 +248,7 @@ int run_verify(RunContext& ctx) {
 }
 
 int run_sweep(RunContext& ctx) {
+  open_outputs(ctx);
   train::install_stop_handlers();
   const int rc = sweep::run_sweep(ctx.config, ctx.out_dir);
   if (rc != 0) return rc;
@@ -267,11 +273,12 @@ int run_train(RunContext& ctx) {
   if (is_launcher(ctx)) {
     const int nproc = static_cast<int>(ctx.config.get_int("dist.nproc"));
     train::check_run_setup(ctx.config, nproc);
+    open_outputs(ctx);
     core::log::info(core::str("data-parallel run: ", nproc, " ranks, rank 0 logs to ", ctx.out_dir, "/run.log"));
     return launch_ranks(ctx);
   }
   train::install_stop_handlers();
-  return train::run_training(ctx.config, ctx.out_dir);
+  return train::run_training(ctx.config, ctx.out_dir, [&] { open_outputs(ctx); });
 }
 
 // One-shot 2:4 pruning (mask only) of a random model of `shape` with random
@@ -393,11 +400,42 @@ void inspect_model(const std::string& model_path) {
   std::cout << decoder.linears().size() << " linear layers, " << total << " parameters\n";
 }
 
+// A run's metrics.jsonl in a few lines: its first and last training lines and
+// every validation point.
+void inspect_metrics(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw core::Error(core::str(path, ": cannot read the metrics file"));
+  std::string line;
+  int64_t n = 0;
+  nlohmann::json first, last;
+  std::cout << path << ":\n" << std::left << std::setw(8) << "step" << std::setw(14) << "valid_ppl" << "hard_sparsity\n";
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    ++n;
+    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_object()) throw core::Error(core::str(path, ":", n, ": not a JSON object"));
+    if (j.contains("ce")) (first.is_null() ? first : last) = j;
+    if (j.contains("valid_ppl"))
+      std::cout << std::setw(8) << j.value("step", int64_t{0}) << std::setw(14) << j["valid_ppl"].get<double>()
+                << j.value("hard_sparsity", std::nan("")) << "\n";
+  }
+  if (last.is_null()) last = first;
+  if (!last.is_null())
+    std::cout << "last training line: step " << last.value("step", int64_t{0}) << ", loss " << last.value("ce", 0.0)
+              << ", soft density " << last.value("soft_density", 0.0) << ", " << last.value("tokens_per_s", 0.0)
+              << " tokens/s\n";
+}
+
 int run_inspect(RunContext& ctx) {
   const auto& cfg = ctx.config;
   const std::string masks = cfg.get_string("model.masks");
-  if (!cfg.has("model.path") && masks.empty())
-    throw core::ConfigError("model.path: inspect needs a model (--model PATH) or a mask file (--masks FILE)");
+  const std::string metrics = cfg.get_string("inspect.metrics");
+  if (!cfg.has("model.path") && masks.empty() && metrics.empty())
+    throw core::ConfigError(
+        "model.path: inspect needs a model (--model PATH), a mask file (--masks FILE) or a metrics file (--metrics FILE)");
+  const std::string png = cfg.get_string("inspect.plot");
+  if (!png.empty() && !masks.empty() && !metrics.empty())
+    throw core::ConfigError("inspect.plot: --plot draws one figure; give --masks or --metrics, not both");
   if (cfg.has("model.path")) inspect_model(core::resolve_path(cfg.get_string("model.path")));
   if (!masks.empty()) {
     auto file = maskfile::read_mask_file(core::resolve_path(masks));
@@ -405,10 +443,14 @@ int run_inspect(RunContext& ctx) {
               << (file.meta.method.empty() ? "" : " (" + file.meta.method + ")") << ", tile " << file.meta.tile_rows
               << "x" << file.meta.tile_cols << ", sparsity " << file.sparsity() << "\n"
               << maskfile::density_table(file);
-    if (const std::string png = cfg.get_string("inspect.plot"); !png.empty()) plot("masks", file.path, png);
-  } else if (!cfg.get_string("inspect.plot").empty()) {
-    throw core::ConfigError("inspect.plot: --plot draws a mask file; give one with --masks FILE");
+    if (!png.empty()) plot("masks", file.path, png);
   }
+  if (!metrics.empty()) {
+    inspect_metrics(core::resolve_path(metrics));
+    if (!png.empty()) plot("curves", core::resolve_path(metrics), png);
+  }
+  if (!png.empty() && masks.empty() && metrics.empty())
+    throw core::ConfigError("inspect.plot: --plot draws a mask file (--masks FILE) or training curves (--metrics FILE)");
   return 0;
 }
 
@@ -417,53 +459,60 @@ int run_inspect(RunContext& ctx) {
 const std::vector<Command>& commands() {
   static const std::vector<Command> cmds = {
       {"train", "Learn hybrid dense/2:4 masks (PATCH-Joint, PATCH-Tile or MaskLLM) and write masks.safetensors",
-       "data.train", /*writes_outputs=*/true, run_train,
+       "data.train", Output::kResumable, run_train,
        {{"--nproc", "dist.nproc", "Data-parallel processes (Gloo on CPU, NCCL on GPUs)"}}},
       {"prune",
        "One-shot pruning (magnitude, Wanda, SparseGPT) to 2:4, unstructured or hybrid masks; "
        "writes masks.safetensors and prune.json",
-       "data.train", /*writes_outputs=*/true, run_prune,
+       "data.train", Output::kRunFolder, run_prune,
        {{"--method", "prune.method", "magnitude, wanda or sparsegpt"},
         {"--pattern", "prune.pattern", "2:4, unstructured or hybrid"},
         {"--target", "mask.target_sparsity", "Target sparsity"}}},
       {"export",
        "Write a pruned Hugging Face checkpoint (input layout and dtypes, masked weights zeroed, mask file "
        "referenced from config.json) into --out",
-       "", /*writes_outputs=*/true, run_export},
+       "", Output::kRunFolder, run_export, {}, kModel | kMasks},
       {"pack",
        "Write the packed hybrid format of the masked layers (dense tiles whole, 2:4 tiles as kept values and "
        "2-bit positions) to <out>/packed.safetensors",
-       "", /*writes_outputs=*/true, run_pack},
+       "", Output::kRunFolder, run_pack, {}, kModel | kMasks},
       {"verify",
        "Check a mask file (shapes, 2:4 in every sparse tile, declared sparsity), optionally against a model "
        "and a pruned checkpoint; exit status 0 or 1",
-       "", /*writes_outputs=*/false, run_verify,
-       {{"--pruned", "verify.pruned", "Pruned checkpoint directory to check against the masks"}}},
+       "", Output::kNone, run_verify,
+       {{"--pruned", "verify.pruned", "Pruned checkpoint directory to check against the masks"}}, kModel | kMasks},
       {"sweep",
        "PATCH at several targets beside dense and baselines, each evaluated: sweep.csv, sweep.json, sweep.png "
        "(--resume continues a stopped sweep)",
-       "data.train", /*writes_outputs=*/true, run_sweep,
+       "data.train", Output::kResumable, run_sweep,
        {{"--targets", "sweep.targets", "Target sparsities, comma separated"},
         {"--baselines", "sweep.baselines", "Baselines, comma separated: wanda, sparsegpt, magnitude, maskllm"}}},
       {"eval", "Perplexity of the model on text files (JSON to stdout and <out>/eval.json)",
-       "eval.data", /*writes_outputs=*/true, run_eval,
-       {{"--packed", "model.packed", "Packed hybrid file (patch-train pack): run its layers through the kernels"}}},
+       "eval.data", Output::kOnRequest, run_eval,
+       {{"--packed", "model.packed", "Packed hybrid file (patch-train pack): run its layers through the kernels"}},
+       kModel | kMasks},
       {"bench", "Time forward+backward and mask-learning steps on a random model of a real shape (JSON lines)",
-       "", /*writes_outputs=*/false, run_bench,
+       "", Output::kNone, run_bench,
        {{"--shape", "bench.shape", "qwen2.5-0.5b, llama-3.2-1b, llama-2-7b or llama-3.1-8b"},
         {"--mode", "bench.modes", "dense, joint, tile, maskllm, prune_wanda, prune_sparsegpt (comma separated)"},
-        {"--nproc", "dist.nproc", "Data-parallel ranks of the mask step (one GPU each)"}}},
+        {"--nproc", "dist.nproc", "Data-parallel ranks of the mask step (one GPU each)"}},
+       kNoInputs},
       {"bench-deploy",
        "Time the hybrid kernels against cuBLAS per layer shape and end to end on random models (JSON lines)",
-       "", /*writes_outputs=*/false, run_bench_deploy,
+       "", Output::kNone, run_bench_deploy,
        {{"--shapes", "deploy.shapes", "Model shapes or OUTxIN linears, comma separated"},
         {"--sparsities", "deploy.sparsities", "Sparsities, comma separated"},
         {"--tokens", "deploy.tokens", "Tokens per matmul, comma separated"},
-        {"--layers", "deploy.layers", "Only these linears (q_proj ... down_proj), comma separated"}}},
+        {"--layers", "deploy.layers", "Only these linears (q_proj ... down_proj), comma separated"}},
+       kNoInputs},
       {"inspect",
-       "List the model's linear layers (--model) and/or a mask file's density per layer and block (--masks)",
-       "", /*writes_outputs=*/false, run_inspect,
-       {{"--plot", "inspect.plot", "With --masks: write a PNG of the tile maps and density per block"}}},
+       "List the model's linear layers (--model), a mask file's density per layer and block (--masks), or a "
+       "run's training curves (--metrics)",
+       "", Output::kNone, run_inspect,
+       {{"--plot", "inspect.plot",
+         "With --masks: a PNG of the tile maps and density per block; with --metrics: the training curves"},
+        {"--metrics", "inspect.metrics", "A run's metrics.jsonl: validation points and the last training line"}},
+       kModel | kMasks},
   };
   return cmds;
 }

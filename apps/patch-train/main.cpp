@@ -31,23 +31,45 @@ struct Options {
 };
 
 void add_common_options(CLI::App* sub, Options& o, const patch::app::Command& cmd) {
+  using patch::app::Output;
   sub->add_option("-c,--config", o.config_file, "Configuration file (.yaml, .yml or .json)");
   sub->add_option("--set", o.sets, "Override a key: --set train.lr=5e-4 (repeatable)")
       ->type_name("KEY=VALUE");
   sub->add_flag("--dump-config", o.dump_config, "Print the resolved configuration as YAML and exit");
-  sub->add_option("--model", o.model, "Checkpoint (model.path)")->type_name("PATH");
+  if (cmd.inputs & patch::app::kModel)
+    sub->add_option("--model", o.model,
+                    "Checkpoint: a folder, a .gguf file or a cached hub name org/name[@rev] (model.path)")
+        ->type_name("PATH");
   if (!cmd.data_key.empty())
     sub->add_option("--data", o.data, "Data file(s) (" + cmd.data_key + ")")->type_name("FILE");
-  sub->add_option("--masks", o.masks, "Mask file (model.masks)")->type_name("FILE");
-  if (cmd.writes_outputs) {
+  if (cmd.inputs & patch::app::kMasks)
+    sub->add_option("--masks", o.masks, "Mask file (model.masks)")->type_name("FILE");
+  if (cmd.output == Output::kOnRequest)
+    sub->add_option("--out", o.out, "Also write the result into this folder (nothing is written without it)")
+        ->type_name("DIR");
+  if (cmd.output == Output::kRunFolder || cmd.output == Output::kResumable)
     sub->add_option("--out", o.out, "Output directory (output.dir)")->type_name("DIR");
-    sub->add_flag("--overwrite", o.overwrite, "Allow a non-empty output directory");
+  if (cmd.output != Output::kNone)
+    sub->add_flag("--overwrite", o.overwrite, "Allow a non-empty output directory (one a run of this tool made)");
+  if (cmd.output == Output::kResumable)
     sub->add_flag("--resume", o.resume, "Continue from the last checkpoint in the output directory");
-  }
   for (const auto& sc : cmd.shortcuts)
     sub->add_option(sc.flag, o.shortcut_values[sc.key], sc.help + " (" + sc.key + ")");
   sub->add_flag("-v,--verbose", o.verbose, "More log output (debug)");
   sub->add_flag("-q,--quiet", o.quiet, "Only warnings and errors on the console");
+}
+
+// "patch-train frobnicate": CLI11 alone would say that a subcommand is required.
+bool unknown_command(int argc, char** argv) {
+  if (argc < 2 || argv[1][0] == '-') return false;
+  std::string names;
+  for (const auto& cmd : patch::app::commands()) {
+    if (cmd.name == argv[1]) return false;
+    names += (names.empty() ? "" : ", ") + cmd.name;
+  }
+  std::cerr << "patch-train: unknown command '" << argv[1] << "'; the commands are " << names
+            << " (patch-train --help)\n";
+  return true;
 }
 
 patch::config::Overrides overrides_of(const Options& o, const patch::app::Command& cmd) {
@@ -94,6 +116,7 @@ int run(int argc, char** argv) {
   app.require_subcommand(1);
   app.failure_message(CLI::FailureMessage::help);
 
+  if (unknown_command(argc, argv)) return patch::core::kExitUsage;
   Options opts;
   std::map<CLI::App*, const patch::app::Command*> subs;
   for (const auto& cmd : patch::app::commands()) {
@@ -116,14 +139,20 @@ int run(int argc, char** argv) {
 
   std::optional<std::string> file;
   if (!opts.config_file.empty()) file = opts.config_file;
-  patch::config::Config cfg = patch::config::resolve(file, overrides_of(opts, cmd), cmd.name);
+  // --dump-config shows the defaults too, so keys a run requires may be unset.
+  patch::config::Config cfg =
+      patch::config::resolve(file, overrides_of(opts, cmd), opts.dump_config ? "" : cmd.name);
   if (opts.dump_config) {
     std::cout << patch::config::dump_yaml(cfg);
     return 0;
   }
   // SIGINT/SIGTERM stop every command at its next check with exit status 130.
   patch::core::install_stop_handlers();
-  patch::app::RunContext ctx = patch::app::start_run(cmd.name, std::move(cfg), cmd.writes_outputs);
+  // A command that reads writes files only when --out asks for them.
+  using patch::app::Output;
+  const bool run_folder = cmd.output == Output::kRunFolder || cmd.output == Output::kResumable ||
+                          (cmd.output == Output::kOnRequest && !opts.out.empty());
+  patch::app::RunContext ctx = patch::app::start_run(cmd.name, std::move(cfg), run_folder);
   ctx.argv.assign(argv, argv + argc);
   int rc = cmd.run(ctx);
   patch::core::log::flush();

@@ -40,7 +40,8 @@ std::vector<KeyDef> build() {
   std::vector<KeyDef> s = {
       // model
       required(key("model.path", T::kString, nullptr,
-                   "Checkpoint: a Hugging Face directory (config.json + safetensors) or a .gguf file"),
+                   "Checkpoint: a Hugging Face directory (config.json + safetensors), a .gguf file, or a hub name "
+                   "org/name[@revision] found in the local Hugging Face cache"),
                kModelCommands),
       choices(key("model.dtype", T::kString, "auto",
                   "Weight/compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"),
@@ -70,7 +71,7 @@ std::vector<KeyDef> build() {
       key("data.beyond_context", T::kBool, false,
           "Allow data.seq_len and prune.calib_seq_len beyond the model's context (max_position_embeddings), "
           "with a warning; otherwise that is an error"),
-      key("data.cache_dir", T::kString, "", "Token cache directory (empty: <output.dir>/../.cache/tokens)"),
+      key("data.cache_dir", T::kString, "", "Token cache directory (empty: <cache>/tokens, <cache> = $PATCH_CACHE_DIR or ~/.cache/patch)"),
       // eval
       key("eval.data", T::kStringList, Json::array(), "Files to compute perplexity on"),
       range(key("eval.max_windows", T::kInt, 0, "Evaluate at most this many windows per file (0: all)"), 0,
@@ -100,7 +101,7 @@ std::vector<KeyDef> build() {
               {"none", "magnitude", "wanda", "sparsegpt", "file"}),
       key("mask.prior_file", T::kString, "", "Mask file used as prior when mask.prior is 'file'"),
       key("mask.prior_cache", T::kString, "",
-          "Directory caching wanda/sparsegpt priors across runs (a sweep sets it); empty: no cache"),
+          "Directory caching wanda/sparsegpt priors across runs (empty: <cache>/priors, <cache> = $PATCH_CACHE_DIR or ~/.cache/patch)"),
       range(key("mask.prior_strength_24", T::kFloat, 3.0, "Prior strength s for the 2:4 logits"), 0.0, inf),
       range(key("mask.prior_strength_tile", T::kFloat, 3.0, "Prior strength s for the tile logits"), 0.0,
             inf),
@@ -185,7 +186,10 @@ std::vector<KeyDef> build() {
           "SparseGPT: also write its OBS-updated weights as a pruned checkpoint (<out>/model)"),
       // inspect
       key("inspect.plot", T::kString, "",
-          "inspect --masks: write a PNG of every layer's tile map and the density per block"),
+          "inspect --masks: write a PNG of every layer's tile map and the density per block; inspect --metrics: "
+          "a PNG of the training curves"),
+      key("inspect.metrics", T::kString, "",
+          "inspect: a run's metrics.jsonl, summarized (and plotted with inspect.plot)"),
       // verify
       key("verify.pruned", T::kString, "", "verify: a pruned checkpoint directory to check against the masks"),
       // sweep

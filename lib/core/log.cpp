@@ -1,10 +1,12 @@
 #include "core/log.h"
 
 #include <spdlog/sinks/basic_file_sink.h>
+#include <spdlog/sinks/ringbuffer_sink.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <fstream>
 #include <memory>
 #include <mutex>
 
@@ -27,7 +29,13 @@ struct State {
   std::shared_ptr<spdlog::logger> logger;
   std::shared_ptr<spdlog::sinks::sink> console;
   std::shared_ptr<spdlog::sinks::sink> file;
+  // The lines logged before the run folder exists (a command validates its
+  // inputs before it creates anything), written to the head of run.log.
+  std::shared_ptr<spdlog::sinks::ringbuffer_sink_mt> early;
 };
+
+constexpr const char* kFilePattern = "%Y-%m-%d %H:%M:%S.%e [%l] %v";
+constexpr size_t kEarlyLines = 2000;
 
 State& state() {
   static State s;
@@ -42,7 +50,10 @@ std::shared_ptr<spdlog::logger> logger() {
     s.console = std::make_shared<spdlog::sinks::stderr_color_sink_mt>();
     s.console->set_level(spdlog::level::info);
     s.console->set_pattern("%^[%L]%$ %v");
-    s.logger = std::make_shared<spdlog::logger>("patch", s.console);
+    s.early = std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(kEarlyLines);
+    s.early->set_level(spdlog::level::debug);
+    s.early->set_pattern(kFilePattern);
+    s.logger = std::make_shared<spdlog::logger>("patch", spdlog::sinks_init_list{s.console, s.early});
     s.logger->set_level(spdlog::level::debug);
   }
   return s.logger;
@@ -62,9 +73,15 @@ void set_file(const std::string& file) {
   std::lock_guard<std::mutex> lock(s.mu);
   auto& sinks = lg->sinks();
   if (s.file) sinks.erase(std::remove(sinks.begin(), sinks.end(), s.file), sinks.end());
+  if (s.early) {
+    std::ofstream head(file, std::ios::app);
+    for (const auto& line : s.early->last_formatted()) head << line;
+    sinks.erase(std::remove(sinks.begin(), sinks.end(), s.early), sinks.end());
+    s.early.reset();
+  }
   s.file = std::make_shared<spdlog::sinks::basic_file_sink_mt>(file, /*truncate=*/false);
   s.file->set_level(spdlog::level::debug);
-  s.file->set_pattern("%Y-%m-%d %H:%M:%S.%e [%l] %v");
+  s.file->set_pattern(kFilePattern);
   sinks.push_back(s.file);
   // Every line reaches the file at once: a killed run keeps its log.
   lg->flush_on(spdlog::level::debug);

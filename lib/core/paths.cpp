@@ -4,7 +4,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <algorithm>
 #include <filesystem>
+#include <vector>
 
 #include "core/error.h"
 
@@ -19,6 +21,30 @@ std::string data_dir() {
 std::string assets_dir() {
   if (const char* env = std::getenv("PATCH_ASSETS_DIR"); env && *env) return env;
   return PATCH_DEFAULT_ASSETS_DIR;
+}
+
+std::string cache_dir() {
+  if (const char* env = std::getenv("PATCH_CACHE_DIR"); env && *env) return env;
+  if (const char* env = std::getenv("XDG_CACHE_HOME"); env && *env) return std::string(env) + "/patch";
+  const char* home = std::getenv("HOME");
+  return std::string(home && *home ? home : ".") + "/.cache/patch";
+}
+
+std::string file_fingerprint(const std::string& path) {
+  std::error_code ec;
+  const auto one = [&](const fs::path& p) {
+    const auto size = fs::file_size(p, ec);
+    const auto time = fs::last_write_time(p, ec).time_since_epoch().count();
+    return str(p.filename().string(), ":", ec ? 0 : size, ":", ec ? 0 : time, "\n");
+  };
+  std::string out = fs::absolute(path, ec).lexically_normal().string() + "\n";
+  if (!fs::is_directory(path, ec)) return out + one(path);
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(path, ec))
+    if (e.is_regular_file(ec)) files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  for (const auto& f : files) out += one(f);
+  return out;
 }
 
 std::string resolve_path(const std::string& path) {

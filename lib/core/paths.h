@@ -12,6 +12,16 @@ std::string data_dir();
 // PATCH_ASSETS_DIR (default data/assets in the source tree).
 std::string assets_dir();
 
+// The cache shared by all runs (token files, one-shot priors): $PATCH_CACHE_DIR,
+// else $XDG_CACHE_HOME/patch, else ~/.cache/patch. Entries are written
+// atomically under content keys, so concurrent runs may share it.
+std::string cache_dir();
+
+// A cheap identity of a file or folder for cache keys: the path with each
+// regular file's name, size and modification time (a folder's files sorted).
+// Reads no contents, so it stays cheap for a 15 GB checkpoint.
+std::string file_fingerprint(const std::string& path);
+
 // Paths in configurations may start with "@data/" to name a file of the data
 // directory, or "@assets/" for one of the assets directory, so that the
 // bundled configs work wherever the data lives.

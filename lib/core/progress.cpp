@@ -54,6 +54,16 @@ void Progress::update(long done, long tokens, const std::string& extra) {
   last_print_ = now;
 }
 
+void Progress::message(const std::string& text) {
+  if (live_) {
+    std::fprintf(stderr, "\r\033[K");
+    std::fflush(stderr);
+    live_ = false;
+    last_print_ = std::chrono::steady_clock::time_point{};  // redraw at the next update
+  }
+  log::info(text);
+}
+
 void Progress::finish() {
   if (live_) std::fprintf(stderr, "\n");
   live_ = false;

@@ -14,6 +14,9 @@ class Progress {
   // Reports that `done` of `total` units are finished and `tokens` more tokens
   // were processed since the last call; `extra` is appended (e.g. "loss 2.31").
   void update(long done, long tokens = 0, const std::string& extra = "");
+  // A log line (info) between progress updates: on a terminal the live line
+  // is cleared first and redrawn by the next update.
+  void message(const std::string& text);
   // Ends the live line.
   void finish();
   double elapsed_seconds() const;

@@ -28,21 +28,49 @@ bool is_stale_temporary(const fs::directory_entry& e) {
   return name.rfind(".partial-", 0) == 0 && e.is_directory();
 }
 
+// Takes the flock of `fd` (the lock file of `dir`) or throws naming the holder's pid.
+void lock_or_throw(int fd, const std::string& dir) {
+  if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return;
+  std::string pid;
+  char buf[32] = {};
+  if (::pread(fd, buf, sizeof buf - 1, 0) > 0) pid = buf;
+  ::close(fd);
+  while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+  throw ConfigError(str("output.dir: '", dir, "' is in use by another run (pid ", pid.empty() ? "?" : pid,
+                        "); wait for it or choose another folder"));
+}
+
+// The entries of `dir` a run's outputs would replace (all but the lock file).
+std::vector<fs::path> run_entries(const std::string& dir) {
+  std::error_code ec;
+  std::vector<fs::path> entries;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (e.path().filename() != kRunLockName && !is_stale_temporary(e)) entries.push_back(e.path());
+  return entries;
+}
+
+// The rules of a non-empty folder: refused unless overwrite or resume, and
+// overwrite clears only a patch-train run folder.
+void check_reuse(const std::string& dir, bool overwrite, bool resume) {
+  std::error_code ec;
+  if (run_entries(dir).empty() || resume) return;
+  if (!overwrite)
+    throw ConfigError(str("output.dir: '", dir,
+                          "' is not empty; pass --overwrite to replace its outputs or --resume "
+                          "to continue the run in it"));
+  if (!fs::exists(fs::path(dir) / kRunLockName, ec) && !fs::exists(fs::path(dir) / "config.resolved.yaml", ec))
+    throw ConfigError(str("output.dir: '", dir,
+                          "' is not empty and not a patch-train run folder (no config.resolved.yaml); "
+                          "--overwrite clears only run folders: choose an empty or new folder"));
+}
+
 void take_lock(const std::string& dir) {
   if (g_lock_fd >= 0 && g_locked_dir == dir) return;
   const std::string path = (fs::path(dir) / kRunLockName).string();
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0)
     throw ConfigError(str("output.dir: cannot create the lock file '", path, "' (", std::strerror(errno), ")"));
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    std::string pid;
-    char buf[32] = {};
-    if (::pread(fd, buf, sizeof buf - 1, 0) > 0) pid = buf;
-    ::close(fd);
-    while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
-    throw ConfigError(str("output.dir: '", dir, "' is in use by another run (pid ", pid.empty() ? "?" : pid,
-                          "); wait for it or choose another folder"));
-  }
+  lock_or_throw(fd, dir);
   const std::string me = std::to_string(::getpid()) + "\n";
   if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, me.data(), me.size(), 0) != static_cast<ssize_t>(me.size()))
     throw ConfigError(str("output.dir: cannot write '", path, "' (", std::strerror(errno), ")"));
@@ -65,28 +93,32 @@ int remove_stale_temporaries(const std::string& dir) {
   return n;
 }
 
+void check_output_dir(const std::string& dir, bool overwrite, bool resume) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) return;
+  if (!fs::is_directory(dir, ec)) throw ConfigError(str("output.dir: '", dir, "' exists and is not a directory"));
+  if (g_lock_fd < 0 || g_locked_dir != dir) {
+    const std::string path = (fs::path(dir) / kRunLockName).string();
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      lock_or_throw(fd, dir);
+      ::close(fd);  // releases the lock: this was only a look
+    }
+  }
+  check_reuse(dir, overwrite, resume);
+}
+
 void claim_output_dir(const std::string& dir, bool overwrite, bool resume) {
   std::error_code ec;
   if (fs::exists(dir, ec) && !fs::is_directory(dir, ec))
     throw ConfigError(str("output.dir: '", dir, "' exists and is not a directory"));
   fs::create_directories(dir, ec);
   if (ec) throw ConfigError(str("output.dir: cannot create '", dir, "': ", ec.message()));
-  const bool had_lock = fs::exists(fs::path(dir) / kRunLockName, ec);
+  check_reuse(dir, overwrite, resume);
   take_lock(dir);
   remove_stale_temporaries(dir);
-  std::vector<fs::path> entries;
-  for (const auto& e : fs::directory_iterator(dir, ec))
-    if (e.path().filename() != kRunLockName) entries.push_back(e.path());
-  if (entries.empty() || resume) return;
-  if (!overwrite)
-    throw ConfigError(str("output.dir: '", dir,
-                          "' is not empty; pass --overwrite to replace its outputs or --resume "
-                          "to continue the run in it"));
-  if (!had_lock && !fs::exists(fs::path(dir) / "config.resolved.yaml", ec))
-    throw ConfigError(str("output.dir: '", dir,
-                          "' is not empty and not a patch-train run folder (no config.resolved.yaml); "
-                          "--overwrite clears only run folders: choose an empty or new folder"));
-  for (const auto& p : entries) remove_tree(p.string());
+  if (resume) return;
+  for (const auto& p : run_entries(dir)) remove_tree(p.string());
 }
 
 bool path_within(const std::string& path, const std::string& dir) {

@@ -22,6 +22,12 @@ inline constexpr const char* kRunLockName = ".patch-run.lock";
 // naming output.dir.
 void claim_output_dir(const std::string& dir, bool overwrite, bool resume);
 
+// The same rules as claim_output_dir, checked without writing anything (the
+// lock is only tried, then released): a command calls it before its own
+// checks and its work, so that a folder in use or not to be reused is refused
+// at once.
+void check_output_dir(const std::string& dir, bool overwrite, bool resume);
+
 // Removes the temporaries a killed run leaves in `dir` (see above); returns
 // how many entries it removed.
 int remove_stale_temporaries(const std::string& dir);

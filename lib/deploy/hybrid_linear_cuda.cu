@@ -280,8 +280,10 @@ __global__ void __launch_bounds__(kMaxDecodeWarps * 32) decode_kernel(DecodeArgs
     // may start while the one before it still runs: it reads only the layer's
     // own, fixed data until that one has finished, then lets the next start.
     load_group<NT, kFull, /*kWeights=*/true, /*kX=*/false>(ga, a, first, dense, view, w, tc_end);
+#if __CUDA_ARCH__ >= 900  // Hopper's grid dependency control; before it the launch is plain
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;");
+#endif
     load_group<NT, kFull, /*kWeights=*/false, /*kX=*/true>(ga, a, first, dense, view, w, tc_end);
   } else {
     load_group<NT, kFull>(ga, a, first, dense, view, w, tc_end);
@@ -355,6 +357,21 @@ int decode_warps(int64_t slabs, const at::Device& device) {
   return 1;
 }
 
+// Whether `device` runs programmatic dependent launches: Hopper (sm_90) and
+// later, and this build's code for it (PATCH_CUDA_ARCHS may leave it out, and
+// a PTX-only build JITs code without griddepcontrol). Queried once per device.
+bool supports_dependent_launch(const at::Device& device) {
+  static std::array<int, 64> cached{};  // 0 unknown, 1 no, 2 yes
+  const int index = device.index() < 0 ? 0 : device.index();
+  int& c = cached[static_cast<size_t>(index) % cached.size()];
+  if (c == 0) {
+    cudaFuncAttributes attrs{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, decode_kernel<1, true>));
+    c = attrs.ptxVersion >= 90 && attrs.binaryVersion >= 90 ? 2 : 1;
+  }
+  return c == 2;
+}
+
 template <int NT, bool kFull>
 void launch_decode_kernel(const DecodeArgs& a, int64_t slabs, const at::Device& device, int warps,
                           bool overlap, cudaStream_t stream) {
@@ -371,7 +388,9 @@ void launch_decode_kernel(const DecodeArgs& a, int64_t slabs, const at::Device& 
   early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   early.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &early;
-  config.numAttrs = NT == 1 && overlap ? 1 : 0;
+  // Programmatic dependent launch exists from sm_90 on (and the kernel's
+  // griddepcontrol is compiled only for it); older GPUs launch plainly.
+  config.numAttrs = NT == 1 && overlap && supports_dependent_launch(device) ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, decode_kernel<NT, kFull>, a));
 }
 

@@ -78,15 +78,19 @@ nlohmann::ordered_json evaluate_files(model::Decoder& model, const text::Tokeniz
     auto tokens = data::tokenize_eval_text(path, tok);
     core::log::info(core::str("eval ", path, ": ", tokens.size(), " tokens"));
     auto r = perplexity(model, tokens.data(), static_cast<int64_t>(tokens.size()), opts);
+    // The windows named the same way in every output: how many, of how many
+    // tokens, and the tokens actually scored; text_tokens is the whole file.
     out["results"].push_back({{"data", path},
                               {"perplexity", r.perplexity},
                               {"mean_nll", r.mean_nll},
-                              {"predictions", r.predictions},
                               {"windows", r.windows},
-                              {"tokens", r.tokens}});
+                              {"seq_len", opts.seq_len},
+                              {"stride", opts.stride <= 0 ? opts.seq_len : opts.stride},
+                              {"tokens_scored", r.predictions},
+                              {"text_tokens", r.tokens}});
   }
   if (files.size() == 1)
-    for (const auto& k : {"perplexity", "mean_nll", "predictions", "windows", "tokens"})
+    for (const auto& k : {"perplexity", "mean_nll", "windows", "stride", "tokens_scored", "text_tokens"})
       out[k] = out["results"][0][k];
   return out;
 }

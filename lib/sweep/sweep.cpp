@@ -65,7 +65,7 @@ std::vector<Point> baseline_points(const std::string& spec, const std::vector<do
   if (b == "maskllm" || one_shot || b == "sparsegpt-mask") {
     if (at != targets)
       throw core::ConfigError(core::str("sweep.baselines: '", spec, "' is 2:4 (sparsity 0.5); it takes no @target"));
-    if (b == "maskllm") return {{"maskllm", "maskllm", 0.5}};
+    if (b == "maskllm") return {{"maskllm", "maskllm", 0.5, "", "", false}};
     if (b == "sparsegpt-mask") return {{"sparsegpt-mask-2-4", "sparsegpt 2:4 mask", 0.5, "sparsegpt", "2:4", false}};
     // SparseGPT as published: with its updated weights.
     return {{b + "-2-4", b + " 2:4", 0.5, b, "2:4", b == "sparsegpt"}};
@@ -79,7 +79,7 @@ std::vector<Point> baseline_points(const std::string& spec, const std::vector<do
       const bool update = b == "sparsegpt-hybrid-update";
       points.push_back({b + "-" + label, method + " hybrid" + (update ? " update" : ""), t, method, "hybrid", update});
     } else if (b == "joint" || b == "tile") {
-      points.push_back({"patch-" + b + "-" + label, "patch-" + b, t});
+      points.push_back({"patch-" + b + "-" + label, "patch-" + b, t, "", "", false});
     } else {
       throw core::ConfigError(core::str("sweep.baselines: unknown baseline '", spec, "' (", kBaselineHelp, ")"));
     }
@@ -88,11 +88,11 @@ std::vector<Point> baseline_points(const std::string& spec, const std::vector<do
 }
 
 std::vector<Point> plan(const config::Config& cfg) {
-  std::vector<Point> points = {{"dense", "dense", 0.0}};
+  std::vector<Point> points = {{"dense", "dense", 0.0, "", "", false}};
   const std::string mode = cfg.get_string("mask.mode");
   const std::vector<double> targets = cfg.get_float_list("sweep.targets");
   for (double t : targets)
-    points.push_back({"patch-" + mode + "-" + target_label(t), "patch-" + mode, t});
+    points.push_back({"patch-" + mode + "-" + target_label(t), "patch-" + mode, t, "", "", false});
   for (const auto& b : cfg.get_string_list("sweep.baselines"))
     for (Point& p : baseline_points(b, targets)) {
       for (const Point& q : points)
@@ -207,9 +207,6 @@ int run_sweep(const config::Config& cfg_in, const std::string& out_dir) {
     throw core::ConfigError("eval.data: a sweep evaluates every point; give the evaluation text(s)");
   if (cfg.get_string_list("data.train").empty())
     throw core::ConfigError("data.train: a sweep trains and calibrates on it; give the training text (--data FILE)");
-  // One token cache and one prior cache for every point.
-  if (cfg.get_string("data.cache_dir").empty()) cfg.set("data.cache_dir", out_dir + "/cache/tokens");
-  if (cfg.get_string("mask.prior_cache").empty()) cfg.set("mask.prior_cache", out_dir + "/cache/priors");
 
   const auto points = plan(cfg);
   if (cfg.get_bool("output.overwrite") && !cfg.get_bool("output.resume")) core::remove_tree(out_dir + "/points");

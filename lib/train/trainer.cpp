@@ -48,6 +48,8 @@ using nlohmann::json;
 using core::str;
 
 constexpr const char* kCheckpointName = "checkpoint.safetensors";
+// The one-shot prior of the run, kept so that --resume need not recompute it.
+constexpr const char* kPriorName = "prior.safetensors";
 constexpr const char* kCheckpointFormat = "patch-train-checkpoint";
 
 struct Run {
@@ -90,7 +92,7 @@ void load_model_and_data(Run& r) {
 
   auto tok = text::load_tokenizer_for(r.model_path);
   data::DataOptions dopts = data::data_options(cfg);
-  if (dopts.cache_dir.empty()) dopts.cache_dir = (fs::path(r.out_dir) / ".." / ".cache" / "tokens").string();
+  if (dopts.cache_dir.empty()) dopts.cache_dir = core::cache_dir() + "/tokens";
 
   // Several files, or a token cap, make one in-memory stream; a single file
   // stays memory-mapped.
@@ -153,23 +155,9 @@ void build_masks(Run& r) {
   mo.mask.device = r.device;
   mo.mask.fused = cfg.get_string("mask.kernel") == "fused";
   mo.mask.compact = cfg.get_string("train.state") == "compact";
-  if (mo.mask.compact) {
-    // The 2:4 logits are updated inside the backward, once per backward pass.
-    if (!mo.mask.fused)
-      throw core::ConfigError("train.state: compact state needs mask.kernel=fused");
-    if (cfg.get_int("train.global_batch") != cfg.get_int("train.micro_batch"))
-      throw core::ConfigError(str("train.state: compact state updates inside the backward, so it needs one "
-                                  "micro-batch per step (train.global_batch = train.micro_batch), got ",
-                                  cfg.get_int("train.global_batch"), " and ", cfg.get_int("train.micro_batch")));
-    if (cfg.get_float("train.lambda_weight") > 0)
-      throw core::ConfigError("train.state: compact state does not support train.lambda_weight > 0");
-  }
   auto tile = cfg.get_int_list("mask.tile");
   mo.tile_rows = tile[0];
   mo.tile_cols = tile[1];
-  std::vector<std::pair<int64_t, int64_t>> shapes;
-  for (auto* lin : r.model->linears()) shapes.emplace_back(lin->weight().size(0), lin->weight().size(1));
-  sparsity::check_tile_fits(mo.tile_rows, mo.tile_cols, shapes);
   mo.include = cfg.get_string_list("mask.include");
   mo.exclude = cfg.get_string_list("mask.exclude");
 
@@ -189,31 +177,41 @@ void build_masks(Run& r) {
   if (prior == "wanda" || prior == "sparsegpt") {
     auto po = prune::prune_options(cfg);
     po.method = prune::parse_method(prior);
-    // A sweep's runs share one cache: the key is everything the priors depend on.
-    std::string cached;
-    if (const std::string dir = cfg.get_string("mask.prior_cache"); !dir.empty()) {
-      json key = {prior,
-                  r.model_path,
-                  cfg.at("data.train"),
-                  cfg.at("mask.target_sparsity"),
-                  cfg.at("mask.tile"),
-                  cfg.at("mask.include"),
-                  cfg.at("mask.exclude"),
-                  cfg.at("model.dtype"),
-                  cfg.tree()["prune"]};
-      fs::create_directories(dir);
-      cached = (fs::path(dir) / (prior + "-" + text::sha256_hex(key.dump()).substr(0, 16) + ".safetensors")).string();
-    }
-    if (!cached.empty() && fs::exists(cached)) {
-      priors = prune::load_priors(cached);
-      core::log::info(str("prior: ", prior, " from ", cached));
+    // The cache is shared by every run: the key is everything the priors depend on.
+    json key = {prior,
+                core::file_fingerprint(r.model_path),
+                cfg.tree()["data"],
+                cfg.at("mask.target_sparsity"),
+                cfg.at("mask.tile"),
+                cfg.at("mask.include"),
+                cfg.at("mask.exclude"),
+                cfg.at("model.dtype"),
+                cfg.tree()["prune"]};
+    for (const auto& f : cfg.get_string_list("data.train")) key.push_back(core::file_fingerprint(core::resolve_path(f)));
+    std::string dir = cfg.get_string("mask.prior_cache");
+    if (dir.empty()) dir = core::cache_dir() + "/priors";
+    const std::string cached =
+        (fs::path(dir) / (prior + "-" + text::sha256_hex(key.dump()).substr(0, 16) + ".safetensors")).string();
+    // A resumed run takes the prior its run folder kept (the same by the resume check).
+    const std::string kept = (fs::path(r.out_dir) / kPriorName).string();
+    const bool resumed = cfg.get_bool("output.resume") && fs::exists(kept);
+    if (resumed || fs::exists(cached)) {
+      priors = prune::load_priors(resumed ? kept : cached);
+      core::log::info(str("prior: ", prior, " from ", resumed ? kept : cached));
     } else {
       auto calib = prune::calibration_ids(r.train_data->tokens(), prune::calibration_options(cfg));
       core::log::info(str("prior: ", prior, " on ", calib.size(0), " calibration sequences of ", calib.size(1),
                           " tokens"));
       priors = prune::oneshot_priors(*r.model, calib, po);
-      if (!cached.empty()) prune::save_priors(cached, priors);
+      std::error_code ec;
+      fs::create_directories(dir, ec);
+      try {
+        prune::save_priors(cached, priors);
+      } catch (const core::Error& e) {  // a cache is a convenience, never a reason to stop
+        core::log::warn(str("prior cache not written: ", e.what()));
+      }
     }
+    if (r.env.rank == 0 && !resumed) prune::save_priors(kept, priors);
   }
 
   r.masks = std::make_unique<sparsity::MaskSet>(mo, r.state);
@@ -290,10 +288,9 @@ std::vector<int64_t> sample_blocks(const Run& r, int64_t begin, int64_t end) {
   return out;
 }
 
-// Validation loss with the hardened masks installed, then the learnable ones back.
-double evaluate_hard(Run& r, const sparsity::Hardened& hard) {
+// Mean loss over the validation windows with the model's providers as they are.
+double validation_loss(Run& r) {
   c10::NoGradGuard no_grad;
-  maskfile::apply_masks(*r.model, hard.layers);
   const data::BlockDataset& ds = r.valid_data ? *r.valid_data : *r.train_data;
   double sum = 0.0;
   int64_t n = 0;
@@ -304,8 +301,46 @@ double evaluate_hard(Run& r, const sparsity::Hardened& hard) {
     sum += r.model->loss(ids).item<double>() * static_cast<double>(idx.size());
     n += static_cast<int64_t>(idx.size());
   }
-  for (const auto& m : r.masks->masks()) r.model->linear(m->name())->set_provider(m);
   return n ? sum / static_cast<double>(n) : std::nan("");
+}
+
+// Validation loss with the hardened masks installed, then the learnable ones back.
+double evaluate_hard(Run& r, const sparsity::Hardened& hard) {
+  maskfile::apply_masks(*r.model, hard.layers);
+  const double loss = validation_loss(r);
+  for (const auto& m : r.masks->masks()) r.model->linear(m->name())->set_provider(m);
+  return loss;
+}
+
+// Validation loss of the unmasked model on the same windows.
+double evaluate_dense(Run& r) {
+  for (const auto& m : r.masks->masks()) r.model->linear(m->name())->set_provider(nullptr);
+  const double loss = validation_loss(r);
+  for (const auto& m : r.masks->masks()) r.model->linear(m->name())->set_provider(m);
+  return loss;
+}
+
+// The windows every validation number of the run is measured on.
+json validation_windows(const Run& r) {
+  const auto n = static_cast<int64_t>(r.valid_blocks.size());
+  return {{"source", r.valid_data ? "data.valid" : "data.train (held-out blocks)"},
+          {"windows", n},
+          {"seq_len", r.seq_len},
+          {"tokens_scored", n * r.seq_len}};
+}
+
+// The step-0 validation loss (hardened initial masks: the prior alone) from
+// metrics.jsonl, which a resumed run keeps.
+double initial_loss(const std::string& metrics_path, size_t windows) {
+  std::ifstream in(metrics_path);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.value("step", int64_t{-1}) == 0 && j.contains("valid_loss") &&
+        j["valid_loss"].is_number() && j.value("windows", size_t{0}) == windows)
+      return j["valid_loss"].get<double>();
+  }
+  return std::nan("");
 }
 
 std::string checkpoint_path(const Run& r) { return (fs::path(r.out_dir) / kCheckpointName).string(); }
@@ -380,7 +415,21 @@ double hard_density_by_sign(const Run& r) {
   return (static_cast<double>(dense) + 0.5 * (total - static_cast<double>(dense))) / total;
 }
 
-void write_outputs(Run& r, const sparsity::Hardened& hard, double valid_loss) {
+// Perplexity for JSON: null where the loss is unknown.
+json perplexity_json(double loss) { return std::isfinite(loss) ? json(std::exp(loss)) : json(nullptr); }
+
+// The run's result in three numbers on the same windows: the unmasked model,
+// the prior alone (hardened at the target), and the learned masks.
+json validation_summary(Run& r, double learned_loss, double dense_loss, double prior_loss) {
+  json v = validation_windows(r);
+  v["dense_perplexity"] = perplexity_json(dense_loss);
+  v["prior"] = r.cfg.get_string("mask.prior");
+  v["prior_perplexity"] = perplexity_json(prior_loss);
+  v["perplexity"] = perplexity_json(learned_loss);
+  return v;
+}
+
+void write_outputs(Run& r, const sparsity::Hardened& hard, const json& validation) {
   maskfile::MaskFileMeta meta;
   meta.model_source = r.model_path;
   meta.model_config_hash = io::config_hash(r.model->config());
@@ -394,6 +443,8 @@ void write_outputs(Run& r, const sparsity::Hardened& hard, double valid_loss) {
   json rep;
   rep["target_sparsity"] = r.target;
   rep["achieved_sparsity"] = hard.achieved_sparsity();
+  rep["validation"] = validation;
+  const double valid_loss = std::log(validation["perplexity"].get<double>());
   rep["valid_loss"] = valid_loss;
   rep["valid_perplexity"] = std::exp(valid_loss);
   auto rows = [](const std::vector<sparsity::DensityRow>& v) {
@@ -408,8 +459,14 @@ void write_outputs(Run& r, const sparsity::Hardened& hard, double valid_loss) {
   rep["blocks"] = rows(report.blocks);
   rep["layers"] = rows(report.layers);
   core::write_file_atomic((fs::path(r.out_dir) / "report.json").string(), rep.dump(2) + "\n");
-  core::log::info(str("masks written to ", masks_path, ": sparsity ", hard.achieved_sparsity(), " (target ",
-                      r.target, "), validation perplexity ", std::exp(valid_loss)));
+  core::log::info(str("masks written to ", masks_path, "; report.json beside it"));
+  // The run's result, last on the console: three perplexities on the same windows.
+  const auto ppl = [](const json& v) { return v.is_number() ? str(std::round(v.get<double>() * 100) / 100) : std::string("?"); };
+  core::log::info(str("validation perplexity on ", validation["windows"].get<int64_t>(), " windows of ",
+                      validation["seq_len"].get<int64_t>(), " tokens (", validation["source"].get<std::string>(),
+                      "): dense ", ppl(validation["dense_perplexity"]), ", prior (", validation["prior"].get<std::string>(),
+                      ") alone ", ppl(validation["prior_perplexity"]), ", learned ", ppl(validation["perplexity"]),
+                      " at sparsity ", hard.achieved_sparsity(), " (target ", r.target, ")"));
 }
 
 }  // namespace
@@ -456,6 +513,17 @@ int stop_signal() { return core::stop_signal(); }
 void install_stop_handlers() { core::install_stop_handlers(); }
 
 void check_run_setup(const config::Config& cfg, int world) {
+  if (cfg.get_string("train.state") == "compact") {
+    // The 2:4 logits are updated inside the backward, once per backward pass.
+    if (cfg.get_string("mask.kernel") != "fused")
+      throw core::ConfigError("train.state: compact state needs mask.kernel=fused");
+    if (cfg.get_int("train.global_batch") != cfg.get_int("train.micro_batch"))
+      throw core::ConfigError(str("train.state: compact state updates inside the backward, so it needs one "
+                                  "micro-batch per step (train.global_batch = train.micro_batch), got ",
+                                  cfg.get_int("train.global_batch"), " and ", cfg.get_int("train.micro_batch")));
+    if (cfg.get_float("train.lambda_weight") > 0)
+      throw core::ConfigError("train.state: compact state does not support train.lambda_weight > 0");
+  }
   if (cfg.get_bool("train.cuda_graph")) {
     // Each condition keeps the step free of host reads and per-step host values.
     const auto need = [](bool ok, const std::string& what) {
@@ -476,7 +544,17 @@ void check_run_setup(const config::Config& cfg, int world) {
                             "before gradients can be summed over ranks; use train.state=full with several ranks");
 }
 
-int run_training(const config::Config& cfg, const std::string& out_dir) {
+namespace {
+// The tile fits every masked layer (checked on the loaded model, before any work).
+void check_tile(const Run& r) {
+  const auto tile = r.cfg.get_int_list("mask.tile");
+  std::vector<std::pair<int64_t, int64_t>> shapes;
+  for (auto* lin : r.model->linears()) shapes.emplace_back(lin->weight().size(0), lin->weight().size(1));
+  sparsity::check_tile_fits(tile[0], tile[1], shapes);
+}
+}  // namespace
+
+int run_training(const config::Config& cfg, const std::string& out_dir, const std::function<void()>& on_validated) {
   Run r(cfg, out_dir);
   r.env = dist::env_from_environment();
   r.steps = cfg.get_int("train.steps");
@@ -487,6 +565,8 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
   if (cfg.get_bool("output.resume")) check_resume_config(cfg, out_dir);
   at::manual_seed(static_cast<uint64_t>(cfg.get_int("train.seed")));
   load_model_and_data(r);
+  check_tile(r);
+  if (on_validated) on_validated();
   build_masks(r);
   // Every rank holds the whole model and the same masks; each takes its share
   // of a step's micro-batches, and the summed logit gradients keep the masks
@@ -556,8 +636,9 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
     auto hard0 = sparsity::harden(*r.masks, r.target, r.budget);
     double vl0 = evaluate_hard(r, hard0);
     write_metrics({{"step", 0}, {"valid_loss", vl0}, {"valid_ppl", std::exp(vl0)},
-                   {"hard_sparsity", hard0.achieved_sparsity()}});
-    core::log::info(str("start: validation loss ", vl0, " with hardened initial masks"));
+                   {"hard_sparsity", hard0.achieved_sparsity()}, {"windows", r.valid_blocks.size()}});
+    core::log::info(str("step 0: validation perplexity ", std::exp(vl0), " with the hardened initial masks (prior ",
+                        cfg.get_string("mask.prior"), ", sparsity ", hard0.achieved_sparsity(), ")"));
   }
 
   std::optional<core::Progress> progress;
@@ -687,6 +768,8 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
       m["valid_loss"] = vl;
       m["valid_ppl"] = std::exp(vl);
       m["hard_sparsity"] = hard.achieved_sparsity();
+      progress->message(str("step ", done, ": validation perplexity ", std::exp(vl), " (hardened, sparsity ",
+                            hard.achieved_sparsity(), ")"));
     }
     if (!m.is_null()) write_metrics(m);
     progress->update(static_cast<long>(done), static_cast<long>(tokens),
@@ -707,7 +790,9 @@ int run_training(const config::Config& cfg, const std::string& out_dir) {
               {"elapsed_s", std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count()}};
   write_metrics(fin);
   save_checkpoint(r, r.steps);
-  write_outputs(r, hard, vl);
+  const double dense = evaluate_dense(r);
+  const double prior = initial_loss(metrics_path, r.valid_blocks.size());
+  write_outputs(r, hard, validation_summary(r, vl, dense, prior));
   return 0;
 }
 

@@ -1,6 +1,7 @@
 #pragma once
 // Mask learning (PATCH-Joint, PATCH-Tile, MaskLLM): the training loop with its
 // schedules, regularizers, evaluation, checkpoints, resume and hardening.
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -12,14 +13,18 @@ namespace patch::train {
 // `out_dir`: metrics.jsonl, checkpoint.safetensors, masks.safetensors,
 // report.json. Returns the process exit status (0 done, 130 stopped by a
 // signal after writing a checkpoint); throws core::Error on failure (a NaN loss
-// among them, keeping the last good checkpoint).
-int run_training(const config::Config& cfg, const std::string& out_dir);
+// among them, keeping the last good checkpoint). `on_validated` runs once the
+// configuration, the model and the data have passed every check, before
+// anything is written into out_dir (the caller claims the folder there).
+int run_training(const config::Config& cfg, const std::string& out_dir,
+                 const std::function<void()>& on_validated = {});
 
 // Throws core::ConfigError unless the run can be split over `world` ranks
 // (a step's micro-batches, global_batch / micro_batch, a multiple of `world`,
 // and full optimizer state: compact state updates inside each backward) and,
 // with train.cuda_graph, unless its steps can be replayed (one process, a
-// CUDA device, fused masks, lambda_weight 0).
+// CUDA device, fused masks, lambda_weight 0); compact state needs the fused
+// kernel, one micro-batch per step and lambda_weight 0.
 void check_run_setup(const config::Config& cfg, int world);
 
 // The configuration keys a resumed run may change (evaluation and logging

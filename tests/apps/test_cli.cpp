@@ -163,7 +163,8 @@ TEST_CASE("eval of TinyStories-656K matches transformers' perplexity within 0.5%
   double ref_ppl = ref["perplexity"].get<double>();
   INFO("patch " << ppl << " transformers " << ref_ppl);
   CHECK(got["windows"].get<int64_t>() == 64);
-  CHECK(got["predictions"].get<int64_t>() == ref["predictions"].get<int64_t>());
+  CHECK(got["tokens_scored"].get<int64_t>() == ref["predictions"].get<int64_t>());
+  CHECK(got["seq_len"].get<int64_t>() == 256);
   CHECK(std::abs(ppl / ref_ppl - 1.0) < 0.005);
   // The run folder holds the resolved configuration, the log and the result.
   CHECK(fs::exists(out + "/config.resolved.yaml"));
@@ -353,4 +354,110 @@ TEST_CASE("every bundled configuration validates, and @assets/ names the fetched
   CHECK(contains(r.out, "@assets/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"));
   CHECK(patch::core::resolve_path("@assets/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf") ==
         patch::test::smollm2_gguf());
+}
+
+TEST_CASE("a new user's command line: unknown commands named, each command's own options, defaults browsable") {
+  auto unknown = run_command(bin() + " frobnicate");
+  CHECK(unknown.exit_code == 2);
+  CHECK(contains(unknown.err, "unknown command 'frobnicate'"));
+  CHECK(contains(unknown.err, "train, prune"));
+  CHECK(lines(unknown.err) == 1);
+  // Options a command does not use are not offered to it.
+  const auto help_of = [](const std::string& cmd) { return run_command(bin() + " " + cmd + " --help").out; };
+  CHECK(contains(help_of("train"), "--resume"));
+  CHECK(contains(help_of("sweep"), "--resume"));
+  for (const char* cmd : {"eval", "prune", "export", "pack", "verify", "inspect", "bench", "bench-deploy"})
+    CHECK_FALSE(contains(help_of(cmd), "--resume"));
+  for (const char* cmd : {"verify", "inspect", "bench", "bench-deploy"}) CHECK_FALSE(contains(help_of(cmd), "--overwrite"));
+  for (const char* cmd : {"bench", "bench-deploy"}) {
+    CHECK_FALSE(contains(help_of(cmd), "--model"));
+    CHECK_FALSE(contains(help_of(cmd), "--masks"));
+  }
+  CHECK_FALSE(contains(help_of("train"), "--masks"));
+  CHECK(contains(help_of("eval"), "--masks"));
+  // The defaults can be browsed without a model.
+  auto dump = run_command(bin() + " train --dump-config");
+  CHECK(dump.exit_code == 0);
+  CHECK(contains(dump.out, "target_sparsity:"));
+}
+
+TEST_CASE("a model by hub name comes from the local Hugging Face cache and a missing one names the download command") {
+  TempDir dir;
+  const std::string hub = dir.file("hub");
+  const std::string snap = hub + "/models--patch-test--tiny/snapshots/0123abcd";
+  fs::create_directories(snap);
+  for (const auto& e : fs::directory_iterator(model_dir())) fs::create_symlink(e.path(), snap + "/" + e.path().filename().string());
+  fs::create_directories(hub + "/models--patch-test--tiny/refs");
+  std::ofstream(hub + "/models--patch-test--tiny/refs/main") << "0123abcd";
+  const std::string env = "HF_HUB_CACHE=" + hub + " ";
+  auto r = run_command(env + bin() + " inspect --model patch-test/tiny");
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(contains(r.out, snap));
+  CHECK(contains(r.out, "linear layers"));
+  // The resolved snapshot is what a run records.
+  auto ev = run_command("cd " + dir.path() + " && " + env + bin() + " eval --model patch-test/tiny@0123abcd --data " +
+                        valid_text() + " --set data.seq_len=64 --set eval.max_windows=2 --out " + dir.file("ev"));
+  INFO(ev.err);
+  REQUIRE(ev.exit_code == 0);
+  CHECK(contains(patch::core::read_file(dir.file("ev/config.resolved.yaml")), snap));
+
+  auto missing = run_command(env + bin() + " inspect --model patch-test/absent");
+  CHECK(missing.exit_code == 2);
+  CHECK(contains(missing.err, "huggingface-cli download patch-test/absent"));
+  CHECK(lines(missing.err) == 1);
+}
+
+TEST_CASE("commands that read write nothing unless --out asks, and a run that fails its checks writes nothing") {
+  TempDir dir;
+  const std::string cd = "cd " + dir.path() + " && ";
+  auto ev = run_command(cd + bin() + " eval --model " + model_dir() + " --data " + valid_text() +
+                        " --set data.seq_len=64 --set eval.max_windows=2");
+  INFO(ev.err);
+  REQUIRE(ev.exit_code == 0);
+  CHECK(contains(ev.out, "\"tokens_scored\""));
+  REQUIRE(run_command(cd + bin() + " inspect --model " + model_dir()).exit_code == 0);
+  run_command(cd + bin() + " verify --masks /no/such.safetensors");
+  CHECK(fs::is_empty(dir.path()));  // no runs/latest, no cache beside it
+
+  // Bad inputs and limits found before anything is created.
+  const std::string out = dir.file("never");
+  const std::string train = cd + bin() + " train --model " + model_dir() + " --out " + out + " --set train.steps=1 ";
+  auto no_data = run_command(train + "--data " + dir.file("absent.txt"));
+  CHECK(no_data.exit_code == 2);
+  CHECK(contains(no_data.err, "data.train: no such file or folder"));
+  auto too_long = run_command(train + "--data " + valid_text() + " --set data.seq_len=100000");
+  CHECK(too_long.exit_code == 2);
+  CHECK(contains(too_long.err, "data.seq_len"));
+  auto big_tile = run_command(train + "--data " + valid_text() +
+                              " --set data.seq_len=64 --set prune.calib_seq_len=64 --set mask.tile=[4096,4096]");
+  CHECK(big_tile.exit_code == 2);
+  CHECK(contains(big_tile.err, "mask.tile"));
+  CHECK_FALSE(fs::exists(out));
+}
+
+TEST_CASE("inspect --metrics summarizes a run's metrics.jsonl and --plot draws its curves") {
+  TempDir dir;
+  const std::string m = dir.file("metrics.jsonl");
+  patch::core::write_file_atomic(
+      m, "{\"step\":0,\"valid_loss\":4.5,\"valid_ppl\":90.0,\"hard_sparsity\":0.35,\"windows\":4}\n"
+         "{\"step\":1,\"lr\":0.1,\"loss\":4.6,\"ce\":4.4,\"soft_density\":0.66,\"hard_density\":0.65,\"tokens_per_s\":1000}\n"
+         "{\"step\":2,\"lr\":0.1,\"loss\":4.2,\"ce\":4.1,\"soft_density\":0.65,\"hard_density\":0.65,\"tokens_per_s\":1200,"
+         "\"valid_loss\":4.0,\"valid_ppl\":54.6,\"hard_sparsity\":0.35}\n");
+  auto r = run_command(bin() + " inspect --metrics " + m);
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  CHECK(contains(r.out, "54.6"));
+  CHECK(contains(r.out, "last training line: step 2, loss 4.1"));
+  auto bad = run_command(bin() + " inspect --metrics " + dir.file("absent.jsonl"));
+  CHECK(bad.exit_code == 2);
+  CHECK(contains(bad.err, "inspect.metrics: no such file"));
+  if (!has_matplotlib()) {
+    WARN("matplotlib missing: --plot not tested");
+    return;
+  }
+  auto pl = run_command(bin() + " inspect --metrics " + m + " --plot " + dir.file("curves.png"));
+  INFO(pl.err);
+  CHECK(pl.exit_code == 0);
+  CHECK(is_png(dir.file("curves.png")));
 }

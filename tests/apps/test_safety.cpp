@@ -245,12 +245,12 @@ TEST_CASE("inputs that make no sense stop before any work, naming the key or fil
     CHECK(contains(empty.err, "data.train: '" + dir.file("empty.txt") + "' holds no tokens"));
     auto folder = run_command(bin() + " train --model " + model_dir() + " --data " + dir.path() +
                               " --set train.steps=1 --set mask.prior=magnitude --out " + out + " --overwrite");
-    CHECK(folder.exit_code == 1);
-    CHECK(contains(folder.err, dir.path() + ": is a directory"));
+    CHECK(folder.exit_code == 2);
+    CHECK(contains(folder.err, "data.train: '" + dir.path() + "' is a folder; expected a file"));
     auto eval_folder = run_command(bin() + " eval --model " + model_dir() + " --data " + dir.path() + " --out " +
                                    dir.file("e"));
-    CHECK(eval_folder.exit_code == 1);
-    CHECK(contains(eval_folder.err, dir.path() + ": is a directory"));
+    CHECK(eval_folder.exit_code == 2);
+    CHECK(contains(eval_folder.err, "eval.data: '" + dir.path() + "' is a folder; expected a file"));
   }
   SECTION("a JSONL file whose lines are not JSON") {
     patch::core::write_file_atomic(dir.file("broken.jsonl"), "{\"text\": \"Once upon a time.\"}\nnot json\n");

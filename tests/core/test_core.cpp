@@ -13,6 +13,7 @@
 #include "core/atomic_file.h"
 #include "core/cuda_graph.h"
 #include "core/error.h"
+#include "core/hf_cache.h"
 #include "core/paths.h"
 #include "core/progress.h"
 #include "core/run_dir.h"
@@ -146,6 +147,98 @@ TEST_CASE("data directory honours PATCH_DATA_DIR") {
   REQUIRE(core::data_dir() == "/some/where");
   ::unsetenv("PATCH_DATA_DIR");
   REQUIRE_FALSE(core::data_dir().empty());
+}
+
+namespace {
+// Sets an environment variable for one scope, restoring the old value after.
+struct ScopedEnv {
+  std::string name, old;
+  bool had;
+  ScopedEnv(const std::string& n, const std::string& value) : name(n) {
+    const char* v = std::getenv(n.c_str());
+    had = v != nullptr;
+    if (had) old = v;
+    ::setenv(n.c_str(), value.c_str(), 1);
+  }
+  ~ScopedEnv() { had ? (void)::setenv(name.c_str(), old.c_str(), 1) : (void)::unsetenv(name.c_str()); }
+};
+
+void touch(const std::string& path, const std::string& text = "{}") {
+  fs::create_directories(fs::path(path).parent_path());
+  std::ofstream(path) << text;
+}
+}  // namespace
+
+TEST_CASE("hub names resolve through the local Hugging Face cache, as huggingface_hub lays it out") {
+  test::TempDir tmp;
+  const std::string hub = tmp.file("hub");
+  ScopedEnv cache("HF_HUB_CACHE", hub);
+  // The layout of huggingface_hub's cache: refs/<branch> holds the commit of snapshots/<commit>/.
+  const std::string repo = hub + "/models--Org--Model-1.5B";
+  touch(repo + "/refs/main", "aaaa1111\n");
+  touch(repo + "/snapshots/aaaa1111/config.json");
+  touch(repo + "/snapshots/bbbb2222/config.json");
+  touch(repo + "/refs/v2", "bbbb2222");
+
+  CHECK(core::is_hub_name("Org/Model-1.5B"));
+  CHECK(core::is_hub_name("Org/Model-1.5B@refs/pr/1"));
+  CHECK_FALSE(core::is_hub_name("model"));
+  CHECK_FALSE(core::is_hub_name("./Org/Model"));
+  CHECK_FALSE(core::is_hub_name("/abs/path"));
+  CHECK_FALSE(core::is_hub_name("a/b/c"));
+  CHECK_FALSE(core::is_hub_name("Org/Model@"));
+
+  CHECK(core::resolve_model_path("Org/Model-1.5B") == repo + "/snapshots/aaaa1111");
+  CHECK(core::resolve_model_path("Org/Model-1.5B@v2") == repo + "/snapshots/bbbb2222");
+  CHECK(core::resolve_model_path("Org/Model-1.5B@bbbb2222") == repo + "/snapshots/bbbb2222");
+  // A path on disk wins over the cache, and is returned as given.
+  const std::string local = tmp.file("Org/Model-1.5B");
+  fs::create_directories(local);
+  CHECK(core::resolve_model_path(local) == local);
+
+  // Not cached: one line with the download command.
+  try {
+    core::resolve_model_path("Org/Other");
+    FAIL("expected an error");
+  } catch (const core::ConfigError& e) {
+    const std::string what = e.what();
+    CHECK(what.find("model.path: 'Org/Other'") == 0);
+    CHECK(what.find(hub) != std::string::npos);
+    CHECK(what.find("huggingface-cli download Org/Other") != std::string::npos);
+    CHECK(what.find('\n') == std::string::npos);
+  }
+  const auto error_of = [](const std::string& spec) {
+    try {
+      core::resolve_model_path(spec);
+    } catch (const core::ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  CHECK(error_of("Org/Model-1.5B@v9").find("revision 'v9'") != std::string::npos);
+  CHECK(error_of("Org/Model-1.5B@v9").find("--revision v9") != std::string::npos);
+
+  // A GGUF repository: its one .gguf is the checkpoint; several must be named.
+  const std::string gguf = hub + "/models--Org--Model-GGUF/snapshots/cccc";
+  touch(gguf + "/model.Q4_K_M.gguf", "GGUF");
+  CHECK(core::resolve_model_path("Org/Model-GGUF") == gguf + "/model.Q4_K_M.gguf");
+  touch(gguf + "/model.Q8_0.gguf", "GGUF");
+  CHECK(error_of("Org/Model-GGUF").find("2 GGUF files") != std::string::npos);
+
+  // HF_HOME is the fallback when HF_HUB_CACHE is unset.
+  ::unsetenv("HF_HUB_CACHE");
+  ScopedEnv home("HF_HOME", tmp.file("hf"));
+  CHECK(core::hf_hub_cache_dir() == tmp.file("hf") + "/hub");
+}
+
+TEST_CASE("the shared cache honours PATCH_CACHE_DIR, then XDG_CACHE_HOME") {
+  {
+    ScopedEnv c("PATCH_CACHE_DIR", "/some/cache");
+    CHECK(core::cache_dir() == "/some/cache");
+  }
+  ScopedEnv none("PATCH_CACHE_DIR", "");
+  ScopedEnv xdg("XDG_CACHE_HOME", "/xdg");
+  CHECK(core::cache_dir() == "/xdg/patch");
 }
 
 TEST_CASE("a CUDA graph step runs eagerly, is captured once, then replays") {

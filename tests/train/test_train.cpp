@@ -15,6 +15,7 @@
 
 #include "catch.h"
 #include "core/atomic_file.h"
+#include "core/paths.h"
 #include "dist/dist.h"
 #include "io/safetensors.h"
 #include "maskfile/mask_file.h"
@@ -112,6 +113,22 @@ TEST_CASE("training lowers the masked loss - hits the budget and writes a reload
   CHECK(std::abs(file.sparsity() - 0.35) < 0.005);
   auto report = json::parse(core::read_file(out + "/report.json"));
   CHECK(report["achieved_sparsity"].get<double>() == Approx(file.sparsity()).margin(1e-12));
+  // The result in three numbers on the same named windows: the prior alone is
+  // step 0's hardened mask, the learned one the final line; the unmasked model
+  // beats both, and the learned mask beats the prior it started from.
+  const json& v = report["validation"];
+  CHECK(v["windows"].get<int64_t>() > 0);
+  CHECK(v["tokens_scored"].get<int64_t>() == v["windows"].get<int64_t>() * v["seq_len"].get<int64_t>());
+  CHECK(v["prior_perplexity"].get<double>() == Approx(std::exp(first["valid_loss"].get<double>())));
+  CHECK(v["perplexity"].get<double>() == Approx(std::exp(last["valid_loss"].get<double>())));
+  CHECK(v["dense_perplexity"].get<double>() < v["perplexity"].get<double>());
+  CHECK(v["perplexity"].get<double>() < v["prior_perplexity"].get<double>());
+  // The log ends with them (the console too, without -q).
+  const std::string log = core::read_file(out + "/run.log");
+  REQUIRE(log.rfind("validation perplexity on") != std::string::npos);
+  const std::string tail = log.substr(log.rfind("validation perplexity on"));
+  CHECK(tail.find("dense ") != std::string::npos);
+  CHECK(tail.find("learned ") != std::string::npos);
 
   // Reloaded through eval --masks, the mask gives the loss the trainer measured.
   auto ev = test::run_command(
@@ -385,4 +402,36 @@ TEST_CASE("data-parallel settings that cannot split are refused before any rank 
           std::string::npos);
     CHECK_FALSE(fs::exists(dir.file("bad/masks.safetensors")));
   }
+}
+
+TEST_CASE("the token and prior caches live in PATCH_CACHE_DIR and a resumed run reuses its own prior") {
+  test::TempDir dir;
+  const std::string out = dir.file("runs/run"), cache = dir.file("cache");
+  const std::string env = "PATCH_CACHE_DIR=" + cache + " ";
+  auto first = test::run_command(env + train_cmd(out, 2));
+  INFO(first.err);
+  REQUIRE(first.exit_code == 0);
+  // One shared cache, nothing beside the run folder.
+  CHECK_FALSE(fs::exists(dir.file("runs/.cache")));
+  int tokens = 0, priors = 0;
+  for (const auto& e : fs::directory_iterator(cache + "/tokens")) tokens += e.path().string().find(".tokens.bin") != std::string::npos;
+  for (const auto& e : fs::directory_iterator(cache + "/priors")) priors += e.path().filename().string().rfind("wanda-", 0) == 0;
+  CHECK(tokens == 1);
+  CHECK(priors == 1);
+  REQUIRE(fs::exists(out + "/prior.safetensors"));
+  // --resume takes the run folder's prior, even with the shared cache emptied.
+  core::remove_tree(cache);  // not fs::remove_all: see core/paths.h
+  auto again = test::run_command(env + train_cmd(out, 2, "--resume"));
+  INFO(again.err);
+  REQUIRE(again.exit_code == 0);
+  const std::string log = core::read_file(out + "/run.log");
+  CHECK(log.find("prior: wanda from " + out + "/prior.safetensors") != std::string::npos);
+  CHECK_FALSE(fs::exists(cache + "/priors"));
+  // A second run of the same settings in another folder takes the prior from the cache.
+  auto other = test::run_command(env + train_cmd(dir.file("runs/other"), 2));
+  REQUIRE(other.exit_code == 0);
+  auto third = test::run_command(env + train_cmd(dir.file("runs/third"), 2));
+  REQUIRE(third.exit_code == 0);
+  CHECK(core::read_file(dir.file("runs/third/run.log")).find("prior: wanda from " + cache + "/priors/") !=
+        std::string::npos);
 }
