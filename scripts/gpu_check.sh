@@ -57,7 +57,7 @@ if [[ $STAGE == carry ]]; then
     rm -rf "$SRC" && mkdir -p "$SRC"
     tar --exclude=./.gpu_carry --exclude=./build --exclude=./.git -cf - . | tar -xf - -C "$SRC"
     (cd "$SRC" && PATCH_DATA_DIR=$DATA PATCH_ASSETS_DIR=$ASSETS PATCH_FETCH_ASSETS=0 PATCH_BUILD_TESTS=OFF \
-      PATCH_CMAKE_ARGS="$lzma_args" \
+      PATCH_CMAKE_ARGS="$lzma_args -DPATCH_CUDA_ARCHS=90a" \
       setsid nohup bash -c 'scripts/setup.sh > /tmp/patch-build.log 2>&1; echo $? > /tmp/patch-build.rc') \
       </dev/null >/dev/null 2>&1 &
     echo "build started in $SRC"

@@ -4,7 +4,7 @@
 # the main table: every method at WikiText-2 test perplexity over all windows
 # of 2048 tokens (configs/smollm2-135m.yaml), through `sweep`, plus the
 # distillation ablation, the data question (C4 alone against C4 + 19.5M more
-# tokens) and the curve against training steps.
+# tokens), the curve against training steps and the public code's recipe.
 #   scripts/smollm2_study.sh                 # build/bin/patch-train, runs/smollm2-study
 #   P=BIN RUNS=DIR STEPS=1000 ONLY="1 2" scripts/smollm2_study.sh
 # (P4_TARGETS / P4_BASELINES narrow part 4 to the points a stopped study lacks)
@@ -15,7 +15,7 @@ P=${P:-build/bin/patch-train}
 C=${C:-configs/smollm2-135m.yaml}
 R=${RUNS:-runs/smollm2-study}
 STEPS=${STEPS:-1000}
-ONLY=${ONLY:-1 2 3 4 5 6 7}
+ONLY=${ONLY:-1 2 3 4 5 6 7 8}
 S=$R/sweep
 mkdir -p "$R"
 log() { echo "[$(date +%T)] $*" | tee -a "$R/progress.txt"; }
@@ -47,6 +47,13 @@ part 5 && { log "5 PATCH-Joint 45% on C4 alone (1.46M tokens, ~11 epochs)"
     log "5 done"; }
 part 6 && { log "6 PATCH-Joint 45% for $((STEPS * 3 / 10)) steps"; learn steps-$((STEPS * 3 / 10)) --set "train.steps=$((STEPS * 3 / 10))" && log "6 done"; }
 part 7 && { log "7 PATCH-Joint 45% for $((STEPS * 3)) steps"; learn steps-$((STEPS * 3)) --set "train.steps=$((STEPS * 3))" && log "7 done"; }
+# The public PATCH code's joint recipe against our defaults (Wanda prior, λ_s 10,
+# λ_w 0, β2 0.999, lr 0.05): SparseGPT prior at strength 3, λ_s 7, a weight term
+# λ_w 10 decaying to 0 (no CUDA graph then), β2 0.95, lr 1e-3, tile scale 25→350.
+part 8 && { log "8 PATCH-Joint 45% with the public code's recipe"
+  learn recipe-public-45 --set mask.prior=sparsegpt --set mask.prior_strength_24=3 --set mask.prior_strength_tile=3 \
+    --set train.lambda_sparsity=7 --set train.lambda_weight=10 --set 'train.betas=[0.9,0.95]' --set train.lr=1e-3 \
+    --set 'mask.scale_tile=[25,350]' --set train.cuda_graph=false && log "8 done"; }
 # Everything measured so far, in one file (the sweep's points and the extra runs).
 python3 - "$R" <<'EOF'
 import glob, json, os, sys
