@@ -248,6 +248,7 @@ int run_verify(RunContext& ctx) {
 }
 
 int run_sweep(RunContext& ctx) {
+  sweep::check_sweep(ctx.config);
   open_outputs(ctx);
   train::install_stop_handlers();
   const int rc = sweep::run_sweep(ctx.config, ctx.out_dir);

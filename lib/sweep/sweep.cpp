@@ -201,13 +201,17 @@ std::string csv_of(const std::vector<json>& results) {
 
 }  // namespace
 
-int run_sweep(const config::Config& cfg_in, const std::string& out_dir) {
-  config::Config cfg = cfg_in;
+void check_sweep(const config::Config& cfg) {
   if (cfg.get_string_list("eval.data").empty())
     throw core::ConfigError("eval.data: a sweep evaluates every point; give the evaluation text(s)");
   if (cfg.get_string_list("data.train").empty())
     throw core::ConfigError("data.train: a sweep trains and calibrates on it; give the training text (--data FILE)");
+  (void)plan(cfg);
+}
 
+int run_sweep(const config::Config& cfg_in, const std::string& out_dir) {
+  config::Config cfg = cfg_in;
+  check_sweep(cfg);
   const auto points = plan(cfg);
   if (cfg.get_bool("output.overwrite") && !cfg.get_bool("output.resume")) core::remove_tree(out_dir + "/points");
   std::vector<json> results;

@@ -16,9 +16,13 @@ namespace patch::sweep {
 // a result is skipped and an interrupted training point resumes from its
 // checkpoint, so rerunning with output.resume continues a stopped sweep
 // (output.overwrite alone starts every point afresh). All points share the
-// token cache and the prior cache under out_dir/cache. Writes sweep.json and
+// token and prior caches (core::cache_dir). Writes sweep.json and
 // sweep.csv (name, method, target, sparsity, perplexity). Returns the exit
 // status: 0, or 130 when a SIGINT/SIGTERM stopped it (train::install_stop_handlers).
 int run_sweep(const config::Config& cfg, const std::string& out_dir);
+
+// The checks run_sweep makes before any point (evaluation and training text
+// given, every baseline known, no point twice): a ConfigError naming the key.
+void check_sweep(const config::Config& cfg);
 
 }  // namespace patch::sweep

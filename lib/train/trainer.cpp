@@ -11,6 +11,7 @@
 #include <csignal>
 #include <cstring>
 #include <filesystem>
+#include <set>
 #include <fstream>
 #include <optional>
 #include <nlohmann/json.hpp>
@@ -232,16 +233,7 @@ void build_masks(Run& r) {
   } else if (prior == "file") {
     const std::string path = core::resolve_path(cfg.get_string("mask.prior_file"));
     auto file = maskfile::read_mask_file(path);
-    priors = maskfile::priors_from_file(file);
-    // The file must give exactly the masked layers, each of the model's shape.
-    for (const auto& [name, p] : priors)
-      if (!std::any_of(r.masks->masks().begin(), r.masks->masks().end(),
-                       [&](const auto& m) { return m->name() == name; }))
-        throw core::Error(str(path, ": layer '", name, "' is not a masked layer of ", r.model_path,
-                              " (mask.prior_file must come from this model with the same mask.include)"));
-    for (const auto& m : r.masks->masks())
-      if (!priors.count(m->name()))
-        throw core::Error(str(path, ": no mask for the layer '", m->name(), "' of ", r.model_path));
+    priors = maskfile::priors_from_file(file);  // its layers were checked by check_prior_file
     try {
       sparsity::PriorStrength strength{mo.mask.init_std, cfg.get_float("mask.prior_strength_24"),
                                        cfg.get_float("mask.prior_strength_tile")};
@@ -552,6 +544,37 @@ void check_tile(const Run& r) {
   for (auto* lin : r.model->linears()) shapes.emplace_back(lin->weight().size(0), lin->weight().size(1));
   sparsity::check_tile_fits(tile[0], tile[1], shapes);
 }
+
+// mask.prior=file: the file gives exactly the layers the globs mask, each
+// named as in the model (checked before the run folder is claimed).
+void check_prior_file(const Run& r) {
+  if (r.cfg.get_string("mask.prior") != "file") return;
+  const std::string path = core::resolve_path(r.cfg.get_string("mask.prior_file"));
+  const auto file = maskfile::read_mask_file(path);
+  const auto include = r.cfg.get_string_list("mask.include"), exclude = r.cfg.get_string_list("mask.exclude");
+  const auto any = [](const std::vector<std::string>& globs, const std::string& name) {
+    return std::any_of(globs.begin(), globs.end(), [&](const std::string& g) { return sparsity::glob_match(g, name); });
+  };
+  std::map<std::string, std::pair<int64_t, int64_t>> masked;  // name -> [out, in]
+  std::set<std::string> given;
+  for (auto* lin : r.model->linears())
+    if (any(include, lin->name()) && !any(exclude, lin->name()))
+      masked[lin->name()] = {lin->weight().size(0), lin->weight().size(1)};
+  for (const auto& [name, prior] : maskfile::priors_from_file(file)) {
+    given.insert(name);
+    const auto it = masked.find(name);
+    if (it == masked.end())
+      throw core::Error(str(path, ": layer '", name, "' is not a masked layer of ", r.model_path,
+                            " (mask.prior_file must come from this model with the same mask.include)"));
+    const auto [out, in] = it->second;
+    if (prior.pattern.size(0) != out || prior.pattern.size(1) * 4 != in)
+      throw core::Error(str(path, ": layer '", name, "' is [", prior.pattern.size(0), ", ", prior.pattern.size(1) * 4,
+                            "] but the model's is [", out, ", ", in, "] (mask.prior_file must come from ",
+                            r.model_path, ")"));
+  }
+  for (const auto& [name, shape] : masked)
+    if (!given.count(name)) throw core::Error(str(path, ": no mask for the layer '", name, "' of ", r.model_path));
+}
 }  // namespace
 
 int run_training(const config::Config& cfg, const std::string& out_dir, const std::function<void()>& on_validated) {
@@ -566,6 +589,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir, const st
   at::manual_seed(static_cast<uint64_t>(cfg.get_int("train.seed")));
   load_model_and_data(r);
   check_tile(r);
+  check_prior_file(r);
   if (on_validated) on_validated();
   build_masks(r);
   // Every rank holds the whole model and the same masks; each takes its share

@@ -266,8 +266,11 @@ TEST_CASE("inputs that make no sense stop before any work, naming the key or fil
     auto p = run_command(bin() + " prune --model " + patch::test::data_path("models/stories260K/stories260K.gguf") +
                          " --method magnitude --pattern 2:4 --out " + other);
     REQUIRE(p.exit_code == 0);
+    const std::string before = fs::exists(out) ? snapshot(out) : "";
     auto r = run_command(train_cmd(out, 2, "--set mask.prior=file --set mask.prior_file=" + other +
                                                "/masks.safetensors --overwrite"));
+    // Found before the run folder is touched (--overwrite would have cleared it).
+    CHECK((fs::exists(out) ? snapshot(out) : "") == before);
     INFO(r.err);
     CHECK(r.exit_code == 1);
     CHECK(contains(r.err, other + "/masks.safetensors: "));
