@@ -15,7 +15,7 @@ P=${P:-build/bin/patch-train}
 C=${C:-configs/smollm2-135m.yaml}
 R=${RUNS:-runs/smollm2-study}
 STEPS=${STEPS:-1000}
-ONLY=${ONLY:-1 2 3 4 5 6 7 8}
+ONLY=${ONLY:-1 2 3 4 5 6 7 8 9 10}
 S=$R/sweep
 mkdir -p "$R"
 log() { echo "[$(date +%T)] $*" | tee -a "$R/progress.txt"; }
@@ -54,6 +54,12 @@ part 8 && { log "8 PATCH-Joint 45% with the public code's recipe"
   learn recipe-public-45 --set mask.prior=sparsegpt --set mask.prior_strength_24=3 --set mask.prior_strength_tile=3 \
     --set train.lambda_sparsity=7 --set train.lambda_weight=10 --set 'train.betas=[0.9,0.95]' --set train.lr=1e-3 \
     --set 'mask.scale_tile=[25,350]' --set train.cuda_graph=false && log "8 done"; }
+# Softer Gumbel samples: logit scales 50x and 10x below the defaults (on
+# TinyStories-656K 50x lower took 45% from 87.12 to 44.28, docs/benchmarks.md).
+part 9 && { log "9 PATCH-Joint 45% with scales 2->10 / 0.5->7"
+  learn soft50-45 --set 'mask.scale_24=[2,10]' --set 'mask.scale_tile=[0.5,7]' && log "9 done"; }
+part 10 && { log "10 PATCH-Joint 45% with scales 10->50 / 2.5->35"
+  learn soft10-45 --set 'mask.scale_24=[10,50]' --set 'mask.scale_tile=[2.5,35]' && log "10 done"; }
 # Everything measured so far, in one file (the sweep's points and the extra runs).
 python3 - "$R" <<'EOF'
 import glob, json, os, sys
