@@ -430,7 +430,7 @@ void inspect_metrics(const std::string& path) {
 int run_inspect(RunContext& ctx) {
   const auto& cfg = ctx.config;
   const std::string masks = cfg.get_string("model.masks");
-  const std::string metrics = cfg.get_string("inspect.metrics");
+  const std::string metrics = cfg.get_string("inspect.metrics").empty() ? "" : core::resolve_path(cfg.get_string("inspect.metrics"));
   if (!cfg.has("model.path") && masks.empty() && metrics.empty())
     throw core::ConfigError(
         "model.path: inspect needs a model (--model PATH), a mask file (--masks FILE) or a metrics file (--metrics FILE)");
@@ -447,8 +447,8 @@ int run_inspect(RunContext& ctx) {
     if (!png.empty()) plot("masks", file.path, png);
   }
   if (!metrics.empty()) {
-    inspect_metrics(core::resolve_path(metrics));
-    if (!png.empty()) plot("curves", core::resolve_path(metrics), png);
+    inspect_metrics(metrics);
+    if (!png.empty()) plot("curves", metrics, png);
   }
   if (!png.empty() && masks.empty() && metrics.empty())
     throw core::ConfigError("inspect.plot: --plot draws a mask file (--masks FILE) or training curves (--metrics FILE)");

@@ -18,20 +18,23 @@ const char* const kInputKeys[] = {"model.path", "model.masks", "model.packed",  
                                   "data.train", "data.valid",  "eval.data",     "verify.pruned",
                                   "inspect.metrics"};
 
+// The paths an input key names (a list key several), resolved; empty values left out.
+std::vector<std::string> paths_of(const config::Config& cfg, const std::string& key) {
+  const auto* def = config::find_key(key);
+  if (!def || !cfg.has(key)) return {};
+  const std::vector<std::string> raw =
+      def->type == config::Type::kStringList ? cfg.get_string_list(key) : std::vector<std::string>{cfg.get_string(key)};
+  std::vector<std::string> paths;
+  for (const auto& r : raw)
+    if (!r.empty()) paths.push_back(core::resolve_path(r));
+  return paths;
+}
+
 // No command may write into, or replace, what it reads: the output folder must
 // neither be an input nor hold one (--overwrite would delete it).
 void check_inputs_outside(const config::Config& cfg, const std::string& out_dir) {
   for (const char* key : kInputKeys) {
-    if (!config::find_key(key)) continue;
-    std::vector<std::string> paths;
-    const auto* def = config::find_key(key);
-    if (def->type == config::Type::kStringList)
-      paths = cfg.get_string_list(key);
-    else
-      paths = {cfg.get_string(key)};
-    for (const auto& raw : paths) {
-      if (raw.empty()) continue;
-      const std::string path = core::resolve_path(raw);
+    for (const auto& path : paths_of(cfg, key)) {
       if (core::path_within(path, out_dir))
         throw core::ConfigError(core::str("output.dir: '", out_dir, "' is or holds the input ", key, " '", path,
                                           "'; a command never writes into or over its own inputs: choose "
@@ -66,13 +69,7 @@ std::vector<std::string> input_keys(const config::Config& cfg, const std::string
 void check_inputs_exist(const config::Config& cfg, const std::string& cmd) {
   namespace fs = std::filesystem;
   for (const std::string& key : input_keys(cfg, cmd)) {
-    const auto* def = config::find_key(key);
-    if (!def || !cfg.has(key)) continue;
-    const std::vector<std::string> paths =
-        def->type == config::Type::kStringList ? cfg.get_string_list(key) : std::vector<std::string>{cfg.get_string(key)};
-    for (const auto& raw : paths) {
-      if (raw.empty()) continue;
-      const std::string path = core::resolve_path(raw);
+    for (const auto& path : paths_of(cfg, key)) {
       std::error_code ec;
       const auto st = fs::status(path, ec);
       if (!fs::exists(st))

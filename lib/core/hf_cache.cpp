@@ -19,7 +19,7 @@ std::string env(const char* name) {
 }
 
 bool is_name_part(const std::string& s) {
-  if (s.empty() || s[0] == '.' || s == "..") return false;
+  if (s.empty() || s[0] == '.') return false;
   for (char c : s)
     if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.'))
       return false;

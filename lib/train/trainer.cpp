@@ -70,6 +70,8 @@ struct Run {
   double weight_norm_total = 0.0;  // sum over layers of ||W||, for the weight term
   std::string model_path;
   dist::Env env;  // this process's rank in a data-parallel run
+  // mask.prior=file: the file's priors, read and checked once (check_prior_file).
+  std::map<std::string, sparsity::Prior> file_priors;
 
   explicit Run(const config::Config& c, std::string dir) : cfg(c), out_dir(std::move(dir)) {}
 };
@@ -232,8 +234,7 @@ void build_masks(Run& r) {
     priors = sparsity::magnitude_priors(*r.masks, r.target);
   } else if (prior == "file") {
     const std::string path = core::resolve_path(cfg.get_string("mask.prior_file"));
-    auto file = maskfile::read_mask_file(path);
-    priors = maskfile::priors_from_file(file);  // its layers were checked by check_prior_file
+    priors = std::move(r.file_priors);  // read and checked by check_prior_file
     try {
       sparsity::PriorStrength strength{mo.mask.init_std, cfg.get_float("mask.prior_strength_24"),
                                        cfg.get_float("mask.prior_strength_tile")};
@@ -296,11 +297,16 @@ double validation_loss(Run& r) {
   return n ? sum / static_cast<double>(n) : std::nan("");
 }
 
+// Puts the learnable masks back as the masked linears' weight providers.
+void attach_learnable(Run& r) {
+  for (const auto& m : r.masks->masks()) r.model->linear(m->name())->set_provider(m);
+}
+
 // Validation loss with the hardened masks installed, then the learnable ones back.
 double evaluate_hard(Run& r, const sparsity::Hardened& hard) {
   maskfile::apply_masks(*r.model, hard.layers);
   const double loss = validation_loss(r);
-  for (const auto& m : r.masks->masks()) r.model->linear(m->name())->set_provider(m);
+  attach_learnable(r);
   return loss;
 }
 
@@ -308,7 +314,7 @@ double evaluate_hard(Run& r, const sparsity::Hardened& hard) {
 double evaluate_dense(Run& r) {
   for (const auto& m : r.masks->masks()) r.model->linear(m->name())->set_provider(nullptr);
   const double loss = validation_loss(r);
-  for (const auto& m : r.masks->masks()) r.model->linear(m->name())->set_provider(m);
+  attach_learnable(r);
   return loss;
 }
 
@@ -421,7 +427,7 @@ json validation_summary(Run& r, double learned_loss, double dense_loss, double p
   return v;
 }
 
-void write_outputs(Run& r, const sparsity::Hardened& hard, const json& validation) {
+void write_outputs(Run& r, const sparsity::Hardened& hard, double valid_loss, const json& validation) {
   maskfile::MaskFileMeta meta;
   meta.model_source = r.model_path;
   meta.model_config_hash = io::config_hash(r.model->config());
@@ -436,7 +442,6 @@ void write_outputs(Run& r, const sparsity::Hardened& hard, const json& validatio
   rep["target_sparsity"] = r.target;
   rep["achieved_sparsity"] = hard.achieved_sparsity();
   rep["validation"] = validation;
-  const double valid_loss = std::log(validation["perplexity"].get<double>());
   rep["valid_loss"] = valid_loss;
   rep["valid_perplexity"] = std::exp(valid_loss);
   auto rows = [](const std::vector<sparsity::DensityRow>& v) {
@@ -546,11 +551,12 @@ void check_tile(const Run& r) {
 }
 
 // mask.prior=file: the file gives exactly the layers the globs mask, each
-// named as in the model (checked before the run folder is claimed).
-void check_prior_file(const Run& r) {
+// named and shaped as in the model (checked before the run folder is claimed);
+// keeps the priors in r.file_priors.
+void check_prior_file(Run& r) {
   if (r.cfg.get_string("mask.prior") != "file") return;
   const std::string path = core::resolve_path(r.cfg.get_string("mask.prior_file"));
-  const auto file = maskfile::read_mask_file(path);
+  r.file_priors = maskfile::priors_from_file(maskfile::read_mask_file(path));
   const auto include = r.cfg.get_string_list("mask.include"), exclude = r.cfg.get_string_list("mask.exclude");
   const auto any = [](const std::vector<std::string>& globs, const std::string& name) {
     return std::any_of(globs.begin(), globs.end(), [&](const std::string& g) { return sparsity::glob_match(g, name); });
@@ -560,7 +566,7 @@ void check_prior_file(const Run& r) {
   for (auto* lin : r.model->linears())
     if (any(include, lin->name()) && !any(exclude, lin->name()))
       masked[lin->name()] = {lin->weight().size(0), lin->weight().size(1)};
-  for (const auto& [name, prior] : maskfile::priors_from_file(file)) {
+  for (const auto& [name, prior] : r.file_priors) {
     given.insert(name);
     const auto it = masked.find(name);
     if (it == masked.end())
@@ -816,7 +822,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir, const st
   save_checkpoint(r, r.steps);
   const double dense = evaluate_dense(r);
   const double prior = initial_loss(metrics_path, r.valid_blocks.size());
-  write_outputs(r, hard, validation_summary(r, vl, dense, prior));
+  write_outputs(r, hard, vl, validation_summary(r, vl, dense, prior));
   return 0;
 }
 
