@@ -13,7 +13,7 @@ SECS=${1:-600}
 shift || true
 HARNESSES=("$@")
 [[ ${#HARNESSES[@]} -gt 0 ]] ||
-  HARNESSES=(fuzz_safetensors fuzz_gguf fuzz_tokenizer_json fuzz_config fuzz_mask_file fuzz_packed)
+  HARNESSES=(fuzz_safetensors fuzz_gguf fuzz_tokenizer_json fuzz_config fuzz_mask_file fuzz_packed fuzz_npz)
 B=${PATCH_FUZZ_BUILD_DIR:-build-fuzz}
 DATA=${PATCH_DATA_DIR:-$ROOT/../shared/data}
 FIX=${PATCH_BUILD_DIR:-build}/fixtures
@@ -58,6 +58,10 @@ if [[ -x $P ]]; then
   seed fuzz_mask_file "$G"/*/masks.safetensors
   seed fuzz_packed "$G/pack/packed.safetensors"
   seed fuzz_config "$G/train.yaml"
+  for to in patch-npz maskllm-npz; do
+    "$P" convert --masks "$G/hybrid/masks.safetensors" --to "$to" --out "$G/$to" -q >/dev/null 2>&1
+  done
+  seed fuzz_npz "$G"/*-npz/*.npz
 fi
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:allocator_may_return_null=1}

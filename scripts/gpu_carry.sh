@@ -20,8 +20,10 @@ FIRST=58600000
 case $N in
   1)
     tar -cJf .gpu_carry/data1.tar.xz -C "$DATA" text/c4 text/wikitext-2-raw/wiki.test.raw
-    # liblzma's headers, for a GPU machine without them (its library is there).
-    mkdir -p .gpu_carry/lzma-include && cp -r /usr/include/lzma.h /usr/include/lzma .gpu_carry/lzma-include/
+    # liblzma's and zlib's headers, for a GPU machine without them (their libraries are there).
+    mkdir -p .gpu_carry/lzma-include .gpu_carry/zlib-include
+    cp -r /usr/include/lzma.h /usr/include/lzma .gpu_carry/lzma-include/
+    cp /usr/include/zlib.h /usr/include/zconf.h .gpu_carry/zlib-include/
     head -c $FIRST "$GGUF" >.gpu_carry/smollm2.part.1
     ;;
   2)

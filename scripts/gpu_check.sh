@@ -47,12 +47,17 @@ if [[ $STAGE == carry ]]; then
   for t in "$CARRY"/*.tar.xz "$CARRY"/*.tar; do [[ -e $t ]] && tar -xf "$t" -C "$DATA" && rm "$t"; done
   ls -la "$CARRY"
   if [[ ${BUILD:-0} == 1 ]]; then
-    # .xz corpora need liblzma's header; the library itself is on every Linux.
+    # .xz corpora and .npz masks need liblzma's and zlib's headers; the libraries are on every Linux.
     lzma_args=""
     if [[ ! -e /usr/include/lzma.h && -d $CARRY/lzma-include ]]; then
       lib=$(ldconfig -p | sed -n 's/.*liblzma\.so\.5 .*=> //p' | head -1)
       lzma_args="-DLIBLZMA_INCLUDE_DIR=$CARRY/lzma-include -DLIBLZMA_LIBRARY=$lib"
       echo "liblzma: carried headers, $lib"
+    fi
+    if [[ ! -e /usr/include/zlib.h && -d $CARRY/zlib-include ]]; then
+      lib=$(ldconfig -p | sed -n 's/.*libz\.so\.1 .*=> //p' | head -1)
+      lzma_args="$lzma_args -DZLIB_INCLUDE_DIR=$CARRY/zlib-include -DZLIB_LIBRARY=$lib"
+      echo "zlib: carried headers, $lib"
     fi
     rm -rf "$SRC" && mkdir -p "$SRC"
     tar --exclude=./.gpu_carry --exclude=./build --exclude=./.git -cf - . | tar -xf - -C "$SRC"
@@ -76,6 +81,7 @@ if [[ $STAGE == smollm2 ]]; then
   [[ $(cat /tmp/patch-build.rc) == 0 ]] || { tail -40 /tmp/patch-build.log; exit 1; }
   (cd "$SRC" && PATCH_DATA_DIR=$DATA PATCH_ASSETS_DIR=$ASSETS P=$SRC/build/bin/patch-train RUNS=$STUDY_DIR \
     ONLY=${STUDY:-1 2 3 4 5 6 7} P4_TARGETS=${P4_TARGETS:-} P4_BASELINES=${P4_BASELINES:-} \
+    P12_TARGETS=${P12_TARGETS:-} P12_BASELINES=${P12_BASELINES:-} \
     setsid nohup scripts/smollm2_study.sh) </dev/null >/tmp/patch-study.log 2>&1 &
   echo "study started in $STUDY_DIR"
   exit 0

@@ -43,6 +43,7 @@ have_header CLI/CLI.hpp || need_apt=1
 have_header nlohmann/json.hpp || need_apt=1
 have_header spdlog/spdlog.h || need_apt=1
 have_header yaml-cpp/yaml.h || need_apt=1
+have_header zlib.h || need_apt=1
 have_header catch2/catch.hpp catch2/catch_test_macros.hpp || need_apt=1
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt=1
 if [[ $need_apt == 1 ]]; then
@@ -52,7 +53,7 @@ if [[ $need_apt == 1 ]]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq build-essential cmake ninja-build git curl ca-certificates \
     python3 python3-venv python3-pip catch2 libcli11-dev nlohmann-json3-dev libspdlog-dev \
-    libfmt-dev libyaml-cpp-dev liblzma-dev libgloo-dev xz-utils clang libclang-rt-dev >/dev/null
+    libfmt-dev libyaml-cpp-dev zlib1g-dev liblzma-dev libgloo-dev xz-utils clang libclang-rt-dev >/dev/null
 else
   say "system packages present"
 fi

@@ -7,7 +7,8 @@
 # tokens), the curve against training steps and the public code's recipe.
 #   scripts/smollm2_study.sh                 # build/bin/patch-train, runs/smollm2-study
 #   P=BIN RUNS=DIR STEPS=1000 ONLY="1 2" scripts/smollm2_study.sh
-# (P4_TARGETS / P4_BASELINES narrow part 4 to the points a stopped study lacks)
+# (P4_TARGETS / P4_BASELINES, P12_TARGETS / P12_BASELINES narrow parts 4 and 12
+# to the points a stopped study lacks; parts run in the order ONLY names them)
 # Each part appends to DIR/progress.txt; each run leaves its folder; the last
 # part writes DIR/summary.json (every result.json / eval.json gathered).
 set -uo pipefail
@@ -25,7 +26,7 @@ sweep() {  # sweep TARGETS BASELINES [--set ...]
   local targets=$1 baselines=$2
   shift 2
   "$P" sweep --config "$C" --set "train.steps=$STEPS" --targets "$targets" ${baselines:+--baselines "$baselines"} \
-    --out "$S" --resume "$@" >>"$R/sweep.log" 2>&1
+    --out "$S" --resume "${caches[@]}" "$@" >>"$R/sweep.log" 2>&1
 }
 learn() {  # learn NAME [--set ...]: train at 45% then evaluate its masks on the sweep's text
   local name=$1
@@ -35,38 +36,57 @@ learn() {  # learn NAME [--set ...]: train at 45% then evaluate its masks on the
     "$P" eval --config "$C" --masks "$R/$name/masks.safetensors" --out "$R/$name-eval" --overwrite \
       >>"$R/$name.log" 2>&1
 }
-part() { [[ " $ONLY " == *" $1 "* ]]; }
-
-part 1 && { log "1 dense and PATCH-Joint 45% (ce)"; sweep 0.45 "" && log "1 done"; }
-part 2 && { log "2 PATCH-Joint 45% with distillation (train.loss=kd)"; learn kd-45 --set train.loss=kd && log "2 done"; }
-part 3 && { log "3 MaskLLM, the 2:4 baselines and the one-shot hybrids at 45%"; sweep 0.45 "$BASELINES" && log "3 done"; }
-part 4 && { log "4 PATCH-Joint 25/35%, PATCH-Tile 45%, hybrids at 25/35%"
-  sweep "${P4_TARGETS:-0.25,0.35,0.45}" "${P4_BASELINES:-$BASELINES,tile@0.45}" && log "4 done"; }
-part 5 && { log "5 PATCH-Joint 45% on C4 alone (1.46M tokens, ~11 epochs)"
-  learn c4only-45 --set 'data.train=["@data/text/c4/c4_en_train_first1000.jsonl","@data/text/c4/c4_en_validation_2k.jsonl"]' &&
-    log "5 done"; }
-part 6 && { log "6 PATCH-Joint 45% for $((STEPS * 3 / 10)) steps"; learn steps-$((STEPS * 3 / 10)) --set "train.steps=$((STEPS * 3 / 10))" && log "6 done"; }
-part 7 && { log "7 PATCH-Joint 45% for $((STEPS * 3)) steps"; learn steps-$((STEPS * 3)) --set "train.steps=$((STEPS * 3))" && log "7 done"; }
-# The public PATCH code's joint recipe against our defaults (Wanda prior, λ_s 10,
-# λ_w 0, β2 0.999, lr 0.05): SparseGPT prior at strength 3, λ_s 7, a weight term
-# λ_w 10 decaying to 0 (no CUDA graph then), β2 0.95, lr 1e-3, tile scale 25→350.
-part 8 && { log "8 PATCH-Joint 45% with the public code's recipe"
-  learn recipe-public-45 --set mask.prior=sparsegpt --set mask.prior_strength_24=3 --set mask.prior_strength_tile=3 \
-    --set train.lambda_sparsity=7 --set train.lambda_weight=10 --set 'train.betas=[0.9,0.95]' --set train.lr=1e-3 \
-    --set 'mask.scale_tile=[25,350]' --set train.cuda_graph=false && log "8 done"; }
-# Softer Gumbel samples: logit scales 50x and 10x below the defaults (on
-# TinyStories-656K 50x lower took 45% from 87.12 to 44.28, docs/benchmarks.md).
-part 9 && { log "9 PATCH-Joint 45% with scales 2->10 / 0.5->7"
-  learn soft50-45 --set 'mask.scale_24=[2,10]' --set 'mask.scale_tile=[0.5,7]' && log "9 done"; }
-part 10 && { log "10 PATCH-Joint 45% with scales 10->50 / 2.5->35"
-  learn soft10-45 --set 'mask.scale_24=[10,50]' --set 'mask.scale_tile=[2.5,35]' && log "10 done"; }
+SOFT=(--set 'mask.scale_24=[2,10]' --set 'mask.scale_tile=[0.5,7]')
+run_part() {
+  case $1 in
+  1) log "1 dense and PATCH-Joint 45% (ce)"; sweep 0.45 "" ;;
+  2) log "2 PATCH-Joint 45% with distillation (train.loss=kd)"; learn kd-45 --set train.loss=kd ;;
+  3) log "3 MaskLLM, the 2:4 baselines and the one-shot hybrids at 45%"; sweep 0.45 "$BASELINES" ;;
+  4) log "4 PATCH-Joint 25/35%, PATCH-Tile 45%, hybrids at 25/35%"
+    sweep "${P4_TARGETS:-0.25,0.35,0.45}" "${P4_BASELINES:-$BASELINES,tile@0.45}" ;;
+  5) log "5 PATCH-Joint 45% on C4 alone (1.46M tokens, ~11 epochs)"
+    learn c4only-45 --set 'data.train=["@data/text/c4/c4_en_train_first1000.jsonl","@data/text/c4/c4_en_validation_2k.jsonl"]' ;;
+  6) log "6 PATCH-Joint 45% for $((STEPS * 3 / 10)) steps"; learn steps-$((STEPS * 3 / 10)) --set "train.steps=$((STEPS * 3 / 10))" ;;
+  7) log "7 PATCH-Joint 45% for $((STEPS * 3)) steps"; learn steps-$((STEPS * 3)) --set "train.steps=$((STEPS * 3))" ;;
+  # The public PATCH code's joint recipe against our defaults (Wanda prior, λ_s 10,
+  # λ_w 0, β2 0.999, lr 0.05): SparseGPT prior at strength 3, λ_s 7, a weight term
+  # λ_w 10 decaying to 0 (no CUDA graph then), β2 0.95, lr 1e-3, tile scale 25→350.
+  8) log "8 PATCH-Joint 45% with the public code's recipe"
+    learn recipe-public-45 --set mask.prior=sparsegpt --set mask.prior_strength_24=3 --set mask.prior_strength_tile=3 \
+      --set train.lambda_sparsity=7 --set train.lambda_weight=10 --set 'train.betas=[0.9,0.95]' --set train.lr=1e-3 \
+      --set 'mask.scale_tile=[25,350]' --set train.cuda_graph=false ;;
+  # Softer Gumbel samples: logit scales 50x and 10x below the paper's (on
+  # TinyStories-656K 50x lower took 45% from 87.12 to 44.28, docs/benchmarks.md).
+  9) log "9 PATCH-Joint 45% with scales 2->10 / 0.5->7"; learn soft50-45 "${SOFT[@]}" ;;
+  10) log "10 PATCH-Joint 45% with scales 10->50 / 2.5->35"
+    learn soft10-45 --set 'mask.scale_24=[10,50]' --set 'mask.scale_tile=[2.5,35]' ;;
+  # The comparison again with the scales 50x lower, in its own sweep folder
+  # (the one-shot rows do not depend on the scales): 11 is part 9 as a sweep point.
+  11) log "11 soft scales: dense and PATCH-Joint 45%"; S=$R/sweep-soft sweep 0.45 "" "${SOFT[@]}" ;;
+  12) log "12 soft scales: PATCH-Joint 25/35% and its reconstruction, MaskLLM, SparseGPT hybrid with updates, PATCH-Tile 45%"
+    S=$R/sweep-soft sweep "${P12_TARGETS:-0.25,0.35,0.45}" \
+      "${P12_BASELINES:-reconstruct,maskllm,sparsegpt-hybrid-update,tile@0.45}" "${SOFT[@]}" ;;
+  13) log "13 soft scales, PATCH-Joint 45% for $((STEPS * 3)) steps"
+    learn soft50-steps-$((STEPS * 3)) "${SOFT[@]}" --set "train.steps=$((STEPS * 3))" ;;
+  14) log "14 soft scales, PATCH-Joint 45% for $((STEPS * 3 / 10)) steps"
+    learn soft50-steps-$((STEPS * 3 / 10)) "${SOFT[@]}" --set "train.steps=$((STEPS * 3 / 10))" ;;
+  # SparseGPT's weight update under PATCH's learned masks (issue: PATCH + reconstruction).
+  15) log "15 soft scales: SparseGPT's reconstruction under the PATCH-Joint 45% masks"
+    S=$R/sweep-soft sweep 0.45 "reconstruct@0.45" "${SOFT[@]}" ;;
+  *) log "no part $1"; return 1 ;;
+  esac
+}
+# Parts run in the order ONLY names them.
+for n in $ONLY; do run_part "$n" && log "$n done"; done
 # Everything measured so far, in one file (the sweep's points and the extra runs).
 python3 - "$R" <<'EOF'
 import glob, json, os, sys
 r = sys.argv[1]
 out = {"points": [], "runs": {}}
-for f in sorted(glob.glob(os.path.join(r, "sweep/points/*/result.json"))):
-    out["points"].append(json.load(open(f)))
+for f in sorted(glob.glob(os.path.join(r, "sweep*/points/*/result.json"))):
+    point = json.load(open(f))
+    point["sweep"] = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(f))))
+    out["points"].append(point)
 for f in sorted(glob.glob(os.path.join(r, "*-eval/eval.json"))):
     name = os.path.basename(os.path.dirname(f))[:-5]
     e = json.load(open(f))

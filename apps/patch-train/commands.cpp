@@ -21,6 +21,7 @@
 #include "io/checkpoint.h"
 #include "maskfile/apply.h"
 #include "maskfile/mask_file.h"
+#include "maskfile/npz_masks.h"
 #include "deploy/bench.h"
 #include "deploy/export.h"
 #include "deploy/hybrid_linear.h"
@@ -115,6 +116,19 @@ int run_prune(RunContext& ctx) {
   auto tok = text::load_tokenizer_for(model_path);
   model::Decoder decoder(ckpt, dopts);
   auto po = prune::prune_options(cfg);
+  if (const std::string masks = cfg.get_string("model.masks"); !masks.empty()) {
+    if (po.method != prune::Method::kSparseGPT || !po.sparsegpt.update_weights)
+      throw core::ConfigError("model.masks: prune --masks reconstructs the weights under those masks: it needs "
+                              "--method sparsegpt and --set prune.update_weights=true");
+    auto file = std::make_shared<maskfile::MaskFile>(maskfile::read_mask_file(core::resolve_path(masks)));
+    for (const auto& l : file->layers) {
+      const auto it = ckpt.tensors.find(l.name + ".weight");
+      if (it == ckpt.tensors.end())
+        throw core::Error(core::str(file->path, ": layer '", l.name, "' is not in the model '", model_path, "'"));
+      maskfile::check_layer_shape(*file, l, it->second.size(0), it->second.size(1));
+    }
+    po.fixed_masks = file;
+  }
   // Windows of eval.data only when files are given; calibration unless magnitude.
   if (po.method != prune::Method::kMagnitude) prune::require_calibration_data(cfg);
   eval::check_sequence_lengths(cfg, ckpt.config, model_path, !cfg.get_string_list("eval.data").empty(),
@@ -136,7 +150,8 @@ int run_prune(RunContext& ctx) {
   auto& file = result.masks;
   file.meta.model_source = model_path;
   file.meta.model_config_hash = io::config_hash(ckpt.config);
-  file.meta.training_config = cfg.tree().dump();
+  // Given masks keep the record of how they were made.
+  if (!po.fixed_masks) file.meta.training_config = cfg.tree().dump();
   // masks.safetensors, model/ and prune.json appear together, prune.json last.
   core::OutputSet outputs(ctx.out_dir);
   maskfile::write_mask_file(outputs.path("masks.safetensors"), file);
@@ -145,8 +160,9 @@ int run_prune(RunContext& ctx) {
   ordered_json out;
   out["model"] = model_path;
   out["method"] = prune::method_name(po.method);
-  out["pattern"] = prune::structure_name(po.structure);
+  out["pattern"] = po.fixed_masks ? "given masks (" + po.fixed_masks->path + ")" : prune::structure_name(po.structure);
   out["target_sparsity"] = file.meta.target_sparsity;
+  if (po.sparsegpt.refine_iters > 0) out["refine_iters"] = po.sparsegpt.refine_iters;
   out["sparsity"] = file.sparsity();
   out["layers"] = file.layers.size() + file.bitmasks.size();
   out["calibration_sequences"] = calib.defined() ? calib.size(0) : 0;
@@ -215,6 +231,88 @@ int run_pack(RunContext& ctx) {
   const std::string text = out.dump(2);
   std::cout << text << std::endl;
   core::write_file_atomic(ctx.out_dir + "/pack.json", text + "\n");
+  return 0;
+}
+
+// The decoder linears' weights by name, for checks against a model.
+std::map<std::string, at::Tensor> linear_weights(model::Decoder& decoder) {
+  std::map<std::string, at::Tensor> weights;
+  for (auto* lin : decoder.linears()) weights[lin->name()] = lin->weight();
+  return weights;
+}
+
+// Masks between masks.safetensors and the PATCH / MaskLLM .npz layouts.
+int run_convert(RunContext& ctx) {
+  const auto& cfg = ctx.config;
+  const std::string masks = cfg.get_string("model.masks");
+  if (masks.empty()) throw core::ConfigError("model.masks: convert needs a mask file (use --masks FILE)");
+  const std::string in_path = core::resolve_path(masks);
+  const bool npz_in = in_path.size() > 4 && in_path.compare(in_path.size() - 4, 4, ".npz") == 0;
+  std::string to = cfg.get_string("convert.to");
+  if (to.empty()) {
+    if (!npz_in)
+      throw core::ConfigError("convert.to: give the output format (--to patch-npz or maskllm-npz) for a "
+                              "masks.safetensors input");
+    to = "masks";
+  }
+  if (to != "masks") maskfile::parse_npz_layout(to, "convert.to");
+  if ((to == "masks") != npz_in)
+    throw core::ConfigError(core::str("convert.to: '", to, "' from '", in_path, "': convert goes from an .npz file to "
+                                      "masks, or from a mask file to patch-npz or maskllm-npz"));
+  const std::string model_path = cfg.has("model.path") ? cfg.get_string("model.path") : "";
+  maskfile::NpzImportOptions opts;
+  std::unique_ptr<model::Decoder> decoder;
+  if (!model_path.empty()) {
+    const std::string path = core::resolve_path(model_path);
+    io::Checkpoint ckpt = io::load_checkpoint(path);
+    decoder = std::make_unique<model::Decoder>(ckpt, model::DecoderOptions{});
+    opts.weights = linear_weights(*decoder);
+    opts.model_source = path;
+    opts.model_config_hash = io::config_hash(ckpt.config);
+  }
+  ordered_json out{{"masks", in_path}, {"to", to}};
+  maskfile::MaskFile file;
+  maskfile::NpzImportReport report;
+  if (npz_in) {
+    // A tile other than the default is the user's: it must then divide the file's own.
+    if (cfg.at("mask.tile") != config::find_key("mask.tile")->default_value) {
+      const auto tile = cfg.get_int_list("mask.tile");
+      opts.tile_rows = tile.at(0);
+      opts.tile_cols = tile.at(1);
+      opts.tile_given = true;
+    }
+    opts.repair = cfg.get_bool("convert.repair");
+    file = maskfile::import_npz(in_path, opts, &report);
+    for (const auto& name : report.absent)
+      core::log::warn(core::str(name, ": no mask in ", in_path, "; the layer stays dense"));
+    out["from"] = maskfile::npz_layout_name(report.layout);
+    out["dense_tiles"] = report.dense_tiles;
+    out["sparse_tiles"] = report.sparse_tiles;
+    if (opts.repair) {
+      out["repaired_tiles"] = report.repaired_tiles;
+      out["changed_weights"] = report.changed_weights;
+    }
+  } else {
+    file = maskfile::read_mask_file(in_path);
+    if (decoder)
+      for (const auto& l : file.layers) {
+        auto* lin = decoder->linear(l.name);
+        if (!lin) throw core::Error(core::str(in_path, ": layer '", l.name, "' is not in the model '", model_path, "'"));
+        maskfile::check_layer_shape(file, l, lin->weight().size(0), lin->weight().size(1));
+      }
+    out["from"] = "masks";
+  }
+  open_outputs(ctx);
+  const std::string name = to == "masks" ? "masks.safetensors" : to == "patch-npz" ? "mask.npz" : "mask_compressed.npz";
+  core::OutputSet outputs(ctx.out_dir);
+  if (to == "masks") maskfile::write_mask_file(outputs.path(name), file);
+  else maskfile::export_npz(file, outputs.path(name), maskfile::parse_npz_layout(to, "convert.to"));
+  out["layers"] = file.layers.size() + file.bitmasks.size();
+  out["sparsity"] = file.sparsity();
+  out["tile"] = core::str(file.meta.tile_rows, "x", file.meta.tile_cols);
+  out["out"] = ctx.out_dir + "/" + name;
+  outputs.publish("convert.json", out.dump(2) + "\n");
+  std::cout << out.dump(2) << std::endl;
   return 0;
 }
 
@@ -464,11 +562,12 @@ const std::vector<Command>& commands() {
        {{"--nproc", "dist.nproc", "Data-parallel processes (Gloo on CPU, NCCL on GPUs)"}}},
       {"prune",
        "One-shot pruning (magnitude, Wanda, SparseGPT) to 2:4, unstructured or hybrid masks; "
-       "writes masks.safetensors and prune.json",
+       "writes masks.safetensors and prune.json (--masks FILE: SparseGPT's weight update under given masks)",
        "data.train", Output::kRunFolder, run_prune,
        {{"--method", "prune.method", "magnitude, wanda or sparsegpt"},
         {"--pattern", "prune.pattern", "2:4, unstructured or hybrid"},
-        {"--target", "mask.target_sparsity", "Target sparsity"}}},
+        {"--target", "mask.target_sparsity", "Target sparsity"}},
+       kModel | kMasks},
       {"export",
        "Write a pruned Hugging Face checkpoint (input layout and dtypes, masked weights zeroed, mask file "
        "referenced from config.json) into --out",
@@ -477,6 +576,11 @@ const std::vector<Command>& commands() {
        "Write the packed hybrid format of the masked layers (dense tiles whole, 2:4 tiles as kept values and "
        "2-bit positions) to <out>/packed.safetensors",
        "", Output::kRunFolder, run_pack, {}, kModel | kMasks},
+      {"convert",
+       "Convert masks between masks.safetensors and the .npz files the PATCH and MaskLLM authors release "
+       "(<out>/masks.safetensors, mask.npz or mask_compressed.npz)",
+       "", Output::kRunFolder, run_convert,
+       {{"--to", "convert.to", "masks, patch-npz or maskllm-npz"}}, kModel | kMasks},
       {"verify",
        "Check a mask file (shapes, 2:4 in every sparse tile, declared sparsity), optionally against a model "
        "and a pruned checkpoint; exit status 0 or 1",

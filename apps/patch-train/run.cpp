@@ -53,10 +53,10 @@ std::vector<std::string> input_keys(const config::Config& cfg, const std::string
     if (cfg.get_string("mask.prior") == "file") add({"mask.prior_file"});
     if (cmd == "sweep") add({"eval.data"});
   } else if (cmd == "prune") {
-    add({"model.path", "data.train", "eval.data"});
+    add({"model.path", "model.masks", "data.train", "eval.data"});
   } else if (cmd == "eval") {
     add({"model.path", "model.masks", "model.packed", "eval.data"});
-  } else if (cmd == "export" || cmd == "pack" || cmd == "verify" || cmd == "inspect") {
+  } else if (cmd == "export" || cmd == "pack" || cmd == "verify" || cmd == "inspect" || cmd == "convert") {
     add({"model.path", "model.masks"});
     if (cmd == "verify") add({"verify.pruned"});
     if (cmd == "inspect") add({"inspect.metrics"});

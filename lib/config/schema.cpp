@@ -183,13 +183,26 @@ std::vector<KeyDef> build() {
       range(key("prune.blocksize", T::kInt, 128, "SparseGPT columns per lazy-update block (multiple of 4)"), 4,
             inf),
       key("prune.update_weights", T::kBool, false,
-          "SparseGPT: also write its OBS-updated weights as a pruned checkpoint (<out>/model)"),
+          "SparseGPT: also write its OBS-updated weights as a pruned checkpoint (<out>/model); with --masks FILE, "
+          "the update under that file's masks (reconstruction: no re-selection)"),
+      range(key("prune.refine_iters", T::kInt, 0,
+                "SparseGPT with updated weights: after its column sweep, at most this many conjugate-gradient steps "
+                "take every row's kept weights to the least-squares optimum under the mask (0: SparseGPT as "
+                "published)"),
+            0, 100000),
       // inspect
       key("inspect.plot", T::kString, "",
           "inspect --masks: write a PNG of every layer's tile map and the density per block; inspect --metrics: "
           "a PNG of the training curves"),
       key("inspect.metrics", T::kString, "",
           "inspect: a run's metrics.jsonl, summarized (and plotted with inspect.plot)"),
+      // convert
+      key("convert.to", T::kString, "",
+          "convert: the output format: masks (masks.safetensors), patch-npz (the PATCH release's mask.npz) or "
+          "maskllm-npz (MaskLLM's mask_compressed.npz); default: masks for an .npz input"),
+      key("convert.repair", T::kBool, false,
+          "convert: an .npz tile that is neither dense nor 2:4 becomes whichever changes fewer bits, 2:4 groups "
+          "by weight magnitude (needs --model); without it such a tile is an error"),
       // verify
       key("verify.pruned", T::kString, "", "verify: a pruned checkpoint directory to check against the masks"),
       // sweep
@@ -199,8 +212,10 @@ std::vector<KeyDef> build() {
       key("sweep.baselines", T::kStringList, Json::array(),
           "Baselines run beside PATCH in a sweep: maskllm; magnitude, wanda, sparsegpt (2:4; sparsegpt with its "
           "updated weights), sparsegpt-mask (2:4, mask only); magnitude-hybrid, wanda-hybrid, sparsegpt-hybrid "
-          "(one-shot hybrid at each target, mask only), sparsegpt-hybrid-update; joint, tile (another learned "
-          "mode at each target). A per-target baseline may end in @T (e.g. tile@0.45) to run at T only"),
+          "(one-shot hybrid at each target, mask only), sparsegpt-hybrid-update; reconstruct (SparseGPT's weight "
+          "update under the masks PATCH learned at each target, prune.refine_iters steps of refinement); joint, "
+          "tile (another learned mode at each target). A per-target baseline may end in @T (e.g. tile@0.45) to "
+          "run at T only"),
       // bench
       choices(key("bench.shape", T::kString, "qwen2.5-0.5b",
                   "Model shape benchmarked with random weights"),

@@ -3,6 +3,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <cmath>
+#include <limits>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -99,6 +100,7 @@ at::Tensor wanda_score(const at::Tensor& weight, const InputStats& stats) {
 at::Tensor keep_from_score(const at::Tensor& score, const LayerTarget& target, bool per_row) {
   check_target(score, target);
   at::NoGradGuard no_grad;
+  if (target.fixed_keep.defined()) return target.fixed_keep.to(score.device(), at::kBool);
   if (target.structure != Structure::kUnstructured) {
     auto keep = sparsity::expand_patterns(sparsity::best_patterns(score)).to(at::kBool);
     if (target.structure == Structure::kHybrid) keep = keep | ~sparse_elements(target, score.device());
@@ -136,9 +138,9 @@ SparseGPTResult sparsegpt(const at::Tensor& weight, const at::Tensor& hessian, c
   SparseGPTResult r;
   const double mean_diag = H.diagonal().mean().item<double>();
   double percdamp = opts.percdamp;
-  at::Tensor Hinv;
+  at::Tensor Hinv, Hd;
   for (int attempt = 0;; ++attempt) {
-    auto Hd = H.clone();
+    Hd = H.clone();
     Hd.diagonal().add_(percdamp * mean_diag);
     auto [L, info] = at::linalg_cholesky_ex(Hd);
     if (info.item<int64_t>() == 0) {
@@ -157,8 +159,14 @@ SparseGPTResult sparsegpt(const at::Tensor& weight, const at::Tensor& hessian, c
   }
   r.percdamp = percdamp;
 
-  at::Tensor sparse_el;
+  at::Tensor sparse_el, fixed_prune;
   if (target.structure == Structure::kHybrid) sparse_el = sparse_elements(target, W.device());
+  if (target.fixed_keep.defined()) {
+    core::check(target.fixed_keep.sizes() == W.sizes(), name,
+                core::str("the given mask ", target.fixed_keep.sizes(), " does not fit the weight ", W.sizes()));
+    fixed_prune = target.fixed_keep.to(W.device(), at::kBool).logical_not();
+  }
+  const auto W0 = opts.refine_iters > 0 ? W.clone() : at::Tensor();
   auto keep = at::ones({rows, cols}, W.options().dtype(at::kBool));
   for (int64_t i1 = 0; i1 < cols; i1 += opts.blocksize) {
     const int64_t i2 = std::min(i1 + opts.blocksize, cols), count = i2 - i1;
@@ -167,8 +175,9 @@ SparseGPTResult sparsegpt(const at::Tensor& weight, const at::Tensor& hessian, c
     auto Err1 = at::zeros_like(W1);
     auto Hinv1 = Hinv.slice(0, i1, i2).slice(1, i1, i2);
     auto d1 = Hinv1.diagonal();
-    auto prune1 = at::zeros({rows, count}, W.options().dtype(at::kBool));
-    if (target.structure == Structure::kUnstructured) {
+    auto prune1 = fixed_prune.defined() ? fixed_prune.slice(1, i1, i2).clone()
+                                        : at::zeros({rows, count}, W.options().dtype(at::kBool));
+    if (target.structure == Structure::kUnstructured && !fixed_prune.defined()) {
       auto saliency = (W1 * W1 / (d1 * d1).unsqueeze(0)).reshape({1, -1});
       const int64_t k = pruned_count(target.sparsity, saliency.numel());
       if (k > 0) {
@@ -177,7 +186,7 @@ SparseGPTResult sparsegpt(const at::Tensor& weight, const at::Tensor& hessian, c
       }
     }
     for (int64_t i = 0; i < count; ++i) {
-      if (target.structure != Structure::kUnstructured && i % kGroupSize == 0) {
+      if (target.structure != Structure::kUnstructured && !fixed_prune.defined() && i % kGroupSize == 0) {
         auto g = W1.slice(1, i, i + kGroupSize);
         auto dg = d1.slice(0, i, i + kGroupSize);
         auto drop = std::get<1>(at::topk(g * g / (dg * dg).unsqueeze(0), 2, /*dim=*/1, /*largest=*/false));
@@ -197,8 +206,41 @@ SparseGPTResult sparsegpt(const at::Tensor& weight, const at::Tensor& hessian, c
     keep.slice(1, i1, i2).copy_(~prune1);
   }
   r.keep = keep;
-  if (opts.update_weights) r.weight = W;
+  if (opts.update_weights)
+    r.weight = opts.refine_iters > 0 ? refine_least_squares(W0, W, Hd, keep, opts.refine_iters) : W;
   return r;
+}
+
+at::Tensor refine_least_squares(const at::Tensor& weight, const at::Tensor& start, const at::Tensor& hessian,
+                                const at::Tensor& keep, int64_t iters, double tol) {
+  at::NoGradGuard no_grad;
+  const auto dt = compute_dtype(weight);
+  auto W = weight.to(dt);
+  auto H = hessian.to(W.device(), dt);
+  auto M = keep.to(W.device(), dt);
+  auto X = start.to(W.device(), dt) * M;
+  auto dinv = H.diagonal().reciprocal().unsqueeze(0);
+  // Per row: residual r = (H (w - x))_K, preconditioned z = r / diag(H).
+  auto R = at::matmul(W - X, H) * M;
+  auto Z = R * dinv;
+  auto P = Z.clone();
+  auto rz = (R * Z).sum(1, /*keepdim=*/true);
+  const auto r0 = R.norm(2, 1, /*keepdim=*/true).clamp_min(std::numeric_limits<double>::min());
+  for (int64_t it = 0; it < iters; ++it) {
+    auto AP = at::matmul(P, H) * M;
+    auto pap = (P * AP).sum(1, /*keepdim=*/true);
+    // A converged row (p = 0) takes no step.
+    auto alpha = at::where(pap > 0, rz / pap.clamp_min(std::numeric_limits<double>::min()), at::zeros_like(pap));
+    X.add_(alpha * P);
+    R.sub_(alpha * AP);
+    if ((it + 1) % 8 == 0 && (R.norm(2, 1, /*keepdim=*/true) / r0).max().item<double>() < tol) break;
+    Z = R * dinv;
+    auto rz_next = (R * Z).sum(1, /*keepdim=*/true);
+    auto beta = at::where(rz > 0, rz_next / rz.clamp_min(std::numeric_limits<double>::min()), at::zeros_like(rz));
+    P = Z + beta * P;
+    rz = rz_next;
+  }
+  return X;
 }
 
 }  // namespace patch::prune

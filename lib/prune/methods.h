@@ -35,6 +35,9 @@ struct LayerTarget {
   double sparsity = 0.5;   // unstructured: fraction of weights removed
   sparsity::TileGrid grid;  // hybrid: the tiles
   at::Tensor tile_dense;    // hybrid: uint8 [rows, cols], 1 = dense (no pruning inside)
+  // When defined, the keep mask (bool [out, in]) to use as it is: no selection,
+  // only SparseGPT's update of the kept weights (reconstruction under a given mask).
+  at::Tensor fixed_keep;
 };
 
 // Importance scores [out, in] (fp32): |W| and Wanda's |W| * ||X_j||_2.
@@ -53,6 +56,10 @@ struct SparseGPTOptions {
   int64_t blocksize = 128; // columns per lazy-update block (a multiple of 4)
   int max_attempts = 6;    // a failed Cholesky retries with 10x the dampening
   bool update_weights = true;  // false: keep only the mask (a prior)
+  // After the column sweep, up to this many conjugate-gradient steps take the
+  // kept weights of every row to the least-squares optimum under the mask
+  // (refine_least_squares); 0: SparseGPT as published.
+  int64_t refine_iters = 0;
 };
 
 struct SparseGPTResult {
@@ -70,5 +77,16 @@ struct SparseGPTResult {
 // weight's device. `name` labels errors and the retry warning.
 SparseGPTResult sparsegpt(const at::Tensor& weight, const at::Tensor& hessian, const LayerTarget& target,
                           const SparseGPTOptions& opts, const std::string& name = "layer");
+
+// SparseGPT's sweep freezes each column once it is passed, so its kept weights
+// are not the best ones for the mask. Per row, the best are the minimizer of
+// (x - w) H (x - w)^T over x with x_j = 0 where keep is false: the linear
+// system H_KK x_K = (H w)_K on the kept set K. This solves every row's system
+// at once by Jacobi-preconditioned conjugate gradients (one [out, in] x [in, in]
+// product per step), from `start` (masked), for at most `iters` steps or until
+// every row's residual falls below `tol` of its first. H: symmetric positive
+// definite [in, in] (dampened); all in the dtype of `weight`.
+at::Tensor refine_least_squares(const at::Tensor& weight, const at::Tensor& start, const at::Tensor& hessian,
+                                const at::Tensor& keep, int64_t iters, double tol = 1e-6);
 
 }  // namespace patch::prune

@@ -2,6 +2,7 @@
 
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <functional>
 
 #include "core/error.h"
@@ -183,7 +184,7 @@ at::Tensor survivors(const sparsity::TileGrid& grid, const at::Tensor& keep) {
 std::vector<sparsity::TileScores> tile_scores(model::Decoder& decoder, const at::Tensor& calib,
                                               std::vector<LayerSpec> specs, const PruneOptions& o) {
   std::vector<sparsity::TileScores> scores;
-  for (auto& s : specs) s.target = {Structure::kUnstructured, o.target_sparsity, s.grid, {}};
+  for (auto& s : specs) s.target = {Structure::kUnstructured, o.target_sparsity, s.grid, {}, {}};
   run_pass(decoder, calib, specs, o, /*update=*/false, "prune: tile scores",
            [&](const LayerSpec& s, const at::Tensor& keep, const SparseGPTResult*) {
              scores.push_back({s.grid, survivors(s.grid, keep), s.block});
@@ -233,7 +234,52 @@ at::Tensor calibration_from_config(const config::Config& cfg, const text::Tokeni
   return calib;
 }
 
+namespace {
+
+// The layers of a given mask file, each with its mask as the fixed target.
+std::vector<LayerSpec> fixed_layers(model::Decoder& decoder, const maskfile::MaskFile& file) {
+  std::vector<LayerSpec> specs;
+  const std::string where = file.path.empty() ? std::string("model.masks") : file.path;
+  auto add = [&](const std::string& name, const at::Tensor& keep, LayerTarget target) {
+    model::LinearImpl* lin = decoder.linear(name);
+    if (!lin) throw core::Error(core::str(where, ": layer '", name, "' is not a linear layer of the model"));
+    const auto& w = lin->weight();
+    if (keep.size(0) != w.size(0) || keep.size(1) != w.size(1))
+      throw core::Error(core::str(where, ": layer '", name, "' has a mask [", keep.size(0), ", ", keep.size(1),
+                                  "] for a weight [", w.size(0), ", ", w.size(1), "]"));
+    target.fixed_keep = keep.to(w.device(), at::kBool);
+    specs.push_back({lin, model::Decoder::block_index(name), target.grid, target});
+  };
+  for (const auto& l : file.layers) add(l.name, l.mask(at::kByte), {Structure::kHybrid, 0.5, l.grid, l.tile_dense, {}});
+  for (const auto& b : file.bitmasks) {
+    sparsity::TileGrid grid(b.out, b.in, b.out, b.in);
+    add(b.name, b.mask(at::kByte), {Structure::kUnstructured, 0.0, grid, {}, {}});
+  }
+  // Block order, as the pass goes.
+  std::stable_sort(specs.begin(), specs.end(), [](const LayerSpec& a, const LayerSpec& b) { return a.block < b.block; });
+  return specs;
+}
+
+// SparseGPT's update of the kept weights under the file's masks, block by block.
+PruneResult reconstruct(model::Decoder& decoder, const at::Tensor& calib, const PruneOptions& o) {
+  core::check(o.method == Method::kSparseGPT && o.sparsegpt.update_weights, "prune",
+              "reconstruction under given masks is SparseGPT's weight update (prune.method=sparsegpt, "
+              "prune.update_weights=true)");
+  PruneResult result;
+  result.masks = *o.fixed_masks;
+  result.calibration_passes = 1;
+  run_pass(decoder, calib, fixed_layers(decoder, *o.fixed_masks), o, /*update=*/true, "prune: reconstruct",
+           [&](const LayerSpec& s, const at::Tensor&, const SparseGPTResult* sg) {
+             result.percdamp[s.lin->name()] = sg->percdamp;
+             result.weights[s.lin->name() + ".weight"] = sg->weight.cpu();
+           });
+  return result;
+}
+
+}  // namespace
+
 PruneResult prune_model(model::Decoder& decoder, const at::Tensor& calib, const PruneOptions& o) {
+  if (o.fixed_masks) return reconstruct(decoder, calib, o);
   auto specs = select_layers(decoder, o);
   PruneResult result;
   auto& file = result.masks;
@@ -248,9 +294,9 @@ PruneResult prune_model(model::Decoder& decoder, const at::Tensor& calib, const 
   for (auto& s : specs) {
     if (o.structure == Structure::kUnstructured) {
       core::check(s.grid.in() % 8 == 0, s.lin->name(), "unstructured masks need in_features a multiple of 8");
-      s.target = {Structure::kUnstructured, o.target_sparsity, s.grid, {}};
+      s.target = {Structure::kUnstructured, o.target_sparsity, s.grid, {}, {}};
     } else {
-      s.target = {o.structure, 0.5, s.grid, at::zeros({s.grid.rows(), s.grid.cols()}, at::kByte)};
+      s.target = {o.structure, 0.5, s.grid, at::zeros({s.grid.rows(), s.grid.cols()}, at::kByte), {}};
     }
   }
   if (o.structure == Structure::kHybrid) {
@@ -281,7 +327,7 @@ std::map<std::string, sparsity::Prior> oneshot_priors(model::Decoder& decoder, c
   auto specs = select_layers(decoder, o);
   std::map<std::string, sparsity::Prior> priors;
   auto scores = tile_scores(decoder, calib, specs, o);
-  for (auto& s : specs) s.target = {Structure::k24, 0.5, s.grid, at::zeros({s.grid.rows(), s.grid.cols()}, at::kByte)};
+  for (auto& s : specs) s.target = {Structure::k24, 0.5, s.grid, at::zeros({s.grid.rows(), s.grid.cols()}, at::kByte), {}};
   size_t i = 0;
   run_pass(decoder, calib, specs, o, /*update=*/false, "prior: 2:4 " + method_name(o.method),
            [&](const LayerSpec& s, const at::Tensor& keep, const SparseGPTResult*) {
@@ -328,6 +374,7 @@ PruneOptions prune_options(const config::Config& cfg) {
   o.sparsegpt.percdamp = cfg.get_float("prune.percdamp");
   o.sparsegpt.blocksize = cfg.get_int("prune.blocksize");
   o.sparsegpt.update_weights = cfg.get_bool("prune.update_weights");
+  o.sparsegpt.refine_iters = cfg.get_int("prune.refine_iters");
   o.micro_batch = cfg.get_int("prune.micro_batch");
   if (o.sparsegpt.blocksize % 4 != 0)
     throw core::ConfigError(core::str("prune.blocksize: ", o.sparsegpt.blocksize, " is not a multiple of 4"));

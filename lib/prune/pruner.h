@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,10 @@ struct PruneOptions {
   sparsity::BudgetKind budget = sparsity::BudgetKind::kGlobal;
   std::vector<std::string> include = {"*"}, exclude;
   SparseGPTOptions sparsegpt;  // update_weights: keep SparseGPT's updated weights
+  // Reconstruction under given masks: every layer of the file keeps its mask
+  // as it is (structure, tiles and target come from the file; layers the file
+  // lacks stay dense) and SparseGPT only updates the kept weights.
+  std::shared_ptr<const maskfile::MaskFile> fixed_masks;
   int64_t micro_batch = 4;     // calibration sequences per block forward
 };
 

@@ -35,6 +35,9 @@ struct Point {
   // evaluated with SparseGPT's updated weights rather than the mask alone.
   std::string prune_method, pattern;
   bool update_weights = false;
+  // Reconstruction points: the learned point (under points/) whose masks
+  // SparseGPT's update keeps as they are.
+  std::string masks_from = "";
 };
 
 std::string target_label(double t) {
@@ -46,11 +49,13 @@ std::string target_label(double t) {
 const char* const kBaselineHelp =
     "expected maskllm, magnitude, wanda, sparsegpt (2:4 with SparseGPT's updated weights), "
     "sparsegpt-mask (2:4, mask only), magnitude-hybrid, wanda-hybrid, sparsegpt-hybrid (one-shot "
-    "hybrid at each target, mask only), sparsegpt-hybrid-update, or joint, tile, maskllm-mode "
-    "learned modes; a per-target baseline may end in @T to run at target T only";
+    "hybrid at each target, mask only), sparsegpt-hybrid-update, reconstruct (PATCH's learned masks with "
+    "SparseGPT's weight update under them, at each target), or joint, tile learned modes; a per-target baseline "
+    "may end in @T to run at target T only";
 
 // A baseline name, possibly "<name>@<target>" for per-target baselines.
-std::vector<Point> baseline_points(const std::string& spec, const std::vector<double>& targets) {
+std::vector<Point> baseline_points(const std::string& spec, const std::vector<double>& targets,
+                                   const std::string& mode) {
   std::string b = spec;
   std::vector<double> at = targets;
   if (const size_t pos = spec.find('@'); pos != std::string::npos) {
@@ -80,6 +85,12 @@ std::vector<Point> baseline_points(const std::string& spec, const std::vector<do
       points.push_back({b + "-" + label, method + " hybrid" + (update ? " update" : ""), t, method, "hybrid", update});
     } else if (b == "joint" || b == "tile") {
       points.push_back({"patch-" + b + "-" + label, "patch-" + b, t, "", "", false});
+    } else if (b == "reconstruct") {
+      if (std::find(targets.begin(), targets.end(), t) == targets.end())
+        throw core::ConfigError(core::str("sweep.baselines: '", spec, "' reconstructs under the masks PATCH learns at ",
+                                          label, ", which is not in sweep.targets"));
+      const std::string from = "patch-" + mode + "-" + label;
+      points.push_back({from + "-reconstruct", "patch-" + mode + " + reconstruction", t, "sparsegpt", "", true, from});
     } else {
       throw core::ConfigError(core::str("sweep.baselines: unknown baseline '", spec, "' (", kBaselineHelp, ")"));
     }
@@ -94,7 +105,7 @@ std::vector<Point> plan(const config::Config& cfg) {
   for (double t : targets)
     points.push_back({"patch-" + mode + "-" + target_label(t), "patch-" + mode, t, "", "", false});
   for (const auto& b : cfg.get_string_list("sweep.baselines"))
-    for (Point& p : baseline_points(b, targets)) {
+    for (Point& p : baseline_points(b, targets, mode)) {
       for (const Point& q : points)
         if (q.name == p.name)
           throw core::ConfigError(core::str("sweep.baselines: '", b, "' repeats the point ", p.name));
@@ -152,7 +163,8 @@ json run_point(const config::Config& cfg, const Point& p, const std::string& dir
   json result = {{"name", p.name}, {"method", p.method}, {"target", p.target}};
   std::string masks_path;
 
-  if (p.method == "maskllm" || p.method.rfind("patch-", 0) == 0) {
+  const bool learned = p.prune_method.empty() && (p.method == "maskllm" || p.method.rfind("patch-", 0) == 0);
+  if (learned) {
     pcfg.set("mask.mode", p.method == "maskllm" ? "maskllm" : p.method.substr(6));
     if (int rc = train_point(pcfg, dir); rc != 0) return {{"exit", rc}};
     masks_path = dir + "/masks.safetensors";
@@ -172,9 +184,12 @@ json run_point(const config::Config& cfg, const Point& p, const std::string& dir
     result["sparsity"] = 0.0;
   } else {
     pcfg.set("prune.method", p.prune_method);
-    pcfg.set("prune.pattern", p.pattern);
+    if (!p.pattern.empty()) pcfg.set("prune.pattern", p.pattern);
     auto po = prune::prune_options(pcfg);
     po.sparsegpt.update_weights = p.update_weights;
+    if (!p.masks_from.empty())
+      po.fixed_masks = std::make_shared<maskfile::MaskFile>(maskfile::read_mask_file(
+          (fs::path(dir).parent_path() / p.masks_from / "masks.safetensors").string()));
     at::Tensor calib;
     if (po.method != prune::Method::kMagnitude) calib = prune::calibration_from_config(pcfg, *tok);
     core::prepare_output_dir(dir, /*overwrite=*/true, /*resume=*/false);

@@ -232,6 +232,67 @@ TEST_CASE("prune sparsegpt 2:4 writes masks and a pruned checkpoint that transfo
   CHECK(contains(no_data.err, "data.train"));
 }
 
+TEST_CASE("prune --masks: SparseGPT's weight update under given masks, loaded by transformers") {
+  TempDir dir;
+  const std::string train_text = patch::test::data_path("text/tinystories/tinystories_train_first2MiB.txt");
+  const std::string common = " --model " + model_dir() + " --data " + train_text +
+                             " --method sparsegpt --set model.device=cpu --set prune.calib_samples=16"
+                             " --set prune.calib_seq_len=256 --set mask.tile=[32,32]"
+                             " --set data.document_separator='<|endoftext|>'";
+  const std::string eval = " --set eval.data=[" + valid_text() + "] --set data.seq_len=256 --set eval.max_windows=16";
+  // SparseGPT 2:4 with its own selection, then the update under that same mask: the same weights.
+  auto own = run_command(bin() + " prune" + common + " --pattern 2:4 --set prune.update_weights=true --out " +
+                         dir.file("own"));
+  INFO(own.err);
+  REQUIRE(own.exit_code == 0);
+  auto fixed = run_command(bin() + " prune" + common + " --masks " + dir.file("own/masks.safetensors") +
+                           " --set prune.update_weights=true" + eval + " --out " + dir.file("fixed"));
+  INFO(fixed.err);
+  REQUIRE(fixed.exit_code == 0);
+  auto diff = run_command(patch::test::env_or("PATCH_PYTHON", "python3") + " -c \"import sys; "
+                          "from safetensors.numpy import load_file as l; import numpy as np; "
+                          "a = l(sys.argv[1]); b = l(sys.argv[2]); "
+                          "print(max(float(np.abs(a[k] - b[k]).max()) for k in a if k.endswith('_proj.weight')))\" " +
+                          dir.file("own/model/model.safetensors") + " " + dir.file("fixed/model/model.safetensors"));
+  INFO(diff.err);
+  REQUIRE(diff.exit_code == 0);
+  CHECK(std::stod(diff.out) < 1e-5);
+  // A hybrid mask (here a one-shot one, mask only): reconstruction beats the mask alone,
+  // its zeros are exactly the mask's, and transformers scores it as we do.
+  auto hyb = run_command(bin() + " prune" + common + " --pattern hybrid --target 0.35" + eval + " --out " +
+                         dir.file("hyb"));
+  REQUIRE(hyb.exit_code == 0);
+  auto rec = run_command(bin() + " prune" + common + " --masks " + dir.file("hyb/masks.safetensors") +
+                         " --set prune.update_weights=true --set prune.refine_iters=200" + eval + " --out " +
+                         dir.file("rec"));
+  INFO(rec.err);
+  REQUIRE(rec.exit_code == 0);
+  const auto mask_only = nlohmann::json::parse(hyb.out)["perplexity"].get<double>();
+  const auto rep = nlohmann::json::parse(rec.out);
+  const double recon = rep["perplexity"].get<double>();
+  INFO("mask only " << mask_only << ", reconstructed " << recon);
+  CHECK(recon < mask_only);
+  CHECK(rep["refine_iters"] == 200);
+  CHECK(contains(rep["pattern"].get<std::string>(), "given masks"));
+  auto ver = run_command(bin() + " verify --masks " + dir.file("rec/masks.safetensors") + " --model " + model_dir() +
+                         " --pruned " + dir.file("rec/model"));
+  INFO(ver.out);
+  CHECK(ver.exit_code == 0);
+  auto hf = run_command(patch::test::env_or("PATCH_PYTHON", "python3") + " " + patch::test::source_dir() +
+                        "/scripts/hf_perplexity.py --model " + dir.file("rec/model") + " --data " + valid_text() +
+                        " --seq-len 256 --max-windows 16 --out " + dir.file("hf.json"));
+  INFO(hf.err);
+  REQUIRE(hf.exit_code == 0);
+  const double ref = nlohmann::json::parse(patch::core::read_file(dir.file("hf.json")))["perplexity"].get<double>();
+  CHECK(std::abs(recon / ref - 1.0) < 1e-3);
+  // Reconstruction is SparseGPT's update: other methods, or masks only, are refused in one line.
+  auto bad = run_command(bin() + " prune" + common + " --masks " + dir.file("hyb/masks.safetensors") + " --out " +
+                         dir.file("bad"));
+  CHECK(bad.exit_code == 2);
+  CHECK(contains(bad.err, "prune.update_weights=true"));
+  CHECK_FALSE(fs::exists(dir.file("bad")));
+}
+
 namespace {
 
 bool has_matplotlib() {

@@ -184,6 +184,62 @@ TEST_CASE("sparsegpt equals a plain re-implementation of the published algorithm
   CHECK(masked.keep.equal(plain_sparsegpt(w, h, o.percdamp, true, 0, 8).keep));
 }
 
+TEST_CASE("reconstruction under a given mask: SparseGPT's own 2:4 mask gives its own weights", "[prune]") {
+  at::manual_seed(4);
+  auto w = at::randn({8, 48}, at::kDouble);
+  auto x = at::randn({120, 48}, at::kDouble) * at::linspace(0.3, 2.0, 48, at::kDouble);
+  auto h = x.t().matmul(x);
+  prune::SparseGPTOptions o;
+  o.blocksize = 16;
+  auto own = prune::sparsegpt(w, h, LayerTarget{}, o);
+  LayerTarget fixed;
+  fixed.fixed_keep = own.keep;
+  auto again = prune::sparsegpt(w, h, fixed, o);
+  CHECK(again.keep.equal(own.keep));
+  CHECK(at::allclose(again.weight, own.weight, 1e-12, 1e-12));
+  // Another mask than its own: SparseGPT's update under it, zeros exactly where it says.
+  fixed.fixed_keep = at::rand({8, 48}) < 0.6;
+  auto other = prune::sparsegpt(w, h, fixed, o);
+  CHECK(other.keep.equal(fixed.fixed_keep));
+  CHECK(other.weight.masked_select(fixed.fixed_keep.logical_not()).abs().max().item<double>() == 0.0);
+}
+
+TEST_CASE("refined reconstruction equals the brute-force least-squares solution per row", "[prune]") {
+  // The oracle, by definition: per row, the kept weights x minimizing
+  // ||X x - X w||^2 with x = 0 off the mask, by a direct least-squares solve.
+  at::manual_seed(5);
+  const int64_t out = 10, in = 32;
+  auto w = at::randn({out, in}, at::kDouble);
+  auto x = at::randn({200, in}, at::kDouble) * at::linspace(0.2, 3.0, in, at::kDouble);
+  auto h = x.t().matmul(x);
+  // A hybrid mask: tile (0, 0) of 8 x 16 dense, 2:4 elsewhere, random patterns.
+  auto keep = sparsity::expand_patterns(at::randint(0, 6, {out, in / 4}, at::kLong)).to(at::kBool);
+  keep.slice(0, 0, 8).slice(1, 0, 16).fill_(true);
+  auto brute = at::zeros({out, in}, at::kDouble);
+  for (int64_t i = 0; i < out; ++i) {
+    auto k = keep[i].nonzero().squeeze(1);
+    auto xk = x.index_select(1, k);
+    auto sol = std::get<0>(at::linalg_lstsq(xk, x.matmul(w[i]).unsqueeze(1)));
+    brute[i].index_put_({k}, sol.squeeze(1));
+  }
+  prune::SparseGPTOptions o;
+  o.percdamp = 0.0;  // the plain least-squares problem
+  o.blocksize = 8;
+  LayerTarget t;
+  t.fixed_keep = keep;
+  auto sweep = prune::sparsegpt(w, h, t, o);
+  o.refine_iters = 500;
+  auto refined = prune::sparsegpt(w, h, t, o);
+  CHECK(refined.weight.masked_select(keep.logical_not()).abs().max().item<double>() == 0.0);
+  INFO("max |refined - brute| " << (refined.weight - brute).abs().max().item<double>());
+  CHECK(at::allclose(refined.weight, brute, 1e-8, 1e-8));
+  // SparseGPT's sweep alone freezes columns once passed: not the optimum, never better.
+  const double e_sweep = recon_error(w, sweep.weight, h), e_opt = recon_error(w, refined.weight, h);
+  INFO("sweep " << e_sweep << " optimum " << e_opt);
+  CHECK(e_opt < e_sweep);
+  CHECK_FALSE(at::allclose(sweep.weight, brute, 1e-6, 1e-6));
+}
+
 TEST_CASE("a singular hessian triggers the damping retry", "[prune]") {
   at::manual_seed(3);
   auto w = at::randn({4, 8});
