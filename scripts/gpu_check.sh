@@ -92,7 +92,7 @@ if [[ $STAGE == wait ]]; then
   cat "$STUDY_DIR/progress.txt" 2>/dev/null
   tail -2 "$STUDY_DIR"/*.log 2>/dev/null | tail -12
   # Results: the study's small files in one archive (sweep points, run reports, metrics).
-  (cd "$STUDY_DIR" && tar -czf "$OUT/study.tar.gz" --exclude='*.safetensors' --exclude='cache' . 2>/dev/null)
+  (cd "$STUDY_DIR" && tar -czf "$OUT/study.tar.gz" --exclude='*.safetensors' --exclude='*.npz' --exclude='cache' . 2>/dev/null)
   ls -la "$OUT"
   exit 0
 fi

@@ -73,6 +73,14 @@ run_part() {
   # SparseGPT's weight update under PATCH's learned masks (issue: PATCH + reconstruction).
   15) log "15 soft scales: SparseGPT's reconstruction under the PATCH-Joint 45% masks"
     S=$R/sweep-soft sweep 0.45 "reconstruct@0.45" "${SOFT[@]}" ;;
+  # The masks through the other formats and back, packed and timed as deployed.
+  16) log "16 the soft-scale 45% masks through patch-npz and back, packed, bench-deploy --packed"
+    local m=$R/sweep-soft/points/patch-joint-0.45/masks.safetensors
+    { "$P" convert --masks "$m" --to patch-npz --out "$R/npz" --overwrite &&
+      "$P" convert --config "$C" --masks "$R/npz/mask.npz" --out "$R/npz-back" --overwrite &&
+      "$P" pack --config "$C" --masks "$R/npz-back/masks.safetensors" --out "$R/npz-pack" --overwrite &&
+      "$P" bench-deploy --config "$C" --packed "$R/npz-pack/packed.safetensors" --tokens 1,16,2048 |
+        grep '^{' >"$R/npz-bench.jsonl"; } >"$R/npz.log" 2>&1 ;;
   *) log "no part $1"; return 1 ;;
   esac
 }

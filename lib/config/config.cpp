@@ -18,6 +18,7 @@
 #include <regex>
 #include <sstream>
 
+#include "core/atomic_file.h"
 #include "core/error.h"
 
 namespace patch::config {
@@ -657,6 +658,10 @@ std::string dump_yaml(const Config& config) {
     }
   }
   return out;
+}
+
+void write_resolved(const std::string& dir, const Config& config) {
+  core::write_file_atomic(dir + "/config.resolved.yaml", dump_yaml(config));
 }
 
 }  // namespace patch::config

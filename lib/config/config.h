@@ -76,5 +76,7 @@ void validate_resolved(const Config& config, const std::string& subcommand);
 
 // YAML text of the resolved configuration (comments carry the help text).
 std::string dump_yaml(const Config& config);
+// <dir>/config.resolved.yaml, atomically: every run folder records what it ran with.
+void write_resolved(const std::string& dir, const Config& config);
 
 }  // namespace patch::config

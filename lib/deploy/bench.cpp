@@ -82,6 +82,59 @@ double wall_ms(const std::function<void()>& fn, const at::Device& d, int repeats
   return t[t.size() / 2];
 }
 
+// One timing of a packed layer against cuBLAS on the same masked weight.
+struct LayerTiming {
+  int64_t tokens = 0;
+  double dense_us = 0, hybrid_us = 0, max_rel_err = 0;
+  std::string path;
+  int copies = 0;
+  int64_t device_bytes = 0;  // of the kernel's weight format on the GPU
+};
+
+// Times `packed` at every token count of `o`, after checking the kernel's
+// output against the masked dense matmul; `label` names the layer in errors.
+std::vector<LayerTiming> time_layer(const PackedLayer& packed, const DeployBenchOptions& o,
+                                    const std::string& label) {
+  const int64_t in = packed.grid.in();
+  const auto dense_w = unpack_layer(packed).to(o.device);
+  // Enough copies that a pass over them streams min_bytes: no weight is still
+  // in L2 when it is read again.
+  const int copies = static_cast<int>(std::clamp<int64_t>(o.min_bytes / packed.bytes() + 1, 2, 256));
+  std::vector<at::Tensor> dense(copies);
+  std::vector<HybridLinear> hybrid;
+  hybrid.reserve(copies);
+  hybrid.emplace_back(packed, o.device);
+  // Each launch timed on its own, as cuBLAS's are: back to back, one would
+  // start streaming while the one before ends, a gain the end-to-end decode
+  // steps measure where a model has it.
+  hybrid.front().set_overlap(false);
+  for (int i = 0; i < copies; ++i) dense[i] = dense_w.clone();
+  for (int i = 1; i < copies; ++i) hybrid.push_back(hybrid.front().clone());
+  std::vector<LayerTiming> timings;
+  for (int64_t tokens : o.tokens) {
+    const auto x = at::randn({tokens, in}, at::TensorOptions(o.device).dtype(at::kBFloat16));
+    const auto ref = at::linear(x.to(at::kFloat), dense_w.to(at::kFloat));
+    const auto y = hybrid.front().forward(x).to(at::kFloat);
+    const double err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item<double>();
+    // A timing of wrong outputs is worthless: stop instead (bf16 rounding of
+    // the output is 4e-3 of the largest one; the tests allow 8e-3 too).
+    core::check(err <= 8e-3, "bench-deploy",
+                core::str(label, " at ", tokens, " tokens: the hybrid output is off the masked dense matmul by ",
+                          err, " of its largest value (path ", path_name(hybrid.front().path(tokens)), ")"));
+    const int n = std::max(copies, 8);
+    LayerTiming t;
+    t.tokens = tokens;
+    t.dense_us = cuda::graph_time_us([&](int i) { at::linear(x, dense[i % copies]); }, n, o.repeats);
+    t.hybrid_us = cuda::graph_time_us([&](int i) { hybrid[i % copies].forward(x); }, n, o.repeats);
+    t.max_rel_err = err;
+    t.path = path_name(hybrid.front().path(tokens));
+    t.copies = copies;
+    t.device_bytes = hybrid.front().device_bytes();
+    timings.push_back(t);
+  }
+  return timings;
+}
+
 void bench_layers(const DeployBenchOptions& o, const BenchShape& shape,
                   const std::function<void(const nlohmann::json&)>& emit) {
   const std::string& shape_name = shape.name;
@@ -98,43 +151,12 @@ void bench_layers(const DeployBenchOptions& o, const BenchShape& shape,
     const auto w = (at::randn({s.out, s.in}, gen, at::kFloat) * 0.02).to(at::kBFloat16);
     for (double sp : o.sparsities) {
       const auto packed = pack_layer(w, random_layer_mask(s.names.front(), grid, sp, gen));
-      const auto dense_w = unpack_layer(packed).to(o.device);
-      // Enough copies that a pass over them streams min_bytes: no weight is
-      // still in L2 when it is read again.
-      const int copies =
-          static_cast<int>(std::clamp<int64_t>(o.min_bytes / packed.bytes() + 1, 2, 256));
-      std::vector<at::Tensor> dense(copies);
-      std::vector<HybridLinear> hybrid;
-      hybrid.reserve(copies);
-      hybrid.emplace_back(packed, o.device);
-      // Each launch timed on its own, as cuBLAS's are: back to back, one would
-      // start streaming while the one before ends, a gain the end-to-end
-      // decode steps measure where a model has it.
-      hybrid.front().set_overlap(false);
-      for (int i = 0; i < copies; ++i) dense[i] = dense_w.clone();
-      for (int i = 1; i < copies; ++i) hybrid.push_back(hybrid.front().clone());
-      for (int64_t tokens : o.tokens) {
-        const auto x = at::randn({tokens, s.in}, at::TensorOptions(o.device).dtype(at::kBFloat16));
-        const auto ref = at::linear(x.to(at::kFloat), dense_w.to(at::kFloat));
-        const auto y = hybrid.front().forward(x).to(at::kFloat);
-        const double err =
-            ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item<double>();
-        // A timing of wrong outputs is worthless: stop instead (bf16 rounding of
-        // the output is 4e-3 of the largest one; the tests allow 8e-3 too).
-        core::check(
-            err <= 8e-3, "bench-deploy",
-            core::str(shape_name, " ", joined(s.names), " at sparsity ", sp, " and ", tokens,
-                      " tokens: the hybrid output is off the masked dense matmul by ", err,
-                      " of its largest value (path ", path_name(hybrid.front().path(tokens)), ")"));
-        const int n = std::max(copies, 8);
-        const double dense_us =
-            cuda::graph_time_us([&](int i) { at::linear(x, dense[i % copies]); }, n, o.repeats);
-        const double hybrid_us =
-            cuda::graph_time_us([&](int i) { hybrid[i % copies].forward(x); }, n, o.repeats);
+      const auto timings = time_layer(packed, o, core::str(shape_name, " ", joined(s.names), " at sparsity ", sp));
+      for (const auto& t : timings) {
         const double mult = static_cast<double>(s.names.size());
-        auto& b = block[{sp, tokens}];
-        b.first += mult * dense_us;
-        b.second += mult * hybrid_us;
+        auto& b = block[{sp, t.tokens}];
+        b.first += mult * t.dense_us;
+        b.second += mult * t.hybrid_us;
         ordered_json j{
             {"bench", "deploy_layer"},
             {"shape", shape_name},
@@ -145,16 +167,15 @@ void bench_layers(const DeployBenchOptions& o, const BenchShape& shape,
             {"target_sparsity", sp},
             {"sparsity", packed.sparsity()},
             {"sparse_tiles", 1.0 - static_cast<double>(packed.dense_tiles()) / grid.num_tiles()},
-            {"tokens", tokens},
-            {"path", path_name(hybrid.front().path(tokens))},
-            {"dense_us", dense_us},
-            {"hybrid_us", hybrid_us},
-            {"speedup", dense_us / hybrid_us},
+            {"tokens", t.tokens},
+            {"path", t.path},
+            {"dense_us", t.dense_us},
+            {"hybrid_us", t.hybrid_us},
+            {"speedup", t.dense_us / t.hybrid_us},
             {"weight_bytes_ratio", static_cast<double>(packed.bytes()) / (2.0 * s.out * s.in)},
-            {"device_bytes_ratio",
-             static_cast<double>(hybrid.front().device_bytes()) / (2.0 * s.out * s.in)},
-            {"max_rel_err", err},
-            {"copies", copies}};
+            {"device_bytes_ratio", static_cast<double>(t.device_bytes) / (2.0 * s.out * s.in)},
+            {"max_rel_err", t.max_rel_err},
+            {"copies", t.copies}};
         emit(j);
       }
     }
@@ -184,7 +205,7 @@ void bench_model(const DeployBenchOptions& o, const std::string& shape_name, io:
   // One packed layer per shape, cloned for every layer of that shape: distinct
   // memory, so each layer streams its own weights as in a real model.
   std::map<std::pair<int64_t, int64_t>, std::unique_ptr<HybridLinear>> proto;
-  std::vector<std::shared_ptr<HybridLinear>> kernels;
+  NamedKernels kernels;
   int64_t total = 0;
   for (auto* lin : dec.linears()) {
     const int64_t out = lin->weight().size(0), in = lin->weight().size(1);
@@ -196,22 +217,15 @@ void bench_model(const DeployBenchOptions& o, const std::string& shape_name, io:
       p = std::make_unique<HybridLinear>(packed, o.device);
     }
     total += 1;
-    kernels.push_back(std::make_shared<HybridLinear>(p->clone()));
+    kernels.emplace_back(lin->name(), std::make_shared<HybridLinear>(p->clone()));
   }
   const auto prefill_ids = at::randint(0, cfg.vocab_size, {1, o.e2e_prefill},
                                        at::TensorOptions(o.device).dtype(at::kLong));
   const auto step_ids =
       at::randint(0, cfg.vocab_size, {1, 1}, at::TensorOptions(o.device).dtype(at::kLong));
   auto set_kernels = [&](bool on) {
-    auto lins = dec.linears();
-    for (size_t i = 0; i < lins.size(); ++i) {
-      if (on) {
-        auto k = kernels[i];
-        lins[i]->set_kernel([k](const at::Tensor& x) { return k->forward(x); });
-      } else {
-        lins[i]->set_kernel({});
-      }
-    }
+    if (on) install_kernels(dec, kernels, shape_name);
+    else remove_kernels(dec);
   };
   at::NoGradGuard no_grad;
   ordered_json j{{"bench", "deploy_model"},
@@ -250,6 +264,50 @@ maskfile::LayerMask random_layer_mask(const std::string& name, const sparsity::T
   m.tile_dense = td.view({grid.rows(), grid.cols()});
   m.pattern = at::randint(0, sparsity::kNumPatterns, {grid.out(), grid.groups()}, gen, at::kByte);
   return m;
+}
+
+void bench_packed(const PackedModel& packed, const DeployBenchOptions& o,
+                  const std::function<void(const nlohmann::json&)>& emit) {
+#if PATCH_WITH_CUDA
+  if (!o.device.is_cuda())
+    throw core::ConfigError("bench-deploy: the hybrid kernels run on a CUDA device (model.device=cuda)");
+  // Per token count: every layer of the file summed.
+  std::map<int64_t, std::pair<double, double>> total;
+  for (const auto& layer : packed.layers) {
+    for (const auto& t : time_layer(layer, o, core::str(packed.path, ": ", layer.name))) {
+      auto& sum = total[t.tokens];
+      sum.first += t.dense_us;
+      sum.second += t.hybrid_us;
+      emit(ordered_json{{"bench", "deploy_packed_layer"},
+                        {"packed", packed.path},
+                        {"layer", layer.name},
+                        {"out", layer.grid.out()},
+                        {"in", layer.grid.in()},
+                        {"sparsity", layer.sparsity()},
+                        {"sparse_tiles", 1.0 - static_cast<double>(layer.dense_tiles()) / layer.grid.num_tiles()},
+                        {"tokens", t.tokens},
+                        {"path", t.path},
+                        {"dense_us", t.dense_us},
+                        {"hybrid_us", t.hybrid_us},
+                        {"speedup", t.dense_us / t.hybrid_us},
+                        {"max_rel_err", t.max_rel_err}});
+    }
+  }
+  for (const auto& [tokens, t] : total)
+    emit(ordered_json{{"bench", "deploy_packed_total"},
+                      {"packed", packed.path},
+                      {"layers", packed.layers.size()},
+                      {"sparsity", packed.sparsity()},
+                      {"tokens", tokens},
+                      {"dense_us", t.first},
+                      {"hybrid_us", t.second},
+                      {"speedup", t.first / t.second}});
+#else
+  (void)packed;
+  (void)o;
+  (void)emit;
+  throw core::ConfigError("bench-deploy: this build has no CUDA kernels (configure with PATCH_WITH_CUDA=ON)");
+#endif
 }
 
 void bench_deploy(const DeployBenchOptions& o,

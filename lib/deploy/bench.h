@@ -48,6 +48,12 @@ struct DeployBenchOptions {
 void bench_deploy(const DeployBenchOptions& o,
                   const std::function<void(const nlohmann::json&)>& emit);
 
+// The layers of a packed file (its own masks and weights), each against cuBLAS
+// on the same masked weight at every token count of `o`, and their sum per
+// token count (shapes, layers, sparsities and end-to-end options unused).
+void bench_packed(const PackedModel& packed, const DeployBenchOptions& o,
+                  const std::function<void(const nlohmann::json&)>& emit);
+
 #if PATCH_WITH_CUDA
 namespace cuda {
 // Median over `repeats` replays of a CUDA graph holding launch(0..n-1) of the

@@ -298,4 +298,28 @@ at::Tensor HybridLinear::forward(const at::Tensor& x) {
 #endif
 }
 
+void install_kernels(model::Decoder& decoder, const NamedKernels& kernels, const std::string& source) {
+  for (const auto& named : kernels) {
+    const std::string& name = named.first;
+    std::shared_ptr<HybridLinear> kernel = named.second;
+    auto* lin = decoder.linear(name);
+    if (!lin) throw core::Error(core::str(source, ": layer ", name, " is not a linear of the model"));
+    if (lin->weight().size(0) != kernel->out() || lin->weight().size(1) != kernel->in())
+      throw core::Error(core::str(source, ": layer ", name, " is [", kernel->out(), ", ", kernel->in(),
+                                  "], the model's is [", lin->weight().size(0), ", ", lin->weight().size(1), "]"));
+    lin->set_kernel([kernel](const at::Tensor& x) { return kernel->forward(x); });
+  }
+}
+
+void install_packed(model::Decoder& decoder, const PackedModel& packed) {
+  NamedKernels kernels;
+  for (const auto& layer : packed.layers)
+    kernels.emplace_back(layer.name, std::make_shared<HybridLinear>(layer, decoder.options().device));
+  install_kernels(decoder, kernels, packed.path.empty() ? std::string("packed model") : packed.path);
+}
+
+void remove_kernels(model::Decoder& decoder) {
+  for (auto* lin : decoder.linears()) lin->set_kernel({});
+}
+
 }  // namespace patch::deploy

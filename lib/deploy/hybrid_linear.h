@@ -20,8 +20,11 @@
 
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "deploy/packed.h"
+#include "model/decoder.h"
 
 namespace patch::deploy {
 
@@ -120,5 +123,15 @@ class HybridLinear {
   explicit HybridLinear(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
+
+// Routes each named linear of `decoder` through its kernel (replacing x W^T;
+// the bias is still added). Throws core::Error naming `source` and the layer
+// when the decoder has no such linear or its weight has another shape.
+using NamedKernels = std::vector<std::pair<std::string, std::shared_ptr<HybridLinear>>>;
+void install_kernels(model::Decoder& decoder, const NamedKernels& kernels, const std::string& source);
+// Every layer of `packed` as a kernel on the decoder's device, installed.
+void install_packed(model::Decoder& decoder, const PackedModel& packed);
+// Back to the dense weights everywhere.
+void remove_kernels(model::Decoder& decoder);
 
 }  // namespace patch::deploy

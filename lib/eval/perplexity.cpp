@@ -9,6 +9,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/paths.h"
+#include "core/tensor_utils.h"
 #include "data/corpus.h"
 
 #include "core/error.h"
@@ -93,6 +94,13 @@ nlohmann::ordered_json evaluate_files(model::Decoder& model, const text::Tokeniz
     for (const auto& k : {"perplexity", "mean_nll", "windows", "stride", "tokens_scored", "text_tokens"})
       out[k] = out["results"][0][k];
   return out;
+}
+
+model::DecoderOptions inference_options(const config::Config& cfg) {
+  model::DecoderOptions o;
+  o.device = core::resolve_device(cfg.get_string("model.device"));
+  o.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), o.device);
+  return o;
 }
 
 PerplexityOptions perplexity_options(const config::Config& cfg) {

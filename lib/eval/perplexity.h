@@ -41,6 +41,10 @@ PerplexityResult perplexity(model::Decoder& model, const int32_t* tokens, int64_
 nlohmann::ordered_json evaluate_files(model::Decoder& model, const text::Tokenizer& tok,
                                       const std::vector<std::string>& files, const PerplexityOptions& opts);
 
+// The decoder an inference command builds (eval, prune, a sweep's
+// evaluations): model.device and model.dtype resolved.
+model::DecoderOptions inference_options(const config::Config& cfg);
+
 // The eval.* / data.seq_len keys, and evaluate_files on eval.data (paths
 // resolved, "@data/" allowed).
 PerplexityOptions perplexity_options(const config::Config& cfg);

@@ -34,6 +34,15 @@ bool is_decoder_linear(const std::string& name) {
   return std::regex_match(name, re);
 }
 
+// Where a decoder linear comes in the model: its block, then its place in the block.
+std::pair<int64_t, int> module_order(const std::string& name) {
+  static const char* const kOrder[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  int place = 7;
+  for (int i = 0; i < 7; ++i)
+    if (ends_with(name, std::string(".") + kOrder[i])) place = i;
+  return {sparsity::block_index(name), place};
+}
+
 // One layer's entry of the archive: our name, its packed bits and its shape.
 struct Entry {
   std::string key, name;
@@ -197,16 +206,11 @@ MaskFile import_npz(const std::string& path, const NpzImportOptions& opts, NpzIm
     if (ends_with(key, kShapeSuffix) && !names.count(strip(strip(key, kShapeSuffix), kWeightSuffix)))
       throw core::Error(core::str(path, ": ", key, ": a shape without its mask"));
   if (entries.empty()) throw core::Error(core::str(path, ": no masks in the file"));
-  // The model's order where there is a model (the order our files use).
-  if (!opts.weights.empty()) {
-    std::vector<Entry> ordered;
-    for (const auto& [name, w] : opts.weights) {
-      auto it = std::find_if(entries.begin(), entries.end(), [&](const Entry& e) { return e.name == name; });
-      if (it != entries.end()) ordered.push_back(*it);
-      else rep.absent.push_back(name);
-    }
-    entries = std::move(ordered);
-  }
+  // Module order (block, then q k v o gate up down), as our files list layers.
+  std::stable_sort(entries.begin(), entries.end(),
+                   [](const Entry& a, const Entry& b) { return module_order(a.name) < module_order(b.name); });
+  for (const auto& kv : opts.weights)
+    if (!names.count(kv.first)) rep.absent.push_back(kv.first);
 
   const auto lookup = pattern_lookup();
   MaskFile file;

@@ -114,13 +114,6 @@ std::vector<Point> plan(const config::Config& cfg) {
   return points;
 }
 
-model::DecoderOptions decoder_options(const config::Config& cfg) {
-  model::DecoderOptions o;
-  o.device = core::resolve_device(cfg.get_string("model.device"));
-  o.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), o.device);
-  return o;
-}
-
 // What a learned point cost: steps, tokens, wall time, the median tokens/s and
 // the largest peak memory of its steps (from its metrics.jsonl).
 json training_summary(const std::string& dir, int64_t tokens_per_step) {
@@ -152,7 +145,7 @@ int train_point(config::Config pcfg, const std::string& dir) {
   pcfg.set("output.resume", resume);
   pcfg.set("output.overwrite", !resume);
   core::prepare_output_dir(dir, /*overwrite=*/true, resume);
-  core::write_file_atomic(dir + "/config.resolved.yaml", config::dump_yaml(pcfg));
+  config::write_resolved(dir, pcfg);
   return train::run_training(pcfg, dir);
 }
 
@@ -170,7 +163,7 @@ json run_point(const config::Config& cfg, const Point& p, const std::string& dir
     masks_path = dir + "/masks.safetensors";
     result.update(training_summary(dir, pcfg.get_int("train.global_batch") * pcfg.get_int("data.seq_len")));
   }
-  const model::DecoderOptions dopts = decoder_options(pcfg);
+  const model::DecoderOptions dopts = eval::inference_options(pcfg);
   io::Checkpoint ckpt = io::load_checkpoint(model_path, dopts.dtype);
   auto tok = text::load_tokenizer_for(model_path);
   eval::check_sequence_lengths(pcfg, ckpt.config, model_path, /*windows=*/true,

@@ -136,6 +136,24 @@ def main():
         p1, p3 = json.loads(o1)["perplexity"], json.loads(o3)["perplexity"]
         check(abs(p1 - p3) <= 1e-3 * p1, f"masked and packed perplexity agree ({p1} vs {p3})")
 
+    # bench-deploy times the imported masks' own layers on a GPU (CUDA builds with a device).
+    packed = os.path.join(w, "packed", "packed.safetensors")
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+    except ImportError:
+        cuda = False
+    rc, out, err = run(args, "bench-deploy", "--packed", packed, "--tokens", "1,256", "--set", "model.device=" +
+                       ("cuda" if cuda else "cpu"), "--set", "deploy.repeats=3")
+    if cuda:
+        rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+        totals = [r for r in rows if r["bench"] == "deploy_packed_total"]
+        check(rc == 0 and len(totals) == 2 and all(r["layers"] == 14 for r in totals) and
+              sum(r["bench"] == "deploy_packed_layer" for r in rows) == 28,
+              f"bench-deploy --packed times the 14 imported layers at 1 and 256 tokens ({err.strip()[-300:]})")
+    else:
+        check(rc == 2 and "CUDA" in err, f"bench-deploy --packed without a GPU: one-line error ({err.strip()})")
+
     # ---- MaskLLM layout: 2:4 everywhere, no shapes ----
     ml = {n: hybrid_mask(rng, m.shape[0], m.shape[1], TILE, 0.0)[0] for n, m in masks.items()}
     ml_path = os.path.join(w, "mask_compressed.npz")
