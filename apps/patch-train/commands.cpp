@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "core/atomic_file.h"
@@ -24,6 +25,7 @@
 #include "maskfile/npz_masks.h"
 #include "deploy/bench.h"
 #include "deploy/export.h"
+#include "deploy/generate.h"
 #include "deploy/hybrid_linear.h"
 #include "deploy/packed.h"
 #include "deploy/verify.h"
@@ -40,13 +42,6 @@ namespace patch::app {
 namespace {
 
 using nlohmann::ordered_json;
-
-model::DecoderOptions decoder_options(const config::Config& cfg) {
-  model::DecoderOptions o;
-  o.device = core::resolve_device(cfg.get_string("model.device"));
-  o.dtype = core::resolve_dtype(cfg.get_string("model.dtype"), o.device);
-  return o;
-}
 
 // Runs scripts/plot.py with the build's Python; throws core::Error when it fails.
 void plot(const std::string& what, const std::string& input, const std::string& png) {
@@ -65,7 +60,7 @@ int run_eval(RunContext& ctx) {
   if (cfg.get_string_list("eval.data").empty())
     throw core::ConfigError("eval.data: no evaluation file given (use --data FILE or eval.data in the config)");
   const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
-  const model::DecoderOptions dopts = decoder_options(cfg);
+  const model::DecoderOptions dopts = eval::inference_options(cfg);
   io::Checkpoint ckpt = io::load_checkpoint(model_path, dopts.dtype);
   auto tok = text::load_tokenizer_for(model_path);
   eval::check_sequence_lengths(cfg, ckpt.config, model_path, /*windows=*/true, /*calibrates=*/false);
@@ -84,15 +79,7 @@ int run_eval(RunContext& ctx) {
     if (!cfg.get_string("model.masks").empty())
       throw core::ConfigError("model.packed: give either a mask file or a packed file, not both");
     const auto packed = deploy::read_packed(core::resolve_path(packed_path));
-    for (const auto& layer : packed.layers) {
-      auto* lin = decoder.linear(layer.name);
-      if (!lin) throw core::Error(core::str(packed.path, ": layer ", layer.name, " is not in ", model_path));
-      if (lin->weight().size(0) != layer.grid.out() || lin->weight().size(1) != layer.grid.in())
-        throw core::Error(core::str(packed.path, ": layer ", layer.name, " is ", layer.grid.str(), ", the model's is [",
-                                    lin->weight().size(0), ", ", lin->weight().size(1), "]"));
-      auto kernel = std::make_shared<deploy::HybridLinear>(layer, decoder.options().device);
-      lin->set_kernel([kernel](const at::Tensor& x) { return kernel->forward(x); });
-    }
+    deploy::install_packed(decoder, packed);
     out["packed"] = packed.path;
     out["sparsity"] = packed.sparsity();
     core::log::info(core::str("packed ", packed.path, ": ", packed.layers.size(), " layers, sparsity ",
@@ -111,7 +98,7 @@ int run_eval(RunContext& ctx) {
 int run_prune(RunContext& ctx) {
   const auto& cfg = ctx.config;
   const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
-  const model::DecoderOptions dopts = decoder_options(cfg);
+  const model::DecoderOptions dopts = eval::inference_options(cfg);
   io::Checkpoint ckpt = io::load_checkpoint(model_path, dopts.dtype);
   auto tok = text::load_tokenizer_for(model_path);
   model::Decoder decoder(ckpt, dopts);
@@ -241,6 +228,110 @@ std::map<std::string, at::Tensor> linear_weights(model::Decoder& decoder) {
   return weights;
 }
 
+// The prompts of generate.prompt or generate.prompts (one per line; .jsonl:
+// "prompt" or "text" of each object), none empty.
+std::vector<std::string> read_prompts(const config::Config& cfg) {
+  const std::string one = cfg.get_string("generate.prompt"), file = cfg.get_string("generate.prompts");
+  if (one.empty() == file.empty())
+    throw core::ConfigError("generate.prompt: give a prompt (--prompt TEXT) or a file of prompts (--prompts FILE)");
+  if (!one.empty()) return {one};
+  const std::string path = core::resolve_path(file);
+  const bool jsonl = path.size() > 6 && path.compare(path.size() - 6, 6, ".jsonl") == 0;
+  std::vector<std::string> prompts;
+  std::istringstream lines(core::read_file(path));
+  int64_t n = 0;
+  for (std::string line; std::getline(lines, line);) {
+    ++n;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty()) continue;
+    if (!jsonl) {
+      prompts.push_back(line);
+      continue;
+    }
+    const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    const char* key = j.is_object() && j.contains("prompt") ? "prompt" : "text";
+    if (!j.is_object() || !j.contains(key) || !j[key].is_string())
+      throw core::Error(core::str(path, ":", n, ": expected a JSON object with a \"prompt\" or \"text\" string"));
+    prompts.push_back(j[key].get<std::string>());
+  }
+  if (prompts.empty()) throw core::Error(core::str("generate.prompts: '", path, "' holds no prompt"));
+  return prompts;
+}
+
+// Text from a prompt with a KV cache: the text on stdout, then one JSON line.
+int run_generate(RunContext& ctx) {
+  const auto& cfg = ctx.config;
+  const auto prompts = read_prompts(cfg);
+  const std::string model_path = core::resolve_path(cfg.get_string("model.path"));
+  const model::DecoderOptions dopts = eval::inference_options(cfg);
+  io::Checkpoint ckpt = io::load_checkpoint(model_path, dopts.dtype);
+  auto tok = text::load_tokenizer_for(model_path);
+  model::Decoder decoder(ckpt, dopts);
+  ordered_json out{{"model", model_path}};
+  const std::string masks = cfg.get_string("model.masks"), packed = cfg.get_string("model.packed");
+  if (!masks.empty() && !packed.empty())
+    throw core::ConfigError("model.packed: give either a mask file or a packed file, not both");
+  if (!masks.empty()) {
+    auto file = maskfile::read_mask_file(core::resolve_path(masks));
+    maskfile::apply_masks(decoder, file);
+    out["masks"] = file.path;
+    out["sparsity"] = file.sparsity();
+  } else if (!packed.empty()) {
+    const auto p = deploy::read_packed(core::resolve_path(packed));
+    deploy::install_packed(decoder, p);
+    out["packed"] = p.path;
+    out["sparsity"] = p.sparsity();
+  }
+  std::vector<std::vector<int64_t>> ids;
+  for (const auto& text : prompts) {
+    const auto enc = tok->encode(text, cfg.get_bool("generate.add_special"));
+    ids.emplace_back(enc.begin(), enc.end());
+  }
+  deploy::GenerateOptions go;
+  go.max_new_tokens = cfg.get_int("generate.max_new_tokens");
+  go.sampling = {cfg.get_float("generate.temperature"), cfg.get_int("generate.top_k"), cfg.get_float("generate.top_p"),
+                 static_cast<uint64_t>(cfg.get_int("generate.seed"))};
+  for (int64_t id : {static_cast<int64_t>(ckpt.config.eos_token_id), static_cast<int64_t>(tok->eos_id())})
+    if (id >= 0 && std::find(go.eos_ids.begin(), go.eos_ids.end(), id) == go.eos_ids.end()) go.eos_ids.push_back(id);
+  go.pad_id = go.eos_ids.empty() ? 0 : go.eos_ids.front();
+  go.cuda_graph = cfg.get_bool("generate.cuda_graph") && dopts.device.is_cuda();
+  open_outputs(ctx);
+  train::install_stop_handlers();
+  const auto g = deploy::generate(decoder, ids, go);
+  std::string jsonl;
+  int64_t new_tokens = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::vector<int32_t> gen(g.new_ids[i].begin(), g.new_ids[i].end());
+    const std::string text = tok->decode(gen, /*skip_special=*/true);
+    std::cout << prompts[i] << text << "\n" << (i + 1 < prompts.size() ? "\n" : "");
+    new_tokens += static_cast<int64_t>(gen.size());
+    jsonl += ordered_json{{"prompt", prompts[i]}, {"prompt_ids", ids[i]}, {"new_ids", g.new_ids[i]}, {"text", text}}
+                 .dump() +
+             "\n";
+  }
+  out["prompts"] = prompts.size();
+  out["prompt_tokens"] = g.prompt_tokens;
+  out["new_tokens"] = new_tokens;
+  out["prefill_ms"] = g.prefill_ms;
+  out["decode_steps"] = g.decode_steps;
+  out["decode_ms"] = g.decode_ms;
+  // Every sequence of the batch advances one token per step.
+  out["decode_tokens_per_s"] =
+      g.decode_ms > 0 ? static_cast<double>(g.decode_steps * static_cast<int64_t>(prompts.size())) / (g.decode_ms / 1e3)
+                      : 0.0;
+  out["cuda_graph"] = go.cuda_graph;
+  out["device"] = dopts.device.str();
+  out["dtype"] = core::dtype_name(dopts.dtype);
+  out["peak_memory_gib"] = core::peak_memory_gib(dopts.device);
+  std::cout << out.dump() << std::endl;
+  if (!ctx.out_dir.empty()) {
+    core::OutputSet outputs(ctx.out_dir);
+    core::write_file_atomic(outputs.path("generations.jsonl"), jsonl);
+    outputs.publish("generate.json", out.dump(2) + "\n");
+  }
+  return 0;
+}
+
 // Masks between masks.safetensors and the PATCH / MaskLLM .npz layouts.
 int run_convert(RunContext& ctx) {
   const auto& cfg = ctx.config;
@@ -331,7 +422,11 @@ int run_bench_deploy(RunContext& ctx) {
   o.tile_rows = tile[0];
   o.tile_cols = tile[1];
   o.device = core::resolve_device(cfg.get_string("model.device"));
-  deploy::bench_deploy(o, [](const nlohmann::json& j) { std::cout << j.dump() << std::endl; });
+  const auto emit = [](const nlohmann::json& j) { std::cout << j.dump() << std::endl; };
+  if (const std::string packed = cfg.get_string("model.packed"); !packed.empty())
+    deploy::bench_packed(deploy::read_packed(core::resolve_path(packed)), o, emit);
+  else
+    deploy::bench_deploy(o, emit);
   return 0;
 }
 
@@ -576,6 +671,15 @@ const std::vector<Command>& commands() {
        "Write the packed hybrid format of the masked layers (dense tiles whole, 2:4 tiles as kept values and "
        "2-bit positions) to <out>/packed.safetensors",
        "", Output::kRunFolder, run_pack, {}, kModel | kMasks},
+      {"generate",
+       "Generate text with a KV cache from a prompt (--prompt) or a file of prompts (--prompts), dense, masked "
+       "(--masks) or packed (--packed); the text, then one JSON line of timings",
+       "", Output::kOnRequest, run_generate,
+       {{"--prompt", "generate.prompt", "The prompt text"},
+        {"--prompts", "generate.prompts", "A file of prompts, one per line (or .jsonl with \"prompt\")"},
+        {"--max-new-tokens", "generate.max_new_tokens", "Tokens to generate per prompt at most"},
+        {"--packed", "model.packed", "Packed hybrid file (patch-train pack): run its layers through the kernels"}},
+       kModel | kMasks},
       {"convert",
        "Convert masks between masks.safetensors and the .npz files the PATCH and MaskLLM authors release "
        "(<out>/masks.safetensors, mask.npz or mask_compressed.npz)",
@@ -608,7 +712,9 @@ const std::vector<Command>& commands() {
        {{"--shapes", "deploy.shapes", "Model shapes or OUTxIN linears, comma separated"},
         {"--sparsities", "deploy.sparsities", "Sparsities, comma separated"},
         {"--tokens", "deploy.tokens", "Tokens per matmul, comma separated"},
-        {"--layers", "deploy.layers", "Only these linears (q_proj ... down_proj), comma separated"}},
+        {"--layers", "deploy.layers", "Only these linears (q_proj ... down_proj), comma separated"},
+        {"--packed", "model.packed",
+         "Time the layers of this packed file (patch-train pack) instead of random masks of model shapes"}},
        kNoInputs},
       {"inspect",
        "List the model's linear layers (--model), a mask file's density per layer and block (--masks), or a "

@@ -16,7 +16,7 @@ namespace {
 // The keys that name a command's inputs (files or folders it reads).
 const char* const kInputKeys[] = {"model.path", "model.masks", "model.packed",  "mask.prior_file",
                                   "data.train", "data.valid",  "eval.data",     "verify.pruned",
-                                  "inspect.metrics"};
+                                  "inspect.metrics", "generate.prompts"};
 
 // The paths an input key names (a list key several), resolved; empty values left out.
 std::vector<std::string> paths_of(const config::Config& cfg, const std::string& key) {
@@ -54,6 +54,10 @@ std::vector<std::string> input_keys(const config::Config& cfg, const std::string
     if (cmd == "sweep") add({"eval.data"});
   } else if (cmd == "prune") {
     add({"model.path", "model.masks", "data.train", "eval.data"});
+  } else if (cmd == "bench-deploy") {
+    add({"model.packed"});
+  } else if (cmd == "generate") {
+    add({"model.path", "model.masks", "model.packed", "generate.prompts"});
   } else if (cmd == "eval") {
     add({"model.path", "model.masks", "model.packed", "eval.data"});
   } else if (cmd == "export" || cmd == "pack" || cmd == "verify" || cmd == "inspect" || cmd == "convert") {
@@ -120,7 +124,7 @@ void open_outputs(RunContext& ctx) {
   check_inputs_outside(ctx.config, ctx.out_dir);
   core::claim_output_dir(ctx.out_dir, ctx.config.get_bool("output.overwrite"),
                          ctx.config.get_bool("output.resume"));
-  core::write_file_atomic(ctx.out_dir + "/config.resolved.yaml", config::dump_yaml(ctx.config));
+  config::write_resolved(ctx.out_dir, ctx.config);
   // The launcher of several ranks leaves run.log to rank 0.
   if (!(ctx.subcommand == "train" && is_launcher(ctx))) core::log::set_file(ctx.out_dir + "/run.log");
   core::log::debug("patch-train " + ctx.subcommand + ": run folder " + ctx.out_dir);

@@ -7,7 +7,7 @@ namespace patch::config {
 namespace {
 
 using T = Type;
-const std::vector<std::string> kModelCommands = {"train", "eval", "prune", "export", "sweep"};
+const std::vector<std::string> kModelCommands = {"train", "eval", "prune", "export", "sweep", "generate"};
 
 KeyDef key(std::string k, Type t, Json def, std::string help) {
   KeyDef d;
@@ -50,7 +50,8 @@ std::vector<KeyDef> build() {
       key("model.masks", T::kString, "",
           "Mask file (masks.safetensors) applied to the model by eval, export and verify"),
       key("model.packed", T::kString, "",
-          "eval: a packed hybrid file (patch-train pack) whose layers run through the deployment kernels"),
+          "eval, generate: a packed hybrid file (patch-train pack) whose layers run through the deployment kernels; "
+          "bench-deploy: time its layers"),
       key("model.checkpointing", T::kBool, true,
           "Recompute each decoder block in the backward pass (activation checkpointing)"),
       // data
@@ -196,6 +197,25 @@ std::vector<KeyDef> build() {
           "a PNG of the training curves"),
       key("inspect.metrics", T::kString, "",
           "inspect: a run's metrics.jsonl, summarized (and plotted with inspect.plot)"),
+      // generate
+      key("generate.prompt", T::kString, "", "generate: the prompt text"),
+      key("generate.prompts", T::kString, "",
+          "generate: a file of prompts, one per line (.jsonl: one object per line with \"prompt\" or \"text\"), "
+          "generated as one left-padded batch"),
+      range(key("generate.max_new_tokens", T::kInt, 64, "generate: tokens to generate per prompt at most"), 1,
+            1 << 20),
+      range(key("generate.temperature", T::kFloat, 0.0,
+                "generate: 0 = greedy; else sample from softmax(logits / temperature)"),
+            0.0, 100.0),
+      range(key("generate.top_k", T::kInt, 0, "generate: sample among the k most likely tokens only (0: all)"), 0,
+            1 << 30),
+      range(key("generate.top_p", T::kFloat, 1.0,
+                "generate: sample among the most likely tokens whose probability reaches top_p (1: all)"),
+            1e-6, 1.0),
+      range(key("generate.seed", T::kInt, 0, "generate: seed of the sampling"), 0, inf),
+      key("generate.add_special", T::kBool, true,
+          "generate: encode prompts with the tokenizer's special tokens (e.g. BOS), as transformers does"),
+      key("generate.cuda_graph", T::kBool, true, "generate: replay each decode step as a CUDA graph (GPU)"),
       // convert
       key("convert.to", T::kString, "",
           "convert: the output format: masks (masks.safetensors), patch-npz (the PATCH release's mask.npz) or "

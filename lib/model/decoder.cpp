@@ -142,6 +142,29 @@ class AttentionImpl : public torch::nn::Module {
     return o_proj->forward(o.transpose(1, 2).reshape({b, s, heads_ * head_dim_}));
   }
 
+  // The same with a KV cache: this step's keys and values go into `slots` of
+  // k_cache/v_cache [b, kv_heads, capacity, d]; queries attend over the whole
+  // capacity under `allowed` [b, 1, s, capacity] (bool).
+  at::Tensor forward_cached(const at::Tensor& x, const Rope& rope, at::Tensor& k_cache, at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& allowed) {
+    const int64_t b = x.size(0), s = x.size(1);
+    at::Tensor q = q_proj->forward(x).view({b, s, heads_, head_dim_});
+    at::Tensor k = k_proj->forward(x).view({b, s, kv_heads_, head_dim_});
+    at::Tensor v = v_proj->forward(x).view({b, s, kv_heads_, head_dim_}).transpose(1, 2);
+    if (q_norm) {
+      q = q_norm->forward(q);
+      k = k_norm->forward(k);
+    }
+    q = apply_rope(q.transpose(1, 2), rope.cos, rope.sin);
+    k = apply_rope(k.transpose(1, 2), rope.cos, rope.sin);
+    k_cache.index_copy_(2, slots, k);
+    v_cache.index_copy_(2, slots, v);
+    at::Tensor o = at::scaled_dot_product_attention(q, k_cache, v_cache, allowed, /*dropout_p=*/0.0,
+                                                    /*is_causal=*/false, /*scale=*/std::nullopt,
+                                                    /*enable_gqa=*/kv_heads_ != heads_);
+    return o_proj->forward(o.transpose(1, 2).reshape({b, s, heads_ * head_dim_}));
+  }
+
   std::shared_ptr<LinearImpl> q_proj, k_proj, v_proj, o_proj;
   std::shared_ptr<RMSNormImpl> q_norm, k_norm;
 
@@ -174,6 +197,12 @@ class BlockImpl : public torch::nn::Module {
   }
   at::Tensor forward(const at::Tensor& x, const Rope& rope) {
     at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), rope);
+    return h + mlp->forward(post_attention_layernorm->forward(h));
+  }
+  at::Tensor forward_cached(const at::Tensor& x, const Rope& rope, at::Tensor& k_cache, at::Tensor& v_cache,
+                            const at::Tensor& slots, const at::Tensor& allowed) {
+    at::Tensor h =
+        x + self_attn->forward_cached(input_layernorm->forward(x), rope, k_cache, v_cache, slots, allowed);
     return h + mlp->forward(post_attention_layernorm->forward(h));
   }
   std::shared_ptr<RMSNormImpl> input_layernorm, post_attention_layernorm;
@@ -357,9 +386,11 @@ struct Decoder::Impl {
     anchor = at::zeros({}, at::TensorOptions().device(opts.device)).requires_grad_(true);
   }
 
-  Rope rope(int64_t seq) const {
-    at::Tensor pos = at::arange(seq, inv_freq.options());
-    at::Tensor freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
+  Rope rope(int64_t seq) const { return rope_at(at::arange(seq, inv_freq.options())); }
+
+  // cos/sin at `positions` (any shape P, fp32 or int64) -> [P..., head_dim] in the compute dtype.
+  Rope rope_at(const at::Tensor& positions) const {
+    at::Tensor freqs = positions.to(inv_freq.options()).unsqueeze(-1) * inv_freq;
     at::Tensor emb = at::cat({freqs, freqs}, -1);
     return {emb.cos().to(opts.dtype), emb.sin().to(opts.dtype)};
   }
@@ -449,6 +480,49 @@ Decoder Decoder::random(const io::ModelConfig& config, const DecoderOptions& opt
 
 at::Tensor Decoder::forward(const at::Tensor& ids) {
   return impl_->logits(impl_->hidden(ids));
+}
+
+KvCache Decoder::make_cache(int64_t batch, int64_t capacity) const {
+  const auto& c = impl_->cfg;
+  if (batch <= 0 || capacity <= 0)
+    throw core::Error(str("decoder cache: batch and capacity must be positive, got ", batch, " x ", capacity));
+  KvCache cache;
+  cache.capacity = capacity;
+  const auto o = at::TensorOptions().dtype(impl_->opts.dtype).device(impl_->opts.device);
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    cache.k.push_back(at::zeros({batch, c.num_kv_heads, capacity, c.head_dim}, o));
+    cache.v.push_back(at::zeros({batch, c.num_kv_heads, capacity, c.head_dim}, o));
+  }
+  cache.valid = at::zeros({batch, capacity}, o.dtype(at::kBool));
+  return cache;
+}
+
+at::Tensor Decoder::forward_cached(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
+                                   const at::Tensor& real, KvCache& cache) {
+  Impl& m = *impl_;
+  const at::Tensor dev_ids = m.ids_on_device(ids);
+  const int64_t b = dev_ids.size(0), s = dev_ids.size(1);
+  if (cache.k.size() != m.blocks.size() || cache.valid.size(0) != b || positions.sizes() != dev_ids.sizes() ||
+      real.sizes() != dev_ids.sizes() || slots.dim() != 1 || slots.size(0) != s)
+    throw core::Error(str("decoder cache: ids ", shape_str(dev_ids.sizes()), ", positions ",
+                          shape_str(positions.sizes()), ", slots ", shape_str(slots.sizes()), ", real ",
+                          shape_str(real.sizes()), " do not fit a cache of batch ", cache.valid.size(0)));
+  const auto dev = m.opts.device;
+  const at::Tensor dev_slots = slots.to(dev, at::kLong);
+  cache.valid.index_copy_(1, dev_slots, real.to(dev, at::kBool));
+  // Token i of this step sees the valid slots up to its own, and always its own
+  // slot: a padding token then attends to itself (finite values, which no real
+  // token reads) rather than to nothing (NaN, which 0-weights would still spread).
+  const at::Tensor slot_ids = at::arange(cache.capacity, dev_slots.options()).unsqueeze(0);
+  const at::Tensor upto = slot_ids <= dev_slots.unsqueeze(1), own = slot_ids == dev_slots.unsqueeze(1);  // [s, cap]
+  const at::Tensor allowed = ((upto.unsqueeze(0) & cache.valid.unsqueeze(1)) | own.unsqueeze(0)).unsqueeze(1);
+  Rope r = m.rope_at(positions.to(dev));  // [b, s, d]
+  r.cos = r.cos.unsqueeze(1);
+  r.sin = r.sin.unsqueeze(1);
+  at::Tensor x = m.embed(dev_ids);
+  for (size_t i = 0; i < m.blocks.size(); ++i)
+    x = m.blocks[i]->forward_cached(x, r, cache.k[i], cache.v[i], dev_slots, allowed);
+  return m.logits(m.norm->forward(x.narrow(1, s - 1, 1))).squeeze(1);
 }
 
 namespace {

@@ -62,6 +62,16 @@ struct DecoderOptions {
   int64_t loss_chunk_rows = 0;
 };
 
+// Keys and values of every block for `batch` sequences of up to `capacity`
+// positions, allocated once: a step writes its slots in place and attends over
+// the whole capacity under `valid`, so that every decode step has the same
+// shapes (a CUDA graph replays it).
+struct KvCache {
+  std::vector<at::Tensor> k, v;  // per block [batch, kv_heads, capacity, head_dim], compute dtype
+  at::Tensor valid;              // bool [batch, capacity]: slots holding a real token
+  int64_t capacity = 0;
+};
+
 class Decoder {
  public:
   // Weights are cast to opts.dtype on opts.device. Throws core::Error naming the
@@ -92,6 +102,16 @@ class Decoder {
   // hidden states one chunk at a time, so they never exist whole either.
   at::Tensor teacher_hidden(const at::Tensor& ids);
   at::Tensor distill_loss(const at::Tensor& ids, const at::Tensor& teacher_hidden);
+
+  // Inference with a KV cache. make_cache: an empty cache on the decoder's
+  // device. forward_cached: ids [b, s] at RoPE `positions` [b, s] (int64) go
+  // into cache `slots` [s] (int64, on the device; the same slots for every
+  // sequence), marking valid[:, slots] from `real` [b, s] (bool: false for
+  // left padding); each token attends to the valid slots up to its own.
+  // Returns the logits of the last position [b, vocab] (float32).
+  KvCache make_cache(int64_t batch, int64_t capacity) const;
+  at::Tensor forward_cached(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& slots,
+                            const at::Tensor& real, KvCache& cache);
 
   const io::ModelConfig& config() const;
   const DecoderOptions& options() const;
