@@ -81,6 +81,18 @@ run_part() {
       "$P" pack --config "$C" --masks "$R/npz-back/masks.safetensors" --out "$R/npz-pack" --overwrite &&
       "$P" bench-deploy --config "$C" --packed "$R/npz-pack/packed.safetensors" --tokens 1,16,2048 |
         grep '^{' >"$R/npz-bench.jsonl"; } >"$R/npz.log" 2>&1 ;;
+  # Generation with a KV cache, dense, masked and packed (CUDA-graph decode steps), greedy.
+  17) log "17 generate: dense, --masks and --packed (the part 16 files), 4 prompts x 128 tokens"
+    local m=$R/npz-back/masks.safetensors pk=$R/npz-pack/packed.safetensors f=$R/prompts.txt
+    printf '%s\n' "The capital of France is" "Once upon a time, there was a" "The three laws of thermodynamics are" \
+      "def fibonacci(n):" >"$f"
+    for how in dense masks packed; do
+      local extra=()
+      [[ $how == masks ]] && extra=(--masks "$m")
+      [[ $how == packed ]] && extra=(--packed "$pk")
+      "$P" generate --config "$C" --prompts "$f" --max-new-tokens 128 "${extra[@]}" --out "$R/gen-$how" \
+        --overwrite >"$R/gen-$how.txt" 2>>"$R/gen.log" || return 1
+    done ;;
   *) log "no part $1"; return 1 ;;
   esac
 }
