@@ -14,7 +14,7 @@ if [[ ${1:-} == --quick ]]; then
   shift
   # Each of these takes 20 s to 150 s on 2 cores; the rest take seconds.
   SLOW='smollm2|test_train:a run stopped|test_train:two |test_train:compact state|test_train:training lowers'
-  SLOW+='|test_sweep:|test_prune:prune_model|test_hybrid:patch-train pack'
+  SLOW+='|test_sweep:|test_prune:prune_model|test_hybrid:patch-train pack|test_golden:'
   args=(-E "$SLOW")
 fi
 exec ctest --test-dir "$ROOT/$BUILD_DIR" --output-on-failure -j "${PATCH_TEST_JOBS:-2}" "${args[@]}" "$@"

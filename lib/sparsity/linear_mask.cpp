@@ -346,6 +346,15 @@ at::Tensor LinearMask::mask(bool noise, bool hard_24, bool hard_tile) const {
   return t + (1.0 - t) * m24;
 }
 
+at::Tensor LinearMask::pattern_noise() const {
+  return gumbel_noise(grid_.out(), grid_.groups(), noise_seed(kPatternNoise),
+                      tile_logits_.options().dtype(at::kFloat));
+}
+at::Tensor LinearMask::tile_noise() const {
+  return logistic_noise(grid_.rows(), grid_.cols(), noise_seed(kTileNoise),
+                        tile_logits_.options().dtype(at::kFloat));
+}
+
 at::Tensor LinearMask::tile_gates(bool noise) const {
   return gates(noise, state_->hard_tile);
 }

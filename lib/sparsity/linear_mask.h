@@ -99,6 +99,15 @@ class LinearMask : public model::WeightProvider {
   at::Tensor sampled_mask() const;
   // The relaxed mask without straight-through hardening (convex mixtures).
   at::Tensor soft_mask(bool noise) const;
+  // The noise of this step's sample (state().seed, state().step and the
+  // layer) exactly as the kernels regenerate it, float32 on the logits'
+  // device: Gumbel(0, 1) [out, in/4, 6] of the 2:4 choice, and Logistic(0, 1)
+  // [rows, cols] of the tile gates (the difference of the dense and the sparse
+  // choice's Gumbels). Training never reads these (the kernels draw their own
+  // where they need them); they let a test replay a step outside the library
+  // with the same randomness (tests/train/test_golden.cpp).
+  at::Tensor pattern_noise() const;
+  at::Tensor tile_noise() const;
   // Deterministic decisions: tiles dense where the logit is > 0 (sigmoid > 0.5;
   // never in maskllm), 2:4 pattern by argmax (fixed in tile mode).
   at::Tensor hard_tiles() const;    // uint8 [rows, cols]

@@ -505,6 +505,19 @@ void check_resume_config(const config::Config& cfg, const std::string& out_dir) 
   }
 }
 
+std::pair<at::Tensor, at::Tensor> density_regularizer(const sparsity::MaskSet& masks,
+                                                     double target_density, bool per_block) {
+  at::Tensor density = masks.soft_density();
+  at::Tensor reg;
+  if (per_block) {
+    reg = at::zeros({}, density.options());
+    for (auto& [b, d] : masks.block_soft_density()) reg = reg + (d - target_density).abs();
+  } else {
+    reg = (density - target_density).abs();
+  }
+  return {density, reg};
+}
+
 int stop_signal() { return core::stop_signal(); }
 
 void install_stop_handlers() { core::install_stop_handlers(); }
@@ -648,18 +661,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir, const st
   struct {
     at::Tensor ce, reg, density, norm;
   } graph_out;
-  // The density regularizer: the global or per-block terms, towards the budget.
-  auto density_reg = [&] {
-    at::Tensor density = r.masks->soft_density();
-    at::Tensor reg;
-    if (per_block) {
-      reg = at::zeros({}, density.options());
-      for (auto& [b, d] : r.masks->block_soft_density()) reg = reg + (d - target_density).abs();
-    } else {
-      reg = (density - target_density).abs();
-    }
-    return std::make_pair(density, reg);
-  };
+  auto density_reg = [&] { return density_regularizer(*r.masks, target_density, per_block); };
 
   if (start == 0 && root) {
     // The hardened starting point (init + prior) as step 0, the baseline of the run.
