@@ -13,7 +13,7 @@
 //     matched cuSPARSELt on the 2:4 tiles plus a block-sparse kernel for the
 //     dense ones at 45% sparsity and ran 1.8x as fast at 25% (LLaMA blocks,
 //     2048 tokens), with one format on the device instead of three
-//     (docs/benchmarks.md, session 11).
+//     (docs/benchmarks.md, "Prefill: 17 tokens and more").
 // On the CPU, and for shapes the kernels do not cover, it multiplies by the
 // masked dense weight (the reference).
 #include <ATen/ATen.h>

@@ -18,8 +18,8 @@ double anneal(double start, double end, double progress, Anneal kind);
 
 // Shared by all LinearMasks of a run; the trainer updates it before each step.
 struct SamplerState {
-  double tau_24 = 4.0, scale_24 = 100.0;
-  double tau_tile = 4.0, scale_tile = 25.0;
+  double tau_24 = 4.0, scale_24 = 2.0;
+  double tau_tile = 4.0, scale_tile = 0.5;
   bool hard_24 = false, hard_tile = false;  // straight-through hard samples
   int64_t step = 0;   // with seed and the layer, fixes the Gumbel noise
   uint64_t seed = 0;
@@ -43,9 +43,9 @@ struct SamplerState {
 // Start/end values of tau and scale (the defaults of mask.tau_24 etc.).
 struct SamplerSchedule {
   double tau_24_start = 4.0, tau_24_end = 0.05;
-  double scale_24_start = 100.0, scale_24_end = 500.0;
+  double scale_24_start = 2.0, scale_24_end = 10.0;
   double tau_tile_start = 4.0, tau_tile_end = 0.05;
-  double scale_tile_start = 25.0, scale_tile_end = 350.0;
+  double scale_tile_start = 0.5, scale_tile_end = 7.0;
   Anneal kind = Anneal::kLinear;
 
   // Sets the four annealed values of `state` for `progress` in [0, 1].

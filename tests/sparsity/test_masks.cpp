@@ -158,15 +158,17 @@ TEST_CASE("annealing schedules", "[schedule]") {
   CHECK(anneal(4, 0.05, 1.0, Anneal::kExp) == Approx(0.05));
   CHECK(parse_anneal("cosine") == Anneal::kCosine);
   CHECK_THROWS_AS(parse_anneal("step"), patch::core::ConfigError);
+  // The defaults (mask.scale_24 2 -> 10, mask.scale_tile 0.5 -> 7, both tau 4 -> 0.05).
   SamplerSchedule sched;
   SamplerState st;
   sched.apply(st, 1.0);
   CHECK(st.tau_24 == Approx(0.05));
-  CHECK(st.scale_24 == Approx(500));
+  CHECK(st.scale_24 == Approx(10));
   CHECK(st.tau_tile == Approx(0.05));
-  CHECK(st.scale_tile == Approx(350));
+  CHECK(st.scale_tile == Approx(7));
   sched.apply(st, 0.0);
-  CHECK(st.scale_tile == Approx(25));
+  CHECK(st.scale_tile == Approx(0.5));
+  CHECK(st.scale_24 == Approx(2));
 }
 
 TEST_CASE("soft masks equal the explicit mixture of the six patterns", "[mask]") {
