@@ -274,6 +274,7 @@ int run_generate(RunContext& ctx) {
   if (!masks.empty()) {
     auto file = maskfile::read_mask_file(core::resolve_path(masks));
     maskfile::apply_masks(decoder, file);
+    maskfile::bake_masks(decoder);  // W * M once, not at every step (and capturable by a CUDA graph)
     out["masks"] = file.path;
     out["sparsity"] = file.sparsity();
   } else if (!packed.empty()) {

@@ -1,5 +1,7 @@
 #include "maskfile/apply.h"
 
+#include <ATen/core/grad_mode.h>
+
 #include "core/error.h"
 
 namespace patch::maskfile {
@@ -43,6 +45,13 @@ void apply_masks(model::Decoder& decoder, const MaskFile& file) {
                                   "] but the weight is ", lin->weight().sizes()));
     lin->set_provider(std::make_shared<BitmaskProvider>(b, decoder.options().device));
   }
+}
+
+void bake_masks(model::Decoder& decoder) {
+  at::NoGradGuard no_grad;
+  for (auto* lin : decoder.linears())
+    if (lin->provider())
+      lin->set_provider(std::make_shared<FixedWeightProvider>(lin->provider()->effective_weight(lin->weight())));
 }
 
 }  // namespace patch::maskfile

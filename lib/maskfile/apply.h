@@ -34,6 +34,22 @@ class BitmaskProvider : public model::WeightProvider {
   BitmaskLayer layer_;
 };
 
+// A weight computed once: inference that runs many forwards (generation) pays
+// for W * M once per layer instead of once per call, and a CUDA graph can
+// capture the forward (rebuilding a mask copies a small table to the device).
+class FixedWeightProvider : public model::WeightProvider {
+ public:
+  explicit FixedWeightProvider(at::Tensor weight) : weight_(std::move(weight)) {}
+  at::Tensor effective_weight(const at::Tensor&) override { return weight_; }
+
+ private:
+  at::Tensor weight_;
+};
+
+// Replaces every installed provider by its effective weight, computed now
+// (one more copy of each masked weight in memory).
+void bake_masks(model::Decoder& decoder);
+
 // Installs each layer's hard mask on the decoder's linear of the same name.
 // Throws core::Error naming the file and layer for a layer the model lacks or a
 // shape that does not fit.
