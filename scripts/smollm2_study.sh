@@ -55,8 +55,8 @@ run_part() {
     learn recipe-public-45 --set mask.prior=sparsegpt --set mask.prior_strength_24=3 --set mask.prior_strength_tile=3 \
       --set train.lambda_sparsity=7 --set train.lambda_weight=10 --set 'train.betas=[0.9,0.95]' --set train.lr=1e-3 \
       --set 'mask.scale_tile=[25,350]' --set train.cuda_graph=false ;;
-  # Softer Gumbel samples: logit scales 50x and 10x below the paper's (on
-  # TinyStories-656K 50x lower took 45% from 87.12 to 44.28, docs/benchmarks.md).
+  # Gumbel logit scales 50x (the defaults now) and 10x below the paper's; parts
+  # 1-8 ran with the paper's scales (100 -> 500, 25 -> 350) as the defaults then.
   9) log "9 PATCH-Joint 45% with scales 2->10 / 0.5->7"; learn soft50-45 "${SOFT[@]}" ;;
   10) log "10 PATCH-Joint 45% with scales 10->50 / 2.5->35"
     learn soft10-45 --set 'mask.scale_24=[10,50]' --set 'mask.scale_tile=[2.5,35]' ;;
