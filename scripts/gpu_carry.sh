@@ -5,7 +5,10 @@
 #   2: the rest of the GGUF and the 21 MB of extra training text (.xz files)
 # A call carries at most 64 MiB with the working tree (~1.3 MB), so the 98 MB
 # GGUF and 24 MB of text fit two calls made back to back while the machine is
-# warm: gpu_check.sh keeps each call's part in /tmp and joins them.
+# warm: gpu_check.sh keeps each call's part in /tmp and joins them. The folder
+# is git-ignored, so the device call must name it in its carry list
+# (carry: [".gpu_carry"]); the first call (BUILD=1) starts the build with the
+# headers it brings.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"

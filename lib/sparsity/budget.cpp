@@ -16,7 +16,6 @@ BudgetKind parse_budget(const std::string& name) {
   throw core::ConfigError(core::str("unknown budget '", name, "' (expected global or per_block)"));
 }
 
-std::string budget_name(BudgetKind kind) { return kind == BudgetKind::kGlobal ? "global" : "per_block"; }
 
 std::vector<at::Tensor> select_dense_tiles(const std::vector<TileScores>& layers, double target_sparsity,
                                            BudgetKind kind) {

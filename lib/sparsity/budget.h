@@ -15,7 +15,6 @@ class MaskSet;
 
 enum class BudgetKind { kGlobal, kPerBlock };
 BudgetKind parse_budget(const std::string& name);  // "global" | "per_block"; core::ConfigError
-std::string budget_name(BudgetKind kind);
 
 // One layer's tile ranking input: higher score = keep dense first.
 struct TileScores {

@@ -14,15 +14,6 @@ Anneal parse_anneal(const std::string& name) {
   throw core::ConfigError(core::str("unknown annealing '", name, "' (expected linear, cosine or exp)"));
 }
 
-std::string anneal_name(Anneal kind) {
-  switch (kind) {
-    case Anneal::kLinear: return "linear";
-    case Anneal::kCosine: return "cosine";
-    case Anneal::kExp: return "exp";
-  }
-  return "?";
-}
-
 double anneal(double start, double end, double progress, Anneal kind) {
   const double p = std::clamp(progress, 0.0, 1.0);
   switch (kind) {

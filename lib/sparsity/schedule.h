@@ -11,7 +11,6 @@ namespace patch::sparsity {
 enum class Anneal { kLinear, kCosine, kExp };
 // "linear" | "cosine" | "exp"; throws core::ConfigError otherwise.
 Anneal parse_anneal(const std::string& name);
-std::string anneal_name(Anneal kind);
 // Value at `progress` (clamped to [0, 1]) between start (0) and end (1):
 // linear interpolation, half-cosine, or geometric (exp; start and end > 0).
 double anneal(double start, double end, double progress, Anneal kind);
