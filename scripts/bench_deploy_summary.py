@@ -19,6 +19,8 @@ def key(row):
         what = "block"
     elif bench == "deploy_model":
         what = "end to end"
+    elif bench == "deploy_generate":
+        what = f"generate, batch {row['batch']}"
     else:
         return None
     return (row["shape"], row["target_sparsity"], row.get("tokens", 0), what)
@@ -30,8 +32,13 @@ def cell(row):
                 f"{row['hybrid_decode_tokens_per_s']:.0f} tok/s ({row['decode_speedup']:.2f}x), "
                 f"prefill {row['prefill_tokens']} {row['dense_prefill_ms']:.1f} -> "
                 f"{row['hybrid_prefill_ms']:.1f} ms ({row['prefill_speedup']:.2f}x)")
+    if row["bench"] == "deploy_generate":
+        return (f"decode {row['dense_decode_tokens_per_s']:.0f} -> "
+                f"{row['hybrid_decode_tokens_per_s']:.0f} tok/s ({row['decode_speedup']:.2f}x), "
+                f"prefill {row['prompt_tokens']} {row['dense_prefill_ms']:.1f} -> "
+                f"{row['hybrid_prefill_ms']:.1f} ms ({row['prefill_speedup']:.2f}x)")
     text = f"{row['dense_us']:8.1f} -> {row['hybrid_us']:8.1f} us ({row['speedup']:.2f}x)"
-    if row["bench"] == "deploy_layer":  # runs before session 11 lack the memory
+    if row["bench"] == "deploy_layer":  # older runs lack the memory
         mem = row.get("device_bytes_ratio")
         text += f" mem {mem:.2f}" if mem is not None else " " * 9
     return text
@@ -65,7 +72,8 @@ def main(args):
         print("columns: " + " | ".join(label for label, _ in runs))
     for k in order:
         shape, sparsity, tokens, what = k
-        head = f"{shape:13} {sparsity:<5} {'' if what == 'end to end' else tokens:>5} {what[:30]:30}"
+        whole = what == "end to end" or what.startswith("generate")
+        head = f"{shape:13} {sparsity:<5} {'' if whole else tokens:>5} {what[:30]:30}"
         print(head + " | ".join(cell(rows[k]) if k in rows else "-" for _, rows in runs))
 
 

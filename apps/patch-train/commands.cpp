@@ -419,6 +419,9 @@ int run_bench_deploy(RunContext& ctx) {
   o.end_to_end = cfg.get_bool("deploy.end_to_end");
   o.e2e_sparsity = cfg.get_float("deploy.e2e_sparsity");
   o.e2e_prefill = cfg.get_int("deploy.e2e_prefill");
+  o.gen_prompt = cfg.get_int("deploy.gen_prompt");
+  o.gen_new_tokens = cfg.get_int("deploy.gen_new_tokens");
+  o.gen_batches = cfg.get_int_list("deploy.gen_batches");
   const auto tile = cfg.get_int_list("mask.tile");
   o.tile_rows = tile[0];
   o.tile_cols = tile[1];

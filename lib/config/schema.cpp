@@ -281,6 +281,14 @@ std::vector<KeyDef> build() {
             0.5),
       range(key("deploy.e2e_prefill", T::kInt, 2048, "bench-deploy: prompt tokens of the end-to-end prefill"), 17,
             1 << 20),
+      range(key("deploy.gen_prompt", T::kInt, 1024,
+                "bench-deploy: prompt tokens of the end-to-end generation rows (0: no generation rows)"),
+            0, 1 << 20),
+      range(key("deploy.gen_new_tokens", T::kInt, 256, "bench-deploy: tokens generated per sequence in those rows"),
+            1, 1 << 20),
+      range(key("deploy.gen_batches", T::kIntList, Json::array({1, 16}),
+                "bench-deploy: batch sizes of the generation rows"),
+            1, 4096),
   };
   return s;
 }

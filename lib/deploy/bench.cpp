@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/tensor_utils.h"
+#include "deploy/generate.h"
 #include "deploy/hybrid_linear.h"
 #include "model/bench.h"
 #include "model/decoder.h"
@@ -196,7 +197,8 @@ void bench_layers(const DeployBenchOptions& o, const BenchShape& shape,
 // sees only the new token: the weight-streaming cost of a decode step).
 void bench_model(const DeployBenchOptions& o, const std::string& shape_name, io::ModelConfig cfg,
                  const std::function<void(const nlohmann::json&)>& emit) {
-  cfg.max_position_embeddings = std::max<int64_t>(cfg.max_position_embeddings, o.e2e_prefill);
+  cfg.max_position_embeddings =
+      std::max<int64_t>({cfg.max_position_embeddings, o.e2e_prefill, o.gen_prompt + o.gen_new_tokens});
   model::DecoderOptions dopts;
   dopts.device = o.device;
   dopts.dtype = at::kBFloat16;
@@ -246,6 +248,41 @@ void bench_model(const DeployBenchOptions& o, const std::string& shape_name, io:
   j["decode_speedup"] =
       j["dense_decode_step_ms"].get<double>() / j["hybrid_decode_step_ms"].get<double>();
   emit(j);
+  if (o.gen_prompt <= 0) return;
+
+  // Generation as `patch-train generate` runs it: random prompts, greedy, no
+  // end-of-sequence token (every sequence runs all its steps).
+  GenerateOptions go;
+  go.max_new_tokens = o.gen_new_tokens;
+  go.cuda_graph = true;
+  for (int64_t batch : o.gen_batches) {
+    std::vector<std::vector<int64_t>> prompts(static_cast<size_t>(batch));
+    const auto ids = at::randint(0, cfg.vocab_size, {batch, o.gen_prompt}, gen, at::kLong);
+    for (int64_t i = 0; i < batch; ++i)
+      prompts[static_cast<size_t>(i)] = std::vector<int64_t>(ids[i].data_ptr<int64_t>(),
+                                                             ids[i].data_ptr<int64_t>() + o.gen_prompt);
+    ordered_json g{{"bench", "deploy_generate"},   {"shape", shape_name},
+                   {"target_sparsity", o.e2e_sparsity}, {"batch", batch},
+                   {"prompt_tokens", o.gen_prompt}, {"new_tokens", o.gen_new_tokens}};
+    for (bool hybrid : {false, true}) {
+      set_kernels(hybrid);
+      const std::string key = hybrid ? "hybrid" : "dense";
+      GenerateOptions warm = go;  // library set-up and the first plans outside the timing
+      warm.max_new_tokens = 3;
+      generate(dec, {prompts.front()}, warm);
+      core::reset_peak_memory(o.device);
+      const Generation r = generate(dec, prompts, go);
+      g[key + "_prefill_ms"] = r.prefill_ms;
+      g[key + "_decode_tokens_per_s"] =
+          static_cast<double>(batch * r.decode_steps) / std::max(r.decode_ms / 1e3, 1e-9);
+      g[key + "_peak_memory_gib"] = core::peak_memory_gib(o.device);
+    }
+    set_kernels(false);
+    g["prefill_speedup"] = g["dense_prefill_ms"].get<double>() / g["hybrid_prefill_ms"].get<double>();
+    g["decode_speedup"] =
+        g["hybrid_decode_tokens_per_s"].get<double>() / g["dense_decode_tokens_per_s"].get<double>();
+    emit(g);
+  }
 }
 #endif
 

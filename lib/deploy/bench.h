@@ -37,6 +37,11 @@ struct DeployBenchOptions {
   bool end_to_end = true;  // also a whole random model of each shape
   double e2e_sparsity = 0.45;
   int64_t e2e_prefill = 2048;
+  // Generation rows of the end-to-end model (generate(): KV cache, attention
+  // and CUDA-graph decode steps included): prompt tokens (0: none), new tokens
+  // per sequence, batch sizes.
+  int64_t gen_prompt = 1024, gen_new_tokens = 256;
+  std::vector<int64_t> gen_batches{1, 16};
   uint64_t seed = 0;
   at::Device device = at::kCPU;
 };
@@ -44,7 +49,8 @@ struct DeployBenchOptions {
 // Emits one JSON object per (shape, layer, sparsity, tokens), one per (shape,
 // sparsity, tokens) summing a decoder block's seven linears (unless `layers`
 // picks some), and, with end_to_end, the whole model's prefill time and decode
-// steps per second.
+// steps per second, and one generation row per batch size (prefill and decode
+// tokens/s of generate(), dense against hybrid).
 void bench_deploy(const DeployBenchOptions& o,
                   const std::function<void(const nlohmann::json&)>& emit);
 
