@@ -654,6 +654,27 @@ int run_inspect(RunContext& ctx) {
 
 }  // namespace
 
+std::vector<Shortcut> key_options(const Command& cmd) {
+  std::vector<Shortcut> options;
+  if (cmd.inputs & kModel)
+    options.push_back({"--model", "model.path",
+                       "Checkpoint: a folder, a .gguf file or a cached hub name org/name[@rev]", "PATH"});
+  if (!cmd.data_key.empty()) options.push_back({"--data", cmd.data_key, "Data file(s)", "FILE", false});
+  if (cmd.inputs & kMasks) options.push_back({"--masks", "model.masks", "Mask file", "FILE"});
+  if (cmd.output == Output::kOnRequest)
+    options.push_back(
+        {"--out", "output.dir", "Also write the result into this folder (nothing is written without it)", "DIR"});
+  if (cmd.output == Output::kRunFolder || cmd.output == Output::kResumable)
+    options.push_back({"--out", "output.dir", "Output directory", "DIR"});
+  if (cmd.output != Output::kNone)
+    options.push_back(
+        {"--overwrite", "output.overwrite", "Allow a non-empty output directory (one a run of this tool made)"});
+  if (cmd.output == Output::kResumable)
+    options.push_back({"--resume", "output.resume", "Continue from the last checkpoint in the output directory"});
+  options.insert(options.end(), cmd.shortcuts.begin(), cmd.shortcuts.end());
+  return options;
+}
+
 const std::vector<Command>& commands() {
   static const std::vector<Command> cmds = {
       {"train", "Learn hybrid dense/2:4 masks (PATCH-Joint, PATCH-Tile or MaskLLM) and write masks.safetensors",

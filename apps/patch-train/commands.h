@@ -8,11 +8,15 @@
 
 namespace patch::app {
 
-// A command-specific option that sets one configuration key.
+// A command-line option that sets one configuration key.
 struct Shortcut {
   std::string flag;  // "--method"
   std::string key;   // "prune.method"
   std::string help;
+  std::string type_name = "";  // shown in --help (PATH, FILE, DIR)
+  // List keys: "--targets 0.25,0.35" gives two items; false keeps each
+  // argument whole (file names may hold commas).
+  bool split_commas = true;
 };
 
 // What a command writes: nothing, files only when --out is given (commands
@@ -33,5 +37,12 @@ struct Command {
 };
 
 const std::vector<Command>& commands();
+
+// Every option of `cmd` that sets a configuration key, in --help order: the
+// shared ones its inputs and outputs call for (--model, --data, --masks,
+// --out, --overwrite, --resume), then its own shortcuts. The one table of
+// such options: the command line parses them from it, and configuration
+// errors name them from it.
+std::vector<Shortcut> key_options(const Command& cmd);
 
 }  // namespace patch::app

@@ -22,39 +22,36 @@ struct Options {
   std::string config_file;
   std::vector<std::string> sets;
   bool dump_config = false;
-  std::string model, masks, out;
-  std::vector<std::string> data;
-  bool overwrite = false, resume = false;
   int verbose = 0;
   bool quiet = false;
-  std::map<std::string, std::string> shortcut_values;  // config key -> value
+  // What the key options (patch::app::key_options) received, by config key:
+  // one argument, several (list keys), or a flag (bool keys).
+  std::map<std::string, std::string> scalars;
+  std::map<std::string, std::vector<std::string>> lists;
+  std::map<std::string, bool> switches;
 };
 
+using patch::config::Type;
+
+bool is_list(Type t) { return t == Type::kFloatList || t == Type::kIntList || t == Type::kStringList; }
+
 void add_common_options(CLI::App* sub, Options& o, const patch::app::Command& cmd) {
-  using patch::app::Output;
   sub->add_option("-c,--config", o.config_file, "Configuration file (.yaml, .yml or .json)");
   sub->add_option("--set", o.sets, "Override a key: --set train.lr=5e-4 (repeatable)")
       ->type_name("KEY=VALUE");
   sub->add_flag("--dump-config", o.dump_config, "Print the resolved configuration as YAML and exit");
-  if (cmd.inputs & patch::app::kModel)
-    sub->add_option("--model", o.model,
-                    "Checkpoint: a folder, a .gguf file or a cached hub name org/name[@rev] (model.path)")
-        ->type_name("PATH");
-  if (!cmd.data_key.empty())
-    sub->add_option("--data", o.data, "Data file(s) (" + cmd.data_key + ")")->type_name("FILE");
-  if (cmd.inputs & patch::app::kMasks)
-    sub->add_option("--masks", o.masks, "Mask file (model.masks)")->type_name("FILE");
-  if (cmd.output == Output::kOnRequest)
-    sub->add_option("--out", o.out, "Also write the result into this folder (nothing is written without it)")
-        ->type_name("DIR");
-  if (cmd.output == Output::kRunFolder || cmd.output == Output::kResumable)
-    sub->add_option("--out", o.out, "Output directory (output.dir)")->type_name("DIR");
-  if (cmd.output != Output::kNone)
-    sub->add_flag("--overwrite", o.overwrite, "Allow a non-empty output directory (one a run of this tool made)");
-  if (cmd.output == Output::kResumable)
-    sub->add_flag("--resume", o.resume, "Continue from the last checkpoint in the output directory");
-  for (const auto& sc : cmd.shortcuts)
-    sub->add_option(sc.flag, o.shortcut_values[sc.key], sc.help + " (" + sc.key + ")");
+  for (const auto& opt : patch::app::key_options(cmd)) {
+    const auto* def = patch::config::find_key(opt.key);
+    const std::string help = opt.help + " (" + opt.key + ")";
+    CLI::Option* added = nullptr;
+    if (def && def->type == Type::kBool)
+      added = sub->add_flag(opt.flag, o.switches[opt.key], help);
+    else if (def && is_list(def->type))
+      added = sub->add_option(opt.flag, o.lists[opt.key], help);
+    else
+      added = sub->add_option(opt.flag, o.scalars[opt.key], help);
+    if (!opt.type_name.empty()) added->type_name(opt.type_name);
+  }
   sub->add_flag("-v,--verbose", o.verbose, "More log output (debug)");
   sub->add_flag("-q,--quiet", o.quiet, "Only warnings and errors on the console");
 }
@@ -72,38 +69,47 @@ bool unknown_command(int argc, char** argv) {
   return true;
 }
 
+// A key option's text as the key's type: numbers for numeric keys.
+Json typed(const std::string& text, Type t) {
+  if (t == Type::kInt || t == Type::kFloat || t == Type::kIntList || t == Type::kFloatList) {
+    Json v = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (v.is_number()) return v;
+  }
+  return Json(text);  // the configuration check names the option if it is no number
+}
+
 patch::config::Overrides overrides_of(const Options& o, const patch::app::Command& cmd) {
   patch::config::Overrides ov;
-  if (!o.model.empty()) ov.values.emplace_back("model.path", o.model);
-  if (!o.data.empty()) ov.values.emplace_back(cmd.data_key, Json(o.data));
-  if (!o.masks.empty()) ov.values.emplace_back("model.masks", o.masks);
-  if (!o.out.empty()) ov.values.emplace_back("output.dir", o.out);
-  if (o.overwrite) ov.values.emplace_back("output.overwrite", true);
-  if (o.resume) ov.values.emplace_back("output.resume", true);
-  for (const auto& sc : cmd.shortcuts) {
-    auto it = o.shortcut_values.find(sc.key);
-    if (it == o.shortcut_values.end() || it->second.empty()) continue;
-    // A number stays a number ("--target 0.35"); list keys take comma-separated items.
-    auto typed = [](const std::string& text) {
-      Json v = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-      return v.is_number() ? v : Json(text);
-    };
-    const auto* def = patch::config::find_key(sc.key);
-    using T = patch::config::Type;
-    if (def && (def->type == T::kFloatList || def->type == T::kIntList || def->type == T::kStringList)) {
+  for (const auto& opt : patch::app::key_options(cmd)) {
+    ov.flags[opt.key] = opt.flag;
+    const auto* def = patch::config::find_key(opt.key);
+    const Type type = def ? def->type : Type::kString;
+    if (type == Type::kBool) {
+      const auto it = o.switches.find(opt.key);
+      if (it != o.switches.end() && it->second) ov.values.emplace_back(opt.key, true);
+    } else if (is_list(type)) {
+      const auto it = o.lists.find(opt.key);
+      if (it == o.lists.end() || it->second.empty()) continue;
       Json items = Json::array();
-      std::string item;
-      for (size_t i = 0; i <= it->second.size(); ++i) {
-        if (i == it->second.size() || it->second[i] == ',') {
-          if (!item.empty()) items.push_back(typed(item));
-          item.clear();
-        } else {
-          item += it->second[i];
+      for (const auto& arg : it->second) {
+        if (!opt.split_commas) {
+          items.push_back(typed(arg, type));
+          continue;
+        }
+        std::string item;
+        for (size_t i = 0; i <= arg.size(); ++i) {
+          if (i == arg.size() || arg[i] == ',') {
+            if (!item.empty()) items.push_back(typed(item, type));
+            item.clear();
+          } else {
+            item += arg[i];
+          }
         }
       }
-      ov.values.emplace_back(sc.key, items);
+      ov.values.emplace_back(opt.key, items);
     } else {
-      ov.values.emplace_back(sc.key, typed(it->second));
+      const auto it = o.scalars.find(opt.key);
+      if (it != o.scalars.end() && !it->second.empty()) ov.values.emplace_back(opt.key, typed(it->second, type));
     }
   }
   ov.sets = o.sets;
@@ -151,7 +157,7 @@ int run(int argc, char** argv) {
   // A command that reads writes files only when --out asks for them.
   using patch::app::Output;
   const bool run_folder = cmd.output == Output::kRunFolder || cmd.output == Output::kResumable ||
-                          (cmd.output == Output::kOnRequest && !opts.out.empty());
+                          (cmd.output == Output::kOnRequest && !opts.scalars["output.dir"].empty());
   patch::app::RunContext ctx = patch::app::start_run(cmd.name, std::move(cfg), run_folder);
   ctx.argv.assign(argv, argv + argc);
   int rc = cmd.run(ctx);

@@ -31,22 +31,6 @@ using core::str;
 // Schema bounds at or beyond this magnitude mean "unbounded".
 constexpr double kUnbounded = 1e300;
 
-// The command-line options of patch-train that set a key directly; they name the
-// source of a bad value and are suggested when a required key is missing.
-const std::map<std::string, std::string> kShortcutOptions = {
-    {"model.path", "--model"},     {"model.masks", "--masks"},
-    {"output.dir", "--out"},       {"output.overwrite", "--overwrite"},
-    {"output.resume", "--resume"}, {"eval.data", "--data"},
-    {"data.train", "--data"},      {"prune.method", "--method"},
-    {"prune.pattern", "--pattern"}, {"mask.target_sparsity", "--target"},
-    {"verify.pruned", "--pruned"},   {"inspect.plot", "--plot"},
-    {"sweep.targets", "--targets"},   {"sweep.baselines", "--baselines"},
-    {"bench.shape", "--shape"},       {"bench.modes", "--mode"},
-    {"deploy.shapes", "--shapes"},    {"deploy.sparsities", "--sparsities"},
-    {"deploy.tokens", "--tokens"},    {"deploy.layers", "--layers"},
-    {"dist.nproc", "--nproc"},
-    {"model.packed", "--packed"}};
-
 // Where each key's resolved value came from (higher rank wins), so that
 // cross-key errors can name the file or option the user should fix.
 using Origins = std::map<std::string, std::pair<int, std::string>>;
@@ -403,9 +387,9 @@ std::pair<const KeyDef*, Json> parse_set(const std::string& arg) {
   return {d, check_value(*d, parse_set_value(*d, arg.substr(eq + 1), arg), "--set")};
 }
 
-std::string shortcut_source(const std::string& key) {
-  auto it = kShortcutOptions.find(key);
-  return it == kShortcutOptions.end() ? "command line" : it->second;
+std::string shortcut_source(const std::map<std::string, std::string>& flags, const std::string& key) {
+  auto it = flags.find(key);
+  return it == flags.end() ? "command line" : it->second;
 }
 
 Json defaults_tree() {
@@ -414,16 +398,17 @@ Json defaults_tree() {
   return tree;
 }
 
-void check_resolved(const Config& config, const std::string& subcommand, const Origins& origins) {
+void check_resolved(const Config& config, const std::string& subcommand, const Origins& origins,
+                    const std::map<std::string, std::string>& flags) {
   check_tree(config.tree(), "config");
   for (const KeyDef& d : schema()) {
     if (std::find(d.required_by.begin(), d.required_by.end(), subcommand) == d.required_by.end())
       continue;
     const Json* v = lookup(config.tree(), d.key);
     if (v && !v->is_null() && !(v->is_string() && v->get<std::string>().empty())) continue;
-    const auto option = kShortcutOptions.find(d.key);
+    const auto option = flags.find(d.key);
     const std::string how =
-        option == kShortcutOptions.end()
+        option == flags.end()
             ? "set it in the config file or with --set " + d.key + "=..."
             : str("set it in the config file, with ", option->second, ", or --set ", d.key, "=...");
     throw ConfigError(str(d.key, ": required by '", subcommand, "' (", how, ")"));
@@ -614,7 +599,7 @@ void validate_tree(const Json& tree, const std::string& source) {
 }
 
 void validate_resolved(const Config& config, const std::string& subcommand) {
-  check_resolved(config, subcommand, Origins{});
+  check_resolved(config, subcommand, Origins{}, {});
 }
 
 Config resolve(const std::optional<std::string>& file, const Overrides& overrides,
@@ -629,7 +614,7 @@ Config resolve(const std::optional<std::string>& file, const Overrides& override
     for (auto& [d, value] : check_tree(load_file(*file), *file))
       assign(*d, std::move(value), kFileRank, *file);
   for (const auto& [key, value] : overrides.values) {
-    const std::string source = shortcut_source(key);
+    const std::string source = shortcut_source(overrides.flags, key);
     const KeyDef* d = find_key(key);
     if (!d) throw ConfigError(str(source, ": unknown key '", key, "'"));
     assign(*d, check_value(*d, value, source), kShortcutRank, source);
@@ -639,7 +624,7 @@ Config resolve(const std::optional<std::string>& file, const Overrides& override
     assign(*d, std::move(value), kSetRank, "--set");
   }
   Config config(std::move(tree));
-  check_resolved(config, subcommand, origins);
+  check_resolved(config, subcommand, origins, overrides.flags);
   return config;
 }
 

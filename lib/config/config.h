@@ -4,6 +4,7 @@
 // then validation. Values live in a JSON tree whose layout mirrors the dotted keys.
 #include <nlohmann/json.hpp>
 
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -58,6 +59,9 @@ class Config {
 struct Overrides {
   std::vector<std::pair<std::string, Json>> values;  // typed values from shortcuts
   std::vector<std::string> sets;                     // raw "key=value" strings
+  // The command-line option that sets each key ("model.path" -> "--model"):
+  // errors name it, and a missing required key suggests it.
+  std::map<std::string, std::string> flags;
 };
 
 // Defaults < file (YAML for .yaml/.yml, JSON for .json) < overrides, then

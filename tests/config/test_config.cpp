@@ -194,10 +194,15 @@ TEST_CASE("command-line errors name --set or the option and the key") {
   // The source of a cross-key problem is the one that set either key last.
   check_mentions(with_sets({"train.micro_batch=3"}), {"--set: train.global_batch:", "multiple"});
 
-  CHECK(config_error([] { config::resolve(std::nullopt, {}, "eval"); }) ==
+  // The command line tells which option sets which key (apps: key_options).
+  config::Overrides flags_only;
+  flags_only.flags = {{"model.path", "--model"}};
+  CHECK(config_error([&] { config::resolve(std::nullopt, flags_only, "eval"); }) ==
         "model.path: required by 'eval' (set it in the config file, with --model, or --set "
         "model.path=...)");
-  config::Overrides ov;
+  CHECK(config_error([] { config::resolve(std::nullopt, {}, "eval"); }) ==
+        "model.path: required by 'eval' (set it in the config file or with --set model.path=...)");
+  config::Overrides ov = flags_only;
   ov.values.emplace_back("model.path", 3);
   check_mentions(config_error([&] { config::resolve(std::nullopt, ov, "eval"); }),
                  {"--model: model.path: expected a string, got 3"});
