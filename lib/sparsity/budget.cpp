@@ -159,4 +159,16 @@ std::string DensityReport::format() const {
   return out;
 }
 
+std::pair<at::Tensor, at::Tensor> Budget::penalty(const MaskSet& masks) const {
+  at::Tensor density = masks.soft_density();
+  at::Tensor reg;
+  if (kind == BudgetKind::kPerBlock) {
+    reg = at::zeros({}, density.options());
+    for (auto& [b, d] : masks.block_soft_density()) reg = reg + (d - target_density()).abs();
+  } else {
+    reg = (density - target_density()).abs();
+  }
+  return {density, reg};
+}
+
 }  // namespace patch::sparsity

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "sparsity/linear_mask.h"
@@ -60,6 +61,21 @@ struct Hardened {
 // Final masks: tiles ranked by their logits under the exact budget (joint and
 // tile modes; maskllm: every tile sparse), 2:4 by argmax (tile mode: fixed).
 Hardened harden(const MaskSet& masks, double target_sparsity, BudgetKind kind);
+
+// A sparsity budget, over the whole model or in every decoder block: the
+// exact rule that hardens the masks, and the soft term that training adds to
+// pull the learned distribution's expected density towards it.
+struct Budget {
+  double target_sparsity = 0.5;
+  BudgetKind kind = BudgetKind::kGlobal;
+
+  double target_density() const { return 1.0 - target_sparsity; }
+  Hardened harden(const MaskSet& masks) const { return sparsity::harden(masks, target_sparsity, kind); }
+  // {the global soft density, |density - target density|}, per block the sum
+  // over decoder blocks of |block density - target density|: differentiable
+  // in the tile logits through this step's gates (a constant without them).
+  std::pair<at::Tensor, at::Tensor> penalty(const MaskSet& masks) const;
+};
 
 // Densities (kept fraction) of the learned distribution (expected density, see
 // LinearMask::expected_density) beside the hardened masks.

@@ -9,6 +9,7 @@
 #include "dist/dist.h"
 #include "model/bench.h"
 #include "model/decoder.h"
+#include "sparsity/budget.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/prior.h"
 #include "train/optimizer.h"
@@ -56,7 +57,7 @@ nlohmann::json bench_mask_step(const io::ModelConfig& shape, const MaskBenchOpti
   auto backward = [&] {
     decoder.loss(ids).backward();
     if (reducer) reducer->finish();
-    at::Tensor reg = (masks.soft_density() - (1.0 - o.target_sparsity)).abs() * 10.0;
+    at::Tensor reg = sparsity::Budget{o.target_sparsity, sparsity::BudgetKind::kGlobal}.penalty(masks).second * 10.0;
     if (reg.requires_grad()) reg.backward();  // maskllm has no tile logits to pull
   };
   auto run_step = [&] {

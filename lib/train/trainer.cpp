@@ -505,19 +505,6 @@ void check_resume_config(const config::Config& cfg, const std::string& out_dir) 
   }
 }
 
-std::pair<at::Tensor, at::Tensor> density_regularizer(const sparsity::MaskSet& masks,
-                                                     double target_density, bool per_block) {
-  at::Tensor density = masks.soft_density();
-  at::Tensor reg;
-  if (per_block) {
-    reg = at::zeros({}, density.options());
-    for (auto& [b, d] : masks.block_soft_density()) reg = reg + (d - target_density).abs();
-  } else {
-    reg = (density - target_density).abs();
-  }
-  return {density, reg};
-}
-
 int stop_signal() { return core::stop_signal(); }
 
 void install_stop_handlers() { core::install_stop_handlers(); }
@@ -645,8 +632,6 @@ int run_training(const config::Config& cfg, const std::string& out_dir, const st
   const int64_t eval_every = cfg.get_int("train.eval_every");
   const int64_t ckpt_every = cfg.get_int("train.checkpoint_every");
   const int64_t log_every = cfg.get_int("train.log_every");
-  const bool per_block = r.budget == sparsity::BudgetKind::kPerBlock;
-  const double target_density = 1.0 - r.target;
   const int64_t n_micro = r.global / r.micro;
   int64_t last_checkpoint = start;
   // train.cuda_graph: after one eager step, each step is one graph replay;
@@ -661,11 +646,12 @@ int run_training(const config::Config& cfg, const std::string& out_dir, const st
   struct {
     at::Tensor ce, reg, density, norm;
   } graph_out;
-  auto density_reg = [&] { return density_regularizer(*r.masks, target_density, per_block); };
+  const sparsity::Budget budget{r.target, r.budget};
+  auto density_reg = [&] { return budget.penalty(*r.masks); };
 
   if (start == 0 && root) {
     // The hardened starting point (init + prior) as step 0, the baseline of the run.
-    auto hard0 = sparsity::harden(*r.masks, r.target, r.budget);
+    auto hard0 = budget.harden(*r.masks);
     double vl0 = evaluate_hard(r, hard0);
     write_metrics({{"step", 0}, {"valid_loss", vl0}, {"valid_ppl", std::exp(vl0)},
                    {"hard_sparsity", hard0.achieved_sparsity()}, {"windows", r.valid_blocks.size()}});
@@ -795,7 +781,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir, const st
            {"peak_mem_gib", core::peak_memory_gib(r.device)}};
     }
     if ((eval_every > 0 && done % eval_every == 0) && !is_last) {
-      auto hard = sparsity::harden(*r.masks, r.target, r.budget);
+      auto hard = budget.harden(*r.masks);
       double vl = evaluate_hard(r, hard);
       m["valid_loss"] = vl;
       m["valid_ppl"] = std::exp(vl);
@@ -815,7 +801,7 @@ int run_training(const config::Config& cfg, const std::string& out_dir, const st
   if (!root) return 0;
   progress->finish();
 
-  auto hard = sparsity::harden(*r.masks, r.target, r.budget);
+  auto hard = budget.harden(*r.masks);
   double vl = evaluate_hard(r, hard);
   json fin = {{"step", r.steps}, {"final", true}, {"valid_loss", vl}, {"valid_ppl", std::exp(vl)},
               {"hard_sparsity", hard.achieved_sparsity()},

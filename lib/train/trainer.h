@@ -43,15 +43,6 @@ const std::vector<std::string>& resume_mutable_keys();
 // one stored in out_dir's checkpoint (nothing to check without a checkpoint).
 void check_resume_config(const config::Config& cfg, const std::string& out_dir);
 
-// The density regularizer of a step and the density it pulls: {the global
-// soft density, |density - target_density|}, or with `per_block` the sum over
-// decoder blocks of |block density - target_density|. Differentiable in the
-// tile logits through this step's gates; the trainer adds it, times
-// train.lambda_sparsity, to the LM loss. Public so that a test can run the
-// trainer's own step from its parts (tests/train/test_golden.cpp).
-std::pair<at::Tensor, at::Tensor> density_regularizer(const sparsity::MaskSet& masks,
-                                                     double target_density, bool per_block);
-
 // SIGINT/SIGTERM handlers that make the loop checkpoint and stop at the next
 // step boundary; a second signal kills the process as usual.
 void install_stop_handlers();

@@ -15,7 +15,7 @@
 //
 // The step is run_training's loop body for one process, eager, full state:
 // schedule -> sampler state, lr_at, begin_step, each micro-batch's
-// loss / n_micro backward, density_regularizer() times lambda_sparsity
+// loss / n_micro backward, sparsity::Budget::penalty() times lambda_sparsity
 // backward, finish_step. run_training has no smaller public entry that stops
 // inside a step, so the test drives those same public parts in that order.
 #include <ATen/ATen.h>
@@ -36,6 +36,7 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "model/decoder.h"
+#include "sparsity/budget.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/prior.h"
 #include "sparsity/schedule.h"
@@ -229,7 +230,7 @@ void golden_steps(const Config& cfg, const std::string& path) {
       (loss / static_cast<double>(n_micro)).backward();
       ce += loss.item<double>() / static_cast<double>(n_micro);
     }
-    auto [density, reg] = train::density_regularizer(masks, target_density, cfg.per_block);
+    auto [density, reg] = sparsity::Budget{cfg.target_sparsity, budget}.penalty(masks);
     const at::Tensor total_reg = reg * lambda_s;
     if (total_reg.requires_grad()) total_reg.backward();  // maskllm: no tile logit to pull
     const double loss = ce + lambda_s * reg.item<double>();
