@@ -14,7 +14,7 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "data/xz_stream.h"
-#include "text/sha256.h"
+#include "core/sha256.h"
 
 namespace patch::data {
 
@@ -174,9 +174,9 @@ TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
   }
 
   // The cache key covers everything that changes the tokens.
-  const std::string key = text::sha256_hex(
+  const std::string key = core::sha256_hex(
       core::str("patch token cache v1\n", tok.fingerprint(), "\n", format_name(format), "\n",
-                opts.jsonl_field, "\n", opts.document_separator, "\n", text::sha256_file(path)));
+                opts.jsonl_field, "\n", opts.document_separator, "\n", core::sha256_file(path)));
   std::error_code ec;
   fs::create_directories(opts.cache_dir, ec);
   if (ec)

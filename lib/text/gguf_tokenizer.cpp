@@ -17,7 +17,7 @@
 #include "io/gguf.h"
 #include "text/hf_pipeline.h"
 #include "text/json_checked.h"
-#include "text/sha256.h"
+#include "core/sha256.h"
 #include "text/token_matcher.h"
 #include "text/tokenizer.h"
 #include "text/unicode.h"
@@ -337,7 +337,7 @@ SpmTokenizer::SpmTokenizer(const io::GgufFile& gguf) {
     byte_token_[b] = id >= 0 ? id : unk_;
   }
 
-  Sha256 h;
+  core::Sha256 h;
   for (size_t i = 0; i < n; ++i) {
     h.update(tokens_[i]);
     h.update(core::str("\t", scores_[i], "\t", types_[i], "\n"));

@@ -18,7 +18,7 @@
 #include "text/hf_pipeline.h"
 #include "text/json_checked.h"
 #include "text/regex.h"
-#include "text/sha256.h"
+#include "core/sha256.h"
 #include "text/token_matcher.h"
 #include "text/tokenizer.h"
 #include "text/unicode.h"
@@ -846,7 +846,7 @@ void HfTokenizer::build(const json& j, const std::string& path, const json& tcfg
   for (int32_t id : prefix_) key += core::str(" ", id);
   key += " suffix";
   for (int32_t id : suffix_) key += core::str(" ", id);
-  fingerprint_ = fingerprint_prefix + sha256_hex(key);
+  fingerprint_ = fingerprint_prefix + core::sha256_hex(key);
 }
 
 }  // namespace

@@ -37,7 +37,7 @@
 #include "sparsity/budget.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/prior.h"
-#include "text/sha256.h"
+#include "core/sha256.h"
 #include "text/tokenizer.h"
 #include "train/optimizer.h"
 
@@ -194,7 +194,7 @@ void build_masks(Run& r) {
     std::string dir = cfg.get_string("mask.prior_cache");
     if (dir.empty()) dir = core::cache_dir() + "/priors";
     const std::string cached =
-        (fs::path(dir) / (prior + "-" + text::sha256_hex(key.dump()).substr(0, 16) + ".safetensors")).string();
+        (fs::path(dir) / (prior + "-" + core::sha256_hex(key.dump()).substr(0, 16) + ".safetensors")).string();
     // A resumed run takes the prior its run folder kept (the same by the resume check).
     const std::string kept = (fs::path(r.out_dir) / kPriorName).string();
     const bool resumed = cfg.get_bool("output.resume") && fs::exists(kept);

@@ -17,6 +17,7 @@
 #include "core/paths.h"
 #include "core/progress.h"
 #include "core/run_dir.h"
+#include "core/sha256.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -265,4 +266,27 @@ TEST_CASE("a CUDA graph step runs eagerly, is captured once, then replays") {
     CHECK(at::allclose(twice.cpu(), at::full({5}, 2 * want)));
   }
   CHECK(host_runs == 2);  // the eager run and the capture
+}
+
+TEST_CASE("sha256 matches the FIPS 180-4 test vectors, in one piece and streamed") {
+  using patch::core::sha256_hex;
+  CHECK(sha256_hex("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  CHECK(sha256_hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  CHECK(sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
+        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  // One million 'a', fed in uneven pieces across block boundaries.
+  patch::core::Sha256 h;
+  const std::string piece(997, 'a');
+  size_t fed = 0;
+  while (fed + piece.size() <= 1000000) {
+    h.update(piece);
+    fed += piece.size();
+  }
+  h.update(std::string(1000000 - fed, 'a'));
+  CHECK(h.hex_digest() == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+  patch::test::TempDir dir;
+  const std::string path = dir.file("x.bin");
+  patch::core::write_file_atomic(path, "abc");
+  CHECK(patch::core::sha256_file(path) == sha256_hex("abc"));
+  CHECK_THROWS_AS(patch::core::sha256_file(dir.file("missing")), patch::core::Error);
 }

@@ -5,7 +5,7 @@
 #include <string>
 #include <string_view>
 
-namespace patch::text {
+namespace patch::core {
 
 class Sha256 {
  public:
@@ -28,4 +28,4 @@ std::string sha256_hex(std::string_view data);
 // Streams the file; throws core::Error naming it when it cannot be read.
 std::string sha256_file(const std::string& path);
 
-}  // namespace patch::text
+}  // namespace patch::core

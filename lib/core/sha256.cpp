@@ -1,4 +1,4 @@
-#include "text/sha256.h"
+#include "core/sha256.h"
 
 #include <algorithm>
 #include <cstring>
@@ -7,7 +7,7 @@
 
 #include "core/error.h"
 
-namespace patch::text {
+namespace patch::core {
 
 namespace {
 
@@ -118,4 +118,4 @@ std::string sha256_file(const std::string& path) {
   return h.hex_digest();
 }
 
-}  // namespace patch::text
+}  // namespace patch::core
