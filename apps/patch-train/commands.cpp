@@ -55,6 +55,29 @@ void plot(const std::string& what, const std::string& input, const std::string& 
   core::log::info("wrote " + png);
 }
 
+// model.masks (W * M through the providers) or model.packed (the hybrid
+// kernels) on the decoder, recorded in `out` (path and sparsity); neither: dense.
+void install_sparsity(model::Decoder& decoder, const config::Config& cfg, ordered_json& out) {
+  const std::string masks = cfg.get_string("model.masks"), packed_path = cfg.get_string("model.packed");
+  if (!masks.empty() && !packed_path.empty())
+    throw core::ConfigError("model.packed: give either a mask file or a packed file, not both");
+  if (!masks.empty()) {
+    auto file = maskfile::read_mask_file(core::resolve_path(masks));
+    maskfile::apply_masks(decoder, file);
+    out["masks"] = file.path;
+    out["sparsity"] = file.sparsity();
+    core::log::info(core::str("masks ", file.path, ": ", file.layers.size() + file.bitmasks.size(),
+                              " layers, sparsity ", file.sparsity()));
+  } else if (!packed_path.empty()) {
+    const auto packed = deploy::read_packed(core::resolve_path(packed_path));
+    deploy::install_packed(decoder, packed);
+    out["packed"] = packed.path;
+    out["sparsity"] = packed.sparsity();
+    core::log::info(core::str("packed ", packed.path, ": ", packed.layers.size(), " layers, sparsity ",
+                              packed.sparsity()));
+  }
+}
+
 int run_eval(RunContext& ctx) {
   const auto& cfg = ctx.config;
   if (cfg.get_string_list("eval.data").empty())
@@ -67,24 +90,7 @@ int run_eval(RunContext& ctx) {
   model::Decoder decoder(ckpt, dopts);
   ordered_json out;
   out["model"] = model_path;
-  if (const std::string masks = cfg.get_string("model.masks"); !masks.empty()) {
-    auto file = maskfile::read_mask_file(core::resolve_path(masks));
-    maskfile::apply_masks(decoder, file);
-    out["masks"] = file.path;
-    out["sparsity"] = file.sparsity();
-    core::log::info(core::str("masks ", file.path, ": ", file.layers.size() + file.bitmasks.size(),
-                              " layers, sparsity ", file.sparsity()));
-  }
-  if (const std::string packed_path = cfg.get_string("model.packed"); !packed_path.empty()) {
-    if (!cfg.get_string("model.masks").empty())
-      throw core::ConfigError("model.packed: give either a mask file or a packed file, not both");
-    const auto packed = deploy::read_packed(core::resolve_path(packed_path));
-    deploy::install_packed(decoder, packed);
-    out["packed"] = packed.path;
-    out["sparsity"] = packed.sparsity();
-    core::log::info(core::str("packed ", packed.path, ": ", packed.layers.size(), " layers, sparsity ",
-                              packed.sparsity()));
-  }
+  install_sparsity(decoder, cfg, out);
   open_outputs(ctx);
   out.update(eval::evaluate_config(decoder, *tok, cfg));
   std::string text = out.dump(2);
@@ -268,21 +274,8 @@ int run_generate(RunContext& ctx) {
   auto tok = text::load_tokenizer_for(model_path);
   model::Decoder decoder(ckpt, dopts);
   ordered_json out{{"model", model_path}};
-  const std::string masks = cfg.get_string("model.masks"), packed = cfg.get_string("model.packed");
-  if (!masks.empty() && !packed.empty())
-    throw core::ConfigError("model.packed: give either a mask file or a packed file, not both");
-  if (!masks.empty()) {
-    auto file = maskfile::read_mask_file(core::resolve_path(masks));
-    maskfile::apply_masks(decoder, file);
-    maskfile::bake_masks(decoder);  // W * M once, not at every step (and capturable by a CUDA graph)
-    out["masks"] = file.path;
-    out["sparsity"] = file.sparsity();
-  } else if (!packed.empty()) {
-    const auto p = deploy::read_packed(core::resolve_path(packed));
-    deploy::install_packed(decoder, p);
-    out["packed"] = p.path;
-    out["sparsity"] = p.sparsity();
-  }
+  install_sparsity(decoder, cfg, out);
+  maskfile::bake_masks(decoder);  // W * M once, not at every step (and capturable by a CUDA graph)
   std::vector<std::vector<int64_t>> ids;
   for (const auto& text : prompts) {
     const auto enc = tok->encode(text, cfg.get_bool("generate.add_special"));

@@ -96,13 +96,16 @@ std::vector<int64_t> parse_shape(const std::string& text, const std::string& wha
 // zlib counts in 32-bit chunks: feed it at most 1 GiB at a time.
 constexpr uint64_t kZChunk = uint64_t{1} << 30;
 
-std::string inflate_member(const uint8_t* src, uint64_t compressed, uint64_t size, const std::string& what) {
-  std::string out(size, '\0');
-  z_stream zs{};
-  if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) throw core::Error(what + ": zlib could not start");
-  zs.next_in = const_cast<Bytef*>(src);
-  zs.next_out = reinterpret_cast<Bytef*>(&out[0]);
-  uint64_t in_left = compressed, out_left = size;
+// Feeds `in` to a zlib stream and collects its output into `out` (sized for
+// the whole result), at most kZChunk at a time each way, until `step` (inflate
+// or deflate, told whether all input is in) stops returning Z_OK. Returns the
+// last return code; `produced` gets the bytes written.
+template <class Step>
+int pump(z_stream& zs, const uint8_t* in, uint64_t in_len, uint8_t* out, uint64_t out_len, uint64_t* produced,
+         Step step) {
+  zs.next_in = const_cast<Bytef*>(in);
+  zs.next_out = out;
+  uint64_t in_left = in_len, out_left = out_len;
   int rc = Z_OK;
   for (;;) {
     if (zs.avail_in == 0 && in_left > 0) {
@@ -113,10 +116,20 @@ std::string inflate_member(const uint8_t* src, uint64_t compressed, uint64_t siz
       zs.avail_out = static_cast<uInt>(std::min(out_left, kZChunk));
       out_left -= zs.avail_out;
     }
-    rc = inflate(&zs, Z_NO_FLUSH);
+    rc = step(in_left == 0);
     if (rc != Z_OK) break;  // Z_STREAM_END, or no progress possible (Z_BUF_ERROR), or corrupt data
   }
-  const uint64_t produced = size - out_left - zs.avail_out;
+  *produced = out_len - out_left - zs.avail_out;
+  return rc;
+}
+
+std::string inflate_member(const uint8_t* src, uint64_t compressed, uint64_t size, const std::string& what) {
+  std::string out(size, '\0');
+  z_stream zs{};
+  if (inflateInit2(&zs, -MAX_WBITS) != Z_OK) throw core::Error(what + ": zlib could not start");
+  uint64_t produced = 0;
+  const int rc = pump(zs, src, compressed, reinterpret_cast<uint8_t*>(&out[0]), size, &produced,
+                      [&](bool) { return inflate(&zs, Z_NO_FLUSH); });
   inflateEnd(&zs);
   if (rc != Z_STREAM_END || produced != size)
     throw core::Error(core::str(what, ": corrupt deflate data (", produced, " of ", size, " bytes inflated)"));
@@ -139,23 +152,10 @@ std::string deflate_bytes(const std::string& bytes, const std::string& what) {
   if (deflateInit2(&zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -MAX_WBITS, 8, Z_DEFAULT_STRATEGY) != Z_OK)
     throw core::Error(what + ": zlib could not start");
   std::string out(deflateBound(&zs, static_cast<uLong>(bytes.size())), '\0');
-  zs.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(bytes.data()));
-  zs.next_out = reinterpret_cast<Bytef*>(&out[0]);
-  uint64_t in_left = bytes.size(), out_left = out.size();
-  int rc = Z_OK;
-  for (;;) {
-    if (zs.avail_in == 0 && in_left > 0) {
-      zs.avail_in = static_cast<uInt>(std::min(in_left, kZChunk));
-      in_left -= zs.avail_in;
-    }
-    if (zs.avail_out == 0 && out_left > 0) {
-      zs.avail_out = static_cast<uInt>(std::min(out_left, kZChunk));
-      out_left -= zs.avail_out;
-    }
-    rc = deflate(&zs, in_left == 0 ? Z_FINISH : Z_NO_FLUSH);
-    if (rc != Z_OK) break;
-  }
-  const uint64_t produced = out.size() - out_left - zs.avail_out;
+  uint64_t produced = 0;
+  const int rc = pump(zs, reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(),
+                      reinterpret_cast<uint8_t*>(&out[0]), out.size(), &produced,
+                      [&](bool all_in) { return deflate(&zs, all_in ? Z_FINISH : Z_NO_FLUSH); });
   deflateEnd(&zs);
   if (rc != Z_STREAM_END) throw core::Error(what + ": deflate failed");
   out.resize(produced);

@@ -34,9 +34,10 @@ class BitmaskProvider : public model::WeightProvider {
   BitmaskLayer layer_;
 };
 
-// A weight computed once: inference that runs many forwards (generation) pays
-// for W * M once per layer instead of once per call, and a CUDA graph can
-// capture the forward (rebuilding a mask copies a small table to the device).
+// A weight computed once, used in place of the dense one: SparseGPT's updated
+// weights, and W * M for inference that runs many forwards (generation pays
+// for it once per layer instead of once per call, and a CUDA graph can capture
+// the forward; rebuilding a mask copies a small table to the device).
 class FixedWeightProvider : public model::WeightProvider {
  public:
   explicit FixedWeightProvider(at::Tensor weight) : weight_(std::move(weight)) {}

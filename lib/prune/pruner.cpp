@@ -13,6 +13,7 @@
 #include "data/corpus.h"
 #include "data/dataset.h"
 #include "io/safetensors.h"
+#include "maskfile/apply.h"
 #include "sparsity/linear_mask.h"
 #include "sparsity/mask_set.h"
 #include "sparsity/patterns.h"
@@ -20,16 +21,6 @@
 namespace patch::prune {
 namespace {
 
-
-// SparseGPT's updated weight of a layer, handed to the model in place of the dense one.
-class FixedWeight : public model::WeightProvider {
- public:
-  explicit FixedWeight(at::Tensor w) : w_(std::move(w)) {}
-  at::Tensor effective_weight(const at::Tensor&) override { return w_; }
-
- private:
-  at::Tensor w_;
-};
 
 // W * keep with keep held as bits (1/16 of a bf16 weight), so that a pruned
 // model costs little more memory than the dense one.
@@ -117,7 +108,7 @@ void prune_layer(const LayerSpec& spec, const InputStats* stats, const PruneOpti
     }
   }
   if (sg.weight.defined())
-    spec.lin->set_provider(std::make_shared<FixedWeight>(sg.weight.to(w.scalar_type())));
+    spec.lin->set_provider(std::make_shared<maskfile::FixedWeightProvider>(sg.weight.to(w.scalar_type())));
   else
     spec.lin->set_provider(std::make_shared<KeepBits>(keep));
   sink(spec, keep, sg_ptr);
