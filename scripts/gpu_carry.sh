@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fills .gpu_carry/ (git-ignored) with what device call N of 2 carries to the
 # GPU machine for the SmolLM2-135M study (scripts/gpu_check.sh STAGE=carry):
-#   1: C4 and WikiText-2 test (tar.xz) and the first 58.6 MB of the GGUF
+#   1: C4, WikiText-2 test and a tokenizer (tar.xz) and the first 58.6 MB of the GGUF
 #   2: the rest of the GGUF and the 21 MB of extra training text (.xz files)
 # A call carries at most 64 MiB with the working tree (~1.3 MB), so the 98 MB
 # GGUF and 24 MB of text fit two calls made back to back while the machine is
@@ -22,7 +22,9 @@ rm -rf .gpu_carry && mkdir -p .gpu_carry
 FIRST=58600000
 case $N in
   1)
-    tar -cJf .gpu_carry/data1.tar.xz -C "$DATA" text/c4 text/wikitext-2-raw/wiki.test.raw
+    tar -cJf .gpu_carry/data1.tar.xz -C "$DATA" text/c4 text/wikitext-2-raw/wiki.test.raw \
+      models/tinystories-656k/tokenizer.json models/tinystories-656k/tokenizer_config.json \
+      models/tinystories-656k/special_tokens_map.json
     # liblzma's and zlib's headers, for a GPU machine without them (their libraries are there).
     mkdir -p .gpu_carry/lzma-include .gpu_carry/zlib-include
     cp -r /usr/include/lzma.h /usr/include/lzma .gpu_carry/lzma-include/

@@ -21,6 +21,9 @@
 #   STAGE=smollm2 [STUDY="..."] joins the GGUF parts (sha256 checked against
 #               data/manifest.json), waits for that build and starts
 #               scripts/smollm2_study.sh in the background (ONLY=$STUDY)
+#   STAGE=equality after STAGE=carry BUILD=1 (the build and the carried C4 text
+#               and tokenizer): scripts/bench_equality.sh, bench's step time against
+#               train's on a random Qwen2.5-0.5B-shaped checkpoint, eager and graphed
 #   STAGE=wait [WAIT=540] waits for the background study at most WAIT seconds, then
 #               copies its results to $OUT; call it again at once to keep the machine
 # A device call carries at most 64 MiB, the machine cannot download and is
@@ -85,6 +88,12 @@ if [[ $STAGE == smollm2 ]]; then
     setsid nohup scripts/smollm2_study.sh) </dev/null >/tmp/patch-study.log 2>&1 &
   echo "study started in $STUDY_DIR"
   exit 0
+fi
+if [[ $STAGE == equality ]]; then
+  while [[ ! -f /tmp/patch-build.rc ]]; do sleep 5; done
+  [[ $(cat /tmp/patch-build.rc) == 0 ]] || { tail -40 /tmp/patch-build.log; exit 1; }
+  PATCH_DATA_DIR=$DATA P=$SRC/build/bin/patch-train OUT=$OUT scripts/bench_equality.sh
+  exit $?
 fi
 if [[ $STAGE == wait ]]; then
   end=$((SECONDS + ${WAIT:-540}))

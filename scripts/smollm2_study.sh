@@ -83,7 +83,15 @@ run_part() {
         grep '^{' >"$R/npz-bench.jsonl"; } >"$R/npz.log" 2>&1 ;;
   # Generation with a KV cache, dense, masked and packed (CUDA-graph decode steps), greedy.
   17) log "17 generate: dense, --masks and --packed (the part 16 files), 4 prompts x 128 tokens"
-    local m=$R/npz-back/masks.safetensors pk=$R/npz-pack/packed.safetensors f=$R/prompts.txt
+    local m=$R/npz-back/masks.safetensors pk=$R/npz-pack/packed.safetensors f=$R/prompts.txt t
+    if [[ ! -f $pk ]]; then  # without part 16: the first learned masks of the sweep, packed here
+      for t in 0.45 0.35 0.25; do
+        m=$R/sweep-soft/points/patch-joint-$t/masks.safetensors
+        [[ -f $m ]] && break
+      done
+      pk=$R/pack/packed.safetensors
+      "$P" pack --config "$C" --masks "$m" --out "$R/pack" --overwrite >>"$R/gen.log" 2>&1 || return 1
+    fi
     printf '%s\n' "The capital of France is" "Once upon a time, there was a" "The three laws of thermodynamics are" \
       "def fibonacci(n):" >"$f"
     for how in dense masks packed; do
@@ -93,6 +101,11 @@ run_part() {
       "$P" generate --config "$C" --prompts "$f" --max-new-tokens 128 "${extra[@]}" --out "$R/gen-$how" \
         --overwrite >"$R/gen-$how.txt" 2>>"$R/gen.log" || return 1
     done ;;
+  # Ideas of the issue at 45%, each beside part 11's point (same tokens, same evaluation).
+  18) log "18 PATCH-Joint 45% with the per-block budget"; learn perblock-45 --set mask.budget=per_block ;;
+  19) log "19 PATCH-Joint 45% with global_batch 16 (2 micro-batches) for $((STEPS / 2)) steps (same tokens)"
+    learn gb16-45 --set train.global_batch=16 --set "train.steps=$((STEPS / 2))" ;;
+  20) log "20 PATCH-Joint 45% with distillation (train.loss=kd), default scales"; learn kd-soft-45 --set train.loss=kd ;;
   *) log "no part $1"; return 1 ;;
   esac
 }

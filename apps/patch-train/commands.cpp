@@ -35,7 +35,9 @@
 #include "prune/pruner.h"
 #include "sweep/sweep.h"
 #include "text/tokenizer.h"
+#include "sparsity/linear_mask.h"
 #include "train/bench.h"
+#include "train/train_options.h"
 #include "train/trainer.h"
 
 namespace patch::app {
@@ -512,14 +514,14 @@ int run_bench(RunContext& ctx) {
   const auto& cfg = ctx.config;
   const auto shape = model::model_shape(cfg.get_string("bench.shape"));
   const auto env = dist::env_from_environment();
-  if ((cfg.get_int("dist.nproc") > 1 || env.world > 1) && cfg.get_string("train.state") == "compact")
-    throw core::ConfigError("train.state: compact state cannot sum gradients over ranks (bench --nproc needs full)");
-  if (is_launcher(ctx)) return launch_ranks(ctx);
   const at::Device device =
       dist::rank_device(core::resolve_device(cfg.get_string("model.device")), env.local_rank, env.world);
+  const int64_t batch = cfg.get_int("bench.batch"), seq = cfg.get_int("bench.seq");
+  const auto step = train::train_options(cfg, device).step;
+  train::bench_step_options(step, batch, static_cast<int>(std::max<int64_t>(cfg.get_int("dist.nproc"), env.world)));
+  if (is_launcher(ctx)) return launch_ranks(ctx);
   dist::Group group(env, device, cfg.get_string("dist.backend"));
   const at::ScalarType dtype = core::resolve_dtype(cfg.get_string("model.dtype"), device);
-  const int64_t batch = cfg.get_int("bench.batch"), seq = cfg.get_int("bench.seq");
   const int warmup = static_cast<int>(cfg.get_int("bench.warmup"));
   const int iters = static_cast<int>(cfg.get_int("bench.iters"));
   const bool ckpt = cfg.get_bool("model.checkpointing");
@@ -544,22 +546,16 @@ int run_bench(RunContext& ctx) {
       j = bench_prune(cfg, shape, device, dtype, mode.substr(6));
     } else {
       train::MaskBenchOptions o;
-      o.mode = mode;
-      o.device = device;
+      // The step as `train` runs it with this configuration, in this mode.
+      o.step = step;
+      o.step.masks.mask.mode = sparsity::parse_mask_mode(mode);
       o.dtype = dtype;
       o.batch = batch;
       o.seq = seq;
-      auto tile = cfg.get_int_list("mask.tile");
-      o.tile_rows = tile[0];
-      o.tile_cols = tile[1];
-      o.target_sparsity = cfg.get_float("mask.target_sparsity");
       o.checkpointing = ckpt;
-      o.fused = cfg.get_string("mask.kernel") == "fused";
-      o.compact = cfg.get_string("train.state") == "compact";
       o.warmup = warmup;
       o.iters = iters;
       o.profile = profile;
-      o.cuda_graph = graph;
       o.group = &group;
       j = train::bench_mask_step(shape, o);
     }

@@ -13,11 +13,9 @@
 // compared: the loss and every learned logit gradient, taken after the step's
 // backward passes and before clipping and the update.
 //
-// The step is run_training's loop body for one process, eager, full state:
-// schedule -> sampler state, lr_at, begin_step, each micro-batch's
-// loss / n_micro backward, sparsity::Budget::penalty() times lambda_sparsity
-// backward, finish_step. run_training has no smaller public entry that stops
-// inside a step, so the test drives those same public parts in that order.
+// The step is train::MaskLearner::step, the one train, bench and sweep run,
+// for one process, eager, full state; its before_update hook reads the
+// gradients between the backward passes and the update.
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
@@ -42,8 +40,8 @@
 #include "sparsity/schedule.h"
 #include "test_util.h"
 #include "text/tokenizer.h"
-#include "train/optimizer.h"
-#include "train/trainer.h"
+#include "train/mask_learner.h"
+#include "train/train_options.h"
 
 using namespace patch;
 using nlohmann::json;
@@ -154,36 +152,36 @@ void golden_steps(const Config& cfg, const std::string& path) {
   dopts.checkpointing = true;  // model.checkpointing's default: the recompute regenerates the masks
   model::Decoder decoder(io::load_checkpoint(model_dir, at::kFloat), dopts);
 
-  // As build_masks does from the bundled configs/tinystories-656k.yaml
-  // (tile 32 x 32, its Gumbel scales, the default temperatures, init_std,
-  // lambda_sparsity, AdamW and clipping), with the magnitude prior: it needs
-  // no calibration, and the initial logits are an input of the reference anyway.
-  sparsity::MaskSetOptions mo;
-  mo.mask.mode = sparsity::parse_mask_mode(cfg.mode);
-  mo.mask.init_std = 1.0;
-  mo.mask.seed = 11;
-  mo.mask.fused = true;
-  mo.tile_rows = mo.tile_cols = 32;
-  auto state = std::make_shared<sparsity::SamplerState>();
-  state->seed = mo.mask.seed;
-  state->hard_24 = state->hard_tile = cfg.hard;
-  const sparsity::SamplerSchedule schedule{
-      4.0, 0.05, 2.0, 10.0, 4.0, 0.05, 0.5, 7.0, sparsity::Anneal::kLinear};
-  schedule.apply(*state, 0.0);
-  sparsity::MaskSet masks(mo, state);
-  std::vector<std::pair<std::string, at::Tensor>> weights;
-  for (auto* lin : decoder.linears()) weights.emplace_back(lin->name(), lin->weight());
-  masks.add_layers(weights,
-                   [&](const std::string& name, const std::shared_ptr<sparsity::LinearMask>& m) {
-                     decoder.linear(name)->set_provider(m);
-                   });
+  // As train_options reads the bundled configs/tinystories-656k.yaml (tile
+  // 32 x 32, the default scales, temperatures, init_std, lambda_sparsity,
+  // AdamW and clipping), with the magnitude prior: it needs no calibration,
+  // and the initial logits are an input of the reference anyway.
+  train::StepOptions so;
+  so.masks.mask.mode = sparsity::parse_mask_mode(cfg.mode);
+  so.masks.mask.init_std = 1.0;
+  so.masks.mask.seed = 11;
+  so.masks.mask.fused = true;
+  so.masks.tile_rows = so.masks.tile_cols = 32;
+  so.hard_24 = so.hard_tile = cfg.hard;
+  so.schedule = {4.0, 0.05, 2.0, 10.0, 4.0, 0.05, 0.5, 7.0, sparsity::Anneal::kLinear};
+  so.budget = {cfg.target_sparsity,
+               cfg.per_block ? sparsity::BudgetKind::kPerBlock : sparsity::BudgetKind::kGlobal};
+  so.steps = kRunSteps;  // the first 3 steps of a 20-step run
+  so.micro_batch = kMicro;
+  so.global_batch = kGlobal;
+  so.lr = 0.05;
+  so.min_lr_ratio = 0.1;
+  so.warmup_steps = 10;
+  so.grad_clip = 1.0;
+  so.lambda_sparsity = 10.0;
+  so.adamw = {0.9, 0.999, 1e-8, 0.0};
+  train::check_step_options(so, 1);
+  train::MaskLearner learner(decoder, so);
+  sparsity::MaskSet& masks = learner.masks();
   REQUIRE(masks.size() == 14);
-  const auto budget =
-      cfg.per_block ? sparsity::BudgetKind::kPerBlock : sparsity::BudgetKind::kGlobal;
   sparsity::apply_prior(masks, sparsity::magnitude_priors(masks, cfg.target_sparsity),
-                        cfg.target_sparsity, budget, {1.0, 3.0, 3.0});
-  train::MaskOptimizer opt(masks, train::AdamWOptions{0.9, 0.999, 1e-8, 0.0}, /*compact=*/false);
-  const double lambda_s = 10.0, clip = 1.0, target_density = 1.0 - cfg.target_sparsity;
+                        cfg.target_sparsity, so.budget.kind, {1.0, 3.0, 3.0});
+  const double target_density = so.budget.target_density();
 
   const data::BlockDataset blocks(story_tokens(model_dir), kSeqLen);
   REQUIRE(blocks.num_blocks() >= kSteps * kGlobal);
@@ -197,64 +195,51 @@ void golden_steps(const Config& cfg, const std::string& path) {
   }
   for (int64_t step = 0; step < kSteps; ++step) {
     const std::string pre = "step" + std::to_string(step) + "/";
-    schedule.apply(*state, static_cast<double>(step) / static_cast<double>(kRunSteps - 1));
-    state->step = step;
-    const double lr = train::lr_at(step, kRunSteps, 10, 0.05, 0.1);
-    {
+    std::vector<int64_t> idx(kGlobal);
+    for (int64_t i = 0; i < kGlobal; ++i) idx[i] = step * kGlobal + i;
+    const at::Tensor ids = blocks.blocks(idx);
+    out.emplace_back(pre + "ids", ids);
+    const int64_t n_micro = kGlobal / kMicro;
+    std::vector<at::Tensor> micro_batches;
+    for (int64_t k = 0; k < n_micro; ++k) micro_batches.push_back(ids.narrow(0, k * kMicro, kMicro));
+
+    // Between the backward passes and the update: the logits the step started
+    // from, its noise (regenerated from its Philox keys) and schedule, and
+    // the gradients.
+    auto record = [&] {
       c10::NoGradGuard no_grad;
+      const auto& state = learner.state();
+      out.emplace_back(pre + "schedule", at::tensor({state.scale_24, state.tau_24, state.scale_tile,
+                                                     state.tau_tile},
+                                                    at::TensorOptions().dtype(at::kDouble)));
       for (const auto& m : masks.masks()) {
         const std::string l = pre + m->name() + "/";
         if (tiles) {
           out.emplace_back(l + "tile_logits", m->tile_logits().detach().clone());
           out.emplace_back(l + "logistic", m->tile_noise());
+          REQUIRE(m->tile_logits().grad().defined());
+          out.emplace_back(l + "tile_logits.grad", m->tile_logits().grad().clone());
         }
         if (patterns) {
           out.emplace_back(l + "pattern_logits", m->pattern_logits().detach().clone());
           out.emplace_back(l + "gumbel", m->pattern_noise());
+          REQUIRE(m->pattern_logits().grad().defined());
+          out.emplace_back(l + "pattern_logits.grad", m->pattern_logits().grad().clone());
         }
       }
-    }
-    out.emplace_back(pre + "schedule", at::tensor({state->scale_24, state->tau_24,
-                                                   state->scale_tile, state->tau_tile},
-                                                  at::TensorOptions().dtype(at::kDouble)));
-    std::vector<int64_t> idx(kGlobal);
-    for (int64_t i = 0; i < kGlobal; ++i) idx[i] = step * kGlobal + i;
-    const at::Tensor ids = blocks.blocks(idx);
-    out.emplace_back(pre + "ids", ids);
-
-    opt.begin_step(lr);
-    const int64_t n_micro = kGlobal / kMicro;
-    double ce = 0.0;
-    for (int64_t k = 0; k < n_micro; ++k) {
-      const at::Tensor loss = decoder.loss(ids.narrow(0, k * kMicro, kMicro));
-      (loss / static_cast<double>(n_micro)).backward();
-      ce += loss.item<double>() / static_cast<double>(n_micro);
-    }
-    auto [density, reg] = sparsity::Budget{cfg.target_sparsity, budget}.penalty(masks);
-    const at::Tensor total_reg = reg * lambda_s;
-    if (total_reg.requires_grad()) total_reg.backward();  // maskllm: no tile logit to pull
-    const double loss = ce + lambda_s * reg.item<double>();
-    out.emplace_back(pre + "loss", at::scalar_tensor(loss, at::kDouble));
-    out.emplace_back(pre + "ce", at::scalar_tensor(ce, at::kDouble));
-    out.emplace_back(pre + "density", density.detach().to(at::kDouble));
-    for (const auto& m : masks.masks()) {
-      const std::string l = pre + m->name() + "/";
-      if (tiles) {
-        REQUIRE(m->tile_logits().grad().defined());
-        out.emplace_back(l + "tile_logits.grad", m->tile_logits().grad().clone());
-      }
-      if (patterns) {
-        REQUIRE(m->pattern_logits().grad().defined());
-        out.emplace_back(l + "pattern_logits.grad", m->pattern_logits().grad().clone());
-      }
-    }
-    opt.finish_step(lr, clip);
+    };
+    const train::StepStats st = learner.step(step, micro_batches, record);
+    REQUIRE(st.updated);
+    out.emplace_back(pre + "loss", at::scalar_tensor(st.loss, at::kDouble));
+    out.emplace_back(pre + "ce", at::scalar_tensor(st.ce, at::kDouble));
+    out.emplace_back(pre + "density", at::scalar_tensor(st.density, at::kDouble));
   }
+  const double lambda_s = so.lambda_sparsity;
   io::write_safetensors(path, out,
                         {{"format", "patch-golden-step"},
                          {"mode", json(cfg.mode).dump()},
                          {"layers", layers.dump()},
-                         {"tile", json::array({mo.tile_rows, mo.tile_cols}).dump()},
+                         {"tile", json::array({so.masks.tile_rows, so.masks.tile_cols}).dump()},
                          {"steps", std::to_string(kSteps)},
                          {"lambda_sparsity", json(lambda_s).dump()},
                          {"target_density", json(target_density).dump()},
