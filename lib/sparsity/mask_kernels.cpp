@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/dispatch.h"
 #include "core/error.h"
 #include "sparsity/mask_group.h"
 
@@ -124,76 +125,59 @@ group::AdamArgs adam_args(const InlineAdam& a) {
 
 at::Tensor gumbel_noise(int64_t out, int64_t groups, uint64_t key, const at::TensorOptions& opts) {
   auto noise = at::empty({out, groups, 6}, opts.dtype(at::kFloat));
-#if PATCH_WITH_CUDA
-  if (noise.is_cuda()) {
-    cuda::gumbel_noise(noise, key);
-    return noise.to(opts.dtype());
-  }
-#endif
-  core::check(noise.is_cpu(), "gumbel_noise", "CUDA tensors need a build with PATCH_WITH_CUDA");
-  float* n = noise.data_ptr<float>();
-  at::parallel_for(0, out * groups, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) group::gumbel6(key, static_cast<uint64_t>(q), n + 6 * q);
-  });
+  core::dispatch(
+      noise, "gumbel_noise", [&] { cuda::gumbel_noise(noise, key); },
+      [&] {
+        float* n = noise.data_ptr<float>();
+        at::parallel_for(0, out * groups, 1024, [&](int64_t begin, int64_t end) {
+          for (int64_t q = begin; q < end; ++q) group::gumbel6(key, static_cast<uint64_t>(q), n + 6 * q);
+        });
+      });
   return noise.to(opts.dtype());
 }
 
 at::Tensor logistic_noise(int64_t rows, int64_t cols, uint64_t key, const at::TensorOptions& opts) {
   auto noise = at::empty({rows, cols}, opts.dtype(at::kFloat));
-#if PATCH_WITH_CUDA
-  if (noise.is_cuda()) {
-    cuda::logistic_noise(noise, key);
-    return noise.to(opts.dtype());
-  }
-#endif
-  core::check(noise.is_cpu(), "logistic_noise", "CUDA tensors need a build with PATCH_WITH_CUDA");
-  float* n = noise.data_ptr<float>();
-  for (int64_t t = 0; t < rows * cols; ++t) n[t] = group::logistic1(key, static_cast<uint64_t>(t));
+  core::dispatch(
+      noise, "logistic_noise", [&] { cuda::logistic_noise(noise, key); },
+      [&] {
+        float* n = noise.data_ptr<float>();
+        for (int64_t t = 0; t < rows * cols; ++t) n[t] = group::logistic1(key, static_cast<uint64_t>(t));
+      });
   return noise.to(opts.dtype());
 }
 
 at::Tensor tile_gates(const at::Tensor& logits, double scale, double tau, bool hard, bool noise,
-                      uint64_t key, const StepScalars* device,
-                      [[maybe_unused]] uint64_t layer_hash) {
+                      uint64_t key, const StepScalars* device, uint64_t layer_hash) {
   core::check(logits.dim() == 2, "tile_gates", "tile logits must be [rows, cols]");
-#if PATCH_WITH_CUDA
-  if (logits.is_cuda()) {
+  auto on_cuda = [&] {
     auto out = at::empty({2, logits.size(0), logits.size(1)}, logits.options().dtype(at::kFloat));
     cuda::tile_gates(logits, scale, tau, hard, noise, key, device, layer_hash, out);
     return out;
-  }
-#endif
-  core::check(device == nullptr, "tile_gates", "device step values need CUDA tensors");
-  core::check(logits.is_cpu(), "tile_gates", "CUDA tensors need a build with PATCH_WITH_CUDA");
-  auto l = logits.contiguous();
-  auto out = at::empty({2, l.size(0), l.size(1)}, l.options());
-  AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "tile_gates", [&] {
-    const scalar_t* src = l.data_ptr<scalar_t>();
-    scalar_t* fwd = out.data_ptr<scalar_t>();
-    scalar_t* soft = fwd + l.numel();
-    for (int64_t t = 0; t < l.numel(); ++t) {
-      const double n = noise ? group::logistic1(key, static_cast<uint64_t>(t)) : 0.0;
-      const double y = 1.0 / (1.0 + std::exp(-(scale * static_cast<double>(src[t]) + n) / tau));
-      soft[t] = static_cast<scalar_t>(y);
-      fwd[t] = hard ? static_cast<scalar_t>(y > 0.5 ? 1 : 0) : soft[t];
-    }
-  });
-  return out;
+  };
+  auto on_cpu = [&] {
+    core::check(device == nullptr, "tile_gates", "device step values need CUDA tensors");
+    auto l = logits.contiguous();
+    auto out = at::empty({2, l.size(0), l.size(1)}, l.options());
+    AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "tile_gates", [&] {
+      const scalar_t* src = l.data_ptr<scalar_t>();
+      scalar_t* fwd = out.data_ptr<scalar_t>();
+      scalar_t* soft = fwd + l.numel();
+      for (int64_t t = 0; t < l.numel(); ++t) {
+        const double n = noise ? group::logistic1(key, static_cast<uint64_t>(t)) : 0.0;
+        const double y = 1.0 / (1.0 + std::exp(-(scale * static_cast<double>(src[t]) + n) / tau));
+        soft[t] = static_cast<scalar_t>(y);
+        fwd[t] = hard ? static_cast<scalar_t>(y > 0.5 ? 1 : 0) : soft[t];
+      }
+    });
+    return out;
+  };
+  return core::dispatch(logits, "tile_gates", on_cuda, on_cpu);
 }
 
-at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows,
-                           double k, const StepScalars* device) {
-  core::check(partial.dim() == 2 && soft.dim() == 2 && partial.size(1) == soft.size(1) &&
-                  (partial.size(0) + tile_rows - 1) / tile_rows == soft.size(0),
-              "tile_logit_grad", "partial sums and tile gates do not match");
-#if PATCH_WITH_CUDA
-  if (partial.is_cuda()) {
-    auto out = at::empty(soft.sizes(), partial.options().dtype(at::kFloat));
-    cuda::tile_logit_grad(partial, soft, tile_rows, k, device, out);
-    return out;
-  }
-#endif
-  core::check(device == nullptr, "tile_logit_grad", "device step values need CUDA tensors");
+namespace {
+// The CPU reference of tile_logit_grad.
+at::Tensor tile_logit_grad_cpu(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows, double k) {
   auto p = partial.contiguous();
   auto s = soft.to(p.scalar_type()).contiguous();
   auto out = at::empty(s.sizes(), p.options());
@@ -213,19 +197,30 @@ at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, in
   });
   return out;
 }
+}  // namespace
 
-at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates,
-                                 const at::Tensor& pattern, const GroupSampling& s,
-                                 at::ScalarType out_dtype) {
-  check_inputs(weight, gates, pattern, s);
-#if PATCH_WITH_CUDA
-  if (weight.is_cuda()) {
-    auto out = at::empty(weight.sizes(), weight.options().dtype(out_dtype));
-    cuda::masked_weight_forward(weight, gates, pattern, s, out);
-    return out;
-  }
-#endif
-  core::check(weight.is_cpu(), "mask kernels", "CUDA tensors need a build with PATCH_WITH_CUDA");
+at::Tensor tile_logit_grad(const at::Tensor& partial, const at::Tensor& soft, int64_t tile_rows,
+                           double k, const StepScalars* device) {
+  core::check(partial.dim() == 2 && soft.dim() == 2 && partial.size(1) == soft.size(1) &&
+                  (partial.size(0) + tile_rows - 1) / tile_rows == soft.size(0),
+              "tile_logit_grad", "partial sums and tile gates do not match");
+  return core::dispatch(
+      partial, "tile_logit_grad",
+      [&] {
+        auto out = at::empty(soft.sizes(), partial.options().dtype(at::kFloat));
+        cuda::tile_logit_grad(partial, soft, tile_rows, k, device, out);
+        return out;
+      },
+      [&] {
+        core::check(device == nullptr, "tile_logit_grad", "device step values need CUDA tensors");
+        return tile_logit_grad_cpu(partial, soft, tile_rows, k);
+      });
+}
+
+namespace {
+// The CPU reference of masked_weight_forward.
+at::Tensor masked_weight_forward_cpu(const at::Tensor& weight, const at::Tensor& gates, const at::Tensor& pattern,
+                                     const GroupSampling& s, at::ScalarType out_dtype) {
   core::check(s.device == nullptr, "mask kernels", "device step values need CUDA tensors");
   const auto acc = acc_type(gates, pattern, s);
   auto w = weight.to(acc).contiguous();
@@ -249,6 +244,21 @@ at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gat
   });
   return out.to(out_dtype);
 }
+}  // namespace
+
+at::Tensor masked_weight_forward(const at::Tensor& weight, const at::Tensor& gates,
+                                 const at::Tensor& pattern, const GroupSampling& s,
+                                 at::ScalarType out_dtype) {
+  check_inputs(weight, gates, pattern, s);
+  return core::dispatch(
+      weight, "mask kernels",
+      [&] {
+        auto out = at::empty(weight.sizes(), weight.options().dtype(out_dtype));
+        cuda::masked_weight_forward(weight, gates, pattern, s, out);
+        return out;
+      },
+      [&] { return masked_weight_forward_cpu(weight, gates, pattern, s, out_dtype); });
+}
 
 MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,
                                          const at::Tensor& gates, const at::Tensor& pattern,
@@ -269,43 +279,43 @@ MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tenso
   res.tile_rows = at::empty({rows, cols}, aopts);
   auto sq_rows = adam ? at::empty({rows, cols}, aopts) : at::Tensor();
   if (!s.fixed && !adam) res.pattern = at::empty({rows, groups, 6}, aopts);
-#if PATCH_WITH_CUDA
-  if (weight.is_cuda()) {
-    cuda::masked_weight_backward(grad, weight, gates, pattern, s, adam, res.pattern, res.tile_rows,
-                                 sq_rows);
-    if (adam) res.sq_norm = sq_rows.sum();
-    return res;
-  }
-#endif
-  res.tile_rows.zero_();
-  if (adam) sq_rows.zero_();
-  core::check(weight.is_cpu(), "mask kernels", "CUDA tensors need a build with PATCH_WITH_CUDA");
-  core::check(s.device == nullptr, "mask kernels", "device step values need CUDA tensors");
-  auto w = weight.to(acc).contiguous();
-  auto gr = grad.to(acc).contiguous();
-  auto g = s.has_tiles ? gates.to(acc).contiguous() : at::zeros({1}, aopts);
-  // The in-backward update writes the logits in place, so no copy is made then.
-  at::Tensor pat = pattern.is_contiguous() ? pattern : pattern.contiguous();
-  const auto args = adam ? adam_args(*adam) : group::AdamArgs{};
-  AT_DISPATCH_FLOATING_TYPES(acc, "masked_weight_backward", [&] {
-    using Acc = scalar_t;
-    Acc* dl = res.pattern.defined() ? res.pattern.data_ptr<Acc>() : nullptr;
-    if (s.fixed) {
-      backward_cpu<Acc, Acc>(gr.data_ptr<Acc>(), w.data_ptr<Acc>(), g.data_ptr<Acc>(), nullptr,
-                             pat.data_ptr<uint8_t>(), dl, res.tile_rows.data_ptr<Acc>(), nullptr,
-                             rows, groups, cols, s, nullptr, nullptr, nullptr);
-    } else {
-      AT_DISPATCH_FLOATING_TYPES_AND(
-          at::kBFloat16, pat.scalar_type(), "masked_weight_backward_logits", [&] {
-            backward_cpu<Acc, scalar_t>(
-                gr.data_ptr<Acc>(), w.data_ptr<Acc>(), g.data_ptr<Acc>(), pat.data_ptr<scalar_t>(),
-                nullptr, dl, res.tile_rows.data_ptr<Acc>(),
-                adam ? sq_rows.data_ptr<Acc>() : nullptr, rows, groups, cols, s,
-                adam ? &args : nullptr, adam ? adam->exp_avg.data_ptr<scalar_t>() : nullptr,
-                adam ? adam->exp_avg_sq.data_ptr<scalar_t>() : nullptr);
-          });
-    }
-  });
+  core::dispatch(
+      weight, "mask kernels",
+      [&] {
+        cuda::masked_weight_backward(grad, weight, gates, pattern, s, adam, res.pattern,
+                                     res.tile_rows, sq_rows);
+      },
+      [&] {
+        res.tile_rows.zero_();
+        if (adam) sq_rows.zero_();
+        core::check(s.device == nullptr, "mask kernels", "device step values need CUDA tensors");
+        auto w = weight.to(acc).contiguous();
+        auto gr = grad.to(acc).contiguous();
+        auto g = s.has_tiles ? gates.to(acc).contiguous() : at::zeros({1}, aopts);
+        // The in-backward update writes the logits in place, so no copy is made then.
+        at::Tensor pat = pattern.is_contiguous() ? pattern : pattern.contiguous();
+        const auto args = adam ? adam_args(*adam) : group::AdamArgs{};
+        AT_DISPATCH_FLOATING_TYPES(acc, "masked_weight_backward", [&] {
+          using Acc = scalar_t;
+          Acc* dl = res.pattern.defined() ? res.pattern.data_ptr<Acc>() : nullptr;
+          if (s.fixed) {
+            backward_cpu<Acc, Acc>(gr.data_ptr<Acc>(), w.data_ptr<Acc>(), g.data_ptr<Acc>(),
+                                   nullptr, pat.data_ptr<uint8_t>(), dl,
+                                   res.tile_rows.data_ptr<Acc>(), nullptr, rows, groups, cols, s,
+                                   nullptr, nullptr, nullptr);
+          } else {
+            AT_DISPATCH_FLOATING_TYPES_AND(
+                at::kBFloat16, pat.scalar_type(), "masked_weight_backward_logits", [&] {
+                  backward_cpu<Acc, scalar_t>(
+                      gr.data_ptr<Acc>(), w.data_ptr<Acc>(), g.data_ptr<Acc>(),
+                      pat.data_ptr<scalar_t>(), nullptr, dl, res.tile_rows.data_ptr<Acc>(),
+                      adam ? sq_rows.data_ptr<Acc>() : nullptr, rows, groups, cols, s,
+                      adam ? &args : nullptr, adam ? adam->exp_avg.data_ptr<scalar_t>() : nullptr,
+                      adam ? adam->exp_avg_sq.data_ptr<scalar_t>() : nullptr);
+                });
+          }
+        });
+      });
   if (adam) res.sq_norm = sq_rows.sum();
   return res;
 }

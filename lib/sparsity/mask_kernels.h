@@ -86,7 +86,8 @@ MaskedWeightGrads masked_weight_backward(const at::Tensor& grad, const at::Tenso
                                          const at::Tensor& gates, const at::Tensor& pattern,
                                          const GroupSampling& s, InlineAdam* adam);
 
-#if PATCH_WITH_CUDA
+// The CUDA kernels (mask_kernels_cuda.cu), declared in every build: without
+// PATCH_WITH_CUDA core::dispatch never calls them.
 namespace cuda {
 void gumbel_noise(at::Tensor& out, uint64_t key);
 void logistic_noise(at::Tensor& out, uint64_t key);
@@ -102,6 +103,5 @@ void masked_weight_backward(const at::Tensor& grad, const at::Tensor& weight,
                             const at::Tensor& pattern_grad, const at::Tensor& tile_rows,
                             const at::Tensor& sq_rows);
 }  // namespace cuda
-#endif
 
 }  // namespace patch::sparsity
