@@ -7,6 +7,7 @@
 #include <fstream>
 #include <set>
 
+#include "core/strings.h"
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "io/gguf.h"
@@ -21,11 +22,6 @@ namespace {
 
 const char* const kEmbed = "model.embed_tokens.weight";
 const char* const kLmHead = "lm_head.weight";
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 // Typed access to config.json keys; null counts as absent (HF writes nulls for
 // unset optionals). Every error names the config file and the key.
@@ -438,7 +434,7 @@ Checkpoint load_safetensors_dir(const std::string& dir) {
     // safetensors' save_model drops shared tensors and records them as
     // __metadata__[removed] = kept.
     for (const auto& [key, value] : f.metadata())
-      if (ends_with(key, ".weight") || ends_with(key, ".bias")) aliases[key] = value;
+      if (core::ends_with(key, ".weight") || core::ends_with(key, ".bias")) aliases[key] = value;
   }
   for (const auto& [removed, kept] : aliases) {
     if (ck.tensors.count(removed) || !ck.tensors.count(kept)) continue;

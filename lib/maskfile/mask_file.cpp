@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <set>
 
+#include "core/strings.h"
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "patch/version.h"
@@ -17,10 +18,6 @@ namespace {
 const std::string kTileSuffix = ".tile_dense";
 const std::string kPatternSuffix = ".pattern_2_4";
 const std::string kKeepSuffix = ".keep";
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 std::string label(const std::string& path) { return path.empty() ? std::string("mask file") : path; }
 
@@ -231,7 +228,7 @@ MaskFile read_mask_file(const std::string& path) {
   std::set<std::string> seen;
   if (f.meta.structure == "unstructured") {
     for (const auto& e : entries) {
-      if (!ends_with(e.name, kKeepSuffix))
+      if (!core::ends_with(e.name, kKeepSuffix))
         throw core::Error(core::str(path, ": unexpected tensor '", e.name, "' (expected <layer>", kKeepSuffix, ")"));
       const std::string name = e.name.substr(0, e.name.size() - kKeepSuffix.size());
       auto bits = st.tensor(e.name);
@@ -243,9 +240,9 @@ MaskFile read_mask_file(const std::string& path) {
   }
   for (const auto& e : entries) {
     std::string layer;
-    if (ends_with(e.name, kTileSuffix)) {
+    if (core::ends_with(e.name, kTileSuffix)) {
       layer = e.name.substr(0, e.name.size() - kTileSuffix.size());
-    } else if (ends_with(e.name, kPatternSuffix)) {
+    } else if (core::ends_with(e.name, kPatternSuffix)) {
       layer = e.name.substr(0, e.name.size() - kPatternSuffix.size());
     } else {
       throw core::Error(core::str(path, ": unexpected tensor '", e.name, "' (expected <layer>", kTileSuffix, " or <layer>",

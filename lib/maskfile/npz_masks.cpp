@@ -7,6 +7,7 @@
 #include <regex>
 #include <set>
 
+#include "core/strings.h"
 #include "core/error.h"
 #include "io/npz.h"
 #include "patch/version.h"
@@ -21,11 +22,8 @@ const std::string kMetaKey = "__meta__";
 const std::string kWeightSuffix = ".weight";
 const std::string kMaskSuffix = ".mask";
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 std::string strip(const std::string& s, const std::string& suffix) {
-  return ends_with(s, suffix) ? s.substr(0, s.size() - suffix.size()) : s;
+  return core::ends_with(s, suffix) ? s.substr(0, s.size() - suffix.size()) : s;
 }
 
 // A decoder linear's Hugging Face module name (LLaMA, Mistral, Qwen, SmolLM).
@@ -39,7 +37,7 @@ std::pair<int64_t, int> module_order(const std::string& name) {
   static const char* const kOrder[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
   int place = 7;
   for (int i = 0; i < 7; ++i)
-    if (ends_with(name, std::string(".") + kOrder[i])) place = i;
+    if (core::ends_with(name, std::string(".") + kOrder[i])) place = i;
   return {sparsity::block_index(name), place};
 }
 
@@ -138,7 +136,7 @@ MaskFile import_npz(const std::string& path, const NpzImportOptions& opts, NpzIm
   io::NpzFile npz(path);
   NpzImportReport rep;
   const bool maskllm = std::any_of(npz.keys().begin(), npz.keys().end(),
-                                   [](const std::string& k) { return ends_with(k, kMaskSuffix); });
+                                   [](const std::string& k) { return core::ends_with(k, kMaskSuffix); });
   rep.layout = maskllm ? NpzLayout::kMaskLLM : NpzLayout::kPatch;
   const std::string layout = npz_layout_name(rep.layout);
 
@@ -168,10 +166,10 @@ MaskFile import_npz(const std::string& path, const NpzImportOptions& opts, NpzIm
   std::vector<Entry> entries;
   std::set<std::string> names;
   for (const auto& key : npz.keys()) {
-    if (key == kMetaKey || ends_with(key, kShapeSuffix)) continue;
+    if (key == kMetaKey || core::ends_with(key, kShapeSuffix)) continue;
     const std::string where = core::str(path, ": ", key);
     Entry e{key, maskllm ? strip(strip(key, kMaskSuffix), kWeightSuffix) : strip(key, kWeightSuffix)};
-    if (maskllm && !ends_with(key, kMaskSuffix))
+    if (maskllm && !core::ends_with(key, kMaskSuffix))
       throw core::Error(core::str(where, ": unexpected entry in a MaskLLM file (every mask is <layer>.mask)"));
     if (!is_decoder_linear(e.name) || (!opts.weights.empty() && !opts.weights.count(e.name)))
       throw core::Error(core::str(where, ": unknown layer '", e.name, "' (expected a decoder linear",
@@ -203,7 +201,7 @@ MaskFile import_npz(const std::string& path, const NpzImportOptions& opts, NpzIm
     entries.push_back(e);
   }
   for (const auto& key : npz.keys())
-    if (ends_with(key, kShapeSuffix) && !names.count(strip(strip(key, kShapeSuffix), kWeightSuffix)))
+    if (core::ends_with(key, kShapeSuffix) && !names.count(strip(strip(key, kShapeSuffix), kWeightSuffix)))
       throw core::Error(core::str(path, ": ", key, ": a shape without its mask"));
   if (entries.empty()) throw core::Error(core::str(path, ": no masks in the file"));
   // Module order (block, then q k v o gate up down), as our files list layers.

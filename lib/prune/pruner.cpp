@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <functional>
 
+#include "core/strings.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
@@ -51,10 +52,6 @@ struct LayerSpec {
 // model's device) and, for SparseGPT, the full result.
 using Sink = std::function<void(const LayerSpec&, const at::Tensor& keep, const SparseGPTResult*)>;
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 // q/k/v see the same input, as do gate/up: one set of statistics serves each group.
 std::string stats_key(const std::string& name) {
   static const std::pair<const char*, const char*> kShared[] = {
@@ -62,7 +59,7 @@ std::string stats_key(const std::string& name) {
       {".self_attn.v_proj", ".self_attn.qkv"}, {".mlp.gate_proj", ".mlp.gate_up"},
       {".mlp.up_proj", ".mlp.gate_up"}};
   for (const auto& [from, to] : kShared)
-    if (ends_with(name, from)) return name.substr(0, name.size() - std::string(from).size()) + to;
+    if (core::ends_with(name, from)) return name.substr(0, name.size() - std::string(from).size()) + to;
   return name;
 }
 
