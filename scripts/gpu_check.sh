@@ -47,6 +47,8 @@ CARRY=/tmp/patch-carry SRC=/tmp/patch-src DATA=/tmp/patch-data ASSETS=/tmp/patch
 if [[ $STAGE == carry ]]; then
   mkdir -p "$CARRY" "$DATA"
   [[ -d .gpu_carry ]] && cp -r .gpu_carry/. "$CARRY/"
+  mkdir -p "$ASSETS"
+  for t in "$CARRY"/*.assets.tar.xz; do [[ -e $t ]] && tar -xf "$t" -C "$ASSETS" && rm "$t"; done
   for t in "$CARRY"/*.tar.xz "$CARRY"/*.tar; do [[ -e $t ]] && tar -xf "$t" -C "$DATA" && rm "$t"; done
   ls -la "$CARRY"
   if [[ ${BUILD:-0} == 1 ]]; then

@@ -410,6 +410,7 @@ int run_bench_deploy(RunContext& ctx) {
   o.layers = cfg.get_string_list("deploy.layers");
   o.sparsities = cfg.get_float_list("deploy.sparsities");
   o.tokens = cfg.get_int_list("deploy.tokens");
+  o.gemm_tokens = cfg.get_int_list("deploy.gemm_tokens");
   o.repeats = static_cast<int>(cfg.get_int("deploy.repeats"));
   o.end_to_end = cfg.get_bool("deploy.end_to_end");
   o.e2e_sparsity = cfg.get_float("deploy.e2e_sparsity");

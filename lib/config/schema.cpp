@@ -273,6 +273,10 @@ std::vector<KeyDef> build() {
       range(key("deploy.tokens", T::kIntList, Json::array({1, 4, 16, 256, 2048}),
                 "bench-deploy: tokens per matmul (up to 16: decode kernel; more: prefill)"),
             1, 1 << 20),
+      range(key("deploy.gemm_tokens", T::kIntList, Json::array({256, 2048, 8192}),
+                "bench-deploy: tokens of the sparse GEMM rows (a layer of 2:4 tiles only: cuBLAS on the masked "
+                "weight against cuSPARSELt and the CUTLASS SM90 kernels; empty: no such rows)"),
+            1, 1 << 20),
       range(key("deploy.repeats", T::kInt, 15, "bench-deploy: timed CUDA-graph replays (the median is reported)"),
             1, 100000),
       key("deploy.end_to_end", T::kBool, true,

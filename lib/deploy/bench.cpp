@@ -10,6 +10,11 @@
 #include "core/error.h"
 #include "core/tensor_utils.h"
 #include "deploy/generate.h"
+#if PATCH_WITH_CUTLASS
+#include <ATen/cuda/CUDAContext.h>
+
+#include "deploy/cutlass_sparse_gemm.h"
+#endif
 #include "deploy/hybrid_linear.h"
 #include "model/bench.h"
 #include "model/decoder.h"
@@ -83,6 +88,13 @@ double wall_ms(const std::function<void()>& fn, const at::Device& d, int repeats
   return t[t.size() / 2];
 }
 
+// Whether `names` (a merged layer shape) is among deploy.layers (all when empty).
+bool layer_selected(const DeployBenchOptions& o, const BenchShape& shape, const std::vector<std::string>& names) {
+  return !shape.model || o.layers.empty() || std::any_of(names.begin(), names.end(), [&](const auto& n) {
+           return std::find(o.layers.begin(), o.layers.end(), n) != o.layers.end();
+         });
+}
+
 // One timing of a packed layer against cuBLAS on the same masked weight.
 struct LayerTiming {
   int64_t tokens = 0;
@@ -143,11 +155,7 @@ void bench_layers(const DeployBenchOptions& o, const BenchShape& shape,
   std::map<std::pair<double, int64_t>, std::pair<double, double>> block;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   for (const auto& s : shape.layers) {
-    if (shape.model && !o.layers.empty() &&
-        std::none_of(s.names.begin(), s.names.end(), [&](const auto& n) {
-          return std::find(o.layers.begin(), o.layers.end(), n) != o.layers.end();
-        }))
-      continue;
+    if (!layer_selected(o, shape, s.names)) continue;
     const sparsity::TileGrid grid(s.out, s.in, o.tile_rows, o.tile_cols);
     const auto w = (at::randn({s.out, s.in}, gen, at::kFloat) * 0.02).to(at::kBFloat16);
     for (double sp : o.sparsities) {
@@ -190,6 +198,83 @@ void bench_layers(const DeployBenchOptions& o, const BenchShape& shape,
                       {"dense_us", t.first},
                       {"hybrid_us", t.second},
                       {"speedup", t.first / t.second}});
+}
+
+// One sparse GEMM y = x W^T of a 2:4 weight, checked against the masked dense
+// matmul and timed; a kernel that cannot run the shape gives its reason.
+struct SparseKernel {
+  std::string name;
+  std::function<void(const at::Tensor& x, at::Tensor& y)> run;
+  int64_t device_bytes = 0;
+  std::string error;  // set instead of run when the kernel refused the weight
+};
+
+std::vector<SparseKernel> sparse_kernels(const at::Tensor& w) {
+  std::vector<SparseKernel> kernels;
+  auto lt = std::make_shared<cuda::SparseGemm>(w);
+  kernels.push_back({"cusparselt", [lt](const at::Tensor& x, at::Tensor& y) { lt->multiply(x, y); }, lt->bytes(), ""});
+#if PATCH_WITH_CUTLASS
+  if (cutlass_sm90::available()) {
+    for (const auto v : cutlass_sm90::variants()) {
+      SparseKernel k{cutlass_sm90::variant_name(v), {}, 0, ""};
+      try {
+        auto sw = std::make_shared<cutlass_sm90::SparseWeight>(w.data_ptr(), w.size(0), w.size(1), v,
+                                                               at::cuda::getCurrentCUDAStream().stream());
+        k.device_bytes = static_cast<int64_t>(sw->bytes());
+        k.run = [sw](const at::Tensor& x, at::Tensor& y) {
+          sw->run(x.data_ptr(), y.data_ptr(), x.size(0), at::cuda::getCurrentCUDAStream().stream());
+        };
+      } catch (const std::exception& e) {
+        k.error = e.what();
+      }
+      kernels.push_back(std::move(k));
+    }
+  }
+#endif
+  return kernels;
+}
+
+// Each linear shape as a layer of 2:4 tiles only (sparsity 0.5): cuBLAS on
+// the masked weight against every sparse GEMM at deploy.gemm_tokens.
+void bench_sparse_gemms(const DeployBenchOptions& o, const BenchShape& shape,
+                        const std::function<void(const nlohmann::json&)>& emit) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 1);
+  for (const auto& s : shape.layers) {
+    if (!layer_selected(o, shape, s.names)) continue;
+    const sparsity::TileGrid grid(s.out, s.in, o.tile_rows, o.tile_cols);
+    const auto w = (at::randn({s.out, s.in}, gen, at::kFloat) * 0.02).to(at::kBFloat16);
+    const auto masked = unpack_layer(pack_layer(w, random_layer_mask(s.names.front(), grid, 0.5, gen))).to(o.device);
+    const auto wf = masked.to(at::kFloat);
+    auto kernels = sparse_kernels(masked);
+    for (int64_t tokens : o.gemm_tokens) {
+      const auto x = at::randn({tokens, s.in}, at::TensorOptions(o.device).dtype(at::kBFloat16));
+      const auto ref = at::linear(x.to(at::kFloat), wf);
+      const double dense_us = cuda::graph_time_us([&](int) { at::linear(x, masked); }, 8, o.repeats);
+      for (auto& k : kernels) {
+        ordered_json j{{"bench", "deploy_sparse_gemm"}, {"shape", shape.name}, {"layers", joined(s.names)},
+                       {"out", s.out},  {"in", s.in},     {"tokens", tokens},
+                       {"kernel", k.name}, {"dense_us", dense_us}};
+        if (!k.error.empty()) {
+          j["error"] = k.error;
+          emit(j);
+          continue;
+        }
+        auto y = at::empty({tokens, s.out}, x.options());
+        k.run(x, y);
+        const double err = ((y.to(at::kFloat) - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item<double>();
+        // Timings of wrong outputs are worthless (bf16 rounding is 4e-3).
+        core::check(err <= 8e-3, "bench-deploy",
+                    core::str(shape.name, " ", joined(s.names), " at ", tokens, " tokens: ", k.name,
+                              " is off the masked dense matmul by ", err, " of its largest value"));
+        const double sparse_us = cuda::graph_time_us([&](int) { k.run(x, y); }, 8, o.repeats);
+        j["sparse_us"] = sparse_us;
+        j["s"] = dense_us / sparse_us;
+        j["max_rel_err"] = err;
+        j["device_bytes_ratio"] = static_cast<double>(k.device_bytes) / (2.0 * s.out * s.in);
+        emit(j);
+      }
+    }
+  }
 }
 
 // The whole model: prefill of e2e_prefill tokens (eager, median wall time) and
@@ -357,6 +442,7 @@ void bench_deploy(const DeployBenchOptions& o,
         "bench-deploy: the hybrid kernels run on a CUDA device (model.device=cuda)");
   for (const auto& shape : shapes) {
     bench_layers(o, shape, emit);
+    if (!o.gemm_tokens.empty()) bench_sparse_gemms(o, shape, emit);
     if (o.end_to_end && shape.model) bench_model(o, shape.name, *shape.model, emit);
   }
 #else

@@ -29,6 +29,11 @@ struct DeployBenchOptions {
   std::vector<std::string> layers;
   std::vector<double> sparsities{0.0, 0.25, 0.35, 0.45, 0.5};
   std::vector<int64_t> tokens{1, 4, 16, 256, 2048};
+  // Sparse GEMM rows: each linear shape as a layer of 2:4 tiles only, cuBLAS
+  // on its masked weight against cuSPARSELt and each CUTLASS SM90 kernel, at
+  // these token counts (empty: none). s = dense time / sparse time bounds
+  // what any hybrid prefill kernel can gain.
+  std::vector<int64_t> gemm_tokens{256, 2048, 8192};
   int64_t tile_rows = 128, tile_cols = 128;
   int repeats = 15;  // timed graph replays; the median is reported
   int64_t min_bytes =
@@ -47,6 +52,7 @@ struct DeployBenchOptions {
 };
 
 // Emits one JSON object per (shape, layer, sparsity, tokens), one per (shape,
+// layer, gemm_tokens, sparse kernel), one per (shape,
 // sparsity, tokens) summing a decoder block's seven linears (unless `layers`
 // picks some), and, with end_to_end, the whole model's prefill time and decode
 // steps per second, and one generation row per batch size (prefill and decode

@@ -5,6 +5,10 @@
 #include <ATen/ATen.h>
 #if PATCH_WITH_CUDA
 #include <c10/cuda/CUDAFunctions.h>
+#include <cuda_runtime_api.h>
+#endif
+#if PATCH_WITH_CUTLASS
+#include "deploy/cutlass_sparse_gemm.h"
 #endif
 
 #include <filesystem>
@@ -307,6 +311,7 @@ TEST_CASE("bench-deploy times an OUTxIN shape as one linear on every path", "[de
   o.tokens = {1, 16, 64};
   o.repeats = 1;
   o.min_bytes = 1 << 20;
+  o.gemm_tokens = {};
   o.device = at::Device(at::kCUDA, 0);
   std::vector<nlohmann::json> rows;
   deploy::bench_deploy(o, [&](const nlohmann::json& j) { rows.push_back(j); });
@@ -323,6 +328,42 @@ TEST_CASE("bench-deploy times an OUTxIN shape as one linear on every path", "[de
     paths.insert(r["path"].get<std::string>());
   }
   CHECK(paths == std::set<std::string>{"decode", "expand", "sparse"});
+}
+#endif
+
+#if PATCH_WITH_CUDA
+// The sparse GEMM rows check every kernel's output against the masked dense
+// matmul before timing it (bench-deploy stops on a wrong one); here every
+// kernel must have run: cuSPARSELt always, the CUTLASS SM90 kernels where the
+// build has them and the GPU is a Hopper.
+TEST_CASE("bench-deploy's sparse GEMM rows run cuSPARSELt and the CUTLASS kernels on a 2:4 layer", "[deploy]") {
+  if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
+  deploy::DeployBenchOptions o;
+  o.shapes = {"384x512"};
+  o.sparsities = {};
+  o.tokens = {};
+  o.gemm_tokens = {17, 256};
+  o.repeats = 1;
+  o.device = at::Device(at::kCUDA, 0);
+  std::vector<nlohmann::json> rows;
+  deploy::bench_deploy(o, [&](const nlohmann::json& j) { rows.push_back(j); });
+  std::set<std::string> kernels;
+  for (const auto& r : rows) {
+    INFO(r.dump());
+    CHECK(r["bench"] == "deploy_sparse_gemm");
+    CHECK_FALSE(r.contains("error"));
+    CHECK(r["max_rel_err"].get<double>() <= 8e-3);
+    CHECK(r["s"].get<double>() > 0);
+    kernels.insert(r["kernel"].get<std::string>());
+  }
+  std::set<std::string> want = {"cusparselt"};
+#if PATCH_WITH_CUTLASS
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess && prop.major == 9)
+    for (auto v : deploy::cutlass_sm90::variants()) want.insert(deploy::cutlass_sm90::variant_name(v));
+#endif
+  CHECK(kernels == want);
+  CHECK(rows.size() == 2 * want.size());
 }
 #endif
 

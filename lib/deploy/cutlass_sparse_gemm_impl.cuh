@@ -1,0 +1,358 @@
+#pragma once
+// The CUTLASS side of cutlass_sparse_gemm.h: one SparseGemmImpl per variant
+// (the CollectiveBuilder types, the compressor, the GEMM launch), behind the
+// small ImplBase interface that the dispatch file sees. Each variant's
+// make_impl<V> is explicitly instantiated in its own .cu so that the four
+// heavy TUs compile in parallel; everywhere else they are extern.
+//
+// The kernels are built when nvcc targets arch 90 and CUDA is 12.2 or newer;
+// otherwise make_impl throws. Host and device passes have to agree on that,
+// and the host pass sees no __CUDA_ARCH__, only __CUDA_ARCH_LIST__ (900 for
+// sm_90 and sm_90a alike). The kernels need sm_90a (wgmma): in a device pass
+// without it (plain sm_90, or the compute_90 PTX that nvcc 13 adds to
+// -arch=sm_90a) CUTLASS compiles them to a stub that reports the arch mismatch.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "cutlass/arch/config.h"  // CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED
+#include "cutlass/cutlass.h"
+#include "deploy/cutlass_sparse_gemm.h"
+
+#if defined(CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED)
+#include "cute/tensor.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/kernel_hardware_info.h"
+#include "cutlass/transform/device/transform_universal_adapter.hpp"
+#include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
+#include "cutlass/util/packed_stride.hpp"
+#endif
+
+namespace patch::deploy::cutlass_sm90::detail {
+
+struct ImplBase {
+  virtual ~ImplBase() = default;
+  virtual void run(const void* x, void* y, int64_t tokens, cudaStream_t stream) = 0;
+  virtual size_t bytes() const = 0;
+};
+
+// Whether nvcc compiles this TU for `arch` (any variant of it), in every pass.
+constexpr bool arch_listed(int arch) {
+#if defined(__CUDA_ARCH_LIST__)
+  constexpr int archs[] = {__CUDA_ARCH_LIST__};
+  for (int a : archs) {
+    if (a == arch) return true;
+  }
+#endif
+  (void)arch;
+  return false;
+}
+
+#if defined(CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED)
+inline constexpr bool kKernelsBuilt = arch_listed(900);
+#else
+inline constexpr bool kKernelsBuilt = false;
+#endif
+
+// Defined in each variant's .cu (explicit instantiation).
+template <Variant V>
+std::unique_ptr<ImplBase> make_impl(const void* w, int64_t out, int64_t in, cudaStream_t stream);
+
+extern template std::unique_ptr<ImplBase> make_impl<Variant::kCooperative128x128x128Cluster1x2>(
+    const void*, int64_t, int64_t, cudaStream_t);
+extern template std::unique_ptr<ImplBase> make_impl<Variant::kPingpong128x128x128Cluster1x2>(
+    const void*, int64_t, int64_t, cudaStream_t);
+extern template std::unique_ptr<ImplBase> make_impl<Variant::kCooperative128x256x128Cluster1x2>(
+    const void*, int64_t, int64_t, cudaStream_t);
+extern template std::unique_ptr<ImplBase> make_impl<Variant::kCooperative128x128x128Cluster2x1>(
+    const void*, int64_t, int64_t, cudaStream_t);
+
+inline std::string shape_text(Variant v, int64_t out, int64_t in) {
+  return std::string(variant_name(v)) + " [out " + std::to_string(out) + ", in " + std::to_string(in) + "]";
+}
+
+inline void check_cuda(cudaError_t e, const char* what, Variant v, int64_t out, int64_t in) {
+  if (e != cudaSuccess) {
+    throw std::runtime_error("CUTLASS sparse GEMM " + shape_text(v, out, in) + ": " + what + ": " +
+                             cudaGetErrorString(e));
+  }
+}
+
+inline void check_aligned(const void* p, const char* name, Variant v, int64_t out, int64_t in) {
+  // TMA descriptors need 16-byte aligned global addresses.
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    throw std::runtime_error("CUTLASS sparse GEMM " + shape_text(v, out, in) + ": " + name +
+                             " is not 16-byte aligned");
+  }
+}
+
+// Defined only where the kernels are built (kKernelsBuilt).
+template <Variant V>
+class SparseGemmImpl;
+
+// Device memory freed with cudaFree, which waits for the work in flight.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { reset(); }
+  cudaError_t allocate(size_t bytes) {
+    reset();
+    cudaError_t e = bytes == 0 ? cudaSuccess : cudaMalloc(&ptr_, bytes);
+    if (e != cudaSuccess) {
+      ptr_ = nullptr;
+      return e;
+    }
+    bytes_ = bytes;
+    return cudaSuccess;
+  }
+  void reset() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+#if defined(CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED)
+
+template <class TileShape_, class ClusterShape_, class KernelSchedule_, class EpilogueSchedule_>
+struct Sm90SparseConfig {
+  using TileShape = TileShape_;
+  using ClusterShape = ClusterShape_;
+  using KernelSchedule = KernelSchedule_;
+  using EpilogueSchedule = EpilogueSchedule_;
+};
+
+template <Variant V>
+struct VariantConfig;
+
+// The sparse builder (sm90_sparse_gmma_builder.inl) takes the plain
+// KernelTmaWarpSpecialized{,Cooperative,Pingpong} schedules; there are no
+// separate ...Sparse schedule tags for SM90.
+template <>
+struct VariantConfig<Variant::kCooperative128x128x128Cluster1x2>
+    : Sm90SparseConfig<cute::Shape<cute::_128, cute::_128, cute::_128>, cute::Shape<cute::_1, cute::_2, cute::_1>,
+                       cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::TmaWarpSpecializedCooperative> {};
+
+template <>
+struct VariantConfig<Variant::kPingpong128x128x128Cluster1x2>
+    : Sm90SparseConfig<cute::Shape<cute::_128, cute::_128, cute::_128>, cute::Shape<cute::_1, cute::_2, cute::_1>,
+                       cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized> {};
+
+template <>
+struct VariantConfig<Variant::kCooperative128x256x128Cluster1x2>
+    : Sm90SparseConfig<cute::Shape<cute::_128, cute::_256, cute::_128>, cute::Shape<cute::_1, cute::_2, cute::_1>,
+                       cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::TmaWarpSpecializedCooperative> {};
+
+template <>
+struct VariantConfig<Variant::kCooperative128x128x128Cluster2x1>
+    : Sm90SparseConfig<cute::Shape<cute::_128, cute::_128, cute::_128>, cute::Shape<cute::_2, cute::_1, cute::_1>,
+                       cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::TmaWarpSpecializedCooperative> {};
+
+template <Variant V>
+class SparseGemmImpl final : public ImplBase {
+  using Config = VariantConfig<V>;
+  using Element = cutlass::bfloat16_t;
+  using Accumulator = float;
+  using LayoutA = cutlass::layout::RowMajor;     // W [out, in]: K contiguous
+  using LayoutB = cutlass::layout::ColumnMajor;  // x [tokens, in] as K x N: K contiguous
+  using LayoutD = cutlass::layout::ColumnMajor;  // y [tokens, out] as M x N: M contiguous
+  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA accesses
+
+  // No source C: ElementC void drops its loads and shared memory.
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, typename Config::TileShape,
+      typename Config::ClusterShape, cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator, void,
+      LayoutD, kAlignment, Element, LayoutD, kAlignment, typename Config::EpilogueSchedule>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, Element, LayoutA, kAlignment, Element, LayoutB,
+      kAlignment, Accumulator, typename Config::TileShape, typename Config::ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      typename Config::KernelSchedule>::CollectiveOp;
+
+  using ProblemShape = cute::Shape<int, int, int, int>;  // M, N, K, L
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+
+  using SparseConfig = typename CollectiveMainloop::SparseConfig;
+  using ElementE = typename CollectiveMainloop::ElementE;
+  using LayoutACompressed = typename CollectiveMainloop::LayoutA;
+  using LayoutE = typename CollectiveMainloop::LayoutE;
+  using StrideA = cutlass::gemm::TagToStrideA_t<LayoutA>;  // W before compression
+  using StrideB = typename GemmKernel::StrideB;
+  using StrideC = typename GemmKernel::StrideC;
+  using StrideD = typename GemmKernel::StrideD;
+
+  using CompressorUtility =
+      cutlass::transform::kernel::StructuredSparseCompressorUtility<ProblemShape, Element, LayoutA, SparseConfig>;
+  using CompressorKernel = cutlass::transform::kernel::StructuredSparseCompressor<ProblemShape, Element, LayoutA,
+                                                                                  SparseConfig, cutlass::arch::Sm90>;
+  using Compressor = cutlass::transform::device::TransformUniversalAdapter<CompressorKernel>;
+
+ public:
+  SparseGemmImpl(const void* w, int64_t out, int64_t in, cudaStream_t stream) : out_(out), in_(in) {
+    if (out <= 0 || in <= 0 || out > INT_MAX || in > INT_MAX) fail("shape out of range");
+    check_aligned(w, "w", V, out_, in_);
+
+    // The compressed layouts depend on M, K and L only; N = 1 stands for any token count.
+    const int m = static_cast<int>(out), k = static_cast<int>(in);
+    const ProblemShape shape{m, 1, k, 1};
+    layout_a_ = SparseConfig::fill_layoutA(shape);
+    layout_e_ = SparseConfig::fill_layoutE(shape);
+    const StrideA stride_w = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(m, k, 1));
+
+    // Refuse shapes the GEMM or the compressor cannot take (host-side checks) before touching the device.
+    cutlass::Status status = Gemm::can_implement(arguments(nullptr, nullptr, 1));
+    if (status != cutlass::Status::kSuccess) fail_status("can_implement", status);
+    typename Compressor::Arguments compress_args{shape, {w, stride_w, nullptr, nullptr}, {}};
+    status = Compressor::can_implement(compress_args);
+    if (status != cutlass::Status::kSuccess) fail_status("compressor can_implement", status);
+
+    check(cudaGetDevice(&hw_info_.device_id), "cudaGetDevice");
+    int major = 0, minor = 0;
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, hw_info_.device_id), "device query");
+    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, hw_info_.device_id), "device query");
+    if (major != 9 || minor != 0) {
+      fail("needs an sm_90 GPU, device " + std::to_string(hw_info_.device_id) + " is sm_" + std::to_string(major) +
+           std::to_string(minor));
+    }
+    check(cudaDeviceGetAttribute(&hw_info_.sm_count, cudaDevAttrMultiProcessorCount, hw_info_.device_id),
+          "device query");
+
+    CompressorUtility utility(shape, stride_w);
+    const size_t a_bytes = size_t(utility.get_tensorA_m_physical()) * size_t(utility.get_tensorA_k_physical()) *
+                           sizeof(Element);
+    const size_t e_bytes = size_t(utility.get_metadata_m_physical()) * size_t(utility.get_metadata_k_physical()) *
+                           sizeof(ElementE);
+    check(a_.allocate(a_bytes), "cudaMalloc (compressed values)");
+    check(e_.allocate(e_bytes), "cudaMalloc (metadata)");
+    // The padding (K rounded up to the metadata atom) must read as zeros.
+    check(cudaMemsetAsync(a_.get(), 0, a_bytes, stream), "cudaMemsetAsync");
+    check(cudaMemsetAsync(e_.get(), 0, e_bytes, stream), "cudaMemsetAsync");
+
+    compress_args.transform.ptr_ACompress = a_.get();
+    compress_args.transform.ptr_E = e_.get();
+    compress_args.hw_info = hw_info_;
+    // The compressor asks for a workspace it does not touch; stream-ordered so nothing waits for it.
+    const size_t compress_ws_bytes = Compressor::get_workspace_size(compress_args);
+    void* compress_ws = nullptr;
+    if (compress_ws_bytes > 0) check(cudaMallocAsync(&compress_ws, compress_ws_bytes, stream), "cudaMallocAsync");
+    Compressor compressor;
+    status = compressor.initialize(compress_args, compress_ws, stream);
+    if (status == cutlass::Status::kSuccess) status = compressor.run(stream);
+    if (compress_ws != nullptr) cudaFreeAsync(compress_ws, stream);
+    if (status != cutlass::Status::kSuccess) fail_status("compressor launch", status, cudaGetLastError());
+  }
+
+  void run(const void* x, void* y, int64_t tokens, cudaStream_t stream) override {
+    if (tokens < 0 || tokens > INT_MAX) fail("tokens " + std::to_string(tokens) + " out of range");
+    if (tokens == 0) return;
+    // Params hold TMA descriptors built on the host: rebuild them only for a new x, y or token count.
+    // A workspace (none for these kernels) would be re-initialized every time.
+    if (!(initialized_ && x == last_x_ && y == last_y_ && tokens == last_tokens_ && workspace_.bytes() == 0)) {
+      check_aligned(x, "x", V, out_, in_);
+      check_aligned(y, "y", V, out_, in_);
+      initialized_ = false;
+      typename Gemm::Arguments args = arguments(x, y, static_cast<int>(tokens));
+      cutlass::Status status = Gemm::can_implement(args);
+      if (status != cutlass::Status::kSuccess) fail_status("can_implement", status, cudaSuccess, tokens);
+      const size_t ws_bytes = Gemm::get_workspace_size(args);
+      if (ws_bytes > workspace_.bytes()) check(workspace_.allocate(ws_bytes), "cudaMalloc (workspace)");
+      status = gemm_.initialize(args, workspace_.get(), stream);
+      if (status != cutlass::Status::kSuccess) fail_status("initialize", status, cudaGetLastError(), tokens);
+      initialized_ = true;
+      last_x_ = x;
+      last_y_ = y;
+      last_tokens_ = tokens;
+    }
+    cutlass::Status status = gemm_.run(stream);
+    if (status != cutlass::Status::kSuccess) fail_status("launch", status, cudaGetLastError(), tokens);
+  }
+
+  size_t bytes() const override { return a_.bytes() + e_.bytes(); }
+
+ private:
+  typename Gemm::Arguments arguments(const void* x, void* y, int tokens) const {
+    const int m = static_cast<int>(out_), k = static_cast<int>(in_);
+    typename Gemm::Arguments args{};
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = ProblemShape{m, tokens, k, 1};
+    args.mainloop.ptr_A = static_cast<const Element*>(a_.get());
+    args.mainloop.layout_a = layout_a_;
+    args.mainloop.ptr_B = static_cast<const Element*>(x);
+    args.mainloop.dB = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(tokens, k, 1));
+    args.mainloop.ptr_E = static_cast<const ElementE*>(e_.get());
+    args.mainloop.layout_e = layout_e_;
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.dC = cutlass::make_cute_packed_stride(StrideC{}, cute::make_shape(m, tokens, 1));
+    args.epilogue.ptr_D = static_cast<Element*>(y);
+    args.epilogue.dD = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(m, tokens, 1));
+    args.hw_info = hw_info_;
+    return args;
+  }
+
+  [[noreturn]] void fail(const std::string& why) const {
+    throw std::runtime_error("CUTLASS sparse GEMM " + shape_text(V, out_, in_) + ": " + why);
+  }
+  [[noreturn]] void fail_status(const char* step, cutlass::Status status, cudaError_t cuda = cudaSuccess,
+                                int64_t tokens = -1) const {
+    std::string why = std::string(step) + " failed";
+    if (tokens >= 0) why += " for " + std::to_string(tokens) + " tokens";
+    why += ": CUTLASS status '" + std::string(cutlass::cutlassGetStatusString(status)) + "'";
+    if (cuda != cudaSuccess) why += ", CUDA error '" + std::string(cudaGetErrorString(cuda)) + "'";
+    // can_implement says only 'Invalid status'; these are the checks it makes on our shapes.
+    if (std::string(step) == "can_implement") why += " (the kernel's TMA needs in % 16 == 0 and out % 8 == 0)";
+    fail(why);
+  }
+  void check(cudaError_t e, const char* what) const { check_cuda(e, what, V, out_, in_); }
+
+  int64_t out_, in_;
+  cutlass::KernelHardwareInfo hw_info_{};
+  DeviceBuffer a_, e_, workspace_;
+  LayoutACompressed layout_a_{};
+  LayoutE layout_e_{};
+  Gemm gemm_;
+  bool initialized_ = false;
+  const void* last_x_ = nullptr;
+  void* last_y_ = nullptr;
+  int64_t last_tokens_ = 0;
+};
+
+#endif  // CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED
+
+template <Variant V>
+std::unique_ptr<ImplBase> make_impl(const void* w, int64_t out, int64_t in, cudaStream_t stream) {
+  // The discarded branch is not instantiated, so SparseGemmImpl may stay undefined there.
+  if constexpr (kKernelsBuilt) {
+    return std::make_unique<SparseGemmImpl<V>>(w, out, in, stream);
+  } else {
+    (void)w;
+    (void)stream;
+    throw std::runtime_error("CUTLASS sparse GEMM " + shape_text(V, out, in) +
+                             ": built without sm_90a CUTLASS kernels");
+  }
+}
+
+}  // namespace patch::deploy::cutlass_sm90::detail
