@@ -72,7 +72,7 @@ void install_sparsity(model::Decoder& decoder, const config::Config& cfg, ordere
                               " layers, sparsity ", file.sparsity()));
   } else if (!packed_path.empty()) {
     const auto packed = deploy::read_packed(core::resolve_path(packed_path));
-    deploy::install_packed(decoder, packed);
+    deploy::install_packed(decoder, packed, deploy::HybridOptions{cfg.get_bool("deploy.prefill_dense_copy")});
     out["packed"] = packed.path;
     out["sparsity"] = packed.sparsity();
     core::log::info(core::str("packed ", packed.path, ": ", packed.layers.size(), " layers, sparsity ",
@@ -411,6 +411,7 @@ int run_bench_deploy(RunContext& ctx) {
   o.sparsities = cfg.get_float_list("deploy.sparsities");
   o.tokens = cfg.get_int_list("deploy.tokens");
   o.gemm_tokens = cfg.get_int_list("deploy.gemm_tokens");
+  o.hybrid.prefill_dense_copy = cfg.get_bool("deploy.prefill_dense_copy");
   o.repeats = static_cast<int>(cfg.get_int("deploy.repeats"));
   o.end_to_end = cfg.get_bool("deploy.end_to_end");
   o.e2e_sparsity = cfg.get_float("deploy.e2e_sparsity");

@@ -273,6 +273,9 @@ std::vector<KeyDef> build() {
       range(key("deploy.tokens", T::kIntList, Json::array({1, 4, 16, 256, 2048}),
                 "bench-deploy: tokens per matmul (up to 16: decode kernel; more: prefill)"),
             1, 1 << 20),
+      key("deploy.prefill_dense_copy", T::kBool, false,
+          "Packed layers (eval/generate --packed, bench-deploy): keep W*M dense on the GPU as well and run more "
+          "than 16 tokens through cuBLAS on it (never slower than dense prefill; a dense layer's memory more)"),
       range(key("deploy.gemm_tokens", T::kIntList, Json::array({256, 2048, 8192}),
                 "bench-deploy: tokens of the sparse GEMM rows (a layer of 2:4 tiles only: cuBLAS on the masked "
                 "weight against cuSPARSELt and the CUTLASS SM90 kernels; empty: no such rows)"),

@@ -116,7 +116,7 @@ std::vector<LayerTiming> time_layer(const PackedLayer& packed, const DeployBench
   std::vector<at::Tensor> dense(copies);
   std::vector<HybridLinear> hybrid;
   hybrid.reserve(copies);
-  hybrid.emplace_back(packed, o.device);
+  hybrid.emplace_back(packed, o.device, o.hybrid);
   // Each launch timed on its own, as cuBLAS's are: back to back, one would
   // start streaming while the one before ends, a gain the end-to-end decode
   // steps measure where a model has it.
@@ -301,7 +301,7 @@ void bench_model(const DeployBenchOptions& o, const std::string& shape_name, io:
       const sparsity::TileGrid grid(out, in, o.tile_rows, o.tile_cols);
       const auto packed =
           pack_layer(lin->weight(), random_layer_mask(lin->name(), grid, o.e2e_sparsity, gen));
-      p = std::make_unique<HybridLinear>(packed, o.device);
+      p = std::make_unique<HybridLinear>(packed, o.device, o.hybrid);
     }
     total += 1;
     kernels.emplace_back(lin->name(), std::make_shared<HybridLinear>(p->clone()));

@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "deploy/hybrid_linear.h"
 #include "deploy/packed.h"
 
 namespace patch::deploy {
@@ -49,6 +50,7 @@ struct DeployBenchOptions {
   std::vector<int64_t> gen_batches{1, 16};
   uint64_t seed = 0;
   at::Device device = at::kCPU;
+  HybridOptions hybrid;  // deploy.prefill_dense_copy
 };
 
 // Emits one JSON object per (shape, layer, sparsity, tokens), one per (shape,

@@ -174,7 +174,7 @@ struct HybridLinear::Impl {
   TileGrid grid;
   at::Device device = at::kCPU;
   bool decode = false;  // decode blocks on the device: the decode and expand paths
-  at::Tensor weight;    // W ⊙ M, where the decode blocks are not
+  at::Tensor weight;    // W ⊙ M, where the decode blocks are not, or beside them (prefill_dense_copy)
   DecodeFormat dec;
   bool overlap = true;  // the decode kernel's launch (set_overlap)
 #if PATCH_WITH_CUDA
@@ -182,7 +182,7 @@ struct HybridLinear::Impl {
 #endif
 };
 
-HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device)
+HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device, const HybridOptions& options)
     : impl_(std::make_unique<Impl>()) {
   auto& m = *impl_;
   m.name = layer.name;
@@ -197,7 +197,7 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device)
       m.sparse = std::make_unique<cuda::SparseGemm>(unpack_layer(layer).to(device));
   }
 #endif
-  if (!m.decode) m.weight = unpack_layer(layer).to(device);
+  if (!m.decode || options.prefill_dense_copy) m.weight = unpack_layer(layer).to(device);
 }
 
 HybridLinear::HybridLinear(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -253,9 +253,9 @@ HybridPath HybridLinear::path(int64_t tokens) const {
   if (!m.decode) return HybridPath::kDense;
   if (tokens <= kDecodeMaxTokens) return HybridPath::kDecode;
 #if PATCH_WITH_CUDA
-  if (m.sparse) return HybridPath::kSparse;
+  if (m.sparse && (!m.weight.defined() || tokens >= kSparseMinTokensBesideCopy)) return HybridPath::kSparse;
 #endif
-  return HybridPath::kExpand;
+  return m.weight.defined() ? HybridPath::kDense : HybridPath::kExpand;
 }
 
 at::Tensor HybridLinear::forward(const at::Tensor& x) {
@@ -311,10 +311,10 @@ void install_kernels(model::Decoder& decoder, const NamedKernels& kernels, const
   }
 }
 
-void install_packed(model::Decoder& decoder, const PackedModel& packed) {
+void install_packed(model::Decoder& decoder, const PackedModel& packed, const HybridOptions& options) {
   NamedKernels kernels;
   for (const auto& layer : packed.layers)
-    kernels.emplace_back(layer.name, std::make_shared<HybridLinear>(layer, decoder.options().device));
+    kernels.emplace_back(layer.name, std::make_shared<HybridLinear>(layer, decoder.options().device, options));
   install_kernels(decoder, kernels, packed.path.empty() ? std::string("packed model") : packed.path);
 }
 

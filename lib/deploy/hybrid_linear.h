@@ -33,6 +33,17 @@ const char* path_name(HybridPath p);
 
 // Tokens up to which forward() takes the decode kernel.
 inline constexpr int64_t kDecodeMaxTokens = 16;
+// Tokens from which a layer of 2:4 tiles only keeps cuSPARSELt even beside a
+// dense copy: measured 1.30-1.34x cuBLAS at 2048 tokens, 0.92-0.97x at 256
+// (LLaMA-2-7B and LLaMA-3.1-8B blocks, H200).
+inline constexpr int64_t kSparseMinTokensBesideCopy = 2048;
+
+struct HybridOptions {
+  // Prefill-heavy serving: keep W ⊙ M dense on the device as well, and give
+  // cuBLAS more than kDecodeMaxTokens tokens on it (never slower than dense
+  // prefill) at the cost of a dense layer's memory on top of the blocks.
+  bool prefill_dense_copy = false;
+};
 
 // Tile columns the decode kernel takes: it keeps a tile row's tile offsets in
 // shared memory.
@@ -97,7 +108,7 @@ class HybridLinear {
   // Moves the layer's formats to `device` (CUDA: the decode blocks, and
   // cuSPARSELt's compressed weight for a layer of 2:4 tiles only; CPU: the
   // masked dense weight).
-  HybridLinear(const PackedLayer& layer, at::Device device);
+  HybridLinear(const PackedLayer& layer, at::Device device, const HybridOptions& options = {});
   HybridLinear(HybridLinear&&) noexcept;
   HybridLinear& operator=(HybridLinear&&) noexcept;
   ~HybridLinear();
@@ -130,7 +141,7 @@ class HybridLinear {
 using NamedKernels = std::vector<std::pair<std::string, std::shared_ptr<HybridLinear>>>;
 void install_kernels(model::Decoder& decoder, const NamedKernels& kernels, const std::string& source);
 // Every layer of `packed` as a kernel on the decoder's device, installed.
-void install_packed(model::Decoder& decoder, const PackedModel& packed);
+void install_packed(model::Decoder& decoder, const PackedModel& packed, const HybridOptions& options = {});
 // Back to the dense weights everywhere.
 void remove_kernels(model::Decoder& decoder);
 

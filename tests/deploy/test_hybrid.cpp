@@ -231,6 +231,35 @@ TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
 }
 
 #if PATCH_WITH_CUDA
+// deploy.prefill_dense_copy: more than 16 tokens go to cuBLAS on the kept
+// W ⊙ M (a layer of 2:4 tiles only keeps cuSPARSELt from 2048 tokens), the
+// decode kernel keeps the rest, and the copy's bytes are counted.
+TEST_CASE("HybridLinear with a dense copy for prefill equals the masked dense matmul", "[deploy]") {
+  if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
+  const at::Device device(at::kCUDA, 0);
+  for (const Case& c : {Case{256, 512, 128, 128, 0.45}, Case{128, 256, 64, 32, 0.5}}) {
+    auto [w, m] = random_layer(c, 7);
+    const auto p = deploy::pack_layer(w, m);
+    deploy::HybridLinear plain(p, device), lin(p, device, deploy::HybridOptions{true});
+    const bool sparse = p.dense_tiles() == 0 && deploy::sparse_supported(p.grid);
+    const auto ref_w = masked(w, m).to(at::kFloat);
+    for (int64_t tokens : {1, 16, 17, 256, 2048}) {
+      INFO(c.out << "x" << c.in << " sparsity " << c.sparsity << " tokens " << tokens << " path "
+                 << deploy::path_name(lin.path(tokens)));
+      CHECK(lin.path(tokens) == (tokens <= deploy::kDecodeMaxTokens                                ? deploy::HybridPath::kDecode
+                                 : sparse && tokens >= deploy::kSparseMinTokensBesideCopy ? deploy::HybridPath::kSparse
+                                                                                          : deploy::HybridPath::kDense));
+      auto x = at::randn({tokens, c.in}, at::kFloat).to(at::kBFloat16);
+      const auto ref = at::linear(x.to(at::kFloat), ref_w);
+      const auto y = lin.forward(x.to(device)).to(at::kCPU, at::kFloat);
+      CHECK((y - ref).abs().max().item<double>() <= 8e-3 * ref.abs().max().item<double>());
+    }
+    CHECK(lin.device_bytes() == plain.device_bytes() + 2 * c.out * c.in);
+  }
+}
+#endif
+
+#if PATCH_WITH_CUDA
 TEST_CASE("the decode kernel gives the same y however many warps split a slab", "[deploy]") {
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   const at::Device cuda(at::kCUDA, 0);
