@@ -37,6 +37,7 @@
 #include "text/tokenizer.h"
 #include "sparsity/linear_mask.h"
 #include "train/bench.h"
+#include "train/finetune.h"
 #include "train/train_options.h"
 #include "train/trainer.h"
 
@@ -111,10 +112,12 @@ int run_prune(RunContext& ctx) {
   auto tok = text::load_tokenizer_for(model_path);
   model::Decoder decoder(ckpt, dopts);
   auto po = prune::prune_options(cfg);
+  const int64_t finetune_steps = cfg.get_int("prune.finetune_steps");
   if (const std::string masks = cfg.get_string("model.masks"); !masks.empty()) {
-    if (po.method != prune::Method::kSparseGPT || !po.sparsegpt.update_weights)
-      throw core::ConfigError("model.masks: prune --masks reconstructs the weights under those masks: it needs "
-                              "--method sparsegpt and --set prune.update_weights=true");
+    if ((po.method != prune::Method::kSparseGPT || !po.sparsegpt.update_weights) && finetune_steps == 0)
+      throw core::ConfigError("model.masks: prune --masks fits the weights to those masks: it needs "
+                              "--method sparsegpt and --set prune.update_weights=true (SparseGPT's update), or "
+                              "--set prune.finetune_steps=N (an end-to-end fine-tune), or both");
     auto file = std::make_shared<maskfile::MaskFile>(maskfile::read_mask_file(core::resolve_path(masks)));
     for (const auto& l : file->layers) {
       const auto it = ckpt.tensors.find(l.name + ".weight");
@@ -131,16 +134,37 @@ int run_prune(RunContext& ctx) {
   const bool update = po.method == prune::Method::kSparseGPT && po.sparsegpt.update_weights;
   if (po.sparsegpt.update_weights && !update)
     core::log::warn("prune.update_weights: only sparsegpt updates weights; writing masks only");
-  if (update && ckpt.format != "safetensors")
-    throw core::ConfigError(core::str("prune.update_weights: the pruned checkpoint is written in the input's "
-                                      "safetensors layout; ", model_path, " is ", ckpt.format));
+  const bool finetune = finetune_steps > 0;
+  if (finetune) prune::require_calibration_data(cfg);
+  if ((update || finetune) && ckpt.format != "safetensors")
+    throw core::ConfigError(core::str(update ? "prune.update_weights" : "prune.finetune_steps",
+                                      ": the pruned checkpoint is written in the input's safetensors layout; ",
+                                      model_path, " is ", ckpt.format));
   open_outputs(ctx);
 
   at::Tensor calib;
-  if (po.method != prune::Method::kMagnitude) calib = prune::calibration_from_config(cfg, *tok);
+  const bool calibrates = po.method != prune::Method::kMagnitude && (!po.fixed_masks || update);
+  if (calibrates || finetune) calib = prune::calibration_from_config(cfg, *tok);
   core::reset_peak_memory(decoder.options().device);
   const auto t0 = std::chrono::steady_clock::now();
-  auto result = prune::prune_model(decoder, calib, po);
+  prune::PruneResult result;
+  if (calibrates || !po.fixed_masks) {
+    result = prune::prune_model(decoder, calib, po);
+  } else {
+    result.masks = *po.fixed_masks;  // the fine-tune starts from the model's own weights
+  }
+  std::vector<double> finetune_losses;
+  if (finetune) {
+    // Windows of data.train as calibration takes them, enough for every step's batch.
+    auto co = prune::calibration_options(cfg);
+    co.samples = std::max(co.samples, finetune_steps * po.micro_batch);
+    const std::string train_file = core::resolve_path(cfg.get_string_list("data.train").front());
+    const auto ids = prune::calibration_ids(data::load_tokens(train_file, *tok, data::data_options(cfg)), co);
+    train::FinetuneOptions fo{finetune_steps, po.micro_batch, cfg.get_float("prune.finetune_lr"), co.seed};
+    auto ft = train::finetune_kept_weights(decoder, result.masks, result.weights, ids, fo);
+    result.weights = std::move(ft.weights);
+    finetune_losses = std::move(ft.losses);
+  }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   auto& file = result.masks;
   file.meta.model_source = model_path;
@@ -150,7 +174,7 @@ int run_prune(RunContext& ctx) {
   // masks.safetensors, model/ and prune.json appear together, prune.json last.
   core::OutputSet outputs(ctx.out_dir);
   maskfile::write_mask_file(outputs.path("masks.safetensors"), file);
-  if (update) deploy::export_checkpoint(ckpt, file, result.weights, outputs.path("model"));
+  if (update || finetune) deploy::export_checkpoint(ckpt, file, result.weights, outputs.path("model"));
 
   ordered_json out;
   out["model"] = model_path;
@@ -170,7 +194,12 @@ int run_prune(RunContext& ctx) {
     out["max_percdamp"] = max_damp;
   }
   out["masks"] = ctx.out_dir + "/masks.safetensors";
-  if (update) out["pruned_model"] = ctx.out_dir + "/model";
+  if (finetune) {
+    out["finetune_steps"] = finetune_steps;
+    out["finetune_loss_first"] = finetune_losses.front();
+    out["finetune_loss_last"] = finetune_losses.back();
+  }
+  if (update || finetune) out["pruned_model"] = ctx.out_dir + "/model";
   if (!cfg.get_string_list("eval.data").empty()) out.update(eval::evaluate_config(decoder, *tok, cfg));
   std::string text = out.dump(2);
   outputs.publish("prune.json", text + "\n");

@@ -181,6 +181,12 @@ std::vector<KeyDef> build() {
       range(key("prune.calib_seq_len", T::kInt, 2048, "Tokens per calibration sequence"), 2, 1 << 20),
       range(key("prune.seed", T::kInt, 0, "Seed of the calibration sample"), 0, inf),
       range(key("prune.micro_batch", T::kInt, 4, "Calibration sequences per block forward"), 1, inf),
+      range(key("prune.finetune_steps", T::kInt, 0,
+                "prune --masks: then train the kept weights end to end (language-model loss, the mask fixed) for "
+                "this many steps of prune.micro_batch windows of prune.calib_seq_len tokens from data.train "
+                "(0: none)"),
+            0, inf),
+      range(key("prune.finetune_lr", T::kFloat, 1e-4, "prune.finetune_steps: AdamW learning rate"), 0.0, 1.0),
       range(key("prune.percdamp", T::kFloat, 0.01,
                 "SparseGPT dampening (fraction of the mean Hessian diagonal); raised 10x on a failed Cholesky"),
             0.0, inf),

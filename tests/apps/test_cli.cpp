@@ -232,6 +232,45 @@ TEST_CASE("prune sparsegpt 2:4 writes masks and a pruned checkpoint that transfo
   CHECK(contains(no_data.err, "data.train"));
 }
 
+// The end-to-end fine-tune of the kept weights under given masks: it lowers
+// the perplexity of the masks alone, its zeros are exactly the mask's
+// (verify --pruned), and transformers scores the written model as we do.
+TEST_CASE("prune --masks --set prune.finetune_steps: the kept weights trained end to end, loaded by transformers") {
+  TempDir dir;
+  const std::string train_text = patch::test::data_path("text/tinystories/tinystories_train_first2MiB.txt");
+  const std::string common = " --model " + model_dir() + " --data " + train_text +
+                             " --set model.device=cpu --set prune.calib_samples=16 --set prune.calib_seq_len=256"
+                             " --set mask.tile=[32,32] --set data.document_separator='<|endoftext|>'";
+  const std::string eval = " --set eval.data=[" + valid_text() + "] --set data.seq_len=256 --set eval.max_windows=16";
+  auto hyb = run_command(bin() + " prune" + common + " --method wanda --pattern hybrid --target 0.35" + eval +
+                         " --out " + dir.file("hyb"));
+  INFO(hyb.err);
+  REQUIRE(hyb.exit_code == 0);
+  auto ft = run_command(bin() + " prune" + common + " --masks " + dir.file("hyb/masks.safetensors") +
+                        " --set prune.finetune_steps=40 --set prune.finetune_lr=1e-3" + eval + " --out " +
+                        dir.file("ft"));
+  INFO(ft.err);
+  REQUIRE(ft.exit_code == 0);
+  const auto mask_only = nlohmann::json::parse(hyb.out)["perplexity"].get<double>();
+  const auto rep = nlohmann::json::parse(ft.out);
+  const double tuned = rep["perplexity"].get<double>();
+  INFO("mask only " << mask_only << ", fine-tuned " << tuned);
+  CHECK(tuned < mask_only);
+  CHECK(rep["finetune_steps"] == 40);
+  CHECK(rep["finetune_loss_last"].get<double>() < rep["finetune_loss_first"].get<double>());
+  auto ver = run_command(bin() + " verify --masks " + dir.file("ft/masks.safetensors") + " --model " + model_dir() +
+                         " --pruned " + dir.file("ft/model"));
+  INFO(ver.out);
+  CHECK(ver.exit_code == 0);
+  auto hf = run_command(patch::test::env_or("PATCH_PYTHON", "python3") + " " + patch::test::source_dir() +
+                        "/scripts/hf_perplexity.py --model " + dir.file("ft/model") + " --data " + valid_text() +
+                        " --seq-len 256 --max-windows 16 --out " + dir.file("hf.json"));
+  INFO(hf.err);
+  REQUIRE(hf.exit_code == 0);
+  const double ref = nlohmann::json::parse(patch::core::read_file(dir.file("hf.json")))["perplexity"].get<double>();
+  CHECK(std::abs(tuned / ref - 1.0) < 1e-3);
+}
+
 TEST_CASE("prune --masks: SparseGPT's weight update under given masks, loaded by transformers") {
   TempDir dir;
   const std::string train_text = patch::test::data_path("text/tinystories/tinystories_train_first2MiB.txt");
@@ -290,6 +329,7 @@ TEST_CASE("prune --masks: SparseGPT's weight update under given masks, loaded by
                          dir.file("bad"));
   CHECK(bad.exit_code == 2);
   CHECK(contains(bad.err, "prune.update_weights=true"));
+  CHECK(contains(bad.err, "prune.finetune_steps"));
   CHECK_FALSE(fs::exists(dir.file("bad")));
 }
 

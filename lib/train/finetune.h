@@ -1,0 +1,40 @@
+#pragma once
+// Weights that fit a mask, end to end: the kept weights of every masked layer
+// trained with the language-model loss while the mask stays fixed (a sparse
+// fine-tune). Layer-wise reconstruction (SparseGPT's update, least squares
+// towards the dense layer) fits each layer alone and loses to the untouched
+// weights under learned masks; this fits the whole model's output.
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "maskfile/mask_file.h"
+#include "model/decoder.h"
+
+namespace patch::train {
+
+struct FinetuneOptions {
+  int64_t steps = 0;        // optimizer steps
+  int64_t micro_batch = 4;  // sequences per step
+  double lr = 1e-4;         // AdamW, constant after a linear warm-up of steps / 10
+  uint64_t seed = 0;        // the order of the sequences
+};
+
+struct FinetuneResult {
+  std::map<std::string, at::Tensor> weights;  // "<layer>.weight": W' ⊙ M, float32 on the CPU
+  std::vector<double> losses;                 // the training loss of every step
+};
+
+// Trains, for every layer of `masks`, a float32 copy of its weight (from
+// `start`["<layer>.weight"] where given, e.g. SparseGPT's update, else the
+// model's) whose masked entries stay zero, on the windows of `ids` [n, seq]
+// (cycled in a seeded order). The decoder's own weights are never written:
+// each layer ends with the trained weight as its provider.
+FinetuneResult finetune_kept_weights(model::Decoder& decoder, const maskfile::MaskFile& masks,
+                                     const std::map<std::string, at::Tensor>& start, const at::Tensor& ids,
+                                     const FinetuneOptions& o);
+
+}  // namespace patch::train

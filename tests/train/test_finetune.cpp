@@ -1,0 +1,82 @@
+// The end-to-end fine-tune of the kept weights (train::finetune_kept_weights).
+// Oracle: AdamW's first step from zero moments moves every parameter by
+// lr * g / (|g| + eps), i.e. lr against the sign of its gradient; the
+// gradient of the LM loss with respect to W' is taken here by autograd through
+// the masked model (the decoder's loss is checked against transformers
+// elsewhere). Removed weights have no gradient and stay exactly zero.
+#include <ATen/ATen.h>
+
+#include <map>
+#include <memory>
+#include <string>
+
+#include "catch.h"
+#include "io/checkpoint.h"
+#include "maskfile/apply.h"
+#include "model/decoder.h"
+#include "prune/pruner.h"
+#include "test_util.h"
+#include "train/finetune.h"
+
+using namespace patch;
+
+namespace {
+
+// W' ⊙ M with W' a leaf that collects the gradient.
+class Masked : public model::WeightProvider {
+ public:
+  Masked(at::Tensor p, at::Tensor k) : p_(std::move(p)), k_(std::move(k)) {}
+  at::Tensor effective_weight(const at::Tensor& w) override { return (p_ * k_).to(w.scalar_type()); }
+
+ private:
+  at::Tensor p_, k_;
+};
+
+}  // namespace
+
+TEST_CASE("finetune: one step is AdamW's first step on the masked model's gradient, removed weights stay zero",
+          "[train]") {
+  const std::string model_dir = test::data_path("models/tinystories-656k");
+  model::DecoderOptions dopts;
+  dopts.dtype = at::kFloat;
+  dopts.checkpointing = false;
+  model::Decoder decoder(io::load_checkpoint(model_dir, at::kFloat), dopts);
+  prune::PruneOptions po;
+  po.method = prune::Method::kMagnitude;
+  po.structure = prune::Structure::k24;
+  po.tile_rows = po.tile_cols = 32;
+  const auto masks = prune::prune_model(decoder, {}, po).masks;
+  REQUIRE(masks.layers.size() == decoder.linears().size());  // every linear of the blocks
+
+  const auto ids = at::randint(decoder.config().vocab_size, {2, 32}, at::TensorOptions().dtype(at::kLong));
+  // The gradient at the starting point W ⊙ M, by autograd on an independent provider.
+  std::map<std::string, at::Tensor> leaf, keep;
+  for (const auto& l : masks.layers) {
+    auto* lin = decoder.linear(l.name);
+    keep[l.name] = l.mask(at::kFloat);
+    leaf[l.name] = (lin->weight() * keep[l.name]).detach().requires_grad_(true);
+    lin->set_provider(std::make_shared<Masked>(leaf[l.name], keep[l.name]));
+  }
+  decoder.loss(ids).backward();
+
+  const double lr = 1e-3;
+  const auto r = train::finetune_kept_weights(decoder, masks, {}, ids, {1, 2, lr, 0});
+  REQUIRE(r.losses.size() == 1);
+  int64_t moved = 0;
+  for (const auto& l : masks.layers) {
+    INFO(l.name);
+    const auto& w1 = r.weights.at(l.name + ".weight");
+    const auto w0 = leaf[l.name].detach();
+    const auto g = leaf[l.name].grad() * keep[l.name];
+    // Removed weights: exactly zero.
+    CHECK(at::equal(w1 * (1 - keep[l.name]), at::zeros_like(w1)));
+    // Kept weights with a gradient: moved by lr * g / (|g| + eps), about lr
+    // against its sign (fp32 rounding of the weights: a few 1e-7).
+    const auto big = (g.abs() > 1e-5) * keep[l.name];
+    const auto step = (w1 - w0) * big;
+    const auto want = -lr * g / (g.abs() + 1e-8) * big;
+    CHECK((step - want).abs().max().item<double>() < 5e-7);
+    moved += big.sum().item<int64_t>();
+  }
+  CHECK(moved > 1000);
+}
