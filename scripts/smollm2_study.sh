@@ -106,6 +106,14 @@ run_part() {
   19) log "19 PATCH-Joint 45% with global_batch 16 (2 micro-batches) for $((STEPS / 2)) steps (same tokens)"
     learn gb16-45 --set train.global_batch=16 --set "train.steps=$((STEPS / 2))" ;;
   20) log "20 PATCH-Joint 45% with distillation (train.loss=kd), default scales"; learn kd-soft-45 --set train.loss=kd ;;
+  # Weights that fit the learned masks, end to end: the kept weights of the 45% masks (part 11's
+  # point) fine-tuned with the LM loss on C4 windows of 2048 (prune.json: WikiText-2 perplexity).
+  21) log "21 sparse fine-tune of the soft-scale 45% masks: 500 steps of 4 x 2048, lr 1e-5 and 1e-4"
+    local m=$R/sweep-soft/points/patch-joint-0.45/masks.safetensors lr
+    for lr in 1e-5 1e-4; do
+      "$P" prune --config "$C" --masks "$m" --set prune.finetune_steps=500 --set prune.finetune_lr=$lr \
+        --set prune.micro_batch=4 --out "$R/finetune-45-$lr" --overwrite >"$R/finetune-45-$lr.log" 2>&1 || return 1
+    done ;;
   *) log "no part $1"; return 1 ;;
   esac
 }
@@ -134,6 +142,11 @@ for f in sorted(glob.glob(os.path.join(r, "*-eval/eval.json"))):
         run["train_seconds"] = next((l["elapsed_s"] for l in lines if l.get("final")), None)
         run["curve"] = [(l["step"], l["valid_ppl"]) for l in lines if "valid_ppl" in l]
     out["runs"][name] = run
+for f in sorted(glob.glob(os.path.join(r, "finetune-*/prune.json"))):
+    p = json.load(open(f))
+    out["runs"][os.path.basename(os.path.dirname(f))] = {
+        k: p.get(k) for k in ("perplexity", "windows", "sparsity", "finetune_steps", "finetune_loss_first",
+                              "finetune_loss_last", "prune_seconds", "peak_memory_gib")}
 json.dump(out, open(os.path.join(r, "summary.json"), "w"), indent=1)
 print(f"summary: {len(out['points'])} sweep points, {len(out['runs'])} runs")
 EOF
