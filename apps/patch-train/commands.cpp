@@ -144,7 +144,7 @@ int run_prune(RunContext& ctx) {
 
   at::Tensor calib;
   const bool calibrates = po.method != prune::Method::kMagnitude && (!po.fixed_masks || update);
-  if (calibrates || finetune) calib = prune::calibration_from_config(cfg, *tok);
+  if (calibrates) calib = prune::calibration_from_config(cfg, *tok);
   core::reset_peak_memory(decoder.options().device);
   const auto t0 = std::chrono::steady_clock::now();
   prune::PruneResult result;
@@ -156,11 +156,9 @@ int run_prune(RunContext& ctx) {
   std::vector<double> finetune_losses;
   if (finetune) {
     // Windows of data.train as calibration takes them, enough for every step's batch.
-    auto co = prune::calibration_options(cfg);
-    co.samples = std::max(co.samples, finetune_steps * po.micro_batch);
-    const std::string train_file = core::resolve_path(cfg.get_string_list("data.train").front());
-    const auto ids = prune::calibration_ids(data::load_tokens(train_file, *tok, data::data_options(cfg)), co);
-    train::FinetuneOptions fo{finetune_steps, po.micro_batch, cfg.get_float("prune.finetune_lr"), co.seed};
+    const auto ids = prune::calibration_from_config(cfg, *tok, finetune_steps * po.micro_batch);
+    train::FinetuneOptions fo{finetune_steps, po.micro_batch, cfg.get_float("prune.finetune_lr"),
+                              static_cast<uint64_t>(cfg.get_int("prune.seed"))};
     auto ft = train::finetune_kept_weights(decoder, result.masks, result.weights, ids, fo);
     result.weights = std::move(ft.weights);
     finetune_losses = std::move(ft.losses);
