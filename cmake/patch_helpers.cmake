@@ -33,7 +33,8 @@ function(patch_add_test name)
   target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(${name} PRIVATE ${ARG_DEPS} patch_test_util ${PATCH_CATCH_TARGET})
   target_compile_definitions(${name} PRIVATE ${PATCH_CATCH_DEFINE})
-  catch_discover_tests(${name} TEST_PREFIX "${name}:")
+  # --warn NoTests: a name the filter cannot match (a ";" in it) fails instead of passing empty.
+  catch_discover_tests(${name} TEST_PREFIX "${name}:" EXTRA_ARGS --warn NoTests)
   # catch_discover_tests splits list-valued PROPERTIES (ENVIRONMENT) apart, so
   # the properties are set by a second CTest include file, run after the one
   # that defines the discovered list ${name}_TESTS.

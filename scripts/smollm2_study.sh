@@ -7,8 +7,9 @@
 # tokens), the curve against training steps and the public code's recipe.
 #   scripts/smollm2_study.sh                 # build/bin/patch-train, runs/smollm2-study
 #   P=BIN RUNS=DIR STEPS=1000 ONLY="1 2" scripts/smollm2_study.sh
-# (P4_TARGETS / P4_BASELINES, P12_TARGETS / P12_BASELINES narrow parts 4 and 12
-# to the points a stopped study lacks; parts run in the order ONLY names them)
+# (P4_TARGETS / P4_BASELINES, P12_TARGETS / P12_BASELINES, P21_TARGETS / P21_BASELINES
+# narrow parts 4, 12 and 21 to the points a stopped study lacks; FT_STEPS, FT_LR, FT_LR2
+# set the fine-tunes of parts 21 and 22; parts run in the order ONLY names them)
 # Each part appends to DIR/progress.txt; each run leaves its folder; the last
 # part writes DIR/summary.json (every result.json / eval.json gathered).
 set -uo pipefail
@@ -106,14 +107,18 @@ run_part() {
   19) log "19 PATCH-Joint 45% with global_batch 16 (2 micro-batches) for $((STEPS / 2)) steps (same tokens)"
     learn gb16-45 --set train.global_batch=16 --set "train.steps=$((STEPS / 2))" ;;
   20) log "20 PATCH-Joint 45% with distillation (train.loss=kd), default scales"; learn kd-soft-45 --set train.loss=kd ;;
-  # Weights that fit the learned masks, end to end: the kept weights of the 45% masks (part 11's
-  # point) fine-tuned with the LM loss on C4 windows of 2048 (prune.json: WikiText-2 perplexity).
-  21) log "21 sparse fine-tune of the soft-scale 45% masks: 500 steps of 4 x 2048, lr 1e-5 and 1e-4"
-    local m=$R/sweep-soft/points/patch-joint-0.45/masks.safetensors lr
-    for lr in 1e-5 1e-4; do
-      "$P" prune --config "$C" --masks "$m" --set prune.finetune_steps=500 --set prune.finetune_lr=$lr \
-        --set prune.micro_batch=4 --out "$R/finetune-45-$lr" --overwrite >"$R/finetune-45-$lr.log" 2>&1 || return 1
-    done ;;
+  # Weights that fit the learned masks, end to end: the kept weights of each target's masks
+  # fine-tuned with the LM loss on windows of 2048 (4 per step, lr FT_LR), beside the dense model
+  # fine-tuned the same way and SparseGPT's hybrid with its updated weights (sweep rows).
+  21) log "21 sparse fine-tune (${FT_STEPS:-500} steps, lr ${FT_LR:-1e-4}) of the 25/35/45% masks, the dense control, SparseGPT hybrid with updates"
+    S=$R/sweep-soft sweep "${P21_TARGETS:-0.25,0.35,0.45}" "${P21_BASELINES:-finetune,dense-finetune,sparsegpt-hybrid-update}" \
+      "${SOFT[@]}" --set "prune.finetune_steps=${FT_STEPS:-500}" --set "prune.finetune_lr=${FT_LR:-1e-4}" ;;
+  # The same fine-tune at 45% with lr FT_LR2, in a sweep folder of its own beside part 11's points.
+  22) log "22 sparse fine-tune of the 45% masks and the dense control at lr ${FT_LR2:-3e-4}"
+    local d=$R/sweep-ft-${FT_LR2:-3e-4}
+    mkdir -p "$d/points" && cp -r "$R/sweep-soft/points/dense" "$R/sweep-soft/points/patch-joint-0.45" "$d/points/" &&
+      S=$d sweep 0.45 "finetune,dense-finetune" "${SOFT[@]}" --set "prune.finetune_steps=${FT_STEPS:-500}" \
+        --set "prune.finetune_lr=${FT_LR2:-3e-4}" ;;
   *) log "no part $1"; return 1 ;;
   esac
 }
@@ -142,11 +147,6 @@ for f in sorted(glob.glob(os.path.join(r, "*-eval/eval.json"))):
         run["train_seconds"] = next((l["elapsed_s"] for l in lines if l.get("final")), None)
         run["curve"] = [(l["step"], l["valid_ppl"]) for l in lines if "valid_ppl" in l]
     out["runs"][name] = run
-for f in sorted(glob.glob(os.path.join(r, "finetune-*/prune.json"))):
-    p = json.load(open(f))
-    out["runs"][os.path.basename(os.path.dirname(f))] = {
-        k: p.get(k) for k in ("perplexity", "windows", "sparsity", "finetune_steps", "finetune_loss_first",
-                              "finetune_loss_last", "prune_seconds", "peak_memory_gib")}
 json.dump(out, open(os.path.join(r, "summary.json"), "w"), indent=1)
 print(f"summary: {len(out['points'])} sweep points, {len(out['runs'])} runs")
 EOF

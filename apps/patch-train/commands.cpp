@@ -58,6 +58,14 @@ void plot(const std::string& what, const std::string& input, const std::string& 
   core::log::info("wrote " + png);
 }
 
+// The packed layers' options, for every command that installs them.
+deploy::HybridOptions hybrid_options(const config::Config& cfg) {
+  deploy::HybridOptions o;
+  o.prefill_dense_copy = cfg.get_bool("deploy.prefill_dense_copy");
+  o.overlap_expansion = cfg.get_bool("deploy.prefill_overlap");
+  return o;
+}
+
 // model.masks (W * M through the providers) or model.packed (the hybrid
 // kernels) on the decoder, recorded in `out` (path and sparsity); neither: dense.
 void install_sparsity(model::Decoder& decoder, const config::Config& cfg, ordered_json& out) {
@@ -73,7 +81,7 @@ void install_sparsity(model::Decoder& decoder, const config::Config& cfg, ordere
                               " layers, sparsity ", file.sparsity()));
   } else if (!packed_path.empty()) {
     const auto packed = deploy::read_packed(core::resolve_path(packed_path));
-    deploy::install_packed(decoder, packed, deploy::HybridOptions{cfg.get_bool("deploy.prefill_dense_copy")});
+    deploy::install_packed(decoder, packed, hybrid_options(cfg));
     out["packed"] = packed.path;
     out["sparsity"] = packed.sparsity();
     core::log::info(core::str("packed ", packed.path, ": ", packed.layers.size(), " layers, sparsity ",
@@ -157,9 +165,7 @@ int run_prune(RunContext& ctx) {
   if (finetune) {
     // Windows of data.train as calibration takes them, enough for every step's batch.
     const auto ids = prune::calibration_from_config(cfg, *tok, finetune_steps * po.micro_batch);
-    train::FinetuneOptions fo{finetune_steps, po.micro_batch, cfg.get_float("prune.finetune_lr"),
-                              static_cast<uint64_t>(cfg.get_int("prune.seed"))};
-    auto ft = train::finetune_kept_weights(decoder, result.masks, result.weights, ids, fo);
+    auto ft = train::finetune_kept_weights(decoder, result.masks, result.weights, ids, train::finetune_options(cfg));
     result.weights = std::move(ft.weights);
     finetune_losses = std::move(ft.losses);
   }
@@ -438,7 +444,7 @@ int run_bench_deploy(RunContext& ctx) {
   o.sparsities = cfg.get_float_list("deploy.sparsities");
   o.tokens = cfg.get_int_list("deploy.tokens");
   o.gemm_tokens = cfg.get_int_list("deploy.gemm_tokens");
-  o.hybrid.prefill_dense_copy = cfg.get_bool("deploy.prefill_dense_copy");
+  o.hybrid = hybrid_options(cfg);
   o.repeats = static_cast<int>(cfg.get_int("deploy.repeats"));
   o.end_to_end = cfg.get_bool("deploy.end_to_end");
   o.e2e_sparsity = cfg.get_float("deploy.e2e_sparsity");

@@ -242,8 +242,9 @@ std::vector<KeyDef> build() {
           "Baselines run beside PATCH in a sweep: maskllm; magnitude, wanda, sparsegpt (2:4; sparsegpt with its "
           "updated weights), sparsegpt-mask (2:4, mask only); magnitude-hybrid, wanda-hybrid, sparsegpt-hybrid "
           "(one-shot hybrid at each target, mask only), sparsegpt-hybrid-update; reconstruct (SparseGPT's weight "
-          "update under the masks PATCH learned at each target, prune.refine_iters steps of refinement); joint, "
-          "tile (another learned mode at each target). A per-target baseline may end in @T (e.g. tile@0.45) to "
+          "update under the masks PATCH learned at each target, prune.refine_iters steps of refinement); finetune "
+          "(the kept weights under those masks fine-tuned end to end for prune.finetune_steps); dense-finetune "
+          "(the dense model fine-tuned the same way, the control); joint, tile (another learned mode at each target). A per-target baseline may end in @T (e.g. tile@0.45) to "
           "run at T only"),
       // bench
       choices(key("bench.shape", T::kString, "qwen2.5-0.5b",
@@ -282,6 +283,9 @@ std::vector<KeyDef> build() {
       key("deploy.prefill_dense_copy", T::kBool, false,
           "Packed layers (eval/generate --packed, bench-deploy): keep W*M dense on the GPU as well and run more "
           "than 16 tokens through cuBLAS on it (never slower than dense prefill; a dense layer's memory more)"),
+      key("deploy.prefill_overlap", T::kBool, true,
+          "Packed layers without a dense copy: expand the next layer's W*M for prefill on a second stream while "
+          "the current layer's GEMM runs (two layers' scratch memory, shared)"),
       range(key("deploy.gemm_tokens", T::kIntList, Json::array({256, 2048, 8192}),
                 "bench-deploy: tokens of the sparse GEMM rows (a layer of 2:4 tiles only: cuBLAS on the masked "
                 "weight against cuSPARSELt and the CUTLASS SM90 kernels; empty: no such rows)"),

@@ -1,6 +1,7 @@
 #include "sweep/sweep.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <sstream>
 #include <filesystem>
@@ -19,6 +20,7 @@
 #include "model/decoder.h"
 #include "prune/pruner.h"
 #include "text/tokenizer.h"
+#include "train/finetune.h"
 #include "train/trainer.h"
 
 namespace patch::sweep {
@@ -35,9 +37,12 @@ struct Point {
   // evaluated with SparseGPT's updated weights rather than the mask alone.
   std::string prune_method, pattern;
   bool update_weights = false;
-  // Reconstruction points: the learned point (under points/) whose masks
-  // SparseGPT's update keeps as they are.
+  // Reconstruction and fine-tune points: the learned point (under points/)
+  // whose masks SparseGPT's update or the fine-tune keeps as they are.
   std::string masks_from = "";
+  // Fine-tune points: the kept weights trained end to end under the masks of
+  // masks_from (the dense model itself, all weights kept, where it is empty).
+  bool finetune = false;
 };
 
 std::string target_label(double t) {
@@ -50,8 +55,10 @@ const char* const kBaselineHelp =
     "expected maskllm, magnitude, wanda, sparsegpt (2:4 with SparseGPT's updated weights), "
     "sparsegpt-mask (2:4, mask only), magnitude-hybrid, wanda-hybrid, sparsegpt-hybrid (one-shot "
     "hybrid at each target, mask only), sparsegpt-hybrid-update, reconstruct (PATCH's learned masks with "
-    "SparseGPT's weight update under them, at each target), or joint, tile learned modes; a per-target baseline "
-    "may end in @T to run at target T only";
+    "SparseGPT's weight update under them, at each target), finetune (PATCH's learned masks with their kept "
+    "weights fine-tuned for prune.finetune_steps, at each target), dense-finetune (the dense model fine-tuned the "
+    "same way, the control), or joint, tile learned modes; a per-target baseline may end in @T to run at target T "
+    "only";
 
 // A baseline name, possibly "<name>@<target>" for per-target baselines.
 std::vector<Point> baseline_points(const std::string& spec, const std::vector<double>& targets,
@@ -67,6 +74,13 @@ std::vector<Point> baseline_points(const std::string& spec, const std::vector<do
     }
   }
   const bool one_shot = b == "magnitude" || b == "wanda" || b == "sparsegpt";
+  if (b == "dense-finetune") {
+    if (at != targets)
+      throw core::ConfigError(core::str("sweep.baselines: '", spec, "' is the dense model; it takes no @target"));
+    Point p{"dense-finetune", "dense + fine-tune", 0.0, "", "", false};
+    p.finetune = true;
+    return {p};
+  }
   if (b == "maskllm" || one_shot || b == "sparsegpt-mask") {
     if (at != targets)
       throw core::ConfigError(core::str("sweep.baselines: '", spec, "' is 2:4 (sparsity 0.5); it takes no @target"));
@@ -85,12 +99,18 @@ std::vector<Point> baseline_points(const std::string& spec, const std::vector<do
       points.push_back({b + "-" + label, method + " hybrid" + (update ? " update" : ""), t, method, "hybrid", update});
     } else if (b == "joint" || b == "tile") {
       points.push_back({"patch-" + b + "-" + label, "patch-" + b, t, "", "", false});
-    } else if (b == "reconstruct") {
+    } else if (b == "reconstruct" || b == "finetune") {
       if (std::find(targets.begin(), targets.end(), t) == targets.end())
-        throw core::ConfigError(core::str("sweep.baselines: '", spec, "' reconstructs under the masks PATCH learns at ",
+        throw core::ConfigError(core::str("sweep.baselines: '", spec, "' fits the weights to the masks PATCH learns at ",
                                           label, ", which is not in sweep.targets"));
       const std::string from = "patch-" + mode + "-" + label;
-      points.push_back({from + "-reconstruct", "patch-" + mode + " + reconstruction", t, "sparsegpt", "", true, from});
+      if (b == "reconstruct") {
+        points.push_back({from + "-reconstruct", "patch-" + mode + " + reconstruction", t, "sparsegpt", "", true, from});
+      } else {
+        Point p{from + "-finetune", "patch-" + mode + " + fine-tune", t, "", "", false, from};
+        p.finetune = true;
+        points.push_back(p);
+      }
     } else {
       throw core::ConfigError(core::str("sweep.baselines: unknown baseline '", spec, "' (", kBaselineHelp, ")"));
     }
@@ -106,6 +126,9 @@ std::vector<Point> plan(const config::Config& cfg) {
     points.push_back({"patch-" + mode + "-" + target_label(t), "patch-" + mode, t, "", "", false});
   for (const auto& b : cfg.get_string_list("sweep.baselines"))
     for (Point& p : baseline_points(b, targets, mode)) {
+      if (p.finetune && cfg.get_int("prune.finetune_steps") <= 0)
+        throw core::ConfigError(core::str("prune.finetune_steps: the sweep baseline '", b,
+                                          "' fine-tunes; give the number of steps (--set prune.finetune_steps=N)"));
       for (const Point& q : points)
         if (q.name == p.name)
           throw core::ConfigError(core::str("sweep.baselines: '", b, "' repeats the point ", p.name));
@@ -149,6 +172,27 @@ int train_point(config::Config pcfg, const std::string& dir) {
   return train::run_training(pcfg, dir);
 }
 
+// A fine-tune point: the kept weights under the masks of p.masks_from (all
+// weights for the dense control) trained end to end; the decoder ends with them.
+json finetune_point(model::Decoder& decoder, const config::Config& pcfg, const text::Tokenizer& tok, const Point& p,
+                    const std::string& dir) {
+  const maskfile::MaskFile masks =
+      p.masks_from.empty()
+          ? train::all_kept(decoder)
+          : maskfile::read_mask_file((fs::path(dir).parent_path() / p.masks_from / "masks.safetensors").string());
+  const train::FinetuneOptions fo = train::finetune_options(pcfg);
+  const auto ids = prune::calibration_from_config(pcfg, tok, fo.steps * fo.micro_batch);
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto ft = train::finetune_kept_weights(decoder, masks, {}, ids, fo);
+  return {{"sparsity", masks.sparsity()},
+          {"finetune_steps", fo.steps},
+          {"finetune_tokens", fo.steps * fo.micro_batch * ids.size(1)},
+          {"finetune_lr", fo.lr},
+          {"finetune_seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()},
+          {"finetune_loss_first", ft.losses.front()},
+          {"finetune_loss_last", ft.losses.back()}};
+}
+
 json run_point(const config::Config& cfg, const Point& p, const std::string& dir) {
   config::Config pcfg = cfg;
   pcfg.set("mask.target_sparsity", p.target);
@@ -156,7 +200,8 @@ json run_point(const config::Config& cfg, const Point& p, const std::string& dir
   json result = {{"name", p.name}, {"method", p.method}, {"target", p.target}};
   std::string masks_path;
 
-  const bool learned = p.prune_method.empty() && (p.method == "maskllm" || p.method.rfind("patch-", 0) == 0);
+  const bool learned =
+      !p.finetune && p.prune_method.empty() && (p.method == "maskllm" || p.method.rfind("patch-", 0) == 0);
   if (learned) {
     pcfg.set("mask.mode", p.method == "maskllm" ? "maskllm" : p.method.substr(6));
     if (int rc = train_point(pcfg, dir); rc != 0) return {{"exit", rc}};
@@ -169,7 +214,9 @@ json run_point(const config::Config& cfg, const Point& p, const std::string& dir
   eval::check_sequence_lengths(pcfg, ckpt.config, model_path, /*windows=*/true,
                                /*calibrates=*/!p.prune_method.empty() && p.prune_method != "magnitude");
   model::Decoder decoder(ckpt, dopts);
-  if (!masks_path.empty()) {
+  if (p.finetune) {
+    result.update(finetune_point(decoder, pcfg, *tok, p, dir));
+  } else if (!masks_path.empty()) {
     auto file = maskfile::read_mask_file(masks_path);
     maskfile::apply_masks(decoder, file);
     result["sparsity"] = file.sparsity();

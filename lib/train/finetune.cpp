@@ -38,6 +38,22 @@ std::vector<std::pair<std::string, at::Tensor>> keep_masks(const maskfile::MaskF
 
 }  // namespace
 
+FinetuneOptions finetune_options(const config::Config& cfg) {
+  return {cfg.get_int("prune.finetune_steps"), cfg.get_int("prune.micro_batch"), cfg.get_float("prune.finetune_lr"),
+          static_cast<uint64_t>(cfg.get_int("prune.seed"))};
+}
+
+maskfile::MaskFile all_kept(model::Decoder& decoder) {
+  maskfile::MaskFile file;
+  file.meta.structure = "unstructured";
+  file.meta.mode = "oneshot";
+  for (auto* lin : decoder.linears()) {
+    const int64_t out = lin->weight().size(0), in = lin->weight().size(1);
+    file.bitmasks.push_back({lin->name(), out, in, maskfile::pack_bits(at::ones({out, in}, at::kByte))});
+  }
+  return file;
+}
+
 FinetuneResult finetune_kept_weights(model::Decoder& decoder, const maskfile::MaskFile& masks,
                                      const std::map<std::string, at::Tensor>& start, const at::Tensor& ids,
                                      const FinetuneOptions& o) {

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "config/config.h"
 #include "maskfile/mask_file.h"
 #include "model/decoder.h"
 
@@ -22,6 +23,13 @@ struct FinetuneOptions {
   double lr = 1e-4;         // AdamW, constant after a linear warm-up of steps / 10
   uint64_t seed = 0;        // the order of the sequences
 };
+
+// prune.finetune_steps, prune.micro_batch, prune.finetune_lr and prune.seed.
+FinetuneOptions finetune_options(const config::Config& cfg);
+
+// Every linear of `decoder` kept whole (an unstructured mask of ones): the
+// dense model's fine-tune, the control beside the fine-tune of a mask.
+maskfile::MaskFile all_kept(model::Decoder& decoder);
 
 struct FinetuneResult {
   std::map<std::string, at::Tensor> weights;  // "<layer>.weight": W' ⊙ M, float32 on the CPU

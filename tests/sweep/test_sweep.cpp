@@ -156,3 +156,53 @@ TEST_CASE("sweep baselines: mask-only and hybrid one-shot rows equal prune + eva
     CHECK(b.err.find("sweep.baselines") != std::string::npos);
   }
 }
+
+TEST_CASE("sweep fine-tune rows equal prune --masks with the same fine-tune beside the dense control", "[sweep]") {
+  test::TempDir dir;
+  const std::string out = dir.file("sweep");
+  const std::string common =
+      " --set data.seq_len=64 --set data.max_tokens=100000 --set prune.calib_samples=8"
+      " --set prune.calib_seq_len=64 --set eval.max_windows=8 --set train.micro_batch=4"
+      " --set train.global_batch=4 --set train.steps=6 --set train.eval_every=0"
+      " --set prune.finetune_steps=12 --set prune.finetune_lr=1e-3";
+  const std::string config = " --config " + test::source_dir() + "/configs/tinystories-656k.yaml";
+  const auto r = test::run_command(test::train_bin() + " sweep" + config + common +
+                                   " --targets 0.4 --baselines finetune,dense-finetune --out " + out);
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  std::map<std::string, nlohmann::json> rows;
+  const nlohmann::json sweep = nlohmann::json::parse(core::read_file(out + "/sweep.json"));
+  for (const auto& p : sweep["points"]) rows[p["name"].get<std::string>()] = p;
+  REQUIRE(rows.count("patch-joint-0.4-finetune") == 1);
+  REQUIRE(rows.count("dense-finetune") == 1);
+  const auto& ft = rows["patch-joint-0.4-finetune"];
+  CHECK(ft["method"] == "patch-joint + fine-tune");
+  CHECK(ft["finetune_steps"] == 12);
+  CHECK(ft["sparsity"].get<double>() == Approx(rows["patch-joint-0.4"]["sparsity"].get<double>()).epsilon(1e-12));
+  // The oracle: the same masks fine-tuned by `prune --masks`, scored on the same windows.
+  const auto p = test::run_command(test::train_bin() + " prune" + config + common + " --masks " + out +
+                                   "/points/patch-joint-0.4/masks.safetensors --out " + dir.file("ft"));
+  INFO(p.err);
+  REQUIRE(p.exit_code == 0);
+  const auto pj = nlohmann::json::parse(core::read_file(dir.file("ft/prune.json")));
+  CHECK(ft["perplexity"].get<double>() == Approx(pj["perplexity"].get<double>()).epsilon(1e-9));
+  CHECK(ft["finetune_loss_last"].get<double>() == Approx(pj["finetune_loss_last"].get<double>()).epsilon(1e-9));
+  CHECK(ft["perplexity"].get<double>() != rows["patch-joint-0.4"]["perplexity"].get<double>());
+  // The control keeps every weight and trains them all: another model than the dense one.
+  const auto& dense_ft = rows["dense-finetune"];
+  CHECK(dense_ft["sparsity"].get<double>() == 0.0);
+  CHECK(dense_ft["finetune_steps"] == 12);
+  CHECK(dense_ft["perplexity"].get<double>() != rows["dense"]["perplexity"].get<double>());
+
+  // A fine-tune baseline without steps, or the control at a target, fails before any work.
+  for (const char* bad : {"finetune", "dense-finetune@0.3"}) {
+    const std::string bout = dir.file(std::string("bad-") + bad);
+    const auto b = test::run_command(test::train_bin() + " sweep" + config + " --targets 0.4 --baselines " + bad +
+                                     " --out " + bout);
+    INFO(bad << ": " << b.err);
+    CHECK(b.exit_code == 2);
+    CHECK(b.err.find(std::string(bad) == "finetune" ? "prune.finetune_steps" : "sweep.baselines") !=
+          std::string::npos);
+    CHECK_FALSE(fs::exists(bout));
+  }
+}
