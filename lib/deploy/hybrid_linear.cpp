@@ -1,6 +1,7 @@
 #include "deploy/hybrid_linear.h"
 
 #include <cstring>
+#include <map>
 #include <vector>
 
 #include "core/error.h"
@@ -177,8 +178,14 @@ struct HybridLinear::Impl {
   at::Tensor weight;    // W ⊙ M, where the decode blocks are not, or beside them (prefill_dense_copy)
   DecodeFormat dec;
   bool overlap = true;  // the decode kernel's launch (set_overlap)
+  bool overlap_expansion = false;
 #if PATCH_WITH_CUDA
   std::unique_ptr<cuda::SparseGemm> sparse;  // a layer of 2:4 tiles only, more than 16 tokens
+  std::shared_ptr<cuda::ExpandPipeline> pipeline;
+
+  ~Impl() {
+    if (pipeline) pipeline->remove(this);
+  }
 #endif
 };
 
@@ -198,6 +205,7 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device, const Hy
   }
 #endif
   if (!m.decode || options.prefill_dense_copy) m.weight = unpack_layer(layer).to(device);
+  m.overlap_expansion = options.overlap_expansion;
 }
 
 HybridLinear::HybridLinear(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -211,6 +219,7 @@ HybridLinear HybridLinear::clone() const {
   c->device = m.device;
   c->decode = m.decode;
   c->overlap = m.overlap;
+  c->overlap_expansion = m.overlap_expansion;  // a pipeline of its own once installed
   c->weight = copy(m.weight);
   c->dec = {copy(m.dec.blocks), copy(m.dec.tile_offset), copy(m.dec.tile_dense)};
 #if PATCH_WITH_CUDA
@@ -228,6 +237,9 @@ const std::string& HybridLinear::name() const {
 }
 int64_t HybridLinear::out() const {
   return impl_->grid.out();
+}
+at::Device HybridLinear::device() const {
+  return impl_->device;
 }
 int64_t HybridLinear::in() const {
   return impl_->grid.in();
@@ -247,6 +259,26 @@ int64_t HybridLinear::device_bytes() const {
 void HybridLinear::set_overlap(bool on) {
   impl_->overlap = on;
 }
+
+bool HybridLinear::overlaps_expansion() const {
+  return impl_->overlap_expansion && path(kDecodeMaxTokens + 1) == HybridPath::kExpand;
+}
+
+int64_t HybridLinear::prefetched() const {
+#if PATCH_WITH_CUDA
+  if (impl_->pipeline) return impl_->pipeline->prefetched(impl_.get());
+#endif
+  return 0;
+}
+
+#if PATCH_WITH_CUDA
+void HybridLinear::join(const std::shared_ptr<cuda::ExpandPipeline>& pipeline) {
+  auto& m = *impl_;
+  if (m.pipeline) m.pipeline->remove(&m);
+  m.pipeline = pipeline;
+  if (pipeline) pipeline->add(&m, &m.dec, &m.grid);
+}
+#endif
 
 HybridPath HybridLinear::path(int64_t tokens) const {
   const auto& m = *impl_;
@@ -273,6 +305,15 @@ at::Tensor HybridLinear::forward(const at::Tensor& x) {
 #if PATCH_WITH_CUDA
   core::check(x.scalar_type() == at::kBFloat16, m.name, "the hybrid kernels take bfloat16 inputs");
   if (p == HybridPath::kExpand) {
+    if (m.pipeline) {
+      // Expanded ahead while the layer before ran (or now), in shared scratch.
+      const auto w = m.pipeline->acquire(&m);
+      if (w.defined()) {
+        auto y = at::linear(x, w);
+        m.pipeline->release();
+        return y;
+      }
+    }
     // Scratch from the caching allocator: one layer's dense weight at a time;
     // cuBLAS takes x as it is.
     auto w = at::empty({m.grid.out(), m.grid.in()}, x.options());
@@ -309,6 +350,16 @@ void install_kernels(model::Decoder& decoder, const NamedKernels& kernels, const
                                   "], the model's is [", lin->weight().size(0), ", ", lin->weight().size(1), "]"));
     lin->set_kernel([kernel](const at::Tensor& x) { return kernel->forward(x); });
   }
+#if PATCH_WITH_CUDA
+  std::map<c10::DeviceIndex, std::shared_ptr<cuda::ExpandPipeline>> pipelines;
+  for (const auto& named : kernels) {
+    auto& k = *named.second;
+    if (!k.overlaps_expansion()) continue;
+    auto& pipeline = pipelines[k.device().index()];
+    if (!pipeline) pipeline = std::make_shared<cuda::ExpandPipeline>(k.device());
+    k.join(pipeline);
+  }
+#endif
 }
 
 void install_packed(model::Decoder& decoder, const PackedModel& packed, const HybridOptions& options) {

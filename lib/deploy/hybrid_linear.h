@@ -43,6 +43,10 @@ struct HybridOptions {
   // cuBLAS more than kDecodeMaxTokens tokens on it (never slower than dense
   // prefill) at the cost of a dense layer's memory on top of the blocks.
   bool prefill_dense_copy = false;
+  // Prefill without a dense copy: while one layer's GEMM runs, a second stream
+  // expands the next layer's W ⊙ M (the layers installed together share two
+  // layers' worth of scratch memory and learn their order as they run).
+  bool overlap_expansion = true;
 };
 
 // Tile columns the decode kernel takes: it keeps a tile row's tile offsets in
@@ -103,6 +107,37 @@ class SparseGemm {
 }  // namespace cuda
 #endif
 
+#if PATCH_WITH_CUDA
+namespace cuda {
+// The expansions of layers that run one after the other, overlapped with their
+// GEMMs: two scratch buffers of the largest layer's W ⊙ M and a second stream.
+// acquire() hands out a layer's weight, ready on the current stream (expanded
+// there unless the layer before it already had it expanded on the side
+// stream), and starts expanding the layer that followed it last time into the
+// other buffer; release() marks the buffer free once the reads of it are
+// enqueued. Layers must be add()ed before they acquire() and remove()d before
+// their formats go. While the current stream is being captured into a CUDA
+// graph, acquire() returns an undefined tensor (the caller expands itself).
+class ExpandPipeline {
+ public:
+  explicit ExpandPipeline(at::Device device);
+  ExpandPipeline(const ExpandPipeline&) = delete;
+  ExpandPipeline& operator=(const ExpandPipeline&) = delete;
+  ~ExpandPipeline();
+  void add(const void* layer, const DecodeFormat* fmt, const sparsity::TileGrid* grid);
+  void remove(const void* layer);
+  at::Tensor acquire(const void* layer);
+  void release();
+  int64_t prefetched(const void* layer) const;  // acquires that found the weight expanded ahead
+  int64_t bytes() const;                        // of the two buffers, once allocated
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
+}  // namespace cuda
+#endif
+
 class HybridLinear {
  public:
   // Moves the layer's formats to `device` (CUDA: the decode blocks, and
@@ -123,11 +158,22 @@ class HybridLinear {
   const std::string& name() const;
   int64_t out() const;
   int64_t in() const;
+  at::Device device() const;
   // Bytes the layer keeps on its device, every path's format together.
   int64_t device_bytes() const;
   // Whether the decode kernel may overlap the end of the kernel before it
   // (default on; bench-deploy turns it off to time a layer on its own).
   void set_overlap(bool on);
+  // Whether the layer expands its weight for more than kDecodeMaxTokens tokens
+  // through an expansion pipeline (HybridOptions::overlap_expansion).
+  bool overlaps_expansion() const;
+  // Forwards that found the weight expanded ahead by the pipeline.
+  int64_t prefetched() const;
+#if PATCH_WITH_CUDA
+  // Joins the layers that run one after the other on the same device
+  // (install_kernels does this for the kernels it installs).
+  void join(const std::shared_ptr<cuda::ExpandPipeline>& pipeline);
+#endif
 
  private:
   struct Impl;
@@ -136,7 +182,8 @@ class HybridLinear {
 };
 
 // Routes each named linear of `decoder` through its kernel (replacing x W^T;
-// the bias is still added). Throws core::Error naming `source` and the layer
+// the bias is still added); the kernels that overlap their expansions share one
+// pipeline. Throws core::Error naming `source` and the layer
 // when the decoder has no such linear or its weight has another shape.
 using NamedKernels = std::vector<std::pair<std::string, std::shared_ptr<HybridLinear>>>;
 void install_kernels(model::Decoder& decoder, const NamedKernels& kernels, const std::string& source);

@@ -41,6 +41,6 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
 // idle device time between the first and the last kernel ("idle_ms") and its
 // largest "gaps". Where a step's time goes, measured in the step.
 nlohmann::json profile_kernels(const std::function<void()>& step, const at::Device& device,
-                               int top = 30);
+                               int top = 60);
 
 }  // namespace patch::model

@@ -234,6 +234,52 @@ TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
 // deploy.prefill_dense_copy: more than 16 tokens go to cuBLAS on the kept
 // W ⊙ M (a layer of 2:4 tiles only keeps cuSPARSELt from 2048 tokens), the
 // decode kernel keeps the rest, and the copy's bytes are counted.
+TEST_CASE("layers that share an expansion pipeline get their weights expanded ahead and the same outputs",
+          "[deploy]") {
+  if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
+  const at::Device device(at::kCUDA, 0);
+  // A chain as in a block: each layer's output is the next one's input.
+  const std::vector<Case> chain = {Case{256, 512, 128, 128, 0.45}, Case{512, 256, 128, 128, 0.25},
+                                   Case{384, 512, 128, 128, 0.35}, Case{512, 384, 128, 128, 0.45}};
+  std::vector<std::shared_ptr<deploy::HybridLinear>> piped;
+  std::vector<at::Tensor> ref_w;
+  auto pipeline = std::make_shared<deploy::cuda::ExpandPipeline>(device);
+  for (size_t i = 0; i < chain.size(); ++i) {
+    auto [w, m] = random_layer(chain[i], 11 + i);
+    const auto p = deploy::pack_layer(w, m);
+    REQUIRE(p.dense_tiles() > 0);
+    piped.push_back(std::make_shared<deploy::HybridLinear>(p, device));
+    REQUIRE(piped.back()->overlaps_expansion());
+    piped.back()->join(pipeline);
+    ref_w.push_back(masked(w, m).to(device, at::kFloat));
+  }
+  // Runs layers `order` of the chain on x (tokens rows), checking each output.
+  auto run = [&](const std::vector<size_t>& order, int64_t tokens) {
+    auto x = at::randn({tokens, chain[order.front()].in}, at::kFloat).to(device, at::kBFloat16);
+    for (size_t i : order) {
+      INFO("layer " << i << ", " << tokens << " tokens");
+      REQUIRE(piped[i]->path(tokens) == deploy::HybridPath::kExpand);
+      const auto ref = at::linear(x.to(at::kFloat), ref_w[i]);
+      x = piped[i]->forward(x);
+      CHECK((x.to(at::kFloat) - ref).abs().max().item<double>() <= 8e-3 * ref.abs().max().item<double>());
+    }
+  };
+  for (int pass = 0; pass < 3; ++pass) run({0, 1, 2, 3}, 64 + pass * 100);
+  // The order they joined in, then the order they ran in: the weights of layers 1-3
+  // were expanded ahead in every pass, layer 0's once the last layer knew it came next.
+  for (size_t i = 0; i < chain.size(); ++i) {
+    INFO("layer " << i);
+    CHECK(piped[i]->prefetched() == (i == 0 ? 1 : 3));
+  }
+  CHECK(pipeline->bytes() == 2 * 2 * 512 * 384);
+  // Another order: the pipeline learns it, and the outputs stay right.
+  for (int pass = 0; pass < 3; ++pass) run({0, 1, 0, 1}, 48);
+  CHECK(piped[0]->prefetched() >= 4);
+  // A layer that leaves frees its place: the others go on.
+  piped[1].reset();
+  for (int pass = 0; pass < 2; ++pass) run({2, 3}, 32);
+}
+
 TEST_CASE("HybridLinear with a dense copy for prefill equals the masked dense matmul", "[deploy]") {
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   const at::Device device(at::kCUDA, 0);
