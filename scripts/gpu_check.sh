@@ -26,6 +26,8 @@
 #               train's on a random Qwen2.5-0.5B-shaped checkpoint, eager and graphed
 #   STAGE=hybrid-tests after STAGE=carry BUILD=1: builds test_hybrid into that build
 #               and runs it (TESTS=regex), its GPU cases included
+#   STAGE=bench-deploy [NAME=label] [DEPLOY_ARGS=...] after STAGE=carry BUILD=1: bench-deploy
+#               with that build, beside the earlier runs of the same machine
 #   STAGE=profile-dense [SHAPES=...] after STAGE=carry BUILD=1: our dense step's device
 #               time per kernel beside the PyTorch peer's (scripts/profile_peer.py), by
 #               kind of kernel (scripts/profile_compare.py, profile_compare.txt)
@@ -114,6 +116,21 @@ if [[ $STAGE == hybrid-tests ]]; then
     { tail -30 "$OUT/hybrid_build.log"; exit 1; }
   (cd "$SRC/build" && PATCH_DATA_DIR=$DATA ctest -R "${TESTS:-test_hybrid}" --output-on-failure) > "$OUT/test.log" 2>&1
   grep -aE "tests passed|tests failed|Failed|Passed|Skipped" "$OUT/test.log" | tail -30
+  exit 0
+fi
+if [[ $STAGE == bench-deploy ]]; then
+  # bench-deploy with the background build's binary: NAME labels the run
+  # (bench_deploy_NAME.jsonl), DEPLOY_ARGS its settings; every run of this
+  # machine so far, side by side, in bench_deploy.txt.
+  wait_build
+  # shellcheck disable=SC2086
+  "$SRC/build/bin/patch-train" bench-deploy --set model.device=cuda ${DEPLOY_ARGS:-} 2>>"$OUT/bench_deploy.err" |
+    grep '^{' > "/tmp/bench_deploy_${NAME:-run}.jsonl"
+  tail -3 "$OUT/bench_deploy.err"
+  cp /tmp/bench_deploy_*.jsonl "$OUT/"
+  files=()
+  for f in /tmp/bench_deploy_*.jsonl; do n=${f##*/bench_deploy_}; files+=("${n%.jsonl}=$f"); done
+  python3 scripts/bench_deploy_summary.py "${files[@]}" | tee "$OUT/bench_deploy.txt"
   exit 0
 fi
 if [[ $STAGE == profile-dense ]]; then
