@@ -73,6 +73,9 @@ namespace cuda {
 // Median over `repeats` replays of a CUDA graph holding launch(0..n-1) of the
 // time per launch, in microseconds.
 double graph_time_us(const std::function<void(int)>& launch, int n, int repeats);
+// The same for several launch functions, their replays taken in turn (one of
+// each per round), so that they share whatever the clock did meanwhile.
+std::vector<double> graph_times_us(const std::vector<std::function<void(int)>>& launches, int n, int repeats);
 }  // namespace cuda
 #endif
 
