@@ -35,20 +35,32 @@ class Masked : public model::WeightProvider {
   at::Tensor p_, k_;
 };
 
+const std::string kToy = "models/tinystories-656k";
+
+// TinyStories-656K in float32 on the CPU, without recomputation.
+model::Decoder toy_decoder() {
+  model::DecoderOptions dopts;
+  dopts.dtype = at::kFloat;
+  dopts.checkpointing = false;
+  return model::Decoder(io::load_checkpoint(test::data_path(kToy), at::kFloat), dopts);
+}
+
+// Magnitude masks of `structure` (hybrid: at 35%) with 32x32 tiles.
+maskfile::MaskFile magnitude_masks(model::Decoder& decoder, prune::Structure structure) {
+  prune::PruneOptions po;
+  po.method = prune::Method::kMagnitude;
+  po.structure = structure;
+  po.target_sparsity = 0.35;
+  po.tile_rows = po.tile_cols = 32;
+  return prune::prune_model(decoder, {}, po).masks;
+}
+
 }  // namespace
 
 TEST_CASE("finetune: one step is AdamW's first step on the masked model's gradient, removed weights stay zero",
           "[train]") {
-  const std::string model_dir = test::data_path("models/tinystories-656k");
-  model::DecoderOptions dopts;
-  dopts.dtype = at::kFloat;
-  dopts.checkpointing = false;
-  model::Decoder decoder(io::load_checkpoint(model_dir, at::kFloat), dopts);
-  prune::PruneOptions po;
-  po.method = prune::Method::kMagnitude;
-  po.structure = prune::Structure::k24;
-  po.tile_rows = po.tile_cols = 32;
-  const auto masks = prune::prune_model(decoder, {}, po).masks;
+  model::Decoder decoder = toy_decoder();
+  const auto masks = magnitude_masks(decoder, prune::Structure::k24);
   REQUIRE(masks.layers.size() == decoder.linears().size());  // every linear of the blocks
 
   const auto ids = at::randint(decoder.config().vocab_size, {2, 32}, at::TensorOptions().dtype(at::kLong));
@@ -86,18 +98,9 @@ TEST_CASE("finetune: one step is AdamW's first step on the masked model's gradie
 
 TEST_CASE("finetune: many steps equal a plain PyTorch AdamW fine-tune of the masked model in transformers",
           "[train]") {
-  const std::string model_dir = test::data_path("models/tinystories-656k");
-  model::DecoderOptions dopts;
-  dopts.dtype = at::kFloat;
-  dopts.checkpointing = false;
-  model::Decoder decoder(io::load_checkpoint(model_dir, at::kFloat), dopts);
+  model::Decoder decoder = toy_decoder();
   // A hybrid mask: dense tiles and 2:4 tiles in the same layers.
-  prune::PruneOptions po;
-  po.method = prune::Method::kMagnitude;
-  po.structure = prune::Structure::kHybrid;
-  po.target_sparsity = 0.35;
-  po.tile_rows = po.tile_cols = 32;
-  const auto masks = prune::prune_model(decoder, {}, po).masks;
+  const auto masks = magnitude_masks(decoder, prune::Structure::kHybrid);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
   const auto ids = at::randint(decoder.config().vocab_size, {4, 32}, gen, at::TensorOptions().dtype(at::kLong));
   // Every step takes all four windows, so the batches do not depend on the order.
@@ -110,7 +113,7 @@ TEST_CASE("finetune: many steps equal a plain PyTorch AdamW fine-tune of the mas
   for (const auto& l : masks.layers) tensors.emplace_back(l.name + ".keep", l.mask(at::kFloat));
   io::write_safetensors(in, tensors,
                         {{"format", "patch-finetune-input"},
-                         {"model", "\"" + model_dir + "\""},
+                         {"model", "\"" + test::data_path(kToy) + "\""},
                          {"steps", std::to_string(o.steps)},
                          {"lr", "0.001"},
                          {"warmup", "2"}});  // steps / 10, as finetune_kept_weights warms up
