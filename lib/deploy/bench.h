@@ -29,7 +29,7 @@ struct DeployBenchOptions {
   // Of model shapes, only these linears and no block rows; empty: all.
   std::vector<std::string> layers;
   std::vector<double> sparsities{0.0, 0.25, 0.35, 0.45, 0.5};
-  std::vector<int64_t> tokens{1, 4, 16, 256, 2048};
+  std::vector<int64_t> tokens{1, 4, 16, 32, 256, 2048};
   // Sparse GEMM rows: each linear shape as a layer of 2:4 tiles only, cuBLAS
   // on its masked weight against cuSPARSELt and each CUTLASS SM90 kernel, at
   // these token counts (empty: none). s = dense time / sparse time bounds

@@ -180,7 +180,7 @@ struct HybridLinear::Impl {
   bool overlap = true;  // the decode kernel's launch (set_overlap)
   bool overlap_expansion = false;
 #if PATCH_WITH_CUDA
-  std::unique_ptr<cuda::SparseGemm> sparse;  // a layer of 2:4 tiles only, more than 16 tokens
+  std::unique_ptr<cuda::SparseGemm> sparse;  // a layer of 2:4 tiles only, more than kDecodeMaxTokens
   std::shared_ptr<cuda::ExpandPipeline> pipeline;
 
   ~Impl() {

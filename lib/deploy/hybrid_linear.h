@@ -2,9 +2,9 @@
 // y = x (W ⊙ M)^T for a packed hybrid layer on the GPU, which keeps only the
 // layer's decode blocks (each tile in its own format: a sparse tile in 9/16
 // of a dense tile's bytes), plus cuSPARSELt's copy for a layer of 2:4 tiles only:
-//   decode (at most 16 tokens): one kernel streams the blocks once (dense:
+//   decode (at most 32 tokens): one kernel streams the blocks once (dense:
 //     mma.m16n8k16 on all values; 2:4: the kept values and their positions
-//     straight into mma.sp.m16n8k32); for 9 to 16 tokens a small kernel first
+//     straight into mma.sp.m16n8k32); for 9 to 32 tokens a small kernel first
 //     lays x out in mma fragment order;
 //   more tokens, a layer of 2:4 tiles only: the sparse tensor cores through
 //     cuSPARSELt;
@@ -31,8 +31,9 @@ namespace patch::deploy {
 enum class HybridPath { kDecode, kSparse, kExpand, kDense };
 const char* path_name(HybridPath p);
 
-// Tokens up to which forward() takes the decode kernel.
-inline constexpr int64_t kDecodeMaxTokens = 16;
+// Tokens up to which forward() takes the decode kernel (one, two or four
+// n-tiles of 8 tokens).
+inline constexpr int64_t kDecodeMaxTokens = 32;
 // Tokens from which a layer of 2:4 tiles only keeps cuSPARSELt even beside a
 // dense copy: measured 1.30-1.34x cuBLAS at 2048 tokens, 0.92-0.97x at 256
 // (LLaMA-2-7B and LLaMA-3.1-8B blocks, H200).
@@ -77,7 +78,7 @@ at::Tensor decode_format_weight(const DecodeFormat& fmt, const sparsity::TileGri
 
 #if PATCH_WITH_CUDA
 namespace cuda {
-// y [tokens, out] = x [tokens, in] W^T from the decode format (tokens <= 16),
+// y [tokens, out] = x [tokens, in] W^T from the decode format (tokens <= 32),
 // by one CTA per 16 rows of `warps` (1 to 16) warps splitting the columns; 0
 // picks the number for the layer's shape and the device. With `overlap` the
 // kernel may start streaming its weights while the kernel before it on the

@@ -28,15 +28,15 @@ namespace {
 constexpr int kMaxDecodeWarps = 16;
 
 // Blocks per group: NT n-tiles of 8 tokens need NT times the activation
-// registers per block, so two tiles take half the blocks per group.
+// registers per block, so more tiles take fewer blocks per group.
 template <int NT>
 constexpr int decode_group() {
-  return NT == 1 ? 4 : 2;
+  return NT == 1 ? 4 : NT == 2 ? 2 : 1;
 }
 
 struct DecodeArgs {
   const __nv_bfloat16* x;
-  const uint4* xf;  // 9-16 tokens: x in fragment order (frag_x_kernel)
+  const uint4* xf;  // 9-32 tokens: x in fragment order (frag_x_kernel)
   int tokens, in, out;
   const uint8_t* blocks;
   const int64_t* tile_offset;
@@ -178,8 +178,8 @@ __device__ __forceinline__ void load_group(Group<NT>& r, const DecodeArgs& a,
     if (!kFull && u >= r.blocks) break;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      if constexpr (NT == 2) {
-        // Two n-tiles take x laid out in fragment order (frag_x_kernel), one
+      if constexpr (NT >= 2) {
+        // Two or more n-tiles take x laid out in fragment order (frag_x_kernel), one
         // 16-byte load per n-tile: eight scattered 4-byte loads per block made
         // the 16-token decode 0.77x of cuBLAS on an H200, fragment order 1.04x
         // (LLaMA-2-7B block). For one n-tile the extra launch costs more than
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kMaxDecodeWarps * 32) decode_kernel(DecodeArgs
   LaneView view{};
   view.values = lane * 16;
   view.meta = 512 + (g * 2 + (t & 1)) * 4;
-  if constexpr (NT == 2) {
+  if constexpr (NT >= 2) {
     view.xf = a.xf + lane * NT;
   } else {
     // Columns 2t + 8j of each block, j = 0..3 (the mma B fragment), of token
@@ -410,7 +410,7 @@ void decode_launch(const at::Tensor& x, const DecodeFormat& fmt, const sparsity:
   a.y = reinterpret_cast<__nv_bfloat16*>(y.data_ptr());
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor xf;
-  if constexpr (NT == 2) {
+  if constexpr (NT >= 2) {
     const int n = static_cast<int>(grid.in() / 32 * 32 * NT);
     xf = at::empty({n * 4}, x.options().dtype(at::kInt));
     a.xf = reinterpret_cast<const uint4*>(xf.data_ptr());
@@ -497,11 +497,14 @@ const cusparseLtHandle_t* lt_handle() {
 
 void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity::TileGrid& grid,
                    at::Tensor& y, int warps, bool overlap) {
-  const bool one_tile = x.size(0) <= 8;
-  if (one_tile)
+  core::check(x.size(0) <= kDecodeMaxTokens, "decode_matmul",
+              core::str("at most ", kDecodeMaxTokens, " tokens, got ", x.size(0)));
+  if (x.size(0) <= 8)
     decode_launch<1>(x, fmt, grid, y, warps, overlap);
-  else
+  else if (x.size(0) <= 16)
     decode_launch<2>(x, fmt, grid, y, warps, overlap);
+  else
+    decode_launch<4>(x, fmt, grid, y, warps, overlap);
 }
 
 void expand_weight(const DecodeFormat& fmt, const sparsity::TileGrid& grid, at::Tensor& w) {

@@ -188,7 +188,7 @@ TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
       const auto p = deploy::pack_layer(w, m);
       deploy::HybridLinear lin(p, device);
       const auto ref_w = masked(w, m).to(at::kFloat);
-      for (int64_t tokens : {1, 3, 8, 9, 16, 17, 130, 256}) {
+      for (int64_t tokens : {1, 3, 8, 9, 16, 17, 25, 32, 33, 130, 256}) {
         INFO(device << " " << c.out << "x" << c.in << " tiles " << c.tile_rows << "x" << c.tile_cols
                     << " sparsity " << c.sparsity << " tokens " << tokens << " path "
                     << deploy::path_name(lin.path(tokens)));
@@ -231,7 +231,7 @@ TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
 }
 
 #if PATCH_WITH_CUDA
-// deploy.prefill_dense_copy: more than 16 tokens go to cuBLAS on the kept
+// deploy.prefill_dense_copy: more than kDecodeMaxTokens go to cuBLAS on the kept
 // W ⊙ M (a layer of 2:4 tiles only keeps cuSPARSELt from 2048 tokens), the
 // decode kernel keeps the rest, and the copy's bytes are counted.
 TEST_CASE("layers that share an expansion pipeline get their weights expanded ahead and the same outputs",
@@ -277,7 +277,7 @@ TEST_CASE("layers that share an expansion pipeline get their weights expanded ah
   CHECK(piped[0]->prefetched() >= 4);
   // A layer that leaves frees its place: the others go on.
   piped[1].reset();
-  for (int pass = 0; pass < 2; ++pass) run({2, 3}, 32);
+  for (int pass = 0; pass < 2; ++pass) run({2, 3}, 40);
 }
 
 TEST_CASE("HybridLinear with a dense copy for prefill equals the masked dense matmul", "[deploy]") {
@@ -289,7 +289,7 @@ TEST_CASE("HybridLinear with a dense copy for prefill equals the masked dense ma
     deploy::HybridLinear plain(p, device), lin(p, device, deploy::HybridOptions{true});
     const bool sparse = p.dense_tiles() == 0 && deploy::sparse_supported(p.grid);
     const auto ref_w = masked(w, m).to(at::kFloat);
-    for (int64_t tokens : {1, 16, 17, 256, 2048}) {
+    for (int64_t tokens : {1, 16, 17, 33, 256, 2048}) {
       INFO(c.out << "x" << c.in << " sparsity " << c.sparsity << " tokens " << tokens << " path "
                  << deploy::path_name(lin.path(tokens)));
       CHECK(lin.path(tokens) == (tokens <= deploy::kDecodeMaxTokens                                ? deploy::HybridPath::kDecode
@@ -321,7 +321,7 @@ TEST_CASE("the decode kernel gives the same y however many warps split a slab", 
     const deploy::DecodeFormat dev{f.blocks.to(cuda), f.tile_offset.to(cuda),
                                    f.tile_dense.to(cuda)};
     const auto ref_w = masked(w, m).to(at::kFloat);
-    for (int64_t tokens : {1, 5, 16}) {
+    for (int64_t tokens : {1, 5, 16, 29}) {
       const auto x = at::randn({tokens, c.in}, at::kFloat).to(at::kBFloat16);
       const auto ref = at::linear(x.to(at::kFloat), ref_w);
       const double tol = 8e-3 * ref.abs().max().item<double>();
