@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <functional>
 #include <fstream>
 #include <iomanip>
@@ -144,6 +145,10 @@ int run_prune(RunContext& ctx) {
     core::log::warn("prune.update_weights: only sparsegpt updates weights; writing masks only");
   const bool finetune = finetune_steps > 0;
   if (finetune) prune::require_calibration_data(cfg);
+  // A stopped fine-tune continues with --resume from its state in the run folder.
+  const std::string finetune_state = ctx.out_dir.empty() ? "" : ctx.out_dir + "/finetune_state.safetensors";
+  if (finetune && cfg.get_bool("output.resume") && !finetune_state.empty())
+    train::check_same_run(cfg, finetune_state, train::finetune_mutable_keys());
   if ((update || finetune) && ckpt.format != "safetensors")
     throw core::ConfigError(core::str(update ? "prune.update_weights" : "prune.finetune_steps",
                                       ": the pruned checkpoint is written in the input's safetensors layout; ",
@@ -165,7 +170,10 @@ int run_prune(RunContext& ctx) {
   if (finetune) {
     // Windows of data.train as calibration takes them, enough for every step's batch.
     const auto ids = prune::calibration_from_config(cfg, *tok, finetune_steps * po.micro_batch);
-    auto ft = train::finetune_kept_weights(decoder, result.masks, result.weights, ids, train::finetune_options(cfg));
+    auto fo = train::finetune_options(cfg);
+    fo.checkpoint = finetune_state;
+    fo.resume = cfg.get_bool("output.resume");
+    auto ft = train::finetune_kept_weights(decoder, result.masks, result.weights, ids, fo);
     result.weights = std::move(ft.weights);
     finetune_losses = std::move(ft.losses);
   }
@@ -207,6 +215,7 @@ int run_prune(RunContext& ctx) {
   if (!cfg.get_string_list("eval.data").empty()) out.update(eval::evaluate_config(decoder, *tok, cfg));
   std::string text = out.dump(2);
   outputs.publish("prune.json", text + "\n");
+  if (finetune && !finetune_state.empty()) std::filesystem::remove(finetune_state);  // done: the outputs say it all
   std::cout << text << std::endl;
   return 0;
 }
@@ -706,8 +715,9 @@ const std::vector<Command>& commands() {
        {{"--nproc", "dist.nproc", "Data-parallel processes (Gloo on CPU, NCCL on GPUs)"}}},
       {"prune",
        "One-shot pruning (magnitude, Wanda, SparseGPT) to 2:4, unstructured or hybrid masks; "
-       "writes masks.safetensors and prune.json (--masks FILE: SparseGPT's weight update under given masks)",
-       "data.train", Output::kRunFolder, run_prune,
+       "writes masks.safetensors and prune.json (--masks FILE: SparseGPT's weight update or a fine-tune under "
+       "given masks; --resume continues a stopped fine-tune)",
+       "data.train", Output::kResumable, run_prune,
        {{"--method", "prune.method", "magnitude, wanda or sparsegpt"},
         {"--pattern", "prune.pattern", "2:4, unstructured or hybrid"},
         {"--target", "mask.target_sparsity", "Target sparsity"}},

@@ -187,6 +187,10 @@ std::vector<KeyDef> build() {
                 "(0: none)"),
             0, inf),
       range(key("prune.finetune_lr", T::kFloat, 1e-4, "prune.finetune_steps: AdamW learning rate"), 0.0, 1.0),
+      range(key("prune.finetune_checkpoint_every", T::kInt, 100,
+                "prune.finetune_steps: write the fine-tune's state to the run folder every this many steps (and "
+                "when stopped by a signal), for --resume (0: only when stopped)"),
+            0, inf),
       range(key("prune.percdamp", T::kFloat, 0.01,
                 "SparseGPT dampening (fraction of the mean Hessian diagonal); raised 10x on a failed Cholesky"),
             0.0, inf),

@@ -3,13 +3,17 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <memory>
 #include <random>
+#include <sstream>
 #include <utility>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "core/progress.h"
 #include "core/signals.h"
+#include "io/safetensors.h"
 #include "maskfile/apply.h"
 #include "train/optimizer.h"
 
@@ -28,6 +32,77 @@ class KeptWeight : public model::WeightProvider {
   at::Tensor param_, keep_;
 };
 
+constexpr const char* kStateFormat = "patch-finetune-state";
+
+// Where a fine-tune stands between two steps.
+struct FinetuneState {
+  int64_t step = 0;  // steps done
+  std::vector<double> losses;
+  std::vector<int64_t> order;  // the sequences left of the current pass, taken from the back
+  std::mt19937_64 rng;
+};
+
+void save_state(const FinetuneOptions& o, const std::vector<std::pair<std::string, at::Tensor>>& params,
+                const AdamW& opt, const FinetuneState& st) {
+  std::vector<std::pair<std::string, at::Tensor>> t;
+  for (const auto& [name, p] : params) t.emplace_back(name, p.detach());
+  for (const auto& e : opt.state()) t.push_back(e);
+  t.emplace_back("losses", at::tensor(st.losses, at::kDouble));
+  // The order, with a leading -1 so that an empty one is still a tensor of one element.
+  std::vector<int64_t> order = {-1};
+  order.insert(order.end(), st.order.begin(), st.order.end());
+  t.emplace_back("order", at::tensor(order, at::kLong));
+  std::ostringstream rng;
+  rng << st.rng;
+  io::write_safetensors(o.checkpoint, t,
+                        {{"format", kStateFormat},
+                         {"step", std::to_string(st.step)},
+                         {"steps", std::to_string(o.steps)},
+                         {"rng", rng.str()},
+                         {"config", o.config}});
+}
+
+// The state of o.checkpoint into `params`, `opt` and `st`.
+void load_state(const FinetuneOptions& o, const std::vector<std::pair<std::string, at::Tensor>>& params, AdamW& opt,
+                FinetuneState& st) {
+  const io::SafetensorsFile f(o.checkpoint);
+  const auto& meta = f.metadata();
+  auto value = [&](const char* key) {
+    const auto it = meta.find(key);
+    if (it == meta.end() || (std::string(key) == "format" && it->second != kStateFormat))
+      throw core::Error(core::str(o.checkpoint, ": not a fine-tune checkpoint (no '", key, "')"));
+    return it->second;
+  };
+  value("format");
+  if (std::stoll(value("steps")) != o.steps)
+    throw core::ConfigError(core::str("prune.finetune_steps: ", o.steps, " differs from ", value("steps"),
+                                      " in the checkpoint ", o.checkpoint,
+                                      "; a resumed run must be the same run (start a new one, or --overwrite)"));
+  c10::NoGradGuard no_grad;
+  std::map<std::string, at::Tensor> moments;
+  for (const auto& [name, p] : params) {
+    for (const char* suffix : {"", ".exp_avg", ".exp_avg_sq"}) {
+      const std::string key = name + suffix;
+      if (!f.contains(key)) throw core::Error(core::str(o.checkpoint, ": '", key, "' is missing"));
+      const at::Tensor t = f.tensor(key);
+      if (t.sizes() != p.sizes())
+        throw core::Error(core::str(o.checkpoint, ": '", key, "' is ", t.sizes(), ", expected ", p.sizes()));
+      if (*suffix == '\0') p.detach().copy_(t);
+      else moments[key] = t;
+    }
+  }
+  st.step = std::stoll(value("step"));
+  opt.load_state(moments, st.step);
+  const at::Tensor losses = f.tensor("losses").to(at::kDouble).contiguous();
+  st.losses.assign(losses.data_ptr<double>(), losses.data_ptr<double>() + losses.numel());
+  const at::Tensor order = f.tensor("order").to(at::kLong).contiguous();
+  st.order.assign(order.data_ptr<int64_t>() + 1, order.data_ptr<int64_t>() + order.numel());
+  std::istringstream rng(value("rng"));
+  rng >> st.rng;
+  if (static_cast<int64_t>(st.losses.size()) != st.step || !rng)
+    throw core::Error(core::str(o.checkpoint, ": inconsistent fine-tune state"));
+}
+
 // Every masked layer's keep mask [out, in] (1 kept, 0 removed) as float32.
 std::vector<std::pair<std::string, at::Tensor>> keep_masks(const maskfile::MaskFile& masks) {
   std::vector<std::pair<std::string, at::Tensor>> out;
@@ -39,8 +114,20 @@ std::vector<std::pair<std::string, at::Tensor>> keep_masks(const maskfile::MaskF
 }  // namespace
 
 FinetuneOptions finetune_options(const config::Config& cfg) {
-  return {cfg.get_int("prune.finetune_steps"), cfg.get_int("prune.micro_batch"), cfg.get_float("prune.finetune_lr"),
-          static_cast<uint64_t>(cfg.get_int("prune.seed"))};
+  FinetuneOptions o;
+  o.steps = cfg.get_int("prune.finetune_steps");
+  o.micro_batch = cfg.get_int("prune.micro_batch");
+  o.lr = cfg.get_float("prune.finetune_lr");
+  o.seed = static_cast<uint64_t>(cfg.get_int("prune.seed"));
+  o.checkpoint_every = cfg.get_int("prune.finetune_checkpoint_every");
+  o.config = cfg.tree().dump();
+  return o;
+}
+
+const std::vector<std::string>& finetune_mutable_keys() {
+  static const std::vector<std::string> keys = {"model.device", "model.checkpointing", "data.cache_dir",
+                                                "mask.prior_cache", "prune.finetune_checkpoint_every"};
+  return keys;
 }
 
 maskfile::MaskFile all_kept(model::Decoder& decoder) {
@@ -74,33 +161,45 @@ FinetuneResult finetune_kept_weights(model::Decoder& decoder, const maskfile::Ma
     keeps.emplace_back(name + ".weight", k);
   }
   AdamW opt(params, AdamWOptions{});
-  FinetuneResult r;
-  std::mt19937_64 rng(o.seed);
-  std::vector<int64_t> order;
+  FinetuneState st;
+  st.rng.seed(o.seed);
+  const bool checkpoints = !o.checkpoint.empty();
+  if (checkpoints && o.resume && std::filesystem::exists(o.checkpoint)) {
+    load_state(o, params, opt, st);
+    core::log::info(core::str("finetune: resumed at step ", st.step, " of ", o.steps, " from ", o.checkpoint));
+  }
   const int64_t warmup = std::max<int64_t>(1, o.steps / 10);
   core::Progress progress("finetune", static_cast<long>(o.steps));
-  for (int64_t step = 0; step < o.steps; ++step) {
+  while (st.step < o.steps) {
     core::throw_if_stopped("finetune");
     std::vector<int64_t> rows;
     while (static_cast<int64_t>(rows.size()) < std::min(o.micro_batch, ids.size(0))) {
-      if (order.empty()) {
-        order.resize(static_cast<size_t>(ids.size(0)));
-        for (int64_t i = 0; i < ids.size(0); ++i) order[static_cast<size_t>(i)] = i;
-        std::shuffle(order.begin(), order.end(), rng);
+      if (st.order.empty()) {
+        st.order.resize(static_cast<size_t>(ids.size(0)));
+        for (int64_t i = 0; i < ids.size(0); ++i) st.order[static_cast<size_t>(i)] = i;
+        std::shuffle(st.order.begin(), st.order.end(), st.rng);
       }
-      rows.push_back(order.back());
-      order.pop_back();
+      rows.push_back(st.order.back());
+      st.order.pop_back();
     }
     const auto batch = ids.index_select(0, at::tensor(rows, at::kLong)).to(device);
     at::Tensor loss = decoder.loss(batch);
     loss.backward();
-    const double lr = o.lr * std::min(1.0, static_cast<double>(step + 1) / static_cast<double>(warmup));
+    const double lr = o.lr * std::min(1.0, static_cast<double>(st.step + 1) / static_cast<double>(warmup));
     opt.step(lr);
     opt.zero_grad();
-    r.losses.push_back(loss.item<double>());
-    progress.update(static_cast<long>(step + 1), 0, core::str("loss ", r.losses.back()));
+    st.losses.push_back(loss.item<double>());
+    ++st.step;
+    // Before the progress update, which throws once a signal came.
+    const bool stopping = core::stop_signal() != 0;
+    if (checkpoints && st.step < o.steps &&
+        (stopping || (o.checkpoint_every > 0 && st.step % o.checkpoint_every == 0)))
+      save_state(o, params, opt, st);
+    progress.update(static_cast<long>(st.step), 0, core::str("loss ", st.losses.back()));
   }
   progress.finish();
+  FinetuneResult r;
+  r.losses = st.losses;
   c10::NoGradGuard no_grad;
   for (size_t i = 0; i < params.size(); ++i) {
     const auto w = (params[i].second * keeps[i].second).detach();

@@ -22,10 +22,24 @@ struct FinetuneOptions {
   int64_t micro_batch = 4;  // sequences per step
   double lr = 1e-4;         // AdamW, constant after a linear warm-up of steps / 10
   uint64_t seed = 0;        // the order of the sequences
+  // Checkpoints: the whole state (weights, AdamW moments, losses, the order of
+  // the sequences) goes to `checkpoint` (atomically) every `checkpoint_every`
+  // steps (0: never) and when a SIGINT/SIGTERM stops the fine-tune; with
+  // `resume` it continues from that file where there is one, exactly as if it
+  // had not stopped. `config` (JSON text) is stored in it for the caller's
+  // same-run check (check_same_run).
+  std::string checkpoint;
+  int64_t checkpoint_every = 0;
+  bool resume = false;
+  std::string config;
 };
 
-// prune.finetune_steps, prune.micro_batch, prune.finetune_lr and prune.seed.
+// prune.finetune_steps, prune.micro_batch, prune.finetune_lr, prune.seed and
+// prune.finetune_checkpoint_every, with the configuration as `config`.
 FinetuneOptions finetune_options(const config::Config& cfg);
+// The keys a resumed fine-tune may change (devices, caches, the checkpoint
+// cadence, the evaluation).
+const std::vector<std::string>& finetune_mutable_keys();
 
 // Every linear of `decoder` kept whole (an unstructured mask of ones): the
 // dense model's fine-tune, the control beside the fine-tune of a mask.

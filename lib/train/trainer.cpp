@@ -366,7 +366,10 @@ const std::vector<std::string>& resume_mutable_keys() {
 }
 
 void check_resume_config(const config::Config& cfg, const std::string& out_dir) {
-  const std::string path = (fs::path(out_dir) / kCheckpointName).string();
+  check_same_run(cfg, (fs::path(out_dir) / kCheckpointName).string(), resume_mutable_keys());
+}
+
+void check_same_run(const config::Config& cfg, const std::string& path, const std::vector<std::string>& mutable_keys) {
   if (!fs::exists(path)) return;
   io::SafetensorsFile f(path);
   const auto& meta = f.metadata();
@@ -375,7 +378,6 @@ void check_resume_config(const config::Config& cfg, const std::string& out_dir) 
   using config::Json;
   const Json saved = Json::parse(it->second, nullptr, /*allow_exceptions=*/false);
   if (!saved.is_object()) throw core::Error(str(path, ": its 'config' is not a JSON object"));
-  const auto& mutable_keys = resume_mutable_keys();
   // Every key of the sections that shape what is learned: the model, the data,
   // the masks and their prior, the optimization.
   for (const char* section : {"model", "data", "mask", "train", "prune"}) {
@@ -387,7 +389,7 @@ void check_resume_config(const config::Config& cfg, const std::string& out_dir) 
       const Json before = then.contains(k.key()) ? then.at(k.key()) : Json();
       if (before != k.value())
         throw core::ConfigError(str(key, ": ", k.value().dump(), " differs from ", before.dump(),
-                                    " in the checkpoint of ", out_dir,
+                                    " in the checkpoint ", path,
                                     "; a resumed run must be the same run (start a new one, or --overwrite)"));
     }
   }

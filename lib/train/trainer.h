@@ -42,6 +42,10 @@ const std::vector<std::string>& resume_mutable_keys();
 // Throws core::ConfigError naming the first key whose value differs from the
 // one stored in out_dir's checkpoint (nothing to check without a checkpoint).
 void check_resume_config(const config::Config& cfg, const std::string& out_dir);
+// The same for any checkpoint whose metadata holds the run's configuration
+// ("config"), with the keys that run may change.
+void check_same_run(const config::Config& cfg, const std::string& checkpoint,
+                    const std::vector<std::string>& mutable_keys);
 
 // SIGINT/SIGTERM handlers that make the loop checkpoint and stop at the next
 // step boundary; a second signal kills the process as usual.

@@ -1,5 +1,8 @@
 // The command line as a user meets it: exit codes, messages, precedence and
 // the run folder, by running the patch-train binary.
+#include <signal.h>
+#include <sys/wait.h>
+
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -269,6 +272,50 @@ TEST_CASE("prune --masks --set prune.finetune_steps: the kept weights trained en
   REQUIRE(hf.exit_code == 0);
   const double ref = nlohmann::json::parse(patch::core::read_file(dir.file("hf.json")))["perplexity"].get<double>();
   CHECK(std::abs(tuned / ref - 1.0) < 1e-3);
+}
+
+// A long fine-tune stopped by a signal keeps its state in the run folder, and
+// --resume ends it exactly where an unstopped run of the same settings ends;
+// a resume with another learning rate is refused.
+TEST_CASE("prune's fine-tune stopped by SIGTERM resumes from its state and ends as an unstopped one") {
+  TempDir dir;
+  const std::string train_text = patch::test::data_path("text/tinystories/tinystories_train_first2MiB.txt");
+  const std::string common = " --model " + model_dir() + " --data " + train_text +
+                             " --set model.device=cpu --set prune.calib_samples=16 --set prune.calib_seq_len=64"
+                             " --set prune.micro_batch=2 --set mask.tile=[32,32]";
+  auto masks = run_command(bin() + " prune" + common + " --method magnitude --pattern hybrid --target 0.35 --out " +
+                           dir.file("m"));
+  REQUIRE(masks.exit_code == 0);
+  const std::string ft = bin() + " prune" + common + " --masks " + dir.file("m/masks.safetensors") +
+                         " --set prune.finetune_steps=300 --set prune.finetune_checkpoint_every=25";
+  auto whole = run_command(ft + " --set prune.finetune_lr=1e-3 --out " + dir.file("whole"));
+  INFO(whole.err);
+  REQUIRE(whole.exit_code == 0);
+  CHECK_FALSE(fs::exists(dir.file("whole/finetune_state.safetensors")));  // removed once the outputs are out
+
+  const std::string state = dir.file("stopped/finetune_state.safetensors");
+  const int pid = patch::test::spawn(ft + " --set prune.finetune_lr=1e-3 -q --out " + dir.file("stopped"));
+  REQUIRE(patch::test::wait_for(pid, [&] { return fs::exists(state); }));
+  REQUIRE(::kill(pid, SIGTERM) == 0);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  CHECK(WEXITSTATUS(status) == 130);
+  REQUIRE(fs::exists(state));
+  CHECK_FALSE(fs::exists(dir.file("stopped/prune.json")));
+
+  auto changed = run_command(ft + " --set prune.finetune_lr=2e-3 --resume --out " + dir.file("stopped"));
+  CHECK(changed.exit_code == 2);
+  CHECK(contains(changed.err, "prune.finetune_lr"));
+  auto resumed = run_command(ft + " --set prune.finetune_lr=1e-3 --resume --out " + dir.file("stopped"));
+  INFO(resumed.err);
+  REQUIRE(resumed.exit_code == 0);
+  CHECK(contains(resumed.err, "resumed at step"));
+  const auto a = nlohmann::json::parse(whole.out), b = nlohmann::json::parse(resumed.out);
+  CHECK(b["finetune_loss_first"] == a["finetune_loss_first"]);
+  CHECK(b["finetune_loss_last"] == a["finetune_loss_last"]);
+  CHECK(patch::core::read_file(dir.file("stopped/model/model.safetensors")) ==
+        patch::core::read_file(dir.file("whole/model/model.safetensors")));
+  CHECK_FALSE(fs::exists(state));
 }
 
 TEST_CASE("prune --masks: SparseGPT's weight update under given masks, loaded by transformers") {
