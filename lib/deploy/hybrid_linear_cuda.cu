@@ -16,6 +16,7 @@
 #include <optional>
 
 #include "core/error.h"
+#include "deploy/expand_schedule.h"
 #include "deploy/hybrid_linear.h"
 
 namespace patch::deploy::cuda {
@@ -528,22 +529,29 @@ struct ExpandPipeline::State {
   struct Layer {
     const DecodeFormat* fmt = nullptr;
     const sparsity::TileGrid* grid = nullptr;
-    const void* next = nullptr;  // the layer that acquired after this one last time
-    int64_t prefetched = 0;
   };
   at::Device device;
   std::map<const void*, Layer> layers;
-  const void *last_added = nullptr, *last_acquired = nullptr;
+  ExpandSchedule schedule;
   int64_t capacity = 0;  // elements of each buffer
   std::array<at::Tensor, 2> buf;
-  std::array<const void*, 2> owner{};  // the layer whose weight a buffer holds or is receiving
   std::array<at::cuda::CUDAEvent, 2> ready, freed;  // expansion done (side stream); reads done (main)
   std::optional<c10::cuda::CUDAStream> side;
-  int current = -1, last = 1;  // the buffer acquire() handed out; the one before
+  int current = -1;  // the buffer acquire() handed out
 
   explicit State(at::Device d) : device(d) {}
   at::Tensor view(int b, const Layer& l) const {
     return buf[b].narrow(0, 0, l.grid->out() * l.grid->in()).view({l.grid->out(), l.grid->in()});
+  }
+  // Room in both buffers for every layer's weight (they are replaced when not).
+  void reserve() {
+    int64_t need = 0;
+    for (const auto& [id, e] : layers) need = std::max(need, e.grid->out() * e.grid->in());
+    if (need <= capacity) return;
+    if (side) side->synchronize();
+    for (auto& b : buf) b = at::empty({need}, at::TensorOptions().dtype(at::kBFloat16).device(device));
+    schedule.clear_buffers();
+    capacity = need;
   }
 };
 
@@ -554,24 +562,15 @@ ExpandPipeline::~ExpandPipeline() {
 }
 
 void ExpandPipeline::add(const void* layer, const DecodeFormat* fmt, const sparsity::TileGrid* grid) {
-  s_->layers[layer] = {fmt, grid, nullptr, 0};
-  // Until the layers have run once, the order they were added in.
-  if (s_->last_added) s_->layers[s_->last_added].next = layer;
-  s_->last_added = layer;
+  s_->layers[layer] = {fmt, grid};
+  s_->schedule.add(layer);
 }
 
 void ExpandPipeline::remove(const void* layer) {
-  auto& s = *s_;
-  s.layers.erase(layer);
-  for (auto& [id, l] : s.layers)
-    if (l.next == layer) l.next = nullptr;
-  for (auto& o : s.owner)
-    if (o == layer) {
-      if (s.side) s.side->synchronize();  // its expansion reads the format that goes with it
-      o = nullptr;
-    }
-  if (s.last_added == layer) s.last_added = nullptr;
-  if (s.last_acquired == layer) s.last_acquired = nullptr;
+  // An expansion in flight may read the format that goes with the layer.
+  if (s_->side) s_->side->synchronize();
+  s_->layers.erase(layer);
+  s_->schedule.remove(layer);
 }
 
 at::Tensor ExpandPipeline::acquire(const void* layer) {
@@ -581,46 +580,28 @@ at::Tensor ExpandPipeline::acquire(const void* layer) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(main.stream(), &capture));
   if (capture != cudaStreamCaptureStatusNone) return {};
-  core::check(s.current < 0, "ExpandPipeline", "acquire() before the last acquire() was released");
-  auto& l = s.layers.at(layer);
-  int64_t need = 0;
-  for (const auto& [id, e] : s.layers) need = std::max(need, e.grid->out() * e.grid->in());
-  if (need > s.capacity) {
-    if (s.side) s.side->synchronize();
-    for (auto& b : s.buf) b = at::empty({need}, at::TensorOptions().dtype(at::kBFloat16).device(s.device));
-    s.owner = {};
-    s.capacity = need;
-  }
+  s.reserve();
   if (!s.side) s.side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, s.device.index());
-  if (s.last_acquired && s.last_acquired != layer) {
-    const auto it = s.layers.find(s.last_acquired);
-    if (it != s.layers.end()) it->second.next = layer;
-  }
-  s.last_acquired = layer;
-
-  int b = s.owner[0] == layer ? 0 : s.owner[1] == layer ? 1 : -1;
-  if (b >= 0) {
-    ++l.prefetched;
-    s.ready[b].block(main);
-  } else {
-    b = 1 - s.last;
-    s.ready[b].block(main);  // an expansion for another layer may still be writing it
-    s.owner[b] = layer;
+  const auto& l = s.layers.at(layer);
+  const ExpandSchedule::Plan plan = s.schedule.acquire(layer);
+  const int b = plan.buffer;
+  // Expanded ahead: wait for it; else an expansion ahead for another layer may still be writing the buffer.
+  s.ready[b].block(main);
+  if (plan.expand) {
     auto w = s.view(b, l);
     expand_weight(*l.fmt, *l.grid, w);
   }
   s.current = b;
-  // The next layer's weight into the other buffer, on the side stream, once
-  // the reads of that buffer (the GEMM before this one) are done.
-  const int o = 1 - b;
-  const auto next = s.layers.find(l.next);
-  if (next != s.layers.end() && l.next != layer && s.owner[o] != l.next) {
+  if (plan.ahead) {
+    // The next layer's weight into the other buffer on the side stream, once
+    // the reads of that buffer (the GEMM before this one) are done.
+    const int o = 1 - b;
+    const auto& next = s.layers.at(plan.ahead);
     s.freed[o].block(*s.side);
-    s.owner[o] = l.next;
     {
       const c10::cuda::CUDAStreamGuard on_side(*s.side);
-      auto w = s.view(o, next->second);
-      expand_weight(*next->second.fmt, *next->second.grid, w);
+      auto w = s.view(o, next);
+      expand_weight(*next.fmt, *next.grid, w);
     }
     s.ready[o].record(*s.side);
   }
@@ -631,13 +612,12 @@ void ExpandPipeline::release() {
   auto& s = *s_;
   if (s.current < 0) return;
   s.freed[s.current].record(at::cuda::getCurrentCUDAStream(s.device.index()));
-  s.last = s.current;
+  s.schedule.release();
   s.current = -1;
 }
 
 int64_t ExpandPipeline::prefetched(const void* layer) const {
-  const auto it = s_->layers.find(layer);
-  return it == s_->layers.end() ? 0 : it->second.prefetched;
+  return s_->schedule.prefetched(layer);
 }
 
 int64_t ExpandPipeline::bytes() const {

@@ -22,6 +22,7 @@
 #include "catch.h"
 #include "core/atomic_file.h"
 #include "deploy/bench.h"
+#include "deploy/expand_schedule.h"
 #include "deploy/hybrid_linear.h"
 #include "deploy/packed.h"
 #include "io/checkpoint.h"
@@ -175,6 +176,50 @@ TEST_CASE("the decode blocks read back by the PTX fragment layouts give W times 
   CHECK_FALSE(deploy::decode_supported(sparsity::TileGrid(64, 32 * (most + 1), 64, 32)));
   CHECK_FALSE(deploy::sparse_supported(sparsity::TileGrid(96, 128, 32, 32)));
   CHECK(deploy::sparse_supported(sparsity::TileGrid(128, 256, 64, 32)));
+}
+
+TEST_CASE("the expansion schedule expands each layer's weight ahead once it knows the order", "[deploy]") {
+  deploy::ExpandSchedule s;
+  int layer[4];
+  for (auto& l : layer) s.add(&l);
+  // Runs `order`, checking that every weight is in its buffer when used and never
+  // overwritten while a layer reads it; returns how many were expanded ahead.
+  std::array<const void*, 2> held{};
+  auto run = [&](const std::vector<int>& order) {
+    int ahead = 0;
+    for (int i : order) {
+      const auto plan = s.acquire(&layer[i]);
+      if (plan.expand) held[plan.buffer] = &layer[i];
+      CHECK(held[plan.buffer] == &layer[i]);
+      ahead += plan.expand ? 0 : 1;
+      if (plan.ahead) held[1 - plan.buffer] = plan.ahead;  // into the buffer the layer does not read
+      s.release();
+    }
+    return ahead;
+  };
+  // The order they were added in: all but the first ahead, then the first too
+  // once the last knows it comes next.
+  CHECK(run({0, 1, 2, 3}) == 3);
+  CHECK(run({0, 1, 2, 3}) == 3);  // the first: the last learned it only now
+  CHECK(run({0, 1, 2, 3}) == 4);
+  CHECK(s.prefetched(&layer[0]) == 1);
+  CHECK(s.prefetched(&layer[3]) == 3);
+  // Another order is learned in one pass.
+  CHECK(run({0, 2, 1, 3}) < 4);
+  CHECK(run({0, 2, 1, 3}) == 4);
+  // Two layers in turn: both stay in their buffers, nothing to expand.
+  run({1, 2});
+  CHECK(run({1, 2, 1, 2}) == 4);
+  // A layer removed: no layer expands it ahead any more; the others learn
+  // their new order (the last one's successor only at the end of a pass).
+  s.remove(&layer[2]);
+  CHECK_FALSE(s.contains(&layer[2]));
+  run({0, 1, 3});
+  run({0, 1, 3});
+  CHECK(run({0, 1, 3}) == 3);
+  // One acquire at a time.
+  s.acquire(&layer[0]);
+  CHECK_THROWS(s.acquire(&layer[1]));
 }
 
 TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
