@@ -282,15 +282,15 @@ std::vector<KeyDef> build() {
                 "bench-deploy: sparsities of the random hybrid masks (2:4 tile share 2s)"),
             0.0, 0.5),
       range(key("deploy.tokens", T::kIntList, Json::array({1, 4, 16, 32, 256, 2048}),
-                "bench-deploy: tokens per matmul (up to 32: decode kernel; more: prefill)"),
+                "bench-deploy: tokens per matmul (up to 16: decode kernel; more: prefill)"),
             1, 1 << 20),
       key("deploy.prefill_dense_copy", T::kBool, false,
           "Packed layers (eval/generate --packed, bench-deploy): keep W*M dense on the GPU as well and run more "
-          "than 32 tokens (past the decode kernel) through cuBLAS on it (never slower than dense prefill; a dense "
+          "than 16 tokens (past the decode kernel) through cuBLAS on it (never slower than dense prefill; a dense "
           "layer's memory more)"),
-      key("deploy.prefill_overlap", T::kBool, true,
+      key("deploy.prefill_overlap", T::kBool, false,
           "Packed layers without a dense copy: expand the next layer's W*M for prefill on a second stream while "
-          "the current layer's GEMM runs (two layers' scratch memory, shared)"),
+          "the current layer's GEMM runs (two layers' scratch memory, shared; not yet run on a GPU)"),
       range(key("deploy.gemm_tokens", T::kIntList, Json::array({256, 2048, 8192}),
                 "bench-deploy: tokens of the sparse GEMM rows (a layer of 2:4 tiles only: cuBLAS on the masked "
                 "weight against cuSPARSELt and the CUTLASS SM90 kernels; empty: no such rows)"),

@@ -2,7 +2,7 @@
 // y = x (W ⊙ M)^T for a packed hybrid layer on the GPU, which keeps only the
 // layer's decode blocks (each tile in its own format: a sparse tile in 9/16
 // of a dense tile's bytes), plus cuSPARSELt's copy for a layer of 2:4 tiles only:
-//   decode (at most 32 tokens): one kernel streams the blocks once (dense:
+//   decode (at most kDecodeMaxTokens tokens): one kernel streams the blocks once (dense:
 //     mma.m16n8k16 on all values; 2:4: the kept values and their positions
 //     straight into mma.sp.m16n8k32); for 9 to 32 tokens a small kernel first
 //     lays x out in mma fragment order;
@@ -31,9 +31,12 @@ namespace patch::deploy {
 enum class HybridPath { kDecode, kSparse, kExpand, kDense };
 const char* path_name(HybridPath p);
 
-// Tokens up to which forward() takes the decode kernel (one, two or four
-// n-tiles of 8 tokens).
-inline constexpr int64_t kDecodeMaxTokens = 32;
+// Tokens the decode kernel takes (one, two or four n-tiles of 8 tokens).
+inline constexpr int64_t kDecodeKernelMaxTokens = 32;
+// Tokens up to which forward() takes the decode kernel. 17 to 32 tokens stay
+// on the expansion path until the four-n-tile kernel has run and been timed
+// on a GPU (tests/deploy/test_hybrid.cpp checks it through decode_matmul).
+inline constexpr int64_t kDecodeMaxTokens = 16;
 // Tokens from which a layer of 2:4 tiles only keeps cuSPARSELt even beside a
 // dense copy: measured 1.30-1.34x cuBLAS at 2048 tokens, 0.92-0.97x at 256
 // (LLaMA-2-7B and LLaMA-3.1-8B blocks, H200).
@@ -46,8 +49,9 @@ struct HybridOptions {
   bool prefill_dense_copy = false;
   // Prefill without a dense copy: while one layer's GEMM runs, a second stream
   // expands the next layer's W ⊙ M (the layers installed together share two
-  // layers' worth of scratch memory and learn their order as they run).
-  bool overlap_expansion = true;
+  // layers' worth of scratch memory and learn their order as they run). Off
+  // until it has run on a GPU.
+  bool overlap_expansion = false;
 };
 
 // Tile columns the decode kernel takes: it keeps a tile row's tile offsets in

@@ -498,8 +498,8 @@ const cusparseLtHandle_t* lt_handle() {
 
 void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity::TileGrid& grid,
                    at::Tensor& y, int warps, bool overlap) {
-  core::check(x.size(0) <= kDecodeMaxTokens, "decode_matmul",
-              core::str("at most ", kDecodeMaxTokens, " tokens, got ", x.size(0)));
+  core::check(x.size(0) <= kDecodeKernelMaxTokens, "decode_matmul",
+              core::str("at most ", kDecodeKernelMaxTokens, " tokens, got ", x.size(0)));
   if (x.size(0) <= 8)
     decode_launch<1>(x, fmt, grid, y, warps, overlap);
   else if (x.size(0) <= 16)

@@ -293,7 +293,9 @@ TEST_CASE("layers that share an expansion pipeline get their weights expanded ah
     auto [w, m] = random_layer(chain[i], 11 + i);
     const auto p = deploy::pack_layer(w, m);
     REQUIRE(p.dense_tiles() > 0);
-    piped.push_back(std::make_shared<deploy::HybridLinear>(p, device));
+    deploy::HybridOptions overlap;
+    overlap.overlap_expansion = true;
+    piped.push_back(std::make_shared<deploy::HybridLinear>(p, device, overlap));
     REQUIRE(piped.back()->overlaps_expansion());
     piped.back()->join(pipeline);
     ref_w.push_back(masked(w, m).to(device, at::kFloat));
