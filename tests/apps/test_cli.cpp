@@ -514,7 +514,8 @@ TEST_CASE("a new user's command line: unknown commands named, each command's own
   const auto help_of = [](const std::string& cmd) { return run_command(bin() + " " + cmd + " --help").out; };
   CHECK(contains(help_of("train"), "--resume"));
   CHECK(contains(help_of("sweep"), "--resume"));
-  for (const char* cmd : {"eval", "prune", "export", "pack", "verify", "inspect", "bench", "bench-deploy"})
+  CHECK(contains(help_of("prune"), "--resume"));  // a stopped fine-tune
+  for (const char* cmd : {"eval", "export", "pack", "verify", "inspect", "bench", "bench-deploy"})
     CHECK_FALSE(contains(help_of(cmd), "--resume"));
   for (const char* cmd : {"verify", "inspect", "bench", "bench-deploy"}) CHECK_FALSE(contains(help_of(cmd), "--overwrite"));
   for (const char* cmd : {"bench", "bench-deploy"}) {
