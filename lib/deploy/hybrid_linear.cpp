@@ -309,9 +309,11 @@ at::Tensor HybridLinear::forward(const at::Tensor& x) {
       // Expanded ahead while the layer before ran (or now), in shared scratch.
       const auto w = m.pipeline->acquire(&m);
       if (w.defined()) {
-        auto y = at::linear(x, w);
-        m.pipeline->release();
-        return y;
+        struct Release {  // once the GEMM is enqueued, or if it throws
+          cuda::ExpandPipeline& p;
+          ~Release() { p.release(); }
+        } release{*m.pipeline};
+        return at::linear(x, w);
       }
     }
     // Scratch from the caching allocator: one layer's dense weight at a time;
