@@ -533,6 +533,7 @@ struct ExpandPipeline::State {
   at::Device device;
   std::map<const void*, Layer> layers;
   ExpandSchedule schedule;
+  int64_t need = 0;      // elements of the largest layer added
   int64_t capacity = 0;  // elements of each buffer
   std::array<at::Tensor, 2> buf;
   std::array<at::cuda::CUDAEvent, 2> ready, freed;  // expansion done (side stream); reads done (main)
@@ -545,8 +546,6 @@ struct ExpandPipeline::State {
   }
   // Room in both buffers for every layer's weight (they are replaced when not).
   void reserve() {
-    int64_t need = 0;
-    for (const auto& [id, e] : layers) need = std::max(need, e.grid->out() * e.grid->in());
     if (need <= capacity) return;
     if (side) side->synchronize();
     for (auto& b : buf) b = at::empty({need}, at::TensorOptions().dtype(at::kBFloat16).device(device));
@@ -563,6 +562,7 @@ ExpandPipeline::~ExpandPipeline() {
 
 void ExpandPipeline::add(const void* layer, const DecodeFormat* fmt, const sparsity::TileGrid* grid) {
   s_->layers[layer] = {fmt, grid};
+  s_->need = std::max(s_->need, grid->out() * grid->in());
   s_->schedule.add(layer);
 }
 
