@@ -1,5 +1,6 @@
 #include "model/bench.h"
 
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <algorithm>
@@ -21,14 +22,27 @@ namespace {
 const std::vector<std::string> kShapeNames = {"qwen2.5-0.5b", "llama-3.2-1b", "llama-2-7b",
                                               "llama-3.1-8b"};
 
-// W * s: a cheap stand-in for W * M that puts a leaf into every linear.
-class ScaledWeight : public WeightProvider {
+// W itself, made to need a gradient by a leaf `token` that gets none: backward
+// computes every dL/dW (as a mask step does, and as a dense step with trainable
+// weights does) and drops it at once, without a W * s copy of the weights in
+// forward or a reduction of dL/dW in backward.
+struct GradSink : torch::autograd::Function<GradSink> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& weight, const at::Tensor&) {
+    return weight.alias();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list) {
+    return {at::Tensor(), at::Tensor()};
+  }
+};
+
+class WeightGradSink : public WeightProvider {
  public:
-  explicit ScaledWeight(at::Tensor scale) : scale_(std::move(scale)) {}
-  at::Tensor effective_weight(const at::Tensor& weight) override { return weight * scale_; }
+  explicit WeightGradSink(at::Tensor token) : token_(std::move(token)) {}
+  at::Tensor effective_weight(const at::Tensor& weight) override { return GradSink::apply(weight, token_); }
 
  private:
-  at::Tensor scale_;
+  at::Tensor token_;
 };
 
 io::ModelConfig llama(int64_t hidden, int64_t inter, int64_t layers, int64_t heads,
@@ -128,17 +142,14 @@ nlohmann::json bench_forward_backward(const io::ModelConfig& cfg, at::Device dev
   opts.dtype = dtype;
   opts.checkpointing = checkpointing;
   Decoder decoder = Decoder::random(cfg, opts);
-  at::Tensor scale =
-      at::ones({}, at::TensorOptions().dtype(dtype).device(device)).requires_grad_(true);
-  auto provider = std::make_shared<ScaledWeight>(scale);
+  const at::Tensor token =
+      at::zeros({}, at::TensorOptions().dtype(dtype).device(device)).requires_grad_(true);
+  auto provider = std::make_shared<WeightGradSink>(token);
   for (LinearImpl* l : decoder.linears()) l->set_provider(provider);
   const at::Tensor ids = at::randint(cfg.vocab_size, {batch, seq},
                                      at::TensorOptions().dtype(at::kLong).device(device));
 
-  auto body = [&] {
-    scale.mutable_grad() = at::Tensor();
-    decoder.loss(ids).backward();
-  };
+  auto body = [&] { decoder.loss(ids).backward(); };
   std::optional<core::CudaGraph> graph;
   if (cuda_graph) graph.emplace(device);
   auto step = [&] { graph ? graph->run(body) : body(); };

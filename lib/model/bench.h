@@ -21,10 +21,10 @@ io::ModelConfig model_shape(const std::string& name);
 std::string model_shape_names();
 bool is_model_shape(const std::string& name);
 
-// Builds Decoder::random(cfg) on `device` in `dtype`, puts a provider W * s with
-// one scalar leaf s (requires grad) on every linear so that backward runs
-// through all blocks and computes every weight gradient (as mask training
-// does), then times `iters` steps of loss(ids).backward() on random ids
+// Builds Decoder::random(cfg) on `device` in `dtype`, makes every linear's
+// weight need a gradient (a provider that returns W tied to a leaf) so that
+// backward runs through all blocks and computes every weight gradient, as mask
+// training does, and drops each at once; then times `iters` steps of loss(ids).backward() on random ids
 // [batch, seq] after `warmup` untimed steps. Returns JSON with median_ms,
 // tokens_per_s, peak_gib (core::peak_memory_gib) and the run's parameters;
 // with `profile`, also "profile" (profile_kernels of one more step). With

@@ -6,9 +6,11 @@
 
 #include <functional>
 #include <map>
+#include <utility>
 
 #include "core/error.h"
 #include "core/tensor_utils.h"
+#include "model/lm_loss.h"
 
 namespace patch::model {
 
@@ -19,8 +21,8 @@ using Shape = std::vector<int64_t>;
 
 constexpr double kPi = 3.14159265358979323846;
 
-// Elements of one fp32 logits chunk in loss() (256 MiB).
-constexpr int64_t kLossChunkElements = int64_t{1} << 26;
+// Bytes of one chunk of logits in loss() and distill_loss().
+constexpr int64_t kLossChunkBytes = int64_t{1} << 28;
 
 std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
@@ -426,6 +428,7 @@ struct Decoder::Impl {
     return at::linear(normed, lm_head_weight).to(upcast(opts.dtype));
   }
 
+  std::pair<at::Tensor, int64_t> loss_rows(const at::Tensor& dev_ids, int64_t logit_bytes);
   at::Tensor chunked_loss(const at::Tensor& dev_ids,
                           const std::function<at::Tensor(const at::Tensor&, int64_t, int64_t)>& chunk_loss);
 };
@@ -535,20 +538,29 @@ void check_loss_ids(const at::Tensor& ids, const char* what) {
 
 }  // namespace
 
+// Rows of the final hidden states that predict a next token (positions
+// 0..seq-2 of every sequence, flattened), and how many of them one loss chunk
+// takes: opts.loss_chunk_rows, else as many as fit kLossChunkBytes of logits
+// of `logit_bytes` bytes each.
+std::pair<at::Tensor, int64_t> Decoder::Impl::loss_rows(const at::Tensor& dev_ids, int64_t logit_bytes) {
+  at::Tensor h = hidden(dev_ids);
+  h = h.slice(1, 0, -1).reshape({-1, h.size(-1)});
+  const int64_t rows = opts.loss_chunk_rows > 0
+                           ? opts.loss_chunk_rows
+                           : std::max<int64_t>(1, kLossChunkBytes / (logit_bytes * cfg.vocab_size));
+  return {h, rows};
+}
+
 // The mean over next-token positions of a per-position loss of the logits,
 // summed chunk by chunk of rows of the final hidden states: `chunk_loss(x,
-// begin, end)` gets rows [begin, end) of them (positions 0..seq-2 of every
-// sequence, flattened) and returns the chunk's summed loss. Each chunk is
-// recomputed in backward, so the [tokens, vocab] logits never exist at once.
+// begin, end)` gets rows [begin, end) of them and returns the chunk's summed
+// loss. Each chunk is recomputed in backward, so the [tokens, vocab] logits
+// never exist at once.
 at::Tensor Decoder::Impl::chunked_loss(
     const at::Tensor& dev_ids,
     const std::function<at::Tensor(const at::Tensor&, int64_t, int64_t)>& chunk_loss) {
-  at::Tensor h = hidden(dev_ids);
-  h = h.slice(1, 0, -1).reshape({-1, h.size(-1)});
+  const auto [h, rows] = loss_rows(dev_ids, at::elementSize(upcast(opts.dtype)));
   const int64_t n = h.size(0);
-  const int64_t rows = opts.loss_chunk_rows > 0
-                           ? opts.loss_chunk_rows
-                           : std::max<int64_t>(1, kLossChunkElements / cfg.vocab_size);
   const bool recompute = at::GradMode::is_enabled() && h.requires_grad();
   at::Tensor total;
   for (int64_t begin = 0; begin < n; begin += rows) {
@@ -561,16 +573,14 @@ at::Tensor Decoder::Impl::chunked_loss(
   return total / static_cast<double>(n);
 }
 
+// Cross-entropy through the frozen head: linear_cross_entropy makes each
+// chunk's gradient while its logits exist (no recompute, no upcast copy).
 at::Tensor Decoder::loss(const at::Tensor& ids) {
   check_loss_ids(ids, "loss");
   const at::Tensor dev_ids = impl_->ids_on_device(ids);
   const at::Tensor targets = dev_ids.slice(1, 1).reshape({-1});
-  const at::Tensor w = impl_->lm_head_weight;
-  const at::ScalarType out = upcast(impl_->opts.dtype);
-  return impl_->chunked_loss(dev_ids, [w, targets, out](const at::Tensor& x, int64_t begin, int64_t end) {
-    return at::cross_entropy_loss(at::linear(x, w).to(out), targets.slice(0, begin, end), /*weight=*/{},
-                                  at::Reduction::Sum);
-  });
+  const auto [h, rows] = impl_->loss_rows(dev_ids, at::elementSize(impl_->opts.dtype));
+  return linear_cross_entropy(h, impl_->lm_head_weight, targets, rows) / static_cast<double>(h.size(0));
 }
 
 at::Tensor Decoder::teacher_hidden(const at::Tensor& ids) {

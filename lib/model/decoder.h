@@ -57,8 +57,8 @@ struct DecoderOptions {
   // recompute runs inside backward (reentrant), so gradients reach leaves through
   // .grad (Tensor::backward / torch::autograd::backward), not autograd::grad.
   bool checkpointing = false;
-  // Rows (tokens) of hidden states per loss() chunk; 0: as many as fit ~256 MiB
-  // of fp32 logits.
+  // Rows (tokens) of hidden states per loss() chunk; 0: as many as fit 256 MiB
+  // of logits.
   int64_t loss_chunk_rows = 0;
 };
 
@@ -90,8 +90,9 @@ class Decoder {
   // (float64 for a float64 decoder).
   at::Tensor forward(const at::Tensor& ids);
   // Mean next-token cross-entropy of ids[:, :-1] -> ids[:, 1:] (float32 scalar;
-  // float64 for a float64 decoder). Computed in row chunks of the hidden states,
-  // each recomputed in backward, so the [tokens, vocab] logits never exist at once.
+  // float64 for a float64 decoder). Computed in row chunks of the hidden states
+  // whose gradient is made with their logits (model::linear_cross_entropy), so
+  // the [tokens, vocab] logits never exist at once and are never recomputed.
   at::Tensor loss(const at::Tensor& ids);
 
   // Knowledge distillation from the model itself without masks: the final-norm

@@ -6,11 +6,7 @@
 // matches at::philox_engine(key, subsequence, 0), the test's oracle.
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PATCH_HD __host__ __device__ __forceinline__
-#else
-#define PATCH_HD inline
-#endif
+#include "core/host_device.h"
 
 namespace patch::sparsity {
 
