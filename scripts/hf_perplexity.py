@@ -2,7 +2,9 @@
 """Reference perplexity with Hugging Face transformers, by patch-train eval's protocol:
 the whole text tokenized as one string without special tokens, cut into consecutive
 non-overlapping windows of --seq-len tokens (the first --max-windows kept), the loss
-averaged over every next-token prediction inside the windows."""
+averaged over every next-token prediction inside the windows. --tokenizer-gguf FILE takes
+the tokenizer from a GGUF file (transformers' GGUF reader) for a --model folder that has
+none, as patch-train writes for a GGUF input."""
 import argparse
 import json
 import math
@@ -19,9 +21,14 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-windows", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--tokenizer-gguf", default="")
     args = ap.parse_args()
 
-    tok = AutoTokenizer.from_pretrained(args.model)
+    if args.tokenizer_gguf:
+        g = os.path.abspath(args.tokenizer_gguf)
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(g), gguf_file=os.path.basename(g))
+    else:
+        tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
     model.eval()
     with open(args.data, encoding="utf-8") as f:

@@ -149,10 +149,10 @@ int run_prune(RunContext& ctx) {
   const std::string finetune_state = ctx.out_dir.empty() ? "" : ctx.out_dir + "/finetune_state.safetensors";
   if (finetune && cfg.get_bool("output.resume") && !finetune_state.empty())
     train::check_same_run(cfg, finetune_state, train::finetune_mutable_keys());
-  if ((update || finetune) && ckpt.format != "safetensors")
-    throw core::ConfigError(core::str(update ? "prune.update_weights" : "prune.finetune_steps",
-                                      ": the pruned checkpoint is written in the input's safetensors layout; ",
-                                      model_path, " is ", ckpt.format));
+  // A GGUF input's model/ is what `export` writes for it: one model.safetensors
+  // and a generated config.json; its tokenizer stays in the GGUF file.
+  if ((update || finetune) && ckpt.format == "gguf")
+    core::log::info(core::str("prune: model/ gets the weights and config.json; the tokenizer stays in ", model_path));
   open_outputs(ctx);
 
   at::Tensor calib;

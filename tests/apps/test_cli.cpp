@@ -274,6 +274,44 @@ TEST_CASE("prune --masks --set prune.finetune_steps: the kept weights trained en
   CHECK(std::abs(tuned / ref - 1.0) < 1e-3);
 }
 
+// A GGUF model as people have it: the fine-tune's model/ is one
+// model.safetensors with a generated config.json, which transformers loads and
+// scores (with the GGUF's own tokenizer) as prune did.
+TEST_CASE("prune --masks on a GGUF model: the fine-tuned checkpoint is scored by transformers as by prune") {
+  if (patch::test::skip_without_smollm2()) return;
+  TempDir dir;
+  const std::string gguf = patch::test::smollm2_gguf();
+  const std::string common = " --model " + gguf + " --data " +
+                             patch::test::data_path("text/tinystories/tinystories_train_first2MiB.txt") +
+                             " --set model.device=cpu --set prune.calib_samples=4 --set prune.calib_seq_len=64"
+                             " --set prune.micro_batch=2 --set eval.data=[" + valid_text() +
+                             "] --set data.seq_len=64 --set eval.max_windows=4";
+  auto m = run_command(bin() + " prune" + common + " --method magnitude --pattern hybrid --target 0.35 --out " +
+                       dir.file("m"));
+  REQUIRE(m.exit_code == 0);
+  auto ft = run_command(bin() + " prune" + common + " --masks " + dir.file("m/masks.safetensors") +
+                        " --set prune.finetune_steps=2 --set prune.finetune_lr=1e-4 --out " + dir.file("ft"));
+  INFO(ft.err);
+  REQUIRE(ft.exit_code == 0);
+  CHECK(contains(ft.err, "the tokenizer stays in"));
+  CHECK(fs::exists(dir.file("ft/model/model.safetensors")));
+  CHECK(fs::exists(dir.file("ft/model/config.json")));
+  auto ver = run_command(bin() + " verify --masks " + dir.file("ft/masks.safetensors") + " --model " + gguf +
+                         " --pruned " + dir.file("ft/model"));
+  INFO(ver.out);
+  CHECK(ver.exit_code == 0);
+  auto hf = run_command(patch::test::env_or("PATCH_PYTHON", "python3") + " " + patch::test::source_dir() +
+                        "/scripts/hf_perplexity.py --model " + dir.file("ft/model") + " --tokenizer-gguf " + gguf +
+                        " --data " + valid_text() + " --seq-len 64 --max-windows 4 --out " + dir.file("hf.json"));
+  INFO(hf.err);
+  REQUIRE(hf.exit_code == 0);
+  const double ours = nlohmann::json::parse(ft.out)["perplexity"].get<double>();
+  const double ref = nlohmann::json::parse(patch::core::read_file(dir.file("hf.json")))["perplexity"].get<double>();
+  INFO("patch " << ours << " transformers " << ref);
+  CHECK(std::abs(ours / ref - 1.0) < 1e-4);
+  CHECK(ours != nlohmann::json::parse(m.out)["perplexity"].get<double>());  // the weights moved
+}
+
 // A long fine-tune stopped by a signal keeps its state in the run folder, and
 // --resume ends it exactly where an unstopped run of the same settings ends;
 // a resume with another learning rate is refused.
