@@ -37,9 +37,12 @@ at::ScalarType upcast(at::ScalarType t) {
 
 // ---- activation checkpointing ------------------------------------------------
 
+// fn(x, recomputing): recomputing is true in backward, where fn's output only
+// carries gradients back and its value is never read.
+using RecomputeFn = std::function<at::Tensor(const at::Tensor&, bool)>;
 struct Recompute : torch::CustomClassHolder {
-  explicit Recompute(std::function<at::Tensor(const at::Tensor&)> f) : fn(std::move(f)) {}
-  std::function<at::Tensor(const at::Tensor&)> fn;
+  explicit Recompute(RecomputeFn f) : fn(std::move(f)) {}
+  RecomputeFn fn;
 };
 
 // y = fn(x) without keeping fn's activations: forward saves only x; backward
@@ -53,7 +56,7 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
                             const at::Tensor& /*anchor*/, c10::intrusive_ptr<Recompute> f) {
     ctx->save_for_backward({x});
     ctx->saved_data["fn"] = at::IValue::make_capsule(f);
-    return f->fn(x);
+    return f->fn(x, /*recomputing=*/false);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -65,17 +68,41 @@ struct CheckpointFunction : torch::autograd::Function<CheckpointFunction> {
     at::Tensor y;
     {
       at::AutoGradMode enable(true);
-      y = f->fn(x);
+      y = f->fn(x, /*recomputing=*/true);
     }
     if (y.requires_grad() && grad_out[0].defined()) torch::autograd::backward({y}, {grad_out[0]});
     return {x_grad ? x.grad() : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor checkpoint(std::function<at::Tensor(const at::Tensor&)> fn, const at::Tensor& x,
-                      const at::Tensor& anchor) {
+at::Tensor checkpoint(RecomputeFn fn, const at::Tensor& x, const at::Tensor& anchor) {
   return CheckpointFunction::apply(x, anchor, c10::make_intrusive<Recompute>(std::move(fn)));
 }
+
+// y = x W^T in the autograd graph without computing y (its memory is left
+// uninitialized): backward needs only x and W. A block's recompute gives its
+// last linear this way, whose output only the residual sum reads, so the
+// recompute costs one GEMM fewer, as torch.utils.checkpoint's recompute stops
+// early. The gradients are the ones at::linear's backward computes, GEMM for GEMM.
+struct LinearGraphOnly : torch::autograd::Function<LinearGraphOnly> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w) {
+    ctx->save_for_backward({x, w});
+    auto shape = x.sizes().vec();
+    shape.back() = w.size(0);
+    return at::empty(shape, x.options());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1];
+    const at::Tensor g = grad_out[0].reshape({-1, w.size(0)});
+    at::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) dx = g.mm(w).view(x.sizes());
+    if (ctx->needs_input_grad(1)) dw = g.t().mm(x.reshape({-1, w.size(1)}));
+    return {dx, dw};
+  }
+};
 
 // ---- modules -------------------------------------------------------------------
 
@@ -182,8 +209,14 @@ class MlpImpl : public torch::nn::Module {
     up_proj = register_module("up_proj", std::move(up));
     down_proj = register_module("down_proj", std::move(down));
   }
-  at::Tensor forward(const at::Tensor& x) {
-    return down_proj->forward(at::silu(gate_proj->forward(x)) * up_proj->forward(x));
+  // value = false: down_proj's output only in the graph (LinearGraphOnly).
+  at::Tensor forward(const at::Tensor& x, bool value = true) {
+    const at::Tensor a = at::silu(gate_proj->forward(x)) * up_proj->forward(x);
+    if (value) return down_proj->forward(a);
+    const auto& p = down_proj->provider();
+    const at::Tensor& w = down_proj->weight();
+    const at::Tensor y = LinearGraphOnly::apply(a, p ? p->effective_weight(w) : w);
+    return down_proj->bias().defined() ? y + down_proj->bias() : y;
   }
   std::shared_ptr<LinearImpl> gate_proj, up_proj, down_proj;
 };
@@ -197,9 +230,11 @@ class BlockImpl : public torch::nn::Module {
     post_attention_layernorm = register_module("post_attention_layernorm", std::move(post_norm));
     this->mlp = register_module("mlp", std::move(mlp));
   }
-  at::Tensor forward(const at::Tensor& x, const Rope& rope) {
+  // value = false (a recompute for gradients): the output's value is not
+  // computed, only its graph (the MLP's last GEMM is skipped).
+  at::Tensor forward(const at::Tensor& x, const Rope& rope, bool value = true) {
     at::Tensor h = x + self_attn->forward(input_layernorm->forward(x), rope);
-    return h + mlp->forward(post_attention_layernorm->forward(h));
+    return h + mlp->forward(post_attention_layernorm->forward(h), value);
   }
   at::Tensor forward_cached(const at::Tensor& x, const Rope& rope, at::Tensor& k_cache, at::Tensor& v_cache,
                             const at::Tensor& slots, const at::Tensor& allowed) {
@@ -413,7 +448,8 @@ struct Decoder::Impl {
       throw core::Error(str("decoder: block index ", i, " out of range [0, ", blocks.size(), ")"));
     BlockImpl* b = blocks[static_cast<size_t>(i)].get();
     if (!opts.checkpointing || !at::GradMode::is_enabled()) return b->forward(x, r);
-    return checkpoint([b, r](const at::Tensor& in) { return b->forward(in, r); }, x, anchor);
+    return checkpoint([b, r](const at::Tensor& in, bool recomputing) { return b->forward(in, r, !recomputing); }, x,
+                      anchor);
   }
 
   // Final-norm hidden states [b, s, h].
@@ -565,9 +601,9 @@ at::Tensor Decoder::Impl::chunked_loss(
   at::Tensor total;
   for (int64_t begin = 0; begin < n; begin += rows) {
     const int64_t end = std::min(n, begin + rows);
-    auto fn = [chunk_loss, begin, end](const at::Tensor& x) { return chunk_loss(x, begin, end); };
+    auto fn = [chunk_loss, begin, end](const at::Tensor& x, bool) { return chunk_loss(x, begin, end); };
     const at::Tensor hc = h.slice(0, begin, end);
-    at::Tensor l = recompute ? checkpoint(fn, hc, anchor) : fn(hc);
+    at::Tensor l = recompute ? checkpoint(fn, hc, anchor) : fn(hc, false);
     total = total.defined() ? total + l : l;
   }
   return total / static_cast<double>(n);

@@ -2,6 +2,7 @@
 // the published stories260K greedy continuation, and finite differences.
 #include <ATen/ATen.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -224,12 +225,21 @@ TEST_CASE("checkpointed gradients equal plain ones and finite differences (float
   at::manual_seed(5);
   const at::Tensor ids = at::randint(50, {2, 7}, at::kLong);
 
+  // The recompute runs every linear again but a block's last one (down_proj),
+  // whose output only the residual sum reads: its forward runs once.
+  std::map<std::string, int> forwards;
+  for (const char* name : {"model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj"})
+    checkpointed.linear(name)->set_input_observer([&forwards, name](const at::Tensor&) { ++forwards[name]; });
   const at::Tensor loss_plain = plain.loss(ids);
   const at::Tensor loss_ck = checkpointed.loss(ids);
   REQUIRE(loss_plain.scalar_type() == at::kDouble);
   CHECK(loss_plain.item<double>() == Approx(loss_ck.item<double>()).epsilon(1e-12));
   loss_plain.backward();
   loss_ck.backward();
+  CHECK(forwards["model.layers.0.mlp.gate_proj"] == 2);
+  CHECK(forwards["model.layers.0.mlp.down_proj"] == 1);
+  for (const char* name : {"model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj"})
+    checkpointed.linear(name)->set_input_observer({});
   for (size_t i = 0; i < leaves_plain.size(); ++i) {
     INFO(plain.linears()[i]->name());
     REQUIRE(leaves_ck[i].grad().defined());
