@@ -144,7 +144,7 @@ int run_prune(RunContext& ctx) {
   if (po.sparsegpt.update_weights && !update)
     core::log::warn("prune.update_weights: only sparsegpt updates weights; writing masks only");
   const bool finetune = finetune_steps > 0;
-  if (finetune) prune::require_calibration_data(cfg);
+  if (finetune) train::require_finetune_data(cfg);
   // A stopped fine-tune continues with --resume from its state in the run folder.
   const std::string finetune_state = ctx.out_dir.empty() ? "" : ctx.out_dir + "/finetune_state.safetensors";
   if (finetune && cfg.get_bool("output.resume") && !finetune_state.empty())
@@ -168,8 +168,7 @@ int run_prune(RunContext& ctx) {
   }
   std::vector<double> finetune_losses;
   if (finetune) {
-    // Windows of data.train as calibration takes them, enough for every step's batch.
-    const auto ids = prune::calibration_from_config(cfg, *tok, finetune_steps * po.micro_batch);
+    const auto ids = train::finetune_windows(cfg, *tok, finetune_steps * po.micro_batch);
     auto fo = train::finetune_options(cfg);
     fo.checkpoint = finetune_state;
     fo.resume = cfg.get_bool("output.resume");

@@ -183,8 +183,8 @@ std::vector<KeyDef> build() {
       range(key("prune.micro_batch", T::kInt, 4, "Calibration sequences per block forward"), 1, inf),
       range(key("prune.finetune_steps", T::kInt, 0,
                 "prune --masks: then train the kept weights end to end (language-model loss, the mask fixed) for "
-                "this many steps of prune.micro_batch windows of prune.calib_seq_len tokens from data.train "
-                "(0: none)"),
+                "this many steps of prune.micro_batch windows of prune.calib_seq_len tokens from all of "
+                "data.train (0: none)"),
             0, inf),
       range(key("prune.finetune_lr", T::kFloat, 1e-4, "prune.finetune_steps: AdamW learning rate"), 0.0, 1.0),
       range(key("prune.finetune_checkpoint_every", T::kInt, 100,

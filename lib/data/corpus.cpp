@@ -223,6 +223,26 @@ std::vector<int32_t> tokenize_eval_text(const std::string& path, const text::Tok
   return ids;
 }
 
+TokenStream load_token_files(const std::string& key, const std::vector<std::string>& paths,
+                             const text::Tokenizer& tok, const DataOptions& opts, int64_t cap) {
+  std::vector<TokenStream> parts;
+  for (const auto& f : paths) {
+    parts.push_back(load_tokens(f, tok, opts));
+    if (parts.back().size() == 0)
+      throw core::Error(core::str(key, ": '", f, "' holds no tokens (an empty file, or blank documents only)"));
+  }
+  if (parts.size() == 1 && (cap <= 0 || parts[0].size() <= cap)) return parts[0];
+  std::vector<int32_t> all;
+  for (const auto& p : parts) {
+    const int64_t n = cap > 0 ? std::min<int64_t>(p.size(), cap - static_cast<int64_t>(all.size())) : p.size();
+    std::vector<int64_t> buf(static_cast<size_t>(n));
+    p.read(0, n, buf.data());
+    all.insert(all.end(), buf.begin(), buf.end());
+    if (cap > 0 && static_cast<int64_t>(all.size()) >= cap) break;
+  }
+  return TokenStream(std::move(all));
+}
+
 DataOptions data_options(const config::Config& cfg) {
   DataOptions o;
   o.format = cfg.get_string("data.format");

@@ -37,6 +37,12 @@ DataOptions data_options(const config::Config& cfg);
 TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
                         const DataOptions& opts);
 
+// The files of a config key (e.g. data.train) as one stream, in order, at
+// most `cap` tokens (0: all). One file within the cap stays memory-mapped;
+// several are joined in memory. Errors name the key and a file with no tokens.
+TokenStream load_token_files(const std::string& key, const std::vector<std::string>& paths,
+                             const text::Tokenizer& tok, const DataOptions& opts, int64_t cap = 0);
+
 // The evaluation protocol of WikiText-2 perplexity: the whole file as one
 // string, tokenized without special tokens (.xz read decompressed; a JSONL
 // file's documents joined by a blank line, each line checked as JSON).

@@ -212,11 +212,10 @@ void require_calibration_data(const config::Config& cfg) {
     throw core::ConfigError("data.train: wanda and sparsegpt need calibration text (use --data FILE)");
 }
 
-at::Tensor calibration_from_config(const config::Config& cfg, const text::Tokenizer& tok, int64_t min_samples) {
+at::Tensor calibration_from_config(const config::Config& cfg, const text::Tokenizer& tok) {
   require_calibration_data(cfg);
   auto files = cfg.get_string_list("data.train");
-  auto co = calibration_options(cfg);
-  co.samples = std::max(co.samples, min_samples);
+  const auto co = calibration_options(cfg);
   auto calib = calibration_ids(data::load_tokens(core::resolve_path(files.front()), tok, data::data_options(cfg)), co);
   core::log::info(core::str("calibration: ", calib.size(0), " sequences of ", calib.size(1), " tokens from ",
                             files.front()));

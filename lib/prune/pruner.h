@@ -38,10 +38,9 @@ at::Tensor calibration_ids(const data::TokenStream& tokens, const CalibrationOpt
 // Throws core::ConfigError naming data.train when no calibration text is given.
 void require_calibration_data(const config::Config& cfg);
 
-// Calibration windows from the first data.train file (prune.calib_* keys), at
-// least `min_samples` of them where the text holds that many (a fine-tune's
-// batches); core::ConfigError when data.train is empty.
-at::Tensor calibration_from_config(const config::Config& cfg, const text::Tokenizer& tok, int64_t min_samples = 0);
+// Calibration windows from the first data.train file (prune.calib_* keys);
+// core::ConfigError when data.train is empty.
+at::Tensor calibration_from_config(const config::Config& cfg, const text::Tokenizer& tok);
 
 struct PruneOptions {
   Method method = Method::kWanda;

@@ -181,7 +181,7 @@ json finetune_point(model::Decoder& decoder, const config::Config& pcfg, const t
           ? train::all_kept(decoder)
           : maskfile::read_mask_file((fs::path(dir).parent_path() / p.masks_from / "masks.safetensors").string());
   const train::FinetuneOptions fo = train::finetune_options(pcfg);
-  const auto ids = prune::calibration_from_config(pcfg, tok, fo.steps * fo.micro_batch);
+  const auto ids = train::finetune_windows(pcfg, tok, fo.steps * fo.micro_batch);
   const auto t0 = std::chrono::steady_clock::now();
   const auto ft = train::finetune_kept_weights(decoder, masks, {}, ids, fo);
   return {{"sparsity", masks.sparsity()},

@@ -14,6 +14,7 @@
 #include "config/config.h"
 #include "maskfile/mask_file.h"
 #include "model/decoder.h"
+#include "text/tokenizer.h"
 
 namespace patch::train {
 
@@ -40,6 +41,17 @@ FinetuneOptions finetune_options(const config::Config& cfg);
 // The keys a resumed fine-tune may change (devices, caches, the checkpoint
 // cadence, the evaluation).
 const std::vector<std::string>& finetune_mutable_keys();
+
+// `count` windows of prune.calib_seq_len tokens for the fine-tune's steps,
+// from the whole of data.train (every file, joined as `train` joins them; at
+// most data.max_tokens), non-overlapping and in prune.seed's order, so that a
+// fine-tune of fewer windows than the text holds sees none twice. With less
+// text it logs how often each window will be seen (a fine-tune cycled over a
+// few hundred windows learns them by heart: its training loss falls far below
+// the held-out one).
+at::Tensor finetune_windows(const config::Config& cfg, const text::Tokenizer& tok, int64_t count);
+// Throws core::ConfigError naming data.train when it gives no text to fine-tune on.
+void require_finetune_data(const config::Config& cfg);
 
 // Every linear of `decoder` kept whole (an unstructured mask of ones): the
 // dense model's fine-tune, the control beside the fine-tune of a mask.

@@ -91,26 +91,10 @@ void load_model_and_data(Run& r) {
   data::DataOptions dopts = data::data_options(cfg);
   if (dopts.cache_dir.empty()) dopts.cache_dir = core::cache_dir() + "/tokens";
 
-  // Several files, or a token cap, make one in-memory stream; a single file
-  // stays memory-mapped.
   const int64_t max_tokens = cfg.get_int("data.max_tokens");
-  auto stream_of = [&](const char* key, const std::vector<std::string>& files, int64_t cap) {
-    std::vector<data::TokenStream> parts;
-    for (const auto& f : files) {
-      parts.push_back(data::load_tokens(core::resolve_path(f), *tok, dopts));
-      if (parts.back().size() == 0)
-        throw core::Error(str(key, ": '", core::resolve_path(f), "' holds no tokens (an empty file, or blank documents only)"));
-    }
-    if (parts.size() == 1 && (cap <= 0 || parts[0].size() <= cap)) return parts[0];
-    std::vector<int32_t> all;
-    for (const auto& p : parts) {
-      int64_t n = cap > 0 ? std::min<int64_t>(p.size(), cap - static_cast<int64_t>(all.size())) : p.size();
-      std::vector<int64_t> buf(static_cast<size_t>(n));
-      p.read(0, n, buf.data());
-      all.insert(all.end(), buf.begin(), buf.end());
-      if (cap > 0 && static_cast<int64_t>(all.size()) >= cap) break;
-    }
-    return data::TokenStream(std::move(all));
+  auto stream_of = [&](const char* key, std::vector<std::string> files, int64_t cap) {
+    for (auto& f : files) f = core::resolve_path(f);
+    return data::load_token_files(key, files, *tok, dopts, cap);
   };
   auto train_files = cfg.get_string_list("data.train");
   if (train_files.empty())

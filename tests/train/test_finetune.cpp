@@ -8,16 +8,21 @@
 // PyTorch on the transformers model (torch.optim.AdamW, parametrized masks).
 #include <ATen/ATen.h>
 
+#include <fstream>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
+#include <vector>
 
 #include "catch.h"
+#include "config/config.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "maskfile/apply.h"
 #include "model/decoder.h"
 #include "prune/pruner.h"
+#include "text/tokenizer.h"
 #include "test_util.h"
 #include "train/finetune.h"
 
@@ -140,4 +145,57 @@ TEST_CASE("finetune: many steps equal a plain PyTorch AdamW fine-tune of the mas
   INFO("largest difference " << worst << ", largest move " << moved);
   CHECK(moved > 5e-3);
   CHECK(worst < 1e-4);
+}
+
+// A fine-tune cycled over the windows of one file learns them by heart; its
+// windows come from every data.train file, and none twice while they last.
+TEST_CASE("finetune: its windows come from every data.train file, none twice while the text lasts", "[train]") {
+  test::TempDir dir;
+  const auto tok = text::load_tokenizer_for(test::data_path(kToy));
+  // Two files of different words, each line its own numbers: no two windows alike.
+  std::vector<std::string> files;
+  std::vector<std::set<int64_t>> ids;  // each file's tokens
+  for (const std::string word : {"cat", "dog"}) {
+    std::string text;
+    for (int i = 0; i < 60; ++i) text += "The " + word + " saw " + std::to_string(i * 7919 % 1000) + " birds.\n";
+    files.push_back(dir.file(word + ".txt"));
+    std::ofstream(files.back()) << text;
+    const auto enc = tok->encode(text, false);
+    ids.emplace_back(enc.begin(), enc.end());
+  }
+  // Tokens of one file only.
+  std::vector<std::set<int64_t>> own(2);
+  for (int f = 0; f < 2; ++f)
+    for (int64_t id : ids[static_cast<size_t>(f)])
+      if (!ids[static_cast<size_t>(1 - f)].count(id)) own[static_cast<size_t>(f)].insert(id);
+  REQUIRE(!own[0].empty());
+  REQUIRE(!own[1].empty());
+  config::Overrides ov;
+  ov.values = {{"data.train", config::Json(files)},
+               {"data.cache_dir", config::Json(dir.file("cache"))},
+               {"prune.calib_seq_len", config::Json(16)}};
+  const config::Config cfg = config::resolve(std::nullopt, ov, "help");
+
+  const at::Tensor all = train::finetune_windows(cfg, *tok, 1000000);  // more than there are: each once
+  REQUIRE(all.size(1) == 16);
+  std::set<std::vector<int64_t>> distinct;
+  bool saw[2] = {false, false};
+  for (int64_t r = 0; r < all.size(0); ++r) {
+    const at::Tensor row = all[r].contiguous();
+    const std::vector<int64_t> v(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
+    distinct.insert(v);
+    for (int64_t id : v)
+      for (int f = 0; f < 2; ++f) saw[f] = saw[f] || own[static_cast<size_t>(f)].count(id) > 0;
+  }
+  CHECK(saw[0]);
+  CHECK(saw[1]);  // the second file too
+  CHECK(static_cast<int64_t>(distinct.size()) == all.size(0));
+
+  const at::Tensor some = train::finetune_windows(cfg, *tok, 10);
+  CHECK(some.size(0) == 10);
+  CHECK(at::equal(some, train::finetune_windows(cfg, *tok, 10)));  // seeded
+
+  config::Config none = cfg;
+  none.set("data.train", config::Json::array());
+  CHECK_THROWS_WITH(train::finetune_windows(none, *tok, 10), Catch::Contains("data.train"));
 }
