@@ -283,7 +283,7 @@ void HybridLinear::join(const std::shared_ptr<cuda::ExpandPipeline>& pipeline) {
 HybridPath HybridLinear::path(int64_t tokens) const {
   const auto& m = *impl_;
   if (!m.decode) return HybridPath::kDense;
-  if (tokens <= kDecodeMaxTokens) return HybridPath::kDecode;
+  if (tokens <= (m.weight.defined() ? kDecodeMaxTokensBesideCopy : kDecodeMaxTokens)) return HybridPath::kDecode;
 #if PATCH_WITH_CUDA
   if (m.sparse && (!m.weight.defined() || tokens >= kSparseMinTokensBesideCopy)) return HybridPath::kSparse;
 #endif
@@ -328,14 +328,9 @@ at::Tensor HybridLinear::forward(const at::Tensor& x) {
     cuda::decode_matmul(xc, m.dec, m.grid, y, /*warps=*/0, m.overlap);
     return y.view(shape);
   }
-  // cuSPARSELt takes token counts in multiples of 16: zero rows pad the rest.
-  const int64_t padded = (tokens + 15) / 16 * 16;
-  const auto xp = padded == tokens
-                      ? xc
-                      : at::cat({xc, at::zeros({padded - tokens, m.grid.in()}, xc.options())});
-  auto y = at::empty({padded, m.grid.out()}, x.options());
-  m.sparse->multiply(xp, y);
-  return y.narrow(0, 0, tokens).view(shape);
+  auto y = at::empty({tokens, m.grid.out()}, x.options());
+  m.sparse->multiply(xc, y);
+  return y.view(shape);
 #else
   return at::linear(x, m.weight);
 #endif

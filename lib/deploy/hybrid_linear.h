@@ -2,10 +2,10 @@
 // y = x (W ⊙ M)^T for a packed hybrid layer on the GPU, which keeps only the
 // layer's decode blocks (each tile in its own format: a sparse tile in 9/16
 // of a dense tile's bytes), plus cuSPARSELt's copy for a layer of 2:4 tiles only:
-//   decode (at most kDecodeMaxTokens tokens): one kernel streams the blocks once (dense:
-//     mma.m16n8k16 on all values; 2:4: the kept values and their positions
-//     straight into mma.sp.m16n8k32); for 9 to 32 tokens a small kernel first
-//     lays x out in mma fragment order;
+//   decode (at most kDecodeMaxTokens tokens, 16 beside a dense copy): one
+//     kernel streams the blocks once (dense: mma.m16n8k16 on all values; 2:4:
+//     the kept values and their positions straight into mma.sp.m16n8k32); for
+//     9 to 32 tokens a small kernel first lays x out in mma fragment order;
 //   more tokens, a layer of 2:4 tiles only: the sparse tensor cores through
 //     cuSPARSELt;
 //   more tokens, a layer with dense tiles: a kernel expands the blocks into
@@ -33,10 +33,13 @@ const char* path_name(HybridPath p);
 
 // Tokens the decode kernel takes (one, two or four n-tiles of 8 tokens).
 inline constexpr int64_t kDecodeKernelMaxTokens = 32;
-// Tokens up to which forward() takes the decode kernel. 17 to 32 tokens stay
-// on the expansion path until the four-n-tile kernel has run and been timed
-// on a GPU (tests/deploy/test_hybrid.cpp checks it through decode_matmul).
-inline constexpr int64_t kDecodeMaxTokens = 16;
+// Tokens up to which forward() takes the decode kernel: all it takes. For 17
+// to 32 tokens it ran a LLaMA-2-7B block at 45% at 0.89-0.90x cuBLAS, where
+// expansion + cuBLAS ran 0.42-0.43x (H100, docs/benchmarks.md).
+inline constexpr int64_t kDecodeMaxTokens = kDecodeKernelMaxTokens;
+// Beside a dense copy, cuBLAS on the copy takes over from 17 tokens: 0.98-1.01x
+// there against the decode kernel's 0.89x.
+inline constexpr int64_t kDecodeMaxTokensBesideCopy = 16;
 // Tokens from which a layer of 2:4 tiles only keeps cuSPARSELt even beside a
 // dense copy: measured 1.30-1.34x cuBLAS at 2048 tokens, 0.92-0.97x at 256
 // (LLaMA-2-7B and LLaMA-3.1-8B blocks, H200).
@@ -44,8 +47,8 @@ inline constexpr int64_t kSparseMinTokensBesideCopy = 2048;
 
 struct HybridOptions {
   // Prefill-heavy serving: keep W ⊙ M dense on the device as well, and give
-  // cuBLAS more than kDecodeMaxTokens tokens on it (never slower than dense
-  // prefill) at the cost of a dense layer's memory on top of the blocks.
+  // cuBLAS more than kDecodeMaxTokensBesideCopy tokens on it (never slower
+  // than dense prefill) at the cost of a dense layer's memory on top of the blocks.
   bool prefill_dense_copy = false;
   // Prefill without a dense copy: while one layer's GEMM runs, a second stream
   // expands the next layer's W ⊙ M (the layers installed together share two
@@ -94,8 +97,9 @@ void decode_matmul(const at::Tensor& x, const DecodeFormat& fmt, const sparsity:
 // w [out, in] bf16 = the layer's W ⊙ M, from its decode blocks.
 void expand_weight(const DecodeFormat& fmt, const sparsity::TileGrid& grid, at::Tensor& w);
 // A 2:4 weight [out, in] compressed once for cuSPARSELt; multiply() writes
-// y = x W^T, with one matmul plan per token count made (and its algorithm
-// searched) on first use.
+// y = x W^T for any token count (padded to a multiple of 16 with zero rows),
+// with one matmul plan per token count made (and its algorithm searched) on
+// first use.
 class SparseGemm {
  public:
   explicit SparseGemm(const at::Tensor& weight);

@@ -692,8 +692,17 @@ SparseGemm::~SparseGemm() {
 
 void SparseGemm::multiply(const at::Tensor& x, at::Tensor& y) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto* h = lt_handle();
   const int64_t tokens = x.size(0);
+  // cuSPARSELt takes token counts in multiples of 16: zero rows pad the rest.
+  if (tokens % 16 != 0) {
+    const int64_t padded = (tokens + 15) / 16 * 16;
+    const auto xp = at::cat({x, at::zeros({padded - tokens, x.size(1)}, x.options())});
+    auto yp = at::empty({padded, y.size(1)}, y.options());
+    multiply(xp, yp);
+    y.copy_(yp.narrow(0, 0, tokens));
+    return;
+  }
+  const auto* h = lt_handle();
   auto it = s_->plans.find(tokens);
   if (it == s_->plans.end()) {
     // Built in place: the matmul descriptor and plan refer to the descriptors.

@@ -276,7 +276,7 @@ TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
 }
 
 #if PATCH_WITH_CUDA
-// deploy.prefill_dense_copy: more than kDecodeMaxTokens go to cuBLAS on the kept
+// deploy.prefill_dense_copy: more than kDecodeMaxTokensBesideCopy go to cuBLAS on the kept
 // W ⊙ M (a layer of 2:4 tiles only keeps cuSPARSELt from 2048 tokens), the
 // decode kernel keeps the rest, and the copy's bytes are counted.
 TEST_CASE("layers that share an expansion pipeline get their weights expanded ahead and the same outputs",
@@ -339,7 +339,7 @@ TEST_CASE("HybridLinear with a dense copy for prefill equals the masked dense ma
     for (int64_t tokens : {1, 16, 17, 33, 256, 2048}) {
       INFO(c.out << "x" << c.in << " sparsity " << c.sparsity << " tokens " << tokens << " path "
                  << deploy::path_name(lin.path(tokens)));
-      CHECK(lin.path(tokens) == (tokens <= deploy::kDecodeMaxTokens                                ? deploy::HybridPath::kDecode
+      CHECK(lin.path(tokens) == (tokens <= deploy::kDecodeMaxTokensBesideCopy                      ? deploy::HybridPath::kDecode
                                  : sparse && tokens >= deploy::kSparseMinTokensBesideCopy ? deploy::HybridPath::kSparse
                                                                                           : deploy::HybridPath::kDense));
       auto x = at::randn({tokens, c.in}, at::kFloat).to(at::kBFloat16);
