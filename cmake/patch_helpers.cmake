@@ -33,8 +33,13 @@ function(patch_add_test name)
   target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/tests)
   target_link_libraries(${name} PRIVATE ${ARG_DEPS} patch_test_util ${PATCH_CATCH_TARGET})
   target_compile_definitions(${name} PRIVATE ${PATCH_CATCH_DEFINE})
-  # --warn NoTests: a name the filter cannot match (a ";" in it) fails instead of passing empty.
-  catch_discover_tests(${name} TEST_PREFIX "${name}:" EXTRA_ARGS --warn NoTests)
+  # A name the filter cannot match (a ";" in it) must fail, not pass empty:
+  # Catch2 3 fails by default, 2.x with --warn NoTests (which 3.4 refuses).
+  set(_extra "")
+  if(Catch2_VERSION VERSION_LESS 3)
+    set(_extra EXTRA_ARGS --warn NoTests)
+  endif()
+  catch_discover_tests(${name} TEST_PREFIX "${name}:" ${_extra})
   # catch_discover_tests splits list-valued PROPERTIES (ENVIRONMENT) apart, so
   # the properties are set by a second CTest include file, run after the one
   # that defines the discovered list ${name}_TESTS.

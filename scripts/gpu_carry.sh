@@ -24,7 +24,7 @@ FIRST=58600000
 case $N in
   1)
     tar -cJf .gpu_carry/data1.tar.xz -C "$DATA" text/c4 text/wikitext-2-raw/wiki.test.raw \
-      models/tinystories-656k text/tinystories/tinystories_validation_head.txt
+      models/tinystories-656k models/stories260K text/tinystories/tinystories_validation_head.txt
     # liblzma's and zlib's headers, for a GPU machine without them (their libraries are there).
     mkdir -p .gpu_carry/lzma-include .gpu_carry/zlib-include
     cp -r /usr/include/lzma.h /usr/include/lzma .gpu_carry/lzma-include/
