@@ -157,7 +157,8 @@ at::Tensor finetune_windows(const config::Config& cfg, const text::Tokenizer& to
   order.resize(static_cast<size_t>(std::min(count, ds.num_blocks())));
   const double epochs = static_cast<double>(count) / static_cast<double>(order.size());
   core::log::info(core::str("fine-tune: ", order.size(), " windows of ", seq, " tokens from data.train (", files.size(),
-                            " files)", epochs > 1 ? core::str(", each seen ", epochs, " times") : std::string()));
+                            files.size() == 1 ? " file)" : " files)",
+                            epochs > 1 ? core::str(", each seen ", epochs, " times") : std::string()));
   if (epochs > 2)
     core::log::warn(core::str("fine-tune: data.train holds ", ds.num_blocks(), " windows for ", count,
                               " (prune.finetune_steps x prune.micro_batch): more text, or fewer steps, keeps it "
