@@ -108,8 +108,9 @@ run_part() {
     learn gb16-45 --set train.global_batch=16 --set "train.steps=$((STEPS / 2))" ;;
   20) log "20 PATCH-Joint 45% with distillation (train.loss=kd), default scales"; learn kd-soft-45 --set train.loss=kd ;;
   # Weights that fit the learned masks, end to end: the kept weights of each target's masks
-  # fine-tuned with the LM loss on prune.micro_batch (8) windows of 2048 per step at lr FT_LR, beside the dense model
-  # fine-tuned the same way and SparseGPT's hybrid with its updated weights (sweep rows).
+  # fine-tuned with the LM loss on prune.micro_batch (4) windows of 2048 per step from all of
+  # data.train at lr FT_LR, beside the dense model fine-tuned the same way and SparseGPT's hybrid
+  # with its updated weights (sweep rows).
   21) log "21 sparse fine-tune (${FT_STEPS:-500} steps, lr ${FT_LR:-1e-4}) of the 25/35/45% masks, the dense control, SparseGPT hybrid with updates"
     S=$R/sweep-soft sweep "${P21_TARGETS:-0.25,0.35,0.45}" "${P21_BASELINES:-finetune,dense-finetune,sparsegpt-hybrid-update}" \
       "${SOFT[@]}" --set "prune.finetune_steps=${FT_STEPS:-500}" --set "prune.finetune_lr=${FT_LR:-1e-4}" ;;
