@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/tensor_utils.h"
 #include "model/lm_loss.h"
+#include "model/rms_norm.h"
 
 namespace patch::model {
 
@@ -111,12 +112,8 @@ class RMSNormImpl : public torch::nn::Module {
   RMSNormImpl(at::Tensor weight, double eps) : eps_(eps) {
     weight_ = register_buffer("weight", std::move(weight));
   }
-  // As transformers: normalize in (at least) fp32, cast back, then weight * x.
-  at::Tensor forward(const at::Tensor& x) {
-    at::Tensor t = x.to(upcast(x.scalar_type()));
-    t = t * at::rsqrt(t.pow(2).mean(-1, /*keepdim=*/true) + eps_);
-    return weight_ * t.to(x.scalar_type());
-  }
+  // As transformers (model/rms_norm.h).
+  at::Tensor forward(const at::Tensor& x) { return rms_norm(x, weight_, eps_); }
 
  private:
   at::Tensor weight_;
