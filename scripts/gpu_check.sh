@@ -20,7 +20,8 @@
 #               there in the background (no tests), so the build overlaps the transfers
 #   STAGE=smollm2 [STUDY="..."] [GATE="test_x ..."] joins the GGUF parts (sha256
 #               checked against data/manifest.json), waits for that build, runs the
-#               GATE test executables (if named; no study unless they pass) and starts
+#               GATE test executables (default test_rms_norm test_lm_loss; GATE=""
+#               none; no study unless they pass) and starts
 #               scripts/smollm2_study.sh in the background (ONLY=$STUDY)
 #   STAGE=equality after STAGE=carry BUILD=1 (the build and the carried C4 text
 #               and tokenizer): scripts/bench_equality.sh, bench's step time against
@@ -108,10 +109,11 @@ if [[ $STAGE == smollm2 ]]; then
   echo "SmolLM2 GGUF assembled, sha256 ok"
   wait_build
   tail -3 /tmp/patch-build.log
-  # GATE=targets: the GPU cases of those test executables pass first (a kernel
-  # the study relies on, not yet run on a GPU).
-  if [[ -n ${GATE:-} ]]; then
-    build_tests "$GATE" "${GATE// /|}" gate || { echo "gpu_check: the gate failed, no study"; exit 1; }
+  # GATE=targets: the GPU cases of those test executables pass first (kernels
+  # the study relies on: by default the loss and RMSNorm; GATE="" skips it).
+  gate=${GATE-test_rms_norm test_lm_loss}
+  if [[ -n $gate ]]; then
+    build_tests "$gate" "${gate// /|}" gate || { echo "gpu_check: the gate failed, no study"; exit 1; }
   fi
   (cd "$SRC" && PATCH_DATA_DIR=$DATA PATCH_ASSETS_DIR=$ASSETS P=$SRC/build/bin/patch-train RUNS=$STUDY_DIR \
     ONLY=${STUDY:-1 2 3 4 5 6 7} P4_TARGETS=${P4_TARGETS:-} P4_BASELINES=${P4_BASELINES:-} \
