@@ -43,13 +43,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   core::check(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0), "rms_norm",
               "expected x [..., n] and weight [n]");
   // The kernels take float32, bfloat16 and float16 with a frozen weight of x's dtype.
-  const bool fused = x.is_cuda() && !weight.requires_grad() && weight.scalar_type() == x.scalar_type() &&
-                     (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 ||
-                      x.scalar_type() == at::kHalf) &&
-                     x.numel() > 0;
-  if (!fused) return rms_norm_aten(x, weight, eps);
+  const at::ScalarType t = x.scalar_type();
+  const bool kernels = !weight.requires_grad() && weight.scalar_type() == t &&
+                       (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) && x.numel() > 0;
   return core::dispatch(
-      x, "rms_norm", [&] { return RmsNormFunction::apply(x, weight, eps); },
+      x, "rms_norm",
+      [&] { return kernels ? RmsNormFunction::apply(x, weight, eps) : rms_norm_aten(x, weight, eps); },
       [&] { return rms_norm_aten(x, weight, eps); });
 }
 

@@ -276,9 +276,6 @@ TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
 }
 
 #if PATCH_WITH_CUDA
-// deploy.prefill_dense_copy: more than kDecodeMaxTokensBesideCopy go to cuBLAS on the kept
-// W ⊙ M (a layer of 2:4 tiles only keeps cuSPARSELt from 2048 tokens), the
-// decode kernel keeps the rest, and the copy's bytes are counted.
 TEST_CASE("layers that share an expansion pipeline get their weights expanded ahead and the same outputs",
           "[deploy]") {
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
@@ -327,6 +324,9 @@ TEST_CASE("layers that share an expansion pipeline get their weights expanded ah
   for (int pass = 0; pass < 2; ++pass) run({2, 3}, 40);
 }
 
+// deploy.prefill_dense_copy: more than kDecodeMaxTokensBesideCopy go to cuBLAS on the kept
+// W ⊙ M (a layer of 2:4 tiles only keeps cuSPARSELt from 2048 tokens), the
+// decode kernel keeps the rest, and the copy's bytes are counted.
 TEST_CASE("HybridLinear with a dense copy for prefill equals the masked dense matmul", "[deploy]") {
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   const at::Device device(at::kCUDA, 0);
