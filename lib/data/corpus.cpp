@@ -12,6 +12,7 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "core/paths.h"
 #include "core/progress.h"
 #include "data/xz_stream.h"
 #include "core/sha256.h"
@@ -241,6 +242,15 @@ TokenStream load_token_files(const std::string& key, const std::vector<std::stri
     if (cap > 0 && static_cast<int64_t>(all.size()) >= cap) break;
   }
   return TokenStream(std::move(all));
+}
+
+TokenStream load_config_tokens(const config::Config& cfg, const std::string& key, const text::Tokenizer& tok,
+                               int64_t cap) {
+  std::vector<std::string> files = cfg.get_string_list(key);
+  for (auto& f : files) f = core::resolve_path(f);
+  DataOptions opts = data_options(cfg);
+  if (opts.cache_dir.empty()) opts.cache_dir = core::cache_dir() + "/tokens";
+  return load_token_files(key, files, tok, opts, cap);
 }
 
 DataOptions data_options(const config::Config& cfg) {

@@ -26,14 +26,14 @@ struct DataOptions {
   std::string cache_dir;
 };
 
+// The data.* keys (format, jsonl_field, document_separator, cache_dir as given).
+DataOptions data_options(const config::Config& cfg);
+
 // All documents of `path` as one stream, each document's ids (no BOS) followed
 // by the tokenizer's EOS (BOS when it has no EOS; nothing when it has neither).
 // Empty documents are skipped. A .bin file is mapped as is; its ids are checked
 // against the tokenizer's vocabulary. Errors name file:line (JSONL: invalid
 // JSON, missing or non-string field).
-// The data.* keys (format, jsonl_field, document_separator, cache_dir as given).
-DataOptions data_options(const config::Config& cfg);
-
 TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
                         const DataOptions& opts);
 
@@ -42,6 +42,12 @@ TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
 // several are joined in memory. Errors name the key and a file with no tokens.
 TokenStream load_token_files(const std::string& key, const std::vector<std::string>& paths,
                              const text::Tokenizer& tok, const DataOptions& opts, int64_t cap = 0);
+
+// load_token_files for the files a config key names (e.g. data.train), paths
+// resolved as the command line's are, with the data.* options; the token cache
+// is <cache>/tokens unless data.cache_dir says otherwise.
+TokenStream load_config_tokens(const config::Config& cfg, const std::string& key, const text::Tokenizer& tok,
+                               int64_t cap = 0);
 
 // The evaluation protocol of WikiText-2 perplexity: the whole file as one
 // string, tokenized without special tokens (.xz read decompressed; a JSONL

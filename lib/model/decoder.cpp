@@ -210,9 +210,7 @@ class MlpImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, bool value = true) {
     const at::Tensor a = at::silu(gate_proj->forward(x)) * up_proj->forward(x);
     if (value) return down_proj->forward(a);
-    const auto& p = down_proj->provider();
-    const at::Tensor& w = down_proj->weight();
-    const at::Tensor y = LinearGraphOnly::apply(a, p ? p->effective_weight(w) : w);
+    const at::Tensor y = LinearGraphOnly::apply(a, down_proj->effective_weight());
     return down_proj->bias().defined() ? y + down_proj->bias() : y;
   }
   std::shared_ptr<LinearImpl> gate_proj, up_proj, down_proj;
@@ -345,7 +343,12 @@ at::Tensor LinearImpl::forward(const at::Tensor& x) {
     auto y = kernel_(x);
     return bias_.defined() ? y + bias_ : y;
   }
-  return at::linear(x, provider_ ? provider_->effective_weight(weight_) : weight_, bias_);
+  return at::linear(x, effective_weight(), bias_);
+}
+
+at::Tensor LinearImpl::effective_weight() const {
+  if (t_dense_weights || !provider_) return weight_;
+  return provider_->effective_weight(weight_);
 }
 
 // ---- Decoder ---------------------------------------------------------------------

@@ -31,6 +31,9 @@ class LinearImpl : public torch::nn::Module {
   const at::Tensor& bias() const { return bias_; }      // undefined when absent
   void set_provider(std::shared_ptr<WeightProvider> p) { provider_ = std::move(p); }
   const std::shared_ptr<WeightProvider>& provider() const { return provider_; }
+  // What x is multiplied by: the provider's effective weight, or the weight
+  // itself (no provider, or inside Decoder's dense-weights forward).
+  at::Tensor effective_weight() const;
   // Called with the layer's input on every forward (calibration statistics);
   // an empty function removes it.
   using InputObserver = std::function<void(const at::Tensor& x)>;

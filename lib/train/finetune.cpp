@@ -11,7 +11,6 @@
 
 #include "core/error.h"
 #include "core/log.h"
-#include "core/paths.h"
 #include "core/progress.h"
 #include "core/signals.h"
 #include "data/corpus.h"
@@ -141,13 +140,9 @@ void require_finetune_data(const config::Config& cfg) {
 
 at::Tensor finetune_windows(const config::Config& cfg, const text::Tokenizer& tok, int64_t count) {
   require_finetune_data(cfg);
-  std::vector<std::string> files = cfg.get_string_list("data.train");
-  for (auto& f : files) f = core::resolve_path(f);
-  data::DataOptions dopts = data::data_options(cfg);
-  if (dopts.cache_dir.empty()) dopts.cache_dir = core::cache_dir() + "/tokens";
   const int64_t seq = cfg.get_int("prune.calib_seq_len");
   // Windows of seq tokens: blocks of seq - 1 (BlockDataset's blocks hold one more).
-  const data::BlockDataset ds(data::load_token_files("data.train", files, tok, dopts, cfg.get_int("data.max_tokens")),
+  const data::BlockDataset ds(data::load_config_tokens(cfg, "data.train", tok, cfg.get_int("data.max_tokens")),
                               seq - 1);
   if (ds.num_blocks() == 0)
     throw core::Error(core::str("data.train: fewer tokens than one fine-tune window of prune.calib_seq_len = ", seq));
@@ -156,8 +151,9 @@ at::Tensor finetune_windows(const config::Config& cfg, const text::Tokenizer& to
   std::vector<int64_t> order = data::epoch_order(all, static_cast<uint64_t>(cfg.get_int("prune.seed")), 0);
   order.resize(static_cast<size_t>(std::min(count, ds.num_blocks())));
   const double epochs = static_cast<double>(count) / static_cast<double>(order.size());
-  core::log::info(core::str("fine-tune: ", order.size(), " windows of ", seq, " tokens from data.train (", files.size(),
-                            files.size() == 1 ? " file)" : " files)",
+  const size_t files = cfg.get_string_list("data.train").size();
+  core::log::info(core::str("fine-tune: ", order.size(), " windows of ", seq, " tokens from data.train (", files,
+                            files == 1 ? " file)" : " files)",
                             epochs > 1 ? core::str(", each seen ", epochs, " times") : std::string()));
   if (epochs > 2)
     core::log::warn(core::str("fine-tune: data.train holds ", ds.num_blocks(), " windows for ", count,

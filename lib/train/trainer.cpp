@@ -88,21 +88,12 @@ void load_model_and_data(Run& r) {
                       " in ", core::dtype_name(mo.dtype)));
 
   auto tok = text::load_tokenizer_for(r.model_path);
-  data::DataOptions dopts = data::data_options(cfg);
-  if (dopts.cache_dir.empty()) dopts.cache_dir = core::cache_dir() + "/tokens";
-
-  const int64_t max_tokens = cfg.get_int("data.max_tokens");
-  auto stream_of = [&](const char* key, std::vector<std::string> files, int64_t cap) {
-    for (auto& f : files) f = core::resolve_path(f);
-    return data::load_token_files(key, files, *tok, dopts, cap);
-  };
-  auto train_files = cfg.get_string_list("data.train");
-  if (train_files.empty())
+  if (cfg.get_string_list("data.train").empty())
     throw core::ConfigError("data.train: no training file given (use --data FILE or data.train in the config)");
   r.seq_len = cfg.get_int("data.seq_len");
-  r.train_data = std::make_unique<data::BlockDataset>(stream_of("data.train", train_files, max_tokens), r.seq_len);
-  auto valid_files = cfg.get_string_list("data.valid");
-  if (valid_files.empty()) {
+  r.train_data = std::make_unique<data::BlockDataset>(
+      data::load_config_tokens(cfg, "data.train", *tok, cfg.get_int("data.max_tokens")), r.seq_len);
+  if (cfg.get_string_list("data.valid").empty()) {
     const int64_t held_out = cfg.get_int("data.valid_blocks");
     if (r.train_data->num_blocks() <= held_out)
       throw core::Error(str("data.train: ", r.train_data->num_blocks(), " blocks of data.seq_len + 1 = ", r.seq_len + 1,
@@ -113,7 +104,7 @@ void load_model_and_data(Run& r) {
     r.valid_blocks = split.valid;
   } else {
     for (int64_t i = 0; i < r.train_data->num_blocks(); ++i) r.train_blocks.push_back(i);
-    r.valid_data = std::make_unique<data::BlockDataset>(stream_of("data.valid", valid_files, 0), r.seq_len);
+    r.valid_data = std::make_unique<data::BlockDataset>(data::load_config_tokens(cfg, "data.valid", *tok), r.seq_len);
     for (int64_t i = 0; i < r.valid_data->num_blocks(); ++i) r.valid_blocks.push_back(i);
   }
   const int64_t eval_blocks = r.opts.eval_blocks;
