@@ -13,9 +13,11 @@
 #if PATCH_WITH_CUTLASS
 #include <ATen/cuda/CUDAContext.h>
 
+#include "deploy/cutlass_hybrid_gemm.h"
 #include "deploy/cutlass_sparse_gemm.h"
 #endif
 #include "deploy/hybrid_linear.h"
+#include "deploy/hybrid_split_plan.h"
 #include "model/bench.h"
 #include "model/decoder.h"
 #include "sparsity/patterns.h"
@@ -280,6 +282,73 @@ void bench_sparse_gemms(const DeployBenchOptions& o, const BenchShape& shape,
   }
 }
 
+// Hybrid layers (deploy.sparsities, 128 x 128 tiles) on the 2:4 tensor cores
+// alone, dense tiles as two 2:4 halves (cutlass_hybrid_gemm.h), against cuBLAS
+// on the masked weight at deploy.gemm_tokens.
+void bench_split_hybrid(const DeployBenchOptions& o, const BenchShape& shape,
+                        const std::function<void(const nlohmann::json&)>& emit) {
+#if PATCH_WITH_CUTLASS
+  if (!cutlass_sm90::available() || o.tile_rows != kSplitTile || o.tile_cols != kSplitTile) return;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 2);
+  for (const auto& s : shape.layers) {
+    if (!layer_selected(o, shape, s.names) || s.out % kSplitTile != 0 || s.in % kSplitTile != 0) continue;
+    const sparsity::TileGrid grid(s.out, s.in, kSplitTile, kSplitTile);
+    const auto w = (at::randn({s.out, s.in}, gen, at::kFloat) * 0.02).to(at::kBFloat16);
+    for (double sp : o.sparsities) {
+      const auto mask = random_layer_mask(s.names.front(), grid, sp, gen);
+      const auto masked_cpu = unpack_layer(pack_layer(w, mask)).contiguous();
+      const auto* bits = reinterpret_cast<const uint16_t*>(masked_cpu.data_ptr<at::BFloat16>());
+      const auto td = mask.tile_dense.contiguous().to(at::kByte);
+      const auto masked = masked_cpu.to(o.device);
+      const auto wf = masked.to(at::kFloat);
+      std::unique_ptr<cutlass_sm90::HybridSplitWeight> split;
+      std::string error;
+      try {
+        split = std::make_unique<cutlass_sm90::HybridSplitWeight>(
+            std::vector<uint16_t>(bits, bits + masked_cpu.numel()),
+            std::vector<uint8_t>(td.data_ptr<uint8_t>(), td.data_ptr<uint8_t>() + td.numel()), s.out, s.in,
+            at::cuda::getCurrentCUDAStream().stream());
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+      for (int64_t tokens : o.gemm_tokens) {
+        const auto x = at::randn({tokens, s.in}, at::TensorOptions(o.device).dtype(at::kBFloat16));
+        const double dense_us = cuda::graph_time_us([&](int) { at::linear(x, masked); }, 8, o.repeats);
+        ordered_json j{{"bench", "deploy_split_hybrid"}, {"shape", shape.name}, {"layers", joined(s.names)},
+                       {"out", s.out}, {"in", s.in}, {"target_sparsity", sp}, {"tokens", tokens},
+                       {"dense_us", dense_us}};
+        if (!split) {
+          j["error"] = error;
+          emit(j);
+          continue;
+        }
+        auto y = at::empty({tokens, s.out}, x.options());
+        const auto run = [&] {
+          split->run(x.data_ptr(), y.data_ptr(), tokens, at::cuda::getCurrentCUDAStream().stream());
+        };
+        run();
+        const auto ref = at::linear(x.to(at::kFloat), wf);
+        const double err = ((y.to(at::kFloat) - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item<double>();
+        core::check(err <= 8e-3, "bench-deploy",
+                    core::str(shape.name, " ", joined(s.names), " at sparsity ", sp, " and ", tokens,
+                              " tokens: the split hybrid GEMM is off the masked dense matmul by ", err,
+                              " of its largest value"));
+        const double split_us = cuda::graph_time_us([&](int) { run(); }, 8, o.repeats);
+        j["split_us"] = split_us;
+        j["speedup"] = dense_us / split_us;
+        j["max_rel_err"] = err;
+        j["device_bytes_ratio"] = static_cast<double>(split->bytes()) / (2.0 * s.out * s.in);
+        emit(j);
+      }
+    }
+  }
+#else
+  (void)o;
+  (void)shape;
+  (void)emit;
+#endif
+}
+
 // The whole model: prefill of e2e_prefill tokens (eager, median wall time) and
 // single-token steps (a CUDA graph of the forward; no KV cache, so attention
 // sees only the new token: the weight-streaming cost of a decode step).
@@ -457,6 +526,7 @@ void bench_deploy(const DeployBenchOptions& o,
   for (const auto& shape : shapes) {
     bench_layers(o, shape, emit);
     if (!o.gemm_tokens.empty()) bench_sparse_gemms(o, shape, emit);
+    if (!o.gemm_tokens.empty()) bench_split_hybrid(o, shape, emit);
     if (o.end_to_end && shape.model) bench_model(o, shape.name, *shape.model, emit);
   }
 #else

@@ -34,6 +34,8 @@ struct DeployBenchOptions {
   // on its masked weight against cuSPARSELt and each CUTLASS SM90 kernel, at
   // these token counts (empty: none). s = dense time / sparse time bounds
   // what any hybrid prefill kernel can gain.
+  // The same token counts time the hybrid layers of `sparsities` on the 2:4
+  // tensor cores alone (dense tiles as two 2:4 halves, CUTLASS builds only).
   std::vector<int64_t> gemm_tokens{256, 2048, 8192};
   int64_t tile_rows = 128, tile_cols = 128;
   int repeats = 15;  // timed graph replays; the median is reported

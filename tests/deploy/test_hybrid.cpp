@@ -8,6 +8,7 @@
 #include <cuda_runtime_api.h>
 #endif
 #if PATCH_WITH_CUTLASS
+#include "deploy/cutlass_hybrid_gemm.h"
 #include "deploy/cutlass_sparse_gemm.h"
 #endif
 
@@ -24,6 +25,7 @@
 #include "deploy/bench.h"
 #include "deploy/expand_schedule.h"
 #include "deploy/hybrid_linear.h"
+#include "deploy/hybrid_split_plan.h"
 #include "deploy/packed.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
@@ -51,6 +53,17 @@ std::pair<at::Tensor, maskfile::LayerMask> random_layer(const Case& c, uint64_t 
 
 at::Tensor masked(const at::Tensor& w, const maskfile::LayerMask& m) {
   return w * m.mask(at::kBFloat16);
+}
+
+// The bf16 bits of a contiguous bf16 CPU tensor, and the tile map of a mask (1: dense).
+std::vector<uint16_t> bf16_bits(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const auto* p = reinterpret_cast<const uint16_t*>(c.data_ptr<at::BFloat16>());
+  return std::vector<uint16_t>(p, p + c.numel());
+}
+std::vector<uint8_t> tile_map(const maskfile::LayerMask& m) {
+  const at::Tensor td = m.tile_dense.contiguous().to(at::kByte);
+  return std::vector<uint8_t>(td.data_ptr<uint8_t>(), td.data_ptr<uint8_t>() + td.numel());
 }
 
 // The message read_packed throws for `path` ("" when it does not throw).
@@ -220,6 +233,39 @@ TEST_CASE("the expansion schedule expands each layer's weight ahead once it know
   // One acquire at a time.
   s.acquire(&layer[0]);
   CHECK_THROWS(s.acquire(&layer[1]));
+}
+
+TEST_CASE("a hybrid layer split into 2:4 steps adds up to the masked matmul", "[deploy]") {
+  // Three row blocks, four input blocks of 128; a quarter and a half of the tiles dense.
+  for (double sparsity : {0.25, 0.375}) {
+    auto [w, mask] = random_layer({384, 512, 128, 128, sparsity}, 41);
+    const at::Tensor wm = masked(w, mask);
+    const std::vector<uint8_t> dense = tile_map(mask);
+    const deploy::SplitPlan plan = deploy::make_split_plan(dense, 3, 4);
+    const std::vector<uint16_t> pool = deploy::gather_split_pool(plan, bf16_bits(wm));
+    const int64_t t = deploy::kSplitTile;
+    const at::Tensor pool_t =
+        at::from_blob(const_cast<uint16_t*>(pool.data()), {static_cast<int64_t>(plan.pool.size()) * t, t}, at::kShort)
+            .view(at::kBFloat16)
+            .to(at::kDouble);
+    // Every pool tile is 2:4: at most two nonzeros in every group of four inputs.
+    CHECK((pool_t.ne(0).view({-1, 4}).sum(1).le(2)).all().item<bool>());
+    const at::Tensor x = at::randn({7, 512}, at::kDouble);
+    at::Tensor y = at::zeros({7, 384}, at::kDouble);
+    for (int64_t r = 0; r < 3; ++r) {
+      int64_t want = 4;
+      for (int64_t k = 0; k < 4; ++k) want += dense[static_cast<size_t>(r * 4 + k)];
+      CHECK(plan.counts[static_cast<size_t>(r)] == want);
+      for (int64_t j = 0; j < plan.counts[static_cast<size_t>(r)]; ++j) {
+        const int32_t tile = plan.steps[static_cast<size_t>((r * plan.max_steps + j) * 2)];
+        const int32_t kb = plan.steps[static_cast<size_t>((r * plan.max_steps + j) * 2 + 1)];
+        y.slice(1, r * t, (r + 1) * t) += at::matmul(x.slice(1, kb * t, (kb + 1) * t), pool_t.slice(0, tile * t, (tile + 1) * t).t());
+      }
+    }
+    const at::Tensor want = at::matmul(x, wm.to(at::kDouble).t());
+    CHECK(at::allclose(y, want, 1e-12, 1e-12));
+  }
+  CHECK_THROWS_AS(deploy::make_split_plan({1, 0, 1}, 2, 2), std::invalid_argument);
 }
 
 TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
@@ -486,6 +532,52 @@ TEST_CASE("bench-deploy's sparse GEMM rows run cuSPARSELt and the CUTLASS kernel
 #endif
   CHECK(kernels == want);
   CHECK(rows.size() == 2 * want.size());
+}
+#endif
+
+#if PATCH_WITH_CUTLASS
+TEST_CASE("the CUTLASS split hybrid GEMM equals the masked dense matmul", "[deploy]") {
+  if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess || prop.major != 9) return;  // the kernels are sm_90a's
+  const at::Device cuda(at::kCUDA, 0);
+  for (double sparsity : {0.25, 0.45, 0.5}) {
+    auto [w, mask] = random_layer({384, 512, 128, 128, sparsity}, 43);
+    const at::Tensor wm = masked(w, mask);
+    void* stream = nullptr;  // the default stream
+    deploy::cutlass_sm90::HybridSplitWeight gemm(bf16_bits(wm), tile_map(mask), 384, 512, stream);
+    for (int64_t tokens : {1, 17, 128, 200, 1024}) {
+      const at::Tensor x = at::randn({tokens, 512}, at::TensorOptions().device(cuda)).to(at::kBFloat16);
+      at::Tensor y = at::empty({tokens, 384}, x.options());
+      gemm.run(x.data_ptr(), y.data_ptr(), tokens, stream);
+      const at::Tensor want = at::linear(x.to(at::kFloat), wm.to(cuda).to(at::kFloat));
+      const double err = (y.to(at::kFloat) - want).abs().max().item<double>() / want.abs().max().item<double>();
+      INFO("sparsity " << sparsity << ", " << tokens << " tokens: relative error " << err);
+      CHECK(err <= 8e-3);
+    }
+  }
+  // bench-deploy times it beside cuBLAS at the sparse GEMM rows' token counts.
+  deploy::DeployBenchOptions o;
+  o.shapes = {"384x512"};
+  o.sparsities = {0.45};
+  o.tokens = {};
+  o.gemm_tokens = {17, 256};
+  o.repeats = 1;
+  o.device = cuda;
+  std::vector<nlohmann::json> split_rows;
+  deploy::bench_deploy(o, [&](const nlohmann::json& j) {
+    if (j["bench"] == "deploy_split_hybrid") split_rows.push_back(j);
+  });
+  REQUIRE(split_rows.size() == 2);
+  for (const auto& r : split_rows) {
+    INFO(r.dump());
+    CHECK_FALSE(r.contains("error"));
+    CHECK(r["max_rel_err"].get<double>() <= 8e-3);
+    CHECK(r["speedup"].get<double>() > 0);
+  }
+  // Shapes the kernel cannot take are refused with the shape named.
+  CHECK_THROWS_WITH(deploy::cutlass_sm90::HybridSplitWeight(std::vector<uint16_t>(100 * 128), {0}, 100, 128, nullptr),
+                    Catch::Contains("[out 100, in 128]"));
 }
 #endif
 
