@@ -183,20 +183,9 @@ class HybridSplitImpl {
   using ProblemShape = cute::Shape<int, int, int, int>;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
-
-  using SparseConfig = typename StockMainloop::SparseConfig;
-  using ElementE = typename StockMainloop::ElementE;
-  using LayoutACompressed = typename StockMainloop::LayoutA;
-  using LayoutE = typename StockMainloop::LayoutE;
-  using StrideA = cutlass::gemm::TagToStrideA_t<LayoutA>;
   using StrideB = typename GemmKernel::StrideB;
   using StrideC = typename GemmKernel::StrideC;
   using StrideD = typename GemmKernel::StrideD;
-  using CompressorUtility =
-      cutlass::transform::kernel::StructuredSparseCompressorUtility<ProblemShape, Element, LayoutA, SparseConfig>;
-  using CompressorKernel = cutlass::transform::kernel::StructuredSparseCompressor<ProblemShape, Element, LayoutA,
-                                                                                  SparseConfig, cutlass::arch::Sm90>;
-  using Compressor = cutlass::transform::device::TransformUniversalAdapter<CompressorKernel>;
 
  public:
   HybridSplitImpl(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense, int64_t out, int64_t in,
@@ -207,93 +196,46 @@ class HybridSplitImpl {
     const SplitPlan plan = make_split_plan(tile_dense, out / kSplitTile, in / kSplitTile);
     const std::vector<uint16_t> pool = gather_split_pool(plan, w);
     max_steps_ = static_cast<int>(plan.max_steps);
-
-    check(cudaGetDevice(&hw_info_.device_id), "cudaGetDevice");
-    int major = 0, minor = 0;
-    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, hw_info_.device_id), "device query");
-    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, hw_info_.device_id), "device query");
-    if (major != 9 || minor != 0) fail("needs an sm_90 GPU");
-    check(cudaDeviceGetAttribute(&hw_info_.sm_count, cudaDevAttrMultiProcessorCount, hw_info_.device_id),
-          "device query");
-
-    // The step table and the uncompressed pool, uploaded; the pool is freed once compressed.
-    check(steps_.allocate(plan.steps.size() * sizeof(int32_t)), "cudaMalloc (steps)");
-    check(counts_.allocate(plan.counts.size() * sizeof(int32_t)), "cudaMalloc (counts)");
-    check(cudaMemcpyAsync(steps_.get(), plan.steps.data(), steps_.bytes(), cudaMemcpyHostToDevice, stream),
-          "cudaMemcpyAsync (steps)");
-    check(cudaMemcpyAsync(counts_.get(), plan.counts.data(), counts_.bytes(), cudaMemcpyHostToDevice, stream),
-          "cudaMemcpyAsync (counts)");
+    std::string e = sm90_device(hw_info_);
+    // The step table and the uncompressed pool, uploaded; the pool goes once compressed.
+    if (e.empty()) e = upload(plan.steps, steps_, stream);
+    if (e.empty()) e = upload(plan.counts, counts_, stream);
     DeviceBuffer dense_pool;
-    check(dense_pool.allocate(pool.size() * sizeof(uint16_t)), "cudaMalloc (pool)");
-    check(cudaMemcpyAsync(dense_pool.get(), pool.data(), dense_pool.bytes(), cudaMemcpyHostToDevice, stream),
-          "cudaMemcpyAsync (pool)");
-
-    const int pool_rows = static_cast<int>(plan.pool.size() * kSplitTile), k = static_cast<int>(kSplitTile);
-    const ProblemShape pool_shape{pool_rows, 1, k, 1};
-    layout_a_ = SparseConfig::fill_layoutA(pool_shape);
-    layout_e_ = SparseConfig::fill_layoutE(pool_shape);
-    const StrideA stride_pool = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(pool_rows, k, 1));
-    typename Compressor::Arguments compress_args{pool_shape, {dense_pool.get(), stride_pool, nullptr, nullptr}, {}};
-    cutlass::Status status = Compressor::can_implement(compress_args);
-    if (status != cutlass::Status::kSuccess) fail_status("compressor can_implement", status);
-    CompressorUtility utility(pool_shape, stride_pool);
-    const size_t a_bytes = size_t(utility.get_tensorA_m_physical()) * size_t(utility.get_tensorA_k_physical()) *
-                           sizeof(Element);
-    const size_t e_bytes = size_t(utility.get_metadata_m_physical()) * size_t(utility.get_metadata_k_physical()) *
-                           sizeof(ElementE);
-    check(a_.allocate(a_bytes), "cudaMalloc (compressed pool)");
-    check(e_.allocate(e_bytes), "cudaMalloc (metadata)");
-    check(cudaMemsetAsync(a_.get(), 0, a_bytes, stream), "cudaMemsetAsync");
-    check(cudaMemsetAsync(e_.get(), 0, e_bytes, stream), "cudaMemsetAsync");
-    compress_args.transform.ptr_ACompress = a_.get();
-    compress_args.transform.ptr_E = e_.get();
-    compress_args.hw_info = hw_info_;
-    const size_t compress_ws_bytes = Compressor::get_workspace_size(compress_args);
-    void* compress_ws = nullptr;
-    if (compress_ws_bytes > 0) check(cudaMallocAsync(&compress_ws, compress_ws_bytes, stream), "cudaMallocAsync");
-    Compressor compressor;
-    status = compressor.initialize(compress_args, compress_ws, stream);
-    if (status == cutlass::Status::kSuccess) status = compressor.run(stream);
-    if (compress_ws != nullptr) cudaFreeAsync(compress_ws, stream);
-    if (status != cutlass::Status::kSuccess) fail_status("compressor launch", status, cudaGetLastError());
-    // dense_pool is freed here, after the stream's work on it (cudaFree waits).
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    if (e.empty()) e = upload(pool, dense_pool, stream);
+    if (e.empty())
+      e = compress_sparse(dense_pool.get(), static_cast<int>(plan.pool.size() * kSplitTile),
+                          static_cast<int>(kSplitTile), hw_info_, stream, pool_);
+    // dense_pool's cudaFree would wait for the stream anyway; say so here.
+    if (e.empty()) e = cuda_text(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    if (!e.empty()) fail(e);
   }
 
   void run(const void* x, void* y, int64_t tokens, cudaStream_t stream) {
-    if (tokens < 0 || tokens > INT_MAX) fail("tokens " + std::to_string(tokens) + " out of range");
-    if (tokens == 0) return;
-    if (!(initialized_ && x == last_x_ && y == last_y_ && tokens == last_tokens_)) {
-      if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(y) % 16 != 0)
-        fail("x and y must be 16-byte aligned");
-      initialized_ = false;
-      typename Gemm::Arguments args = arguments(x, y, static_cast<int>(tokens));
-      cutlass::Status status = Gemm::can_implement(args);
-      if (status != cutlass::Status::kSuccess) fail_status("can_implement", status, cudaSuccess, tokens);
-      if (Gemm::get_workspace_size(args) != 0) fail("the kernel asks for a workspace");
-      status = gemm_.initialize(args, nullptr, stream);
-      if (status != cutlass::Status::kSuccess) fail_status("initialize", status, cudaGetLastError(), tokens);
-      initialized_ = true;
-      last_x_ = x;
-      last_y_ = y;
-      last_tokens_ = tokens;
-    }
-    const cutlass::Status status = gemm_.run(stream);
-    if (status != cutlass::Status::kSuccess) fail_status("launch", status, cudaGetLastError(), tokens);
+    const std::string e = gemm_.run(x, y, tokens, stream, [&](int n) { return arguments(x, y, n); });
+    if (!e.empty()) fail(e);
   }
 
-  size_t bytes() const { return a_.bytes() + e_.bytes() + steps_.bytes() + counts_.bytes(); }
+  size_t bytes() const { return pool_.bytes() + steps_.bytes() + counts_.bytes(); }
 
  private:
+  template <class T>
+  static std::string upload(const std::vector<T>& host, DeviceBuffer& dev, cudaStream_t stream) {
+    std::string e = cuda_text(dev.allocate(host.size() * sizeof(T)), "cudaMalloc");
+    if (e.empty())
+      e = cuda_text(cudaMemcpyAsync(dev.get(), host.data(), dev.bytes(), cudaMemcpyHostToDevice, stream),
+                    "cudaMemcpyAsync");
+    return e;
+  }
+
   typename Gemm::Arguments arguments(const void* x, void* y, int tokens) const {
     const int m = static_cast<int>(out_), k = static_cast<int>(in_);
     typename Gemm::Arguments args{};
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     args.problem_shape = ProblemShape{m, tokens, k, 1};
-    args.mainloop.ptr_pool = static_cast<const Element*>(a_.get());
-    args.mainloop.layout_pool = layout_a_;
-    args.mainloop.ptr_e = static_cast<const ElementE*>(e_.get());
-    args.mainloop.layout_e = layout_e_;
+    args.mainloop.ptr_pool = static_cast<const Element*>(pool_.values.get());
+    args.mainloop.layout_pool = pool_.layout_a;
+    args.mainloop.ptr_e = static_cast<const typename StockMainloop::ElementE*>(pool_.metadata.get());
+    args.mainloop.layout_e = pool_.layout_e;
     args.mainloop.ptr_B = static_cast<const Element*>(x);
     args.mainloop.dB = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(tokens, k, 1));
     args.mainloop.steps = static_cast<const int32_t*>(steps_.get());
@@ -313,29 +255,13 @@ class HybridSplitImpl {
     throw std::runtime_error("CUTLASS hybrid GEMM [out " + std::to_string(out_) + ", in " + std::to_string(in_) +
                              "]: " + why);
   }
-  [[noreturn]] void fail_status(const char* step, cutlass::Status status, cudaError_t cuda = cudaSuccess,
-                                int64_t tokens = -1) const {
-    std::string why = std::string(step) + " failed";
-    if (tokens >= 0) why += " for " + std::to_string(tokens) + " tokens";
-    why += ": CUTLASS status '" + std::string(cutlass::cutlassGetStatusString(status)) + "'";
-    if (cuda != cudaSuccess) why += ", CUDA error '" + std::string(cudaGetErrorString(cuda)) + "'";
-    fail(why);
-  }
-  void check(cudaError_t e, const char* what) const {
-    if (e != cudaSuccess) fail(std::string(what) + ": " + cudaGetErrorString(e));
-  }
 
   int64_t out_, in_;
   int max_steps_ = 0;
   cutlass::KernelHardwareInfo hw_info_{};
-  DeviceBuffer a_, e_, steps_, counts_;
-  LayoutACompressed layout_a_{};
-  LayoutE layout_e_{};
-  Gemm gemm_;
-  bool initialized_ = false;
-  const void* last_x_ = nullptr;
-  void* last_y_ = nullptr;
-  int64_t last_tokens_ = 0;
+  CompressedSparse<StockMainloop> pool_;
+  DeviceBuffer steps_, counts_;
+  CachedGemm<Gemm> gemm_;
 };
 
 #else

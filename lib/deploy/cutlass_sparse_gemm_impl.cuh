@@ -79,13 +79,6 @@ inline std::string shape_text(Variant v, int64_t out, int64_t in) {
   return std::string(variant_name(v)) + " [out " + std::to_string(out) + ", in " + std::to_string(in) + "]";
 }
 
-inline void check_cuda(cudaError_t e, const char* what, Variant v, int64_t out, int64_t in) {
-  if (e != cudaSuccess) {
-    throw std::runtime_error("CUTLASS sparse GEMM " + shape_text(v, out, in) + ": " + what + ": " +
-                             cudaGetErrorString(e));
-  }
-}
-
 inline void check_aligned(const void* p, const char* name, Variant v, int64_t out, int64_t in) {
   // TMA descriptors need 16-byte aligned global addresses.
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
@@ -136,6 +129,144 @@ struct Sm90SparseConfig {
   using ClusterShape = ClusterShape_;
   using KernelSchedule = KernelSchedule_;
   using EpilogueSchedule = EpilogueSchedule_;
+};
+
+// What a CUTLASS step that failed said: "<step> failed[ for N tokens]: CUTLASS
+// status '...'[, CUDA error '...']".
+inline std::string status_text(const char* step, cutlass::Status status, cudaError_t cuda = cudaSuccess,
+                               int64_t tokens = -1) {
+  std::string why = std::string(step) + " failed";
+  if (tokens >= 0) why += " for " + std::to_string(tokens) + " tokens";
+  why += ": CUTLASS status '" + std::string(cutlass::cutlassGetStatusString(status)) + "'";
+  if (cuda != cudaSuccess) why += ", CUDA error '" + std::string(cudaGetErrorString(cuda)) + "'";
+  return why;
+}
+
+inline std::string cuda_text(cudaError_t e, const char* what) {
+  return e == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorString(e);
+}
+
+// The current device as the kernels need it (an sm_90 GPU, its SM count); ""
+// or what is wrong.
+inline std::string sm90_device(cutlass::KernelHardwareInfo& hw) {
+  std::string e = cuda_text(cudaGetDevice(&hw.device_id), "cudaGetDevice");
+  int major = 0, minor = 0;
+  if (e.empty()) e = cuda_text(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, hw.device_id), "device query");
+  if (e.empty()) e = cuda_text(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, hw.device_id), "device query");
+  if (e.empty() && (major != 9 || minor != 0))
+    e = "needs an sm_90 GPU, device " + std::to_string(hw.device_id) + " is sm_" + std::to_string(major) +
+        std::to_string(minor);
+  if (e.empty())
+    e = cuda_text(cudaDeviceGetAttribute(&hw.sm_count, cudaDevAttrMultiProcessorCount, hw.device_id), "device query");
+  return e;
+}
+
+// A 2:4 matrix in the layout of the sparse main loop Mainloop: the compressed
+// values and the metadata.
+template <class Mainloop>
+struct CompressedSparse {
+  DeviceBuffer values, metadata;
+  typename Mainloop::LayoutA layout_a{};
+  typename Mainloop::LayoutE layout_e{};
+  size_t bytes() const { return values.bytes() + metadata.bytes(); }
+};
+
+// Compresses w (device bf16 [m, k], row-major, at most two nonzeros in every
+// four consecutive entries of a row: the compressor keeps the first two it
+// finds) on `stream` into `out`; w must stay valid until the stream reaches
+// that point. Returns "" or what failed.
+template <class Mainloop>
+std::string compress_sparse(const void* w, int m, int k, const cutlass::KernelHardwareInfo& hw, cudaStream_t stream,
+                            CompressedSparse<Mainloop>& out) {
+  using Element = cutlass::bfloat16_t;
+  using Layout = cutlass::layout::RowMajor;
+  using ProblemShape = cute::Shape<int, int, int, int>;
+  using SparseConfig = typename Mainloop::SparseConfig;
+  using Utility = cutlass::transform::kernel::StructuredSparseCompressorUtility<ProblemShape, Element, Layout,
+                                                                                SparseConfig>;
+  using Compressor = cutlass::transform::device::TransformUniversalAdapter<
+      cutlass::transform::kernel::StructuredSparseCompressor<ProblemShape, Element, Layout, SparseConfig,
+                                                             cutlass::arch::Sm90>>;
+  using Stride = cutlass::gemm::TagToStrideA_t<Layout>;
+  // The compressed layouts depend on M, K and L only; N = 1 stands for any token count.
+  const ProblemShape shape{m, 1, k, 1};
+  out.layout_a = SparseConfig::fill_layoutA(shape);
+  out.layout_e = SparseConfig::fill_layoutE(shape);
+  const Stride stride = cutlass::make_cute_packed_stride(Stride{}, cute::make_shape(m, k, 1));
+  typename Compressor::Arguments args{shape, {w, stride, nullptr, nullptr}, {}};
+  cutlass::Status status = Compressor::can_implement(args);
+  if (status != cutlass::Status::kSuccess) return status_text("compressor can_implement", status);
+  Utility utility(shape, stride);
+  const size_t a_bytes =
+      size_t(utility.get_tensorA_m_physical()) * size_t(utility.get_tensorA_k_physical()) * sizeof(Element);
+  const size_t e_bytes = size_t(utility.get_metadata_m_physical()) * size_t(utility.get_metadata_k_physical()) *
+                         sizeof(typename Mainloop::ElementE);
+  std::string e = cuda_text(out.values.allocate(a_bytes), "cudaMalloc (compressed values)");
+  if (e.empty()) e = cuda_text(out.metadata.allocate(e_bytes), "cudaMalloc (metadata)");
+  // The padding (K rounded up to the metadata atom) must read as zeros.
+  if (e.empty()) e = cuda_text(cudaMemsetAsync(out.values.get(), 0, a_bytes, stream), "cudaMemsetAsync");
+  if (e.empty()) e = cuda_text(cudaMemsetAsync(out.metadata.get(), 0, e_bytes, stream), "cudaMemsetAsync");
+  if (!e.empty()) return e;
+  args.transform.ptr_ACompress = out.values.get();
+  args.transform.ptr_E = out.metadata.get();
+  args.hw_info = hw;
+  // The compressor asks for a workspace it does not touch; stream-ordered so nothing waits for it.
+  const size_t ws_bytes = Compressor::get_workspace_size(args);
+  void* ws = nullptr;
+  if (ws_bytes > 0) {
+    e = cuda_text(cudaMallocAsync(&ws, ws_bytes, stream), "cudaMallocAsync");
+    if (!e.empty()) return e;
+  }
+  Compressor compressor;
+  status = compressor.initialize(args, ws, stream);
+  if (status == cutlass::Status::kSuccess) status = compressor.run(stream);
+  if (ws != nullptr) cudaFreeAsync(ws, stream);
+  if (status != cutlass::Status::kSuccess) return status_text("compressor launch", status, cudaGetLastError());
+  return "";
+}
+
+// A GEMM whose parameters (TMA descriptors built on the host) are rebuilt only
+// for a new x, y or token count; a workspace, where the kernel asks for one,
+// is owned here and re-initialized every time.
+template <class Gemm>
+class CachedGemm {
+ public:
+  // make_args(tokens) gives the GEMM's arguments. Returns "" or what failed.
+  template <class MakeArgs>
+  std::string run(const void* x, void* y, int64_t tokens, cudaStream_t stream, MakeArgs&& make_args) {
+    if (tokens < 0 || tokens > INT_MAX) return "tokens " + std::to_string(tokens) + " out of range";
+    if (tokens == 0) return "";
+    if (!(initialized_ && x == last_x_ && y == last_y_ && tokens == last_tokens_ && workspace_.bytes() == 0)) {
+      // TMA descriptors need 16-byte aligned global addresses.
+      if (reinterpret_cast<uintptr_t>(x) % 16 != 0) return "x is not 16-byte aligned";
+      if (reinterpret_cast<uintptr_t>(y) % 16 != 0) return "y is not 16-byte aligned";
+      initialized_ = false;
+      typename Gemm::Arguments args = make_args(static_cast<int>(tokens));
+      cutlass::Status status = Gemm::can_implement(args);
+      if (status != cutlass::Status::kSuccess) return status_text("can_implement", status, cudaSuccess, tokens);
+      const size_t ws_bytes = Gemm::get_workspace_size(args);
+      if (ws_bytes > workspace_.bytes()) {
+        const std::string e = cuda_text(workspace_.allocate(ws_bytes), "cudaMalloc (workspace)");
+        if (!e.empty()) return e;
+      }
+      status = gemm_.initialize(args, workspace_.get(), stream);
+      if (status != cutlass::Status::kSuccess) return status_text("initialize", status, cudaGetLastError(), tokens);
+      initialized_ = true;
+      last_x_ = x;
+      last_y_ = y;
+      last_tokens_ = tokens;
+    }
+    const cutlass::Status status = gemm_.run(stream);
+    return status == cutlass::Status::kSuccess ? "" : status_text("launch", status, cudaGetLastError(), tokens);
+  }
+
+ private:
+  Gemm gemm_;
+  DeviceBuffer workspace_;
+  bool initialized_ = false;
+  const void* last_x_ = nullptr;
+  void* last_y_ = nullptr;
+  int64_t last_tokens_ = 0;
 };
 
 template <Variant V>
@@ -193,103 +324,32 @@ class SparseGemmImpl final : public ImplBase {
   using ProblemShape = cute::Shape<int, int, int, int>;  // M, N, K, L
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
-
-  using SparseConfig = typename CollectiveMainloop::SparseConfig;
-  using ElementE = typename CollectiveMainloop::ElementE;
-  using LayoutACompressed = typename CollectiveMainloop::LayoutA;
-  using LayoutE = typename CollectiveMainloop::LayoutE;
-  using StrideA = cutlass::gemm::TagToStrideA_t<LayoutA>;  // W before compression
   using StrideB = typename GemmKernel::StrideB;
   using StrideC = typename GemmKernel::StrideC;
   using StrideD = typename GemmKernel::StrideD;
-
-  using CompressorUtility =
-      cutlass::transform::kernel::StructuredSparseCompressorUtility<ProblemShape, Element, LayoutA, SparseConfig>;
-  using CompressorKernel = cutlass::transform::kernel::StructuredSparseCompressor<ProblemShape, Element, LayoutA,
-                                                                                  SparseConfig, cutlass::arch::Sm90>;
-  using Compressor = cutlass::transform::device::TransformUniversalAdapter<CompressorKernel>;
 
  public:
   SparseGemmImpl(const void* w, int64_t out, int64_t in, cudaStream_t stream) : out_(out), in_(in) {
     if (out <= 0 || in <= 0 || out > INT_MAX || in > INT_MAX) fail("shape out of range");
     check_aligned(w, "w", V, out_, in_);
-
-    // The compressed layouts depend on M, K and L only; N = 1 stands for any token count.
-    const int m = static_cast<int>(out), k = static_cast<int>(in);
-    const ProblemShape shape{m, 1, k, 1};
-    layout_a_ = SparseConfig::fill_layoutA(shape);
-    layout_e_ = SparseConfig::fill_layoutE(shape);
-    const StrideA stride_w = cutlass::make_cute_packed_stride(StrideA{}, cute::make_shape(m, k, 1));
-
-    // Refuse shapes the GEMM or the compressor cannot take (host-side checks) before touching the device.
-    cutlass::Status status = Gemm::can_implement(arguments(nullptr, nullptr, 1));
-    if (status != cutlass::Status::kSuccess) fail_status("can_implement", status);
-    typename Compressor::Arguments compress_args{shape, {w, stride_w, nullptr, nullptr}, {}};
-    status = Compressor::can_implement(compress_args);
-    if (status != cutlass::Status::kSuccess) fail_status("compressor can_implement", status);
-
-    check(cudaGetDevice(&hw_info_.device_id), "cudaGetDevice");
-    int major = 0, minor = 0;
-    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, hw_info_.device_id), "device query");
-    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, hw_info_.device_id), "device query");
-    if (major != 9 || minor != 0) {
-      fail("needs an sm_90 GPU, device " + std::to_string(hw_info_.device_id) + " is sm_" + std::to_string(major) +
-           std::to_string(minor));
-    }
-    check(cudaDeviceGetAttribute(&hw_info_.sm_count, cudaDevAttrMultiProcessorCount, hw_info_.device_id),
-          "device query");
-
-    CompressorUtility utility(shape, stride_w);
-    const size_t a_bytes = size_t(utility.get_tensorA_m_physical()) * size_t(utility.get_tensorA_k_physical()) *
-                           sizeof(Element);
-    const size_t e_bytes = size_t(utility.get_metadata_m_physical()) * size_t(utility.get_metadata_k_physical()) *
-                           sizeof(ElementE);
-    check(a_.allocate(a_bytes), "cudaMalloc (compressed values)");
-    check(e_.allocate(e_bytes), "cudaMalloc (metadata)");
-    // The padding (K rounded up to the metadata atom) must read as zeros.
-    check(cudaMemsetAsync(a_.get(), 0, a_bytes, stream), "cudaMemsetAsync");
-    check(cudaMemsetAsync(e_.get(), 0, e_bytes, stream), "cudaMemsetAsync");
-
-    compress_args.transform.ptr_ACompress = a_.get();
-    compress_args.transform.ptr_E = e_.get();
-    compress_args.hw_info = hw_info_;
-    // The compressor asks for a workspace it does not touch; stream-ordered so nothing waits for it.
-    const size_t compress_ws_bytes = Compressor::get_workspace_size(compress_args);
-    void* compress_ws = nullptr;
-    if (compress_ws_bytes > 0) check(cudaMallocAsync(&compress_ws, compress_ws_bytes, stream), "cudaMallocAsync");
-    Compressor compressor;
-    status = compressor.initialize(compress_args, compress_ws, stream);
-    if (status == cutlass::Status::kSuccess) status = compressor.run(stream);
-    if (compress_ws != nullptr) cudaFreeAsync(compress_ws, stream);
-    if (status != cutlass::Status::kSuccess) fail_status("compressor launch", status, cudaGetLastError());
+    // Refuse shapes the GEMM cannot take (host-side checks) before touching the
+    // device; it checks the compressed layouts too, which depend on M and K only.
+    const ProblemShape shape{static_cast<int>(out), 1, static_cast<int>(in), 1};
+    weight_.layout_a = CollectiveMainloop::SparseConfig::fill_layoutA(shape);
+    weight_.layout_e = CollectiveMainloop::SparseConfig::fill_layoutE(shape);
+    const cutlass::Status status = Gemm::can_implement(arguments(nullptr, nullptr, 1));
+    if (status != cutlass::Status::kSuccess) fail(with_hint(status_text("can_implement", status)));
+    std::string e = sm90_device(hw_info_);
+    if (e.empty()) e = compress_sparse(w, static_cast<int>(out), static_cast<int>(in), hw_info_, stream, weight_);
+    if (!e.empty()) fail(e);
   }
 
   void run(const void* x, void* y, int64_t tokens, cudaStream_t stream) override {
-    if (tokens < 0 || tokens > INT_MAX) fail("tokens " + std::to_string(tokens) + " out of range");
-    if (tokens == 0) return;
-    // Params hold TMA descriptors built on the host: rebuild them only for a new x, y or token count.
-    // A workspace (none for these kernels) would be re-initialized every time.
-    if (!(initialized_ && x == last_x_ && y == last_y_ && tokens == last_tokens_ && workspace_.bytes() == 0)) {
-      check_aligned(x, "x", V, out_, in_);
-      check_aligned(y, "y", V, out_, in_);
-      initialized_ = false;
-      typename Gemm::Arguments args = arguments(x, y, static_cast<int>(tokens));
-      cutlass::Status status = Gemm::can_implement(args);
-      if (status != cutlass::Status::kSuccess) fail_status("can_implement", status, cudaSuccess, tokens);
-      const size_t ws_bytes = Gemm::get_workspace_size(args);
-      if (ws_bytes > workspace_.bytes()) check(workspace_.allocate(ws_bytes), "cudaMalloc (workspace)");
-      status = gemm_.initialize(args, workspace_.get(), stream);
-      if (status != cutlass::Status::kSuccess) fail_status("initialize", status, cudaGetLastError(), tokens);
-      initialized_ = true;
-      last_x_ = x;
-      last_y_ = y;
-      last_tokens_ = tokens;
-    }
-    cutlass::Status status = gemm_.run(stream);
-    if (status != cutlass::Status::kSuccess) fail_status("launch", status, cudaGetLastError(), tokens);
+    const std::string e = gemm_.run(x, y, tokens, stream, [&](int n) { return arguments(x, y, n); });
+    if (!e.empty()) fail(with_hint(e));
   }
 
-  size_t bytes() const override { return a_.bytes() + e_.bytes(); }
+  size_t bytes() const override { return weight_.bytes(); }
 
  private:
   typename Gemm::Arguments arguments(const void* x, void* y, int tokens) const {
@@ -297,12 +357,12 @@ class SparseGemmImpl final : public ImplBase {
     typename Gemm::Arguments args{};
     args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
     args.problem_shape = ProblemShape{m, tokens, k, 1};
-    args.mainloop.ptr_A = static_cast<const Element*>(a_.get());
-    args.mainloop.layout_a = layout_a_;
+    args.mainloop.ptr_A = static_cast<const Element*>(weight_.values.get());
+    args.mainloop.layout_a = weight_.layout_a;
     args.mainloop.ptr_B = static_cast<const Element*>(x);
     args.mainloop.dB = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(tokens, k, 1));
-    args.mainloop.ptr_E = static_cast<const ElementE*>(e_.get());
-    args.mainloop.layout_e = layout_e_;
+    args.mainloop.ptr_E = static_cast<const typename CollectiveMainloop::ElementE*>(weight_.metadata.get());
+    args.mainloop.layout_e = weight_.layout_e;
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.ptr_C = nullptr;
@@ -313,31 +373,19 @@ class SparseGemmImpl final : public ImplBase {
     return args;
   }
 
+  // can_implement says only 'Invalid status'; these are the checks it makes on our shapes.
+  static std::string with_hint(const std::string& why) {
+    return why.rfind("can_implement", 0) == 0 ? why + " (the kernel's TMA needs in % 16 == 0 and out % 8 == 0)"
+                                               : why;
+  }
   [[noreturn]] void fail(const std::string& why) const {
     throw std::runtime_error("CUTLASS sparse GEMM " + shape_text(V, out_, in_) + ": " + why);
   }
-  [[noreturn]] void fail_status(const char* step, cutlass::Status status, cudaError_t cuda = cudaSuccess,
-                                int64_t tokens = -1) const {
-    std::string why = std::string(step) + " failed";
-    if (tokens >= 0) why += " for " + std::to_string(tokens) + " tokens";
-    why += ": CUTLASS status '" + std::string(cutlass::cutlassGetStatusString(status)) + "'";
-    if (cuda != cudaSuccess) why += ", CUDA error '" + std::string(cudaGetErrorString(cuda)) + "'";
-    // can_implement says only 'Invalid status'; these are the checks it makes on our shapes.
-    if (std::string(step) == "can_implement") why += " (the kernel's TMA needs in % 16 == 0 and out % 8 == 0)";
-    fail(why);
-  }
-  void check(cudaError_t e, const char* what) const { check_cuda(e, what, V, out_, in_); }
 
   int64_t out_, in_;
   cutlass::KernelHardwareInfo hw_info_{};
-  DeviceBuffer a_, e_, workspace_;
-  LayoutACompressed layout_a_{};
-  LayoutE layout_e_{};
-  Gemm gemm_;
-  bool initialized_ = false;
-  const void* last_x_ = nullptr;
-  void* last_y_ = nullptr;
-  int64_t last_tokens_ = 0;
+  CompressedSparse<CollectiveMainloop> weight_;
+  CachedGemm<Gemm> gemm_;
 };
 
 #endif  // CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED
