@@ -183,9 +183,6 @@ class HybridSplitImpl {
   using ProblemShape = cute::Shape<int, int, int, int>;
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
-  using StrideB = typename GemmKernel::StrideB;
-  using StrideC = typename GemmKernel::StrideC;
-  using StrideD = typename GemmKernel::StrideD;
 
  public:
   HybridSplitImpl(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense, int64_t out, int64_t in,
@@ -228,26 +225,14 @@ class HybridSplitImpl {
   }
 
   typename Gemm::Arguments arguments(const void* x, void* y, int tokens) const {
-    const int m = static_cast<int>(out_), k = static_cast<int>(in_);
-    typename Gemm::Arguments args{};
-    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-    args.problem_shape = ProblemShape{m, tokens, k, 1};
+    auto args = gemm_arguments<Gemm>(x, y, static_cast<int>(out_), tokens, static_cast<int>(in_), hw_info_);
     args.mainloop.ptr_pool = static_cast<const Element*>(pool_.values.get());
     args.mainloop.layout_pool = pool_.layout_a;
     args.mainloop.ptr_e = static_cast<const typename StockMainloop::ElementE*>(pool_.metadata.get());
     args.mainloop.layout_e = pool_.layout_e;
-    args.mainloop.ptr_B = static_cast<const Element*>(x);
-    args.mainloop.dB = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(tokens, k, 1));
     args.mainloop.steps = static_cast<const int32_t*>(steps_.get());
     args.mainloop.counts = static_cast<const int32_t*>(counts_.get());
     args.mainloop.max_steps = max_steps_;
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = 0.0f;
-    args.epilogue.ptr_C = nullptr;
-    args.epilogue.dC = cutlass::make_cute_packed_stride(StrideC{}, cute::make_shape(m, tokens, 1));
-    args.epilogue.ptr_D = static_cast<Element*>(y);
-    args.epilogue.dD = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(m, tokens, 1));
-    args.hw_info = hw_info_;
     return args;
   }
 

@@ -225,6 +225,29 @@ std::string compress_sparse(const void* w, int m, int k, const cutlass::KernelHa
   return "";
 }
 
+// The arguments every GEMM here shares: y = x · Wᵀ as D = W · Xᵀ with M = out,
+// N = tokens, K = in, x the K-major B, y the M-major D, no source C, alpha 1.
+// The caller adds its main loop's A (and metadata).
+template <class Gemm>
+typename Gemm::Arguments gemm_arguments(const void* x, void* y, int out, int tokens, int in,
+                                        const cutlass::KernelHardwareInfo& hw) {
+  using Kernel = typename Gemm::GemmKernel;
+  using Element = cutlass::bfloat16_t;
+  typename Gemm::Arguments args{};
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = {out, tokens, in, 1};
+  args.mainloop.ptr_B = static_cast<const Element*>(x);
+  args.mainloop.dB = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, cute::make_shape(tokens, in, 1));
+  args.epilogue.thread.alpha = 1.0f;
+  args.epilogue.thread.beta = 0.0f;
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = cutlass::make_cute_packed_stride(typename Kernel::StrideC{}, cute::make_shape(out, tokens, 1));
+  args.epilogue.ptr_D = static_cast<Element*>(y);
+  args.epilogue.dD = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, cute::make_shape(out, tokens, 1));
+  args.hw_info = hw;
+  return args;
+}
+
 // A GEMM whose parameters (TMA descriptors built on the host) are rebuilt only
 // for a new x, y or token count; a workspace, where the kernel asks for one,
 // is owned here and re-initialized every time.
@@ -324,9 +347,6 @@ class SparseGemmImpl final : public ImplBase {
   using ProblemShape = cute::Shape<int, int, int, int>;  // M, N, K, L
   using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
-  using StrideB = typename GemmKernel::StrideB;
-  using StrideC = typename GemmKernel::StrideC;
-  using StrideD = typename GemmKernel::StrideD;
 
  public:
   SparseGemmImpl(const void* w, int64_t out, int64_t in, cudaStream_t stream) : out_(out), in_(in) {
@@ -353,23 +373,11 @@ class SparseGemmImpl final : public ImplBase {
 
  private:
   typename Gemm::Arguments arguments(const void* x, void* y, int tokens) const {
-    const int m = static_cast<int>(out_), k = static_cast<int>(in_);
-    typename Gemm::Arguments args{};
-    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
-    args.problem_shape = ProblemShape{m, tokens, k, 1};
+    auto args = gemm_arguments<Gemm>(x, y, static_cast<int>(out_), tokens, static_cast<int>(in_), hw_info_);
     args.mainloop.ptr_A = static_cast<const Element*>(weight_.values.get());
     args.mainloop.layout_a = weight_.layout_a;
-    args.mainloop.ptr_B = static_cast<const Element*>(x);
-    args.mainloop.dB = cutlass::make_cute_packed_stride(StrideB{}, cute::make_shape(tokens, k, 1));
     args.mainloop.ptr_E = static_cast<const typename CollectiveMainloop::ElementE*>(weight_.metadata.get());
     args.mainloop.layout_e = weight_.layout_e;
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = 0.0f;
-    args.epilogue.ptr_C = nullptr;
-    args.epilogue.dC = cutlass::make_cute_packed_stride(StrideC{}, cute::make_shape(m, tokens, 1));
-    args.epilogue.ptr_D = static_cast<Element*>(y);
-    args.epilogue.dD = cutlass::make_cute_packed_stride(StrideD{}, cute::make_shape(m, tokens, 1));
-    args.hw_info = hw_info_;
     return args;
   }
 
