@@ -18,6 +18,8 @@ enum class Variant {
   kPingpong128x128x128Cluster1x2,
   kCooperative128x256x128Cluster1x2,
   kCooperative128x128x128Cluster2x1,
+  kCooperative128x128x128StreamK,  // 1x1 cluster, stream-K tile scheduler
+  kCooperative128x64x128StreamK,
 };
 
 std::vector<Variant> variants();  // all of them

@@ -1,5 +1,5 @@
 // SparseWeight: the variant dispatch of cutlass_sparse_gemm.h. The kernels
-// live in the four cutlass_sparse_gemm_<variant>_cuda.cu files.
+// live in the cutlass_sparse_gemm_<variant>_cuda.cu files.
 #include "deploy/cutlass_sparse_gemm.h"
 
 #include <utility>
@@ -10,7 +10,8 @@ namespace patch::deploy::cutlass_sm90 {
 
 std::vector<Variant> variants() {
   return {Variant::kCooperative128x128x128Cluster1x2, Variant::kPingpong128x128x128Cluster1x2,
-          Variant::kCooperative128x256x128Cluster1x2, Variant::kCooperative128x128x128Cluster2x1};
+          Variant::kCooperative128x256x128Cluster1x2, Variant::kCooperative128x128x128Cluster2x1,
+          Variant::kCooperative128x128x128StreamK,     Variant::kCooperative128x64x128StreamK};
 }
 
 const char* variant_name(Variant v) {
@@ -23,6 +24,10 @@ const char* variant_name(Variant v) {
       return "cutlass_coop_128x256_1x2";
     case Variant::kCooperative128x128x128Cluster2x1:
       return "cutlass_coop_128x128_2x1";
+    case Variant::kCooperative128x128x128StreamK:
+      return "cutlass_coop_128x128_streamk";
+    case Variant::kCooperative128x64x128StreamK:
+      return "cutlass_coop_128x64_streamk";
   }
   return "cutlass_unknown";
 }
@@ -46,6 +51,10 @@ std::unique_ptr<detail::ImplBase> make(Variant v, const void* w, int64_t out, in
       return detail::make_impl<Variant::kCooperative128x256x128Cluster1x2>(w, out, in, stream);
     case Variant::kCooperative128x128x128Cluster2x1:
       return detail::make_impl<Variant::kCooperative128x128x128Cluster2x1>(w, out, in, stream);
+    case Variant::kCooperative128x128x128StreamK:
+      return detail::make_impl<Variant::kCooperative128x128x128StreamK>(w, out, in, stream);
+    case Variant::kCooperative128x64x128StreamK:
+      return detail::make_impl<Variant::kCooperative128x64x128StreamK>(w, out, in, stream);
   }
   throw std::runtime_error("CUTLASS sparse GEMM: unknown variant " + std::to_string(static_cast<int>(v)));
 }

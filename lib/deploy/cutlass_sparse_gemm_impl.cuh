@@ -74,6 +74,10 @@ extern template std::unique_ptr<ImplBase> make_impl<Variant::kCooperative128x256
     const void*, int64_t, int64_t, cudaStream_t);
 extern template std::unique_ptr<ImplBase> make_impl<Variant::kCooperative128x128x128Cluster2x1>(
     const void*, int64_t, int64_t, cudaStream_t);
+extern template std::unique_ptr<ImplBase> make_impl<Variant::kCooperative128x128x128StreamK>(
+    const void*, int64_t, int64_t, cudaStream_t);
+extern template std::unique_ptr<ImplBase> make_impl<Variant::kCooperative128x64x128StreamK>(
+    const void*, int64_t, int64_t, cudaStream_t);
 
 inline std::string shape_text(Variant v, int64_t out, int64_t in) {
   return std::string(variant_name(v)) + " [out " + std::to_string(out) + ", in " + std::to_string(in) + "]";
@@ -123,12 +127,14 @@ class DeviceBuffer {
 
 #if defined(CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED)
 
-template <class TileShape_, class ClusterShape_, class KernelSchedule_, class EpilogueSchedule_>
+template <class TileShape_, class ClusterShape_, class KernelSchedule_, class EpilogueSchedule_,
+          class TileScheduler_ = void>
 struct Sm90SparseConfig {
   using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
   using KernelSchedule = KernelSchedule_;
   using EpilogueSchedule = EpilogueSchedule_;
+  using TileScheduler = TileScheduler_;  // void: the schedule's own
 };
 
 // What a CUTLASS step that failed said: "<step> failed[ for N tokens]: CUTLASS
@@ -321,6 +327,20 @@ struct VariantConfig<Variant::kCooperative128x128x128Cluster2x1>
                        cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                        cutlass::epilogue::TmaWarpSpecializedCooperative> {};
 
+// Stream-K: the persistent CTAs share the k tiles of all output tiles evenly,
+// for layers with fewer output tiles than SMs (a few hundred tokens and less).
+template <>
+struct VariantConfig<Variant::kCooperative128x128x128StreamK>
+    : Sm90SparseConfig<cute::Shape<cute::_128, cute::_128, cute::_128>, cute::Shape<cute::_1, cute::_1, cute::_1>,
+                       cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler> {};
+
+template <>
+struct VariantConfig<Variant::kCooperative128x64x128StreamK>
+    : Sm90SparseConfig<cute::Shape<cute::_128, cute::_64, cute::_128>, cute::Shape<cute::_1, cute::_1, cute::_1>,
+                       cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                       cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler> {};
+
 template <Variant V>
 class SparseGemmImpl final : public ImplBase {
   using Config = VariantConfig<V>;
@@ -345,7 +365,8 @@ class SparseGemmImpl final : public ImplBase {
       typename Config::KernelSchedule>::CollectiveOp;
 
   using ProblemShape = cute::Shape<int, int, int, int>;  // M, N, K, L
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue,
+                                                          typename Config::TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
  public:
