@@ -64,6 +64,7 @@ deploy::HybridOptions hybrid_options(const config::Config& cfg) {
   deploy::HybridOptions o;
   o.prefill_dense_copy = cfg.get_bool("deploy.prefill_dense_copy");
   o.overlap_expansion = cfg.get_bool("deploy.prefill_overlap");
+  o.prefill_split = cfg.get_bool("deploy.prefill_split");
   return o;
 }
 

@@ -434,6 +434,10 @@ void check_resolved(const Config& config, const std::string& subcommand, const O
     throw ConfigError(str(source_of({"train.global_batch", "train.micro_batch"}),
                           ": train.global_batch: expected a multiple of train.micro_batch (", micro,
                           "), got ", global));
+  if (config.get_bool("deploy.prefill_split") && config.get_bool("deploy.prefill_dense_copy"))
+    throw ConfigError(str(source_of({"deploy.prefill_split", "deploy.prefill_dense_copy"}),
+                          ": deploy.prefill_split: expected false when deploy.prefill_dense_copy is true (the "
+                          "two prefill paths exclude each other)"));
   if (config.get_string("mask.prior") == "file" && config.get_string("mask.prior_file").empty())
     throw ConfigError(
         str(source_of({"mask.prior", "mask.prior_file"}),

@@ -290,7 +290,11 @@ std::vector<KeyDef> build() {
           "layer's memory more)"),
       key("deploy.prefill_overlap", T::kBool, false,
           "Packed layers without a dense copy: expand the next layer's W*M for prefill on a second stream while "
-          "the current layer's GEMM runs (two layers' scratch memory, shared; not yet run on a GPU)"),
+          "the current layer's GEMM runs (two layers' scratch memory, shared; slower on an H100, so off)"),
+      key("deploy.prefill_split", T::kBool, false,
+          "Packed layers of 128x128 tiles on an sm_90 GPU: keep a pool of 2:4 tiles beside the decode blocks (a "
+          "dense tile as two 2:4 halves) and run more than 32 tokens on the 2:4 tensor cores through CUTLASS "
+          "instead of expansion + cuBLAS"),
       range(key("deploy.gemm_tokens", T::kIntList, Json::array({256, 2048, 8192}),
                 "bench-deploy: tokens of the sparse GEMM rows (a layer of 2:4 tiles only: cuBLAS on the masked "
                 "weight against cuSPARSELt and the CUTLASS SM90 kernels; empty: no such rows)"),

@@ -153,10 +153,19 @@ struct SplitHybridMainloop : Base {
   template <class FrgTensorC>
   CUTLASS_DEVICE void mma(MainloopPipeline pipeline, PipelineState smem_pipe_read, FrgTensorC& accum, int,
                           int thread_idx, TensorStorage& shared_tensors, Params const& params) {
-    Base::mma(pipeline, smem_pipe_read, accum, params.counts[blockIdx.x], thread_idx, shared_tensors, params);
+    consumed_ = params.counts[blockIdx.x];
+    Base::mma(pipeline, smem_pipe_read, accum, consumed_, thread_idx, shared_tensors, params);
   }
 
-  int produced_ = 0;
+  // The kernel passes its own k count here too: the stages to release are
+  // those of this row block's last steps, or the producer's drain waits on
+  // stages never released.
+  CUTLASS_DEVICE void mma_tail(MainloopPipeline pipeline, PipelineState smem_pipe_release, int) {
+    Base::mma_tail(pipeline, smem_pipe_release, consumed_);
+  }
+
+  int produced_ = 0;  // steps loaded (producer threads' copy of the collective)
+  int consumed_ = 0;  // steps multiplied (consumer threads' copy)
 };
 
 class HybridSplitImpl {

@@ -26,6 +26,8 @@ const char* path_name(HybridPath p) {
       return "decode";
     case HybridPath::kSparse:
       return "sparse";
+    case HybridPath::kSplit:
+      return "split";
     case HybridPath::kExpand:
       return "expand";
     case HybridPath::kDense:
@@ -42,6 +44,12 @@ bool decode_supported(const TileGrid& g) {
 bool sparse_supported(const TileGrid& g) {
   return g.out() % 64 == 0 && g.in() % 32 == 0;
 }
+
+#if !PATCH_WITH_CUDA
+bool split_supported(const TileGrid&, at::Device) {
+  return false;
+}
+#endif
 
 DecodeFormat build_decode_format(const PackedLayer& layer) {
   const TileGrid& g = layer.grid;
@@ -181,6 +189,7 @@ struct HybridLinear::Impl {
   bool overlap_expansion = false;
 #if PATCH_WITH_CUDA
   std::unique_ptr<cuda::SparseGemm> sparse;  // a layer of 2:4 tiles only, more than kDecodeMaxTokens
+  std::unique_ptr<cuda::SplitGemm> split;    // prefill_split, more than kDecodeMaxTokens
   std::shared_ptr<cuda::ExpandPipeline> pipeline;
 
   ~Impl() {
@@ -195,14 +204,24 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device, const Hy
   m.name = layer.name;
   m.grid = layer.grid;
   m.device = device;
+  core::check(!(options.prefill_split && options.prefill_dense_copy), layer.name,
+              "prefill_split and prefill_dense_copy exclude each other");
 #if PATCH_WITH_CUDA
   if (device.is_cuda() && decode_supported(layer.grid)) {
     m.decode = true;
     auto f = build_decode_format(layer);
     m.dec = {f.blocks.to(device), f.tile_offset.to(device), f.tile_dense.to(device)};
-    if (layer.dense_tiles() == 0 && sparse_supported(layer.grid))
+    if (layer.dense_tiles() == 0 && sparse_supported(layer.grid)) {
       m.sparse = std::make_unique<cuda::SparseGemm>(unpack_layer(layer).to(device));
+    } else if (options.prefill_split && layer.grid.tile_rows() == 128 && layer.grid.tile_cols() == 128) {
+      core::check(split_supported(layer.grid, device), layer.name,
+                  "prefill_split needs an sm_90 GPU, a build with the CUTLASS kernels and out and in multiples of "
+                  "128");
+      m.split = std::make_unique<cuda::SplitGemm>(unpack_layer(layer), f.tile_dense, device);
+    }
   }
+#else
+  core::check(!options.prefill_split || !device.is_cuda(), layer.name, "prefill_split needs a build with CUDA");
 #endif
   if (!m.decode || options.prefill_dense_copy) m.weight = unpack_layer(layer).to(device);
   m.overlap_expansion = options.overlap_expansion;
@@ -224,6 +243,12 @@ HybridLinear HybridLinear::clone() const {
   c->dec = {copy(m.dec.blocks), copy(m.dec.tile_offset), copy(m.dec.tile_dense)};
 #if PATCH_WITH_CUDA
   if (m.sparse) c->sparse = std::make_unique<cuda::SparseGemm>(*m.sparse);
+  if (m.split) {
+    // The pool again, from the decode blocks' W ⊙ M.
+    auto w = at::empty({m.grid.out(), m.grid.in()}, at::TensorOptions(m.device).dtype(at::kBFloat16));
+    cuda::expand_weight(m.dec, m.grid, w);
+    c->split = std::make_unique<cuda::SplitGemm>(w.cpu(), m.dec.tile_dense.cpu(), m.device);
+  }
 #endif
   return HybridLinear(std::move(c));
 }
@@ -252,6 +277,7 @@ int64_t HybridLinear::device_bytes() const {
     if (t->defined()) n += t->numel() * static_cast<int64_t>(t->element_size());
 #if PATCH_WITH_CUDA
   if (m.sparse) n += m.sparse->bytes();
+  if (m.split) n += m.split->bytes();
 #endif
   return n;
 }
@@ -286,6 +312,7 @@ HybridPath HybridLinear::path(int64_t tokens) const {
   if (tokens <= (m.weight.defined() ? kDecodeMaxTokensBesideCopy : kDecodeMaxTokens)) return HybridPath::kDecode;
 #if PATCH_WITH_CUDA
   if (m.sparse && (!m.weight.defined() || tokens >= kSparseMinTokensBesideCopy)) return HybridPath::kSparse;
+  if (m.split) return HybridPath::kSplit;
 #endif
   return m.weight.defined() ? HybridPath::kDense : HybridPath::kExpand;
 }
@@ -329,7 +356,10 @@ at::Tensor HybridLinear::forward(const at::Tensor& x) {
     return y.view(shape);
   }
   auto y = at::empty({tokens, m.grid.out()}, x.options());
-  m.sparse->multiply(xc, y);
+  if (p == HybridPath::kSplit)
+    m.split->multiply(xc, y);
+  else
+    m.sparse->multiply(xc, y);
   return y.view(shape);
 #else
   return at::linear(x, m.weight);

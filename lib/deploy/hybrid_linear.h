@@ -28,7 +28,7 @@
 
 namespace patch::deploy {
 
-enum class HybridPath { kDecode, kSparse, kExpand, kDense };
+enum class HybridPath { kDecode, kSparse, kSplit, kExpand, kDense };
 const char* path_name(HybridPath p);
 
 // Tokens the decode kernel takes (one, two or four n-tiles of 8 tokens).
@@ -55,6 +55,13 @@ struct HybridOptions {
   // layers' worth of scratch memory and learn their order as they run). Off
   // until it has run on a GPU.
   bool overlap_expansion = false;
+  // Prefill on the 2:4 tensor cores for every layer of 128 x 128 tiles
+  // (sm_90, a build with the CUTLASS kernels): keep the layer as a pool of 2:4
+  // tiles beside the decode blocks, a dense tile as two 2:4 halves, and give
+  // more than kDecodeMaxTokens tokens to cuda::SplitGemm instead of expansion
+  // + cuBLAS. Layers of other tiles, or of 2:4 tiles only (cuSPARSELt), keep
+  // their path. Excludes prefill_dense_copy.
+  bool prefill_split = false;
 };
 
 // Tile columns the decode kernel takes: it keeps a tile row's tile offsets in
@@ -66,6 +73,11 @@ inline constexpr int64_t kMaxTileColumns = 512;
 bool decode_supported(const sparsity::TileGrid& grid);
 // cuSPARSELt takes a layer of 2:4 tiles only with out % 64 == 0 and in % 32 == 0.
 bool sparse_supported(const sparsity::TileGrid& grid);
+
+// The split kernel (HybridOptions::prefill_split) takes 128 x 128 tiles of a
+// layer whose out and in are multiples of 128, on an sm_90 GPU, in a build
+// with the CUTLASS kernels.
+bool split_supported(const sparsity::TileGrid& grid, at::Device device);
 
 // The decode kernel's layout of a layer: per tile, its 16x32 blocks in
 // row-major block order; a dense block is 1024 bytes (per lane 16 bytes of
@@ -113,6 +125,25 @@ class SparseGemm {
   struct State;
   std::unique_ptr<State> s_;
 };
+
+// A hybrid layer of 128 x 128 tiles on the 2:4 tensor cores alone, a dense
+// tile as two 2:4 halves (cutlass_hybrid_gemm.h): the pool of 2:4 tiles is
+// compressed once on the device from the masked weight (CPU bf16 [out, in])
+// and the tile map (CPU uint8 [out / 128, in / 128], 1 dense); multiply()
+// writes y = x W^T for any token count, allocating nothing.
+class SplitGemm {
+ public:
+  SplitGemm(const at::Tensor& masked, const at::Tensor& tile_dense, at::Device device);
+  SplitGemm(const SplitGemm&) = delete;
+  SplitGemm& operator=(const SplitGemm&) = delete;
+  ~SplitGemm();
+  void multiply(const at::Tensor& x, at::Tensor& y);
+  int64_t bytes() const;  // of the pool, its metadata and the step table
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
 }  // namespace cuda
 #endif
 
@@ -150,8 +181,10 @@ class ExpandPipeline {
 class HybridLinear {
  public:
   // Moves the layer's formats to `device` (CUDA: the decode blocks, and
-  // cuSPARSELt's compressed weight for a layer of 2:4 tiles only; CPU: the
-  // masked dense weight).
+  // cuSPARSELt's compressed weight for a layer of 2:4 tiles only, or the split
+  // kernel's pool (prefill_split); CPU: the masked dense weight). Throws
+  // core::Error naming the layer where prefill_split is asked for on a device
+  // or build without the split kernel.
   HybridLinear(const PackedLayer& layer, at::Device device, const HybridOptions& options = {});
   HybridLinear(HybridLinear&&) noexcept;
   HybridLinear& operator=(HybridLinear&&) noexcept;

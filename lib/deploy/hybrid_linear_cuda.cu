@@ -18,6 +18,11 @@
 #include "core/error.h"
 #include "deploy/expand_schedule.h"
 #include "deploy/hybrid_linear.h"
+#if PATCH_WITH_CUTLASS
+#include "deploy/cutlass_hybrid_gemm.h"
+#include "deploy/cutlass_sparse_gemm.h"
+#include "deploy/hybrid_split_plan.h"
+#endif
 
 namespace patch::deploy::cuda {
 namespace {
@@ -757,4 +762,64 @@ void SparseGemm::multiply(const at::Tensor& x, at::Tensor& y) {
       "matmul");
 }
 
+#if PATCH_WITH_CUTLASS
+struct SplitGemm::State {
+  std::unique_ptr<cutlass_sm90::HybridSplitWeight> gemm;
+  at::Device device = at::kCPU;
+};
+
+SplitGemm::SplitGemm(const at::Tensor& masked, const at::Tensor& tile_dense, at::Device device)
+    : s_(std::make_unique<State>()) {
+  const c10::cuda::CUDAGuard guard(device);
+  const auto w = masked.to(at::kCPU, at::kBFloat16).contiguous();
+  const auto td = tile_dense.to(at::kCPU, at::kByte).contiguous();
+  const auto* bits = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const auto* flags = td.data_ptr<uint8_t>();
+  s_->device = device;
+  s_->gemm = std::make_unique<cutlass_sm90::HybridSplitWeight>(
+      std::vector<uint16_t>(bits, bits + w.numel()), std::vector<uint8_t>(flags, flags + td.numel()), w.size(0),
+      w.size(1), at::cuda::getCurrentCUDAStream(device.index()).stream());
+}
+
+void SplitGemm::multiply(const at::Tensor& x, at::Tensor& y) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  s_->gemm->run(x.data_ptr(), y.data_ptr(), x.size(0), at::cuda::getCurrentCUDAStream().stream());
+}
+
+int64_t SplitGemm::bytes() const {
+  return static_cast<int64_t>(s_->gemm->bytes());
+}
+#else
+struct SplitGemm::State {};
+
+SplitGemm::SplitGemm(const at::Tensor&, const at::Tensor&, at::Device) {
+  throw core::Error("split GEMM: built without the CUTLASS kernels");
+}
+
+void SplitGemm::multiply(const at::Tensor&, at::Tensor&) {}
+
+int64_t SplitGemm::bytes() const {
+  return 0;
+}
+#endif
+
+SplitGemm::~SplitGemm() = default;
+
 }  // namespace patch::deploy::cuda
+
+namespace patch::deploy {
+
+bool split_supported(const sparsity::TileGrid& g, at::Device device) {
+#if PATCH_WITH_CUTLASS
+  if (!device.is_cuda() || !cutlass_sm90::available()) return false;
+  if (g.tile_rows() != kSplitTile || g.tile_cols() != kSplitTile || g.out() % kSplitTile || g.in() % kSplitTile)
+    return false;
+  return at::cuda::getDeviceProperties(device.index())->major == 9;
+#else
+  (void)g;
+  (void)device;
+  return false;
+#endif
+}
+
+}  // namespace patch::deploy

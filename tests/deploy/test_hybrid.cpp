@@ -399,6 +399,55 @@ TEST_CASE("HybridLinear with a dense copy for prefill equals the masked dense ma
 #endif
 
 #if PATCH_WITH_CUDA
+// deploy.prefill_split: more than kDecodeMaxTokens tokens go to the CUTLASS
+// split kernel (sm_90 only) for layers of 128 x 128 tiles with dense tiles.
+TEST_CASE("HybridLinear with the split prefill equals the masked dense matmul", "[deploy]") {
+  if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
+  const at::Device device(at::kCUDA, 0);
+  deploy::HybridOptions split;
+  split.prefill_split = true;
+  if (!deploy::split_supported(sparsity::TileGrid(384, 512, 128, 128), device)) {
+    // Asked for where it cannot run: refused with the layer named.
+    auto [w, m] = random_layer({384, 512, 128, 128, 0.45}, 11);
+    CHECK_THROWS_WITH(deploy::HybridLinear(deploy::pack_layer(w, m), device, split),
+                      Catch::Contains("model.layers.0.mlp.up_proj") && Catch::Contains("sm_90"));
+    return;
+  }
+  for (double sparsity : {0.25, 0.45}) {
+    auto [w, m] = random_layer({384, 512, 128, 128, sparsity}, 11);
+    const auto p = deploy::pack_layer(w, m);
+    REQUIRE(p.dense_tiles() > 0);
+    deploy::HybridLinear plain(p, device), lin(p, device, split);
+    deploy::HybridLinear copy = lin.clone();
+    const auto ref_w = masked(w, m).to(at::kFloat);
+    for (int64_t tokens : {1, 32, 33, 200, 1024}) {
+      const auto want = tokens <= deploy::kDecodeMaxTokens ? deploy::HybridPath::kDecode : deploy::HybridPath::kSplit;
+      INFO("sparsity " << sparsity << ", " << tokens << " tokens, path " << deploy::path_name(lin.path(tokens)));
+      CHECK(lin.path(tokens) == want);
+      CHECK(plain.path(tokens) == (tokens <= deploy::kDecodeMaxTokens ? want : deploy::HybridPath::kExpand));
+      auto x = at::randn({tokens, 512}, at::kFloat).to(at::kBFloat16);
+      const auto ref = at::linear(x.to(at::kFloat), ref_w);
+      const double tol = 8e-3 * ref.abs().max().item<double>();
+      for (auto* k : {&lin, &copy}) {
+        const auto y = k->forward(x.to(device)).to(at::kCPU, at::kFloat);
+        CHECK((y - ref).abs().max().item<double>() <= tol);
+      }
+    }
+    // The pool beside the decode blocks: a 2:4 tile in 9/16 of a dense tile's
+    // bytes, a dense tile in twice that (plus the step table).
+    const int64_t dense = p.dense_tiles(), tiles = p.grid.num_tiles();
+    const int64_t pool = (tiles - dense + 2 * dense) * 128 * 128 * 2 * 9 / 16;
+    CHECK(lin.device_bytes() >= plain.device_bytes() + pool);
+    CHECK(lin.device_bytes() <= plain.device_bytes() + pool + 64 * 1024);
+  }
+  // Other tiles keep their path.
+  auto [w, m] = random_layer({256, 512, 64, 32, 0.45}, 12);
+  const deploy::HybridLinear other(deploy::pack_layer(w, m), device, split);
+  CHECK(other.path(64) == deploy::HybridPath::kExpand);
+}
+#endif
+
+#if PATCH_WITH_CUDA
 TEST_CASE("the decode kernel gives the same y however many warps split a slab", "[deploy]") {
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   const at::Device cuda(at::kCUDA, 0);
