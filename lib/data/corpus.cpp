@@ -224,6 +224,8 @@ std::vector<int32_t> tokenize_eval_text(const std::string& path, const text::Tok
   return ids;
 }
 
+namespace {
+
 TokenStream load_token_files(const std::string& key, const std::vector<std::string>& paths,
                              const text::Tokenizer& tok, const DataOptions& opts, int64_t cap) {
   std::vector<TokenStream> parts;
@@ -243,6 +245,8 @@ TokenStream load_token_files(const std::string& key, const std::vector<std::stri
   }
   return TokenStream(std::move(all));
 }
+
+}  // namespace
 
 TokenStream load_config_tokens(const config::Config& cfg, const std::string& key, const text::Tokenizer& tok,
                                int64_t cap) {

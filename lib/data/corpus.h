@@ -37,15 +37,11 @@ DataOptions data_options(const config::Config& cfg);
 TokenStream load_tokens(const std::string& path, const text::Tokenizer& tok,
                         const DataOptions& opts);
 
-// The files of a config key (e.g. data.train) as one stream, in order, at
-// most `cap` tokens (0: all). One file within the cap stays memory-mapped;
-// several are joined in memory. Errors name the key and a file with no tokens.
-TokenStream load_token_files(const std::string& key, const std::vector<std::string>& paths,
-                             const text::Tokenizer& tok, const DataOptions& opts, int64_t cap = 0);
-
-// load_token_files for the files a config key names (e.g. data.train), paths
-// resolved as the command line's are, with the data.* options; the token cache
-// is <cache>/tokens unless data.cache_dir says otherwise.
+// The files a config key names (e.g. data.train) as one stream, in order, at
+// most `cap` tokens (0: all): paths resolved as the command line's are, the
+// data.* options, the token cache <cache>/tokens unless data.cache_dir says
+// otherwise. One file within the cap stays memory-mapped; several are joined
+// in memory. Errors name the key and a file with no tokens.
 TokenStream load_config_tokens(const config::Config& cfg, const std::string& key, const text::Tokenizer& tok,
                                int64_t cap = 0);
 
