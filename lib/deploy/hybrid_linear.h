@@ -8,7 +8,9 @@
 //     9 to 32 tokens a small kernel first lays x out in mma fragment order;
 //   more tokens, a layer of 2:4 tiles only: the sparse tensor cores through
 //     cuSPARSELt;
-//   more tokens, a layer with dense tiles: a kernel expands the blocks into
+//   more tokens, a layer with dense tiles and HybridOptions::prefill_split:
+//     the 2:4 tensor cores through the split kernel (SplitGemm);
+//   more tokens, a layer with dense tiles otherwise: a kernel expands the blocks into
 //     W ⊙ M in scratch memory and cuBLAS multiplies by it. On an H200 that
 //     matched cuSPARSELt on the 2:4 tiles plus a block-sparse kernel for the
 //     dense ones at 45% sparsity and ran 1.8x as fast at 25% (LLaMA blocks,
