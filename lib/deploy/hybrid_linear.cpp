@@ -220,8 +220,6 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device, const Hy
       m.split = std::make_unique<cuda::SplitGemm>(unpack_layer(layer), f.tile_dense, device);
     }
   }
-#else
-  core::check(!options.prefill_split || !device.is_cuda(), layer.name, "prefill_split needs a build with CUDA");
 #endif
   if (!m.decode || options.prefill_dense_copy) m.weight = unpack_layer(layer).to(device);
   m.overlap_expansion = options.overlap_expansion;

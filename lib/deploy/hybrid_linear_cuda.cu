@@ -765,7 +765,6 @@ void SparseGemm::multiply(const at::Tensor& x, at::Tensor& y) {
 #if PATCH_WITH_CUTLASS
 struct SplitGemm::State {
   std::unique_ptr<cutlass_sm90::HybridSplitWeight> gemm;
-  at::Device device = at::kCPU;
 };
 
 SplitGemm::SplitGemm(const at::Tensor& masked, const at::Tensor& tile_dense, at::Device device)
@@ -775,7 +774,6 @@ SplitGemm::SplitGemm(const at::Tensor& masked, const at::Tensor& tile_dense, at:
   const auto td = tile_dense.to(at::kCPU, at::kByte).contiguous();
   const auto* bits = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const auto* flags = td.data_ptr<uint8_t>();
-  s_->device = device;
   s_->gemm = std::make_unique<cutlass_sm90::HybridSplitWeight>(
       std::vector<uint16_t>(bits, bits + w.numel()), std::vector<uint8_t>(flags, flags + td.numel()), w.size(0),
       w.size(1), at::cuda::getCurrentCUDAStream(device.index()).stream());
