@@ -13,7 +13,6 @@
 #if PATCH_WITH_CUTLASS
 #include <ATen/cuda/CUDAContext.h>
 
-#include "deploy/cutlass_hybrid_gemm.h"
 #include "deploy/cutlass_sparse_gemm.h"
 #endif
 #include "deploy/hybrid_linear.h"
@@ -288,26 +287,21 @@ void bench_sparse_gemms(const DeployBenchOptions& o, const BenchShape& shape,
 void bench_split_hybrid(const DeployBenchOptions& o, const BenchShape& shape,
                         const std::function<void(const nlohmann::json&)>& emit) {
 #if PATCH_WITH_CUTLASS
-  if (!cutlass_sm90::available() || o.tile_rows != kSplitTile || o.tile_cols != kSplitTile) return;
+  if (o.tile_rows != kSplitTile || o.tile_cols != kSplitTile) return;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(o.seed + 2);
   for (const auto& s : shape.layers) {
-    if (!layer_selected(o, shape, s.names) || s.out % kSplitTile != 0 || s.in % kSplitTile != 0) continue;
     const sparsity::TileGrid grid(s.out, s.in, kSplitTile, kSplitTile);
+    if (!layer_selected(o, shape, s.names) || !split_supported(grid, o.device)) continue;
     const auto w = (at::randn({s.out, s.in}, gen, at::kFloat) * 0.02).to(at::kBFloat16);
     for (double sp : o.sparsities) {
       const auto mask = random_layer_mask(s.names.front(), grid, sp, gen);
-      const auto masked_cpu = unpack_layer(pack_layer(w, mask)).contiguous();
-      const auto* bits = reinterpret_cast<const uint16_t*>(masked_cpu.data_ptr<at::BFloat16>());
-      const auto td = mask.tile_dense.contiguous().to(at::kByte);
+      const auto masked_cpu = unpack_layer(pack_layer(w, mask));
       const auto masked = masked_cpu.to(o.device);
       const auto wf = masked.to(at::kFloat);
-      std::unique_ptr<cutlass_sm90::HybridSplitWeight> split;
+      std::unique_ptr<cuda::SplitGemm> split;
       std::string error;
       try {
-        split = std::make_unique<cutlass_sm90::HybridSplitWeight>(
-            std::vector<uint16_t>(bits, bits + masked_cpu.numel()),
-            std::vector<uint8_t>(td.data_ptr<uint8_t>(), td.data_ptr<uint8_t>() + td.numel()), s.out, s.in,
-            at::cuda::getCurrentCUDAStream().stream());
+        split = std::make_unique<cuda::SplitGemm>(masked_cpu, mask.tile_dense, o.device);
       } catch (const std::exception& e) {
         error = e.what();
       }
@@ -323,9 +317,7 @@ void bench_split_hybrid(const DeployBenchOptions& o, const BenchShape& shape,
           continue;
         }
         auto y = at::empty({tokens, s.out}, x.options());
-        const auto run = [&] {
-          split->run(x.data_ptr(), y.data_ptr(), tokens, at::cuda::getCurrentCUDAStream().stream());
-        };
+        const auto run = [&] { split->multiply(x, y); };
         run();
         const auto ref = at::linear(x.to(at::kFloat), wf);
         const double err = ((y.to(at::kFloat) - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item<double>();
