@@ -23,8 +23,8 @@ def key(row):
         what = f"generate, batch {row['batch']}"
     elif bench == "deploy_sparse_gemm":  # a 2:4 layer: sparsity 0.5
         return (row["shape"], 0.5, row["tokens"], f"{row['layers']} {row['kernel']}")
-    elif bench == "deploy_split_hybrid":
-        what = f"{row['layers']} split on 2:4"
+    elif bench in ("deploy_hybrid_gemm", "deploy_split_hybrid"):  # the latter: older runs
+        what = f"{row['layers']} {row.get('kernel', 'split')} kernel"
     else:
         return None
     return (row["shape"], row["target_sparsity"], row.get("tokens", 0), what)
@@ -46,10 +46,11 @@ def cell(row):
             return f"refused: {row['error'][:60]}"
         return (f"{row['dense_us']:8.1f} -> {row['sparse_us']:8.1f} us (s = {row['s']:.2f}) "
                 f"mem {row['device_bytes_ratio']:.2f}")
-    if row["bench"] == "deploy_split_hybrid":
+    if row["bench"] in ("deploy_hybrid_gemm", "deploy_split_hybrid"):
         if "error" in row:
             return f"refused: {row['error'][:60]}"
-        return (f"{row['dense_us']:8.1f} -> {row['split_us']:8.1f} us ({row['speedup']:.2f}x) "
+        us = row.get("hybrid_us", row.get("split_us"))
+        return (f"{row['dense_us']:8.1f} -> {us:8.1f} us ({row['speedup']:.2f}x) "
                 f"mem {row['device_bytes_ratio']:.2f}")
     text = f"{row['dense_us']:8.1f} -> {row['hybrid_us']:8.1f} us ({row['speedup']:.2f}x)"
     if row["bench"] == "deploy_layer":  # older runs lack the memory

@@ -65,6 +65,7 @@ deploy::HybridOptions hybrid_options(const config::Config& cfg) {
   o.prefill_dense_copy = cfg.get_bool("deploy.prefill_dense_copy");
   o.overlap_expansion = cfg.get_bool("deploy.prefill_overlap");
   o.prefill_split = cfg.get_bool("deploy.prefill_split");
+  o.prefill_mixed = cfg.get_string("deploy.split_kernel") == "mixed";
   return o;
 }
 

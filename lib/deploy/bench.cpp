@@ -281,9 +281,10 @@ void bench_sparse_gemms(const DeployBenchOptions& o, const BenchShape& shape,
   }
 }
 
-// Hybrid layers (deploy.sparsities, 128 x 128 tiles) on the 2:4 tensor cores
-// alone, dense tiles as two 2:4 halves (cutlass_hybrid_gemm.h), against cuBLAS
-// on the masked weight at deploy.gemm_tokens.
+// Hybrid layers (deploy.sparsities, 128 x 128 tiles) in one tensor-core
+// kernel (cutlass_hybrid_gemm.h), each kernel (split: dense tiles as two 2:4
+// halves; mixed: dense tiles on the dense wgmma) against cuBLAS on the masked
+// weight at deploy.gemm_tokens.
 void bench_split_hybrid(const DeployBenchOptions& o, const BenchShape& shape,
                         const std::function<void(const nlohmann::json&)>& emit) {
 #if PATCH_WITH_CUTLASS
@@ -298,39 +299,46 @@ void bench_split_hybrid(const DeployBenchOptions& o, const BenchShape& shape,
       const auto masked_cpu = unpack_layer(pack_layer(w, mask));
       const auto masked = masked_cpu.to(o.device);
       const auto wf = masked.to(at::kFloat);
-      std::unique_ptr<cuda::SplitGemm> split;
-      std::string error;
-      try {
-        split = std::make_unique<cuda::SplitGemm>(masked_cpu, mask.tile_dense, o.device);
-      } catch (const std::exception& e) {
-        error = e.what();
-      }
-      for (int64_t tokens : o.gemm_tokens) {
-        const auto x = at::randn({tokens, s.in}, at::TensorOptions(o.device).dtype(at::kBFloat16));
-        const double dense_us = cuda::graph_time_us([&](int) { at::linear(x, masked); }, 8, o.repeats);
-        ordered_json j{{"bench", "deploy_split_hybrid"}, {"shape", shape.name}, {"layers", joined(s.names)},
-                       {"out", s.out}, {"in", s.in}, {"target_sparsity", sp}, {"tokens", tokens},
-                       {"dense_us", dense_us}};
-        if (!split) {
-          j["error"] = error;
-          emit(j);
-          continue;
+      using cutlass_sm90::HybridKernel;
+      for (const HybridKernel kernel : {HybridKernel::kSplit, HybridKernel::kMixed, HybridKernel::kMixedSerial}) {
+        const char* name = cutlass_sm90::hybrid_kernel_name(kernel);
+        std::unique_ptr<cuda::SplitGemm> gemm;
+        std::string error;
+        try {
+          gemm = std::make_unique<cuda::SplitGemm>(masked_cpu, mask.tile_dense, o.device, kernel);
+        } catch (const std::exception& e) {
+          error = e.what();
         }
-        auto y = at::empty({tokens, s.out}, x.options());
-        const auto run = [&] { split->multiply(x, y); };
-        run();
-        const auto ref = at::linear(x.to(at::kFloat), wf);
-        const double err = ((y.to(at::kFloat) - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item<double>();
-        core::check(err <= 8e-3, "bench-deploy",
-                    core::str(shape.name, " ", joined(s.names), " at sparsity ", sp, " and ", tokens,
-                              " tokens: the split hybrid GEMM is off the masked dense matmul by ", err,
-                              " of its largest value"));
-        const double split_us = cuda::graph_time_us([&](int) { run(); }, 8, o.repeats);
-        j["split_us"] = split_us;
-        j["speedup"] = dense_us / split_us;
-        j["max_rel_err"] = err;
-        j["device_bytes_ratio"] = static_cast<double>(split->bytes()) / (2.0 * s.out * s.in);
-        emit(j);
+        for (int64_t tokens : o.gemm_tokens) {
+          const auto x = at::randn({tokens, s.in}, at::TensorOptions(o.device).dtype(at::kBFloat16));
+          const double dense_us = cuda::graph_time_us([&](int) { at::linear(x, masked); }, 8, o.repeats);
+          ordered_json j{{"bench", "deploy_hybrid_gemm"}, {"kernel", name},
+                         {"shape", shape.name},         {"layers", joined(s.names)},
+                         {"out", s.out},                {"in", s.in},
+                         {"target_sparsity", sp},       {"tokens", tokens},
+                         {"dense_us", dense_us}};
+          if (!gemm) {
+            j["error"] = error;
+            emit(j);
+            continue;
+          }
+          auto y = at::empty({tokens, s.out}, x.options());
+          const auto run = [&] { gemm->multiply(x, y); };
+          run();
+          const auto ref = at::linear(x.to(at::kFloat), wf);
+          const double err =
+              ((y.to(at::kFloat) - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item<double>();
+          core::check(err <= 8e-3, "bench-deploy",
+                      core::str(shape.name, " ", joined(s.names), " at sparsity ", sp, " and ", tokens,
+                                " tokens: the ", name,
+                                " hybrid GEMM is off the masked dense matmul by ", err, " of its largest value"));
+          const double hybrid_us = cuda::graph_time_us([&](int) { run(); }, 8, o.repeats);
+          j["hybrid_us"] = hybrid_us;
+          j["speedup"] = dense_us / hybrid_us;
+          j["max_rel_err"] = err;
+          j["device_bytes_ratio"] = static_cast<double>(gemm->bytes()) / (2.0 * s.out * s.in);
+          emit(j);
+        }
       }
     }
   }

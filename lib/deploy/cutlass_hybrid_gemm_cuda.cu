@@ -1,7 +1,8 @@
-// HybridSplitWeight (cutlass_hybrid_gemm.h): CUTLASS's SM90 sparse main loop
-// (wgmma.sp, TMA, warp-specialized, non-persistent) with a producer that walks
-// each row block's step list instead of the k tiles of one matrix. The
-// consumer is CUTLASS's own, run for that row block's step count.
+// HybridGemmWeight (cutlass_hybrid_gemm.h) and its split kernel: CUTLASS's SM90
+// sparse main loop (wgmma.sp, TMA, warp-specialized, non-persistent) with a
+// producer that walks each row block's step list instead of the k tiles of
+// one matrix. The consumer is CUTLASS's own, run for that row block's step
+// count. The mixed kernel is in cutlass_hybrid_mixed_gemm_cuda.cu.
 #include "deploy/cutlass_hybrid_gemm.h"
 
 #include <climits>
@@ -168,7 +169,7 @@ struct SplitHybridMainloop : Base {
   int consumed_ = 0;  // steps multiplied (consumer threads' copy)
 };
 
-class HybridSplitImpl {
+class HybridSplitImpl final : public ImplBase {
   using Element = cutlass::bfloat16_t;
   using Accumulator = float;
   using TileShape = cute::Shape<cute::_128, cute::_128, cute::_128>;
@@ -216,23 +217,14 @@ class HybridSplitImpl {
     if (!e.empty()) fail(e);
   }
 
-  void run(const void* x, void* y, int64_t tokens, cudaStream_t stream) {
+  void run(const void* x, void* y, int64_t tokens, cudaStream_t stream) override {
     const std::string e = gemm_.run(x, y, tokens, stream, [&](int n) { return arguments(x, y, n); });
     if (!e.empty()) fail(e);
   }
 
-  size_t bytes() const { return pool_.bytes() + steps_.bytes() + counts_.bytes(); }
+  size_t bytes() const override { return pool_.bytes() + steps_.bytes() + counts_.bytes(); }
 
  private:
-  template <class T>
-  static std::string upload(const std::vector<T>& host, DeviceBuffer& dev, cudaStream_t stream) {
-    std::string e = cuda_text(dev.allocate(host.size() * sizeof(T)), "cudaMalloc");
-    if (e.empty())
-      e = cuda_text(cudaMemcpyAsync(dev.get(), host.data(), dev.bytes(), cudaMemcpyHostToDevice, stream),
-                    "cudaMemcpyAsync");
-    return e;
-  }
-
   typename Gemm::Arguments arguments(const void* x, void* y, int tokens) const {
     auto args = gemm_arguments<Gemm>(x, y, static_cast<int>(out_), tokens, static_cast<int>(in_), hw_info_);
     args.mainloop.ptr_pool = static_cast<const Element*>(pool_.values.get());
@@ -258,42 +250,48 @@ class HybridSplitImpl {
   CachedGemm<Gemm> gemm_;
 };
 
-#else
-
-class HybridSplitImpl {
- public:
-  HybridSplitImpl(const std::vector<uint16_t>&, const std::vector<uint8_t>&, int64_t out, int64_t in, cudaStream_t) {
-    throw std::runtime_error("CUTLASS hybrid GEMM [out " + std::to_string(out) + ", in " + std::to_string(in) +
-                             "]: built without sm_90a CUTLASS kernels");
-  }
-  void run(const void*, void*, int64_t, cudaStream_t) {}
-  size_t bytes() const { return 0; }
-};
-
 #endif  // CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED
+
+std::unique_ptr<ImplBase> make_split_impl(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense,
+                                          int64_t out, int64_t in, cudaStream_t stream) {
+#if defined(CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED)
+  if constexpr (kKernelsBuilt) return std::make_unique<HybridSplitImpl>(w, tile_dense, out, in, stream);
+#endif
+  (void)w;
+  (void)tile_dense;
+  (void)stream;
+  throw std::runtime_error("CUTLASS hybrid GEMM [out " + std::to_string(out) + ", in " + std::to_string(in) +
+                           "]: built without sm_90a CUTLASS kernels");
+}
+
+// In cutlass_hybrid_mixed_gemm_cuda.cu.
+std::unique_ptr<ImplBase> make_mixed_impl(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense,
+                                          int64_t out, int64_t in, bool in_flight, cudaStream_t stream);
 
 }  // namespace detail
 
-struct HybridSplitWeight::Impl {
-  Impl(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense, int64_t out, int64_t in,
-       cudaStream_t stream)
-      : gemm(w, tile_dense, out, in, stream) {}
-  detail::HybridSplitImpl gemm;  // neither copied nor moved: it owns device buffers
+struct HybridGemmWeight::Impl {
+  std::unique_ptr<detail::ImplBase> gemm;  // neither copied nor moved: it owns device buffers
 };
 
-HybridSplitWeight::HybridSplitWeight(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense,
-                                     int64_t out, int64_t in, void* stream)
-    : impl_(std::make_unique<Impl>(w, tile_dense, out, in, static_cast<cudaStream_t>(stream))) {}
-
-HybridSplitWeight::~HybridSplitWeight() = default;
-HybridSplitWeight::HybridSplitWeight(HybridSplitWeight&&) noexcept = default;
-HybridSplitWeight& HybridSplitWeight::operator=(HybridSplitWeight&&) noexcept = default;
-
-void HybridSplitWeight::run(const void* x, void* y, int64_t tokens, void* stream) {
-  if (!impl_) throw std::runtime_error("CUTLASS hybrid GEMM: run() on a moved-from HybridSplitWeight");
-  impl_->gemm.run(x, y, tokens, static_cast<cudaStream_t>(stream));
+HybridGemmWeight::HybridGemmWeight(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense,
+                                   int64_t out, int64_t in, HybridKernel kernel, void* stream)
+    : impl_(std::make_unique<Impl>()), kernel_(kernel) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  impl_->gemm = kernel == HybridKernel::kSplit
+                    ? detail::make_split_impl(w, tile_dense, out, in, s)
+                    : detail::make_mixed_impl(w, tile_dense, out, in, kernel == HybridKernel::kMixed, s);
 }
 
-size_t HybridSplitWeight::bytes() const { return impl_ ? impl_->gemm.bytes() : 0; }
+HybridGemmWeight::~HybridGemmWeight() = default;
+HybridGemmWeight::HybridGemmWeight(HybridGemmWeight&&) noexcept = default;
+HybridGemmWeight& HybridGemmWeight::operator=(HybridGemmWeight&&) noexcept = default;
+
+void HybridGemmWeight::run(const void* x, void* y, int64_t tokens, void* stream) {
+  if (!impl_) throw std::runtime_error("CUTLASS hybrid GEMM: run() on a moved-from HybridGemmWeight");
+  impl_->gemm->run(x, y, tokens, static_cast<cudaStream_t>(stream));
+}
+
+size_t HybridGemmWeight::bytes() const { return impl_ ? impl_->gemm->bytes() : 0; }
 
 }  // namespace patch::deploy::cutlass_sm90

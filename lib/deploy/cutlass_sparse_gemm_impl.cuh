@@ -18,6 +18,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "cutlass/arch/config.h"  // CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED
 #include "cutlass/cutlass.h"
@@ -150,6 +151,17 @@ inline std::string status_text(const char* step, cutlass::Status status, cudaErr
 
 inline std::string cuda_text(cudaError_t e, const char* what) {
   return e == cudaSuccess ? std::string() : std::string(what) + ": " + cudaGetErrorString(e);
+}
+
+// Copies `host` into a new device buffer on `stream` (the host vector must
+// outlive the copy). Returns "" or what failed.
+template <class T>
+std::string upload(const std::vector<T>& host, DeviceBuffer& dev, cudaStream_t stream) {
+  std::string e = cuda_text(dev.allocate(host.size() * sizeof(T)), "cudaMalloc");
+  if (e.empty())
+    e = cuda_text(cudaMemcpyAsync(dev.get(), host.data(), dev.bytes(), cudaMemcpyHostToDevice, stream),
+                  "cudaMemcpyAsync");
+  return e;
 }
 
 // The current device as the kernels need it (an sm_90 GPU, its SM count); ""

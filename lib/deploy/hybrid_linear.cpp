@@ -18,6 +18,12 @@ at::Tensor bytes_of(const at::Tensor& t) {
   return t.contiguous().view(at::kByte);
 }
 
+#if PATCH_WITH_CUDA
+cutlass_sm90::HybridKernel split_kernel(bool mixed) {
+  return mixed ? cutlass_sm90::HybridKernel::kMixed : cutlass_sm90::HybridKernel::kSplit;
+}
+#endif
+
 }  // namespace
 
 const char* path_name(HybridPath p) {
@@ -190,6 +196,7 @@ struct HybridLinear::Impl {
 #if PATCH_WITH_CUDA
   std::unique_ptr<cuda::SparseGemm> sparse;  // a layer of 2:4 tiles only, more than kDecodeMaxTokens
   std::unique_ptr<cuda::SplitGemm> split;    // prefill_split, more than kDecodeMaxTokens
+  bool split_mixed = false;                  // its kernel (HybridOptions::prefill_mixed)
   std::shared_ptr<cuda::ExpandPipeline> pipeline;
 
   ~Impl() {
@@ -217,7 +224,8 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device, const Hy
       core::check(split_supported(layer.grid, device), layer.name,
                   "prefill_split needs an sm_90 GPU, a build with the CUTLASS kernels and out and in multiples of "
                   "128");
-      m.split = std::make_unique<cuda::SplitGemm>(unpack_layer(layer), f.tile_dense, device);
+      m.split_mixed = options.prefill_mixed;
+      m.split = std::make_unique<cuda::SplitGemm>(unpack_layer(layer), f.tile_dense, device, split_kernel(m.split_mixed));
     }
   }
 #endif
@@ -245,7 +253,9 @@ HybridLinear HybridLinear::clone() const {
     // The pool again, from the decode blocks' W ⊙ M.
     auto w = at::empty({m.grid.out(), m.grid.in()}, at::TensorOptions(m.device).dtype(at::kBFloat16));
     cuda::expand_weight(m.dec, m.grid, w);
-    c->split = std::make_unique<cuda::SplitGemm>(w.cpu(), m.dec.tile_dense.cpu(), m.device);
+    c->split_mixed = m.split_mixed;
+    c->split =
+        std::make_unique<cuda::SplitGemm>(w.cpu(), m.dec.tile_dense.cpu(), m.device, split_kernel(m.split_mixed));
   }
 #endif
   return HybridLinear(std::move(c));

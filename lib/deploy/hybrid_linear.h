@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "deploy/cutlass_hybrid_gemm.h"
 #include "deploy/packed.h"
 #include "model/decoder.h"
 
@@ -64,6 +65,9 @@ struct HybridOptions {
   // + cuBLAS. Layers of other tiles, or of 2:4 tiles only (cuSPARSELt), keep
   // their path. Excludes prefill_dense_copy.
   bool prefill_split = false;
+  // prefill_split's kernel: dense tiles on the dense wgmma beside the 2:4
+  // tiles' wgmma.sp (mixed), or each as two 2:4 halves (split).
+  bool prefill_mixed = true;
 };
 
 // Tile columns the decode kernel takes: it keeps a tile row's tile offsets in
@@ -128,19 +132,21 @@ class SparseGemm {
   std::unique_ptr<State> s_;
 };
 
-// A hybrid layer of 128 x 128 tiles on the 2:4 tensor cores alone, a dense
-// tile as two 2:4 halves (cutlass_hybrid_gemm.h): the pool of 2:4 tiles is
-// compressed once on the device from the masked weight (CPU bf16 [out, in])
-// and the tile map (CPU uint8 [out / 128, in / 128], 1 dense); multiply()
-// writes y = x W^T for any token count, allocating nothing.
+// A hybrid layer of 128 x 128 tiles in one tensor-core kernel
+// (cutlass_hybrid_gemm.h): its 2:4 tiles on wgmma.sp, its dense tiles as two
+// 2:4 halves (split) or on the dense wgmma (mixed). The pools are built once
+// on the device from the masked weight (CPU bf16 [out, in]) and the tile map
+// (CPU uint8 [out / 128, in / 128], 1 dense); multiply() writes y = x W^T for
+// any token count, allocating nothing.
 class SplitGemm {
  public:
-  SplitGemm(const at::Tensor& masked, const at::Tensor& tile_dense, at::Device device);
+  SplitGemm(const at::Tensor& masked, const at::Tensor& tile_dense, at::Device device,
+            cutlass_sm90::HybridKernel kernel = cutlass_sm90::HybridKernel::kMixed);
   SplitGemm(const SplitGemm&) = delete;
   SplitGemm& operator=(const SplitGemm&) = delete;
   ~SplitGemm();
   void multiply(const at::Tensor& x, at::Tensor& y);
-  int64_t bytes() const;  // of the pool, its metadata and the step table
+  int64_t bytes() const;  // of the pools, the metadata and the step table
 
  private:
   struct State;

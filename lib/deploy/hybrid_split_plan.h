@@ -91,4 +91,79 @@ inline std::vector<uint16_t> gather_split_pool(const SplitPlan& plan, const std:
   return pool;
 }
 
+// The mixed kernel's plan: each row block's tiles in input order, a 2:4 tile
+// one wgmma.sp step over its 128 inputs, a dense tile two dense wgmma steps
+// over 64 inputs each (a stage holds a 128 x 64 dense operand in the bytes of
+// a compressed 128 x 128 one). A layer with a fraction f of 2:4 tiles then
+// costs f / s + (1 - f) of a dense GEMM at best, its dense tiles read once.
+struct MixedPlan {
+  int64_t row_blocks = 0, k_tiles = 0;
+  int64_t max_steps = 0;        // the longest row block's step count
+  std::vector<int32_t> counts;  // [row_blocks] steps of each row block (k_tiles + its dense tiles)
+  // [row_blocks, max_steps, 2] (unused steps -1): a 2:4 step is (sparse tile,
+  // input block of 128), a dense step (-1 - dense tile, input block of 64 = 2k + half).
+  std::vector<int32_t> steps;
+  struct Tile {
+    int32_t row_block, k_tile;
+  };
+  std::vector<Tile> sparse, dense;  // the tiles of each pool, in order
+};
+
+// The mixed plan for [row_blocks x k_tiles] tiles of kSplitTile, tile_dense
+// row-major (1: dense). Throws std::invalid_argument on an empty grid.
+inline MixedPlan make_mixed_plan(const std::vector<uint8_t>& tile_dense, int64_t row_blocks, int64_t k_tiles) {
+  if (row_blocks <= 0 || k_tiles <= 0 || static_cast<int64_t>(tile_dense.size()) != row_blocks * k_tiles)
+    throw std::invalid_argument("mixed plan: a tile map of " + std::to_string(tile_dense.size()) + " entries for " +
+                                std::to_string(row_blocks) + " x " + std::to_string(k_tiles) + " tiles");
+  MixedPlan p;
+  p.row_blocks = row_blocks;
+  p.k_tiles = k_tiles;
+  p.counts.resize(static_cast<size_t>(row_blocks));
+  for (int64_t r = 0; r < row_blocks; ++r) {
+    int64_t dense = 0;
+    for (int64_t k = 0; k < k_tiles; ++k) dense += tile_dense[static_cast<size_t>(r * k_tiles + k)] != 0;
+    p.counts[static_cast<size_t>(r)] = static_cast<int32_t>(k_tiles + dense);
+    p.max_steps = std::max<int64_t>(p.max_steps, k_tiles + dense);
+  }
+  p.steps.assign(static_cast<size_t>(row_blocks * p.max_steps * 2), -1);
+  for (int64_t r = 0; r < row_blocks; ++r) {
+    int32_t* out = p.steps.data() + r * p.max_steps * 2;
+    for (int64_t k = 0; k < k_tiles; ++k) {
+      const MixedPlan::Tile tile{static_cast<int32_t>(r), static_cast<int32_t>(k)};
+      if (tile_dense[static_cast<size_t>(r * k_tiles + k)] == 0) {
+        *out++ = static_cast<int32_t>(p.sparse.size());
+        *out++ = static_cast<int32_t>(k);
+        p.sparse.push_back(tile);
+        continue;
+      }
+      for (int h = 0; h < 2; ++h) {
+        *out++ = -1 - static_cast<int32_t>(p.dense.size());
+        *out++ = static_cast<int32_t>(2 * k + h);
+      }
+      p.dense.push_back(tile);
+    }
+  }
+  return p;
+}
+
+// The values of `tiles` of the masked weight w [row_blocks * kSplitTile,
+// k_tiles * kSplitTile] (bf16 bits), [max(tiles, 1) * kSplitTile, kSplitTile]
+// row-major: a pool with no tile holds one of zeros, so that every pool has a
+// TMA descriptor.
+inline std::vector<uint16_t> gather_tiles(const std::vector<MixedPlan::Tile>& tiles, const std::vector<uint16_t>& w,
+                                          int64_t row_blocks, int64_t k_tiles) {
+  const int64_t in = k_tiles * kSplitTile;
+  if (static_cast<int64_t>(w.size()) != row_blocks * kSplitTile * in)
+    throw std::invalid_argument("tile pool: a weight of " + std::to_string(w.size()) + " values for " +
+                                std::to_string(row_blocks * kSplitTile) + " x " + std::to_string(in));
+  std::vector<uint16_t> pool(std::max<size_t>(tiles.size(), 1) * static_cast<size_t>(kSplitTile * kSplitTile), 0);
+  for (size_t t = 0; t < tiles.size(); ++t) {
+    for (int64_t i = 0; i < kSplitTile; ++i) {
+      const uint16_t* src = w.data() + (tiles[t].row_block * kSplitTile + i) * in + tiles[t].k_tile * kSplitTile;
+      std::copy(src, src + kSplitTile, pool.data() + (static_cast<int64_t>(t) * kSplitTile + i) * kSplitTile);
+    }
+  }
+  return pool;
+}
+
 }  // namespace patch::deploy

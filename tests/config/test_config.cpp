@@ -153,6 +153,8 @@ TEST_CASE("invalid files name the file - the key and the expectation") {
       {"mask:\n  prior: file\n", {"run.yaml: mask.prior_file:", "mask.prior is 'file'"}},
       {"deploy:\n  prefill_split: true\n  prefill_dense_copy: true\n",
        {"run.yaml: deploy.prefill_split: expected false when deploy.prefill_dense_copy is true"}},
+      {"deploy:\n  split_kernel: fast\n",
+       {"run.yaml: deploy.split_kernel: expected one of mixed, split, got \"fast\""}},
       {"sweep:\n  targets: [0.25, 0.6]\n",
        {"run.yaml: sweep.targets[1]: expected a number in [0, 0.5]"}},
       {"- 1\n- 2\n", {"run.yaml: expected a mapping of sections"}},

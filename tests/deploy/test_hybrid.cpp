@@ -268,6 +268,54 @@ TEST_CASE("a hybrid layer split into 2:4 steps adds up to the masked matmul", "[
   CHECK_THROWS_AS(deploy::make_split_plan({1, 0, 1}, 2, 2), std::invalid_argument);
 }
 
+TEST_CASE("a hybrid layer planned as 2:4 steps and dense half steps adds up to the masked matmul", "[deploy]") {
+  // Three row blocks, four input blocks of 128; a quarter and a half of the
+  // tiles dense, then none and all (a pool with no tile holds one of zeros).
+  const int64_t t = deploy::kSplitTile;
+  for (double sparsity : {0.25, 0.375, 0.5, 0.0}) {
+    auto [w, mask] = random_layer({384, 512, 128, 128, sparsity}, 42);
+    const at::Tensor wm = masked(w, mask);
+    const std::vector<uint8_t> dense = tile_map(mask);
+    const deploy::MixedPlan plan = deploy::make_mixed_plan(dense, 3, 4);
+    const auto pool = [&](const std::vector<deploy::MixedPlan::Tile>& tiles) {
+      std::vector<uint16_t> v = deploy::gather_tiles(tiles, bf16_bits(wm), 3, 4);
+      CHECK(v.size() == std::max<size_t>(tiles.size(), 1) * static_cast<size_t>(t * t));
+      return at::from_blob(v.data(), {static_cast<int64_t>(v.size()) / t, t}, at::kShort)
+          .view(at::kBFloat16)
+          .to(at::kDouble);
+    };
+    const at::Tensor sparse = pool(plan.sparse), dense_pool = pool(plan.dense);
+    CHECK((sparse.ne(0).view({-1, 4}).sum(1).le(2)).all().item<bool>());
+    const at::Tensor x = at::randn({7, 512}, at::kDouble);
+    at::Tensor y = at::zeros({7, 384}, at::kDouble);
+    for (int64_t r = 0; r < 3; ++r) {
+      int64_t want = 4;
+      for (int64_t k = 0; k < 4; ++k) want += dense[static_cast<size_t>(r * 4 + k)];
+      CHECK(plan.counts[static_cast<size_t>(r)] == want);
+      for (int64_t j = 0; j < plan.max_steps; ++j) {
+        const int32_t a = plan.steps[static_cast<size_t>((r * plan.max_steps + j) * 2)];
+        const int32_t b = plan.steps[static_cast<size_t>((r * plan.max_steps + j) * 2 + 1)];
+        if (j >= plan.counts[static_cast<size_t>(r)]) {
+          CHECK((a == -1 && b == -1));
+          continue;
+        }
+        auto out = y.slice(1, r * t, (r + 1) * t);
+        if (a >= 0) {
+          out += at::matmul(x.slice(1, b * t, (b + 1) * t), sparse.slice(0, a * t, (a + 1) * t).t());
+        } else {
+          const int64_t d = -1 - a, h = b % 2, half = t / 2;
+          const at::Tensor tile = dense_pool.slice(0, d * t, (d + 1) * t).slice(1, h * half, (h + 1) * half);
+          out += at::matmul(x.slice(1, b * half, (b + 1) * half), tile.t());
+        }
+      }
+    }
+    const at::Tensor want = at::matmul(x, wm.to(at::kDouble).t());
+    CHECK(at::allclose(y, want, 1e-12, 1e-12));
+  }
+  CHECK_THROWS_AS(deploy::make_mixed_plan({1, 0, 1}, 2, 2), std::invalid_argument);
+  CHECK_THROWS_AS(deploy::gather_tiles({}, std::vector<uint16_t>(5), 1, 1), std::invalid_argument);
+}
+
 TEST_CASE("HybridLinear equals the masked dense matmul", "[deploy]") {
   std::vector<at::Device> devices{at::kCPU};
   if (at::hasCUDA()) devices.emplace_back(at::kCUDA, 0);
@@ -399,8 +447,9 @@ TEST_CASE("HybridLinear with a dense copy for prefill equals the masked dense ma
 #endif
 
 #if PATCH_WITH_CUDA
-// deploy.prefill_split: more than kDecodeMaxTokens tokens go to the CUTLASS
-// split kernel (sm_90 only) for layers of 128 x 128 tiles with dense tiles.
+// deploy.prefill_split: more than kDecodeMaxTokens tokens go to a CUTLASS
+// hybrid kernel (sm_90 only; deploy.split_kernel: mixed or split) for layers
+// of 128 x 128 tiles with dense tiles.
 TEST_CASE("HybridLinear with the split prefill equals the masked dense matmul", "[deploy]") {
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   const at::Device device(at::kCUDA, 0);
@@ -413,32 +462,39 @@ TEST_CASE("HybridLinear with the split prefill equals the masked dense matmul", 
                       Catch::Contains("model.layers.0.mlp.up_proj") && Catch::Contains("sm_90"));
     return;
   }
-  for (double sparsity : {0.25, 0.45}) {
-    auto [w, m] = random_layer({384, 512, 128, 128, sparsity}, 11);
-    const auto p = deploy::pack_layer(w, m);
-    REQUIRE(p.dense_tiles() > 0);
-    deploy::HybridLinear plain(p, device), lin(p, device, split);
-    deploy::HybridLinear copy = lin.clone();
-    const auto ref_w = masked(w, m).to(at::kFloat);
-    for (int64_t tokens : {1, 32, 33, 200, 1024}) {
-      const auto want = tokens <= deploy::kDecodeMaxTokens ? deploy::HybridPath::kDecode : deploy::HybridPath::kSplit;
-      INFO("sparsity " << sparsity << ", " << tokens << " tokens, path " << deploy::path_name(lin.path(tokens)));
-      CHECK(lin.path(tokens) == want);
-      CHECK(plain.path(tokens) == (tokens <= deploy::kDecodeMaxTokens ? want : deploy::HybridPath::kExpand));
-      auto x = at::randn({tokens, 512}, at::kFloat).to(at::kBFloat16);
-      const auto ref = at::linear(x.to(at::kFloat), ref_w);
-      const double tol = 8e-3 * ref.abs().max().item<double>();
-      for (auto* k : {&lin, &copy}) {
-        const auto y = k->forward(x.to(device)).to(at::kCPU, at::kFloat);
-        CHECK((y - ref).abs().max().item<double>() <= tol);
+  for (bool mixed : {true, false}) {
+    split.prefill_mixed = mixed;
+    for (double sparsity : {0.25, 0.45}) {
+      auto [w, m] = random_layer({384, 512, 128, 128, sparsity}, 11);
+      const auto p = deploy::pack_layer(w, m);
+      REQUIRE(p.dense_tiles() > 0);
+      deploy::HybridLinear plain(p, device), lin(p, device, split);
+      deploy::HybridLinear copy = lin.clone();
+      const auto ref_w = masked(w, m).to(at::kFloat);
+      for (int64_t tokens : {1, 32, 33, 200, 1024}) {
+        const auto want =
+            tokens <= deploy::kDecodeMaxTokens ? deploy::HybridPath::kDecode : deploy::HybridPath::kSplit;
+        INFO((mixed ? "mixed" : "split") << " kernel, sparsity " << sparsity << ", " << tokens << " tokens, path "
+                                         << deploy::path_name(lin.path(tokens)));
+        CHECK(lin.path(tokens) == want);
+        CHECK(plain.path(tokens) == (tokens <= deploy::kDecodeMaxTokens ? want : deploy::HybridPath::kExpand));
+        auto x = at::randn({tokens, 512}, at::kFloat).to(at::kBFloat16);
+        const auto ref = at::linear(x.to(at::kFloat), ref_w);
+        const double tol = 8e-3 * ref.abs().max().item<double>();
+        for (auto* k : {&lin, &copy}) {
+          const auto y = k->forward(x.to(device)).to(at::kCPU, at::kFloat);
+          CHECK((y - ref).abs().max().item<double>() <= tol);
+        }
       }
+      // The pools beside the decode blocks, a 2:4 tile in 9/16 of a dense
+      // tile's bytes; a dense tile as two such tiles (split) or as it is
+      // (mixed); plus the step table.
+      const int64_t dense = p.dense_tiles(), tiles = p.grid.num_tiles(), tile_bytes = 128 * 128 * 2;
+      const int64_t pool = mixed ? (tiles - dense) * tile_bytes * 9 / 16 + dense * tile_bytes
+                                 : (tiles + dense) * tile_bytes * 9 / 16;
+      CHECK(lin.device_bytes() >= plain.device_bytes() + pool);
+      CHECK(lin.device_bytes() <= plain.device_bytes() + pool + 64 * 1024);
     }
-    // The pool beside the decode blocks: a 2:4 tile in 9/16 of a dense tile's
-    // bytes, a dense tile in twice that (plus the step table).
-    const int64_t dense = p.dense_tiles(), tiles = p.grid.num_tiles();
-    const int64_t pool = (tiles - dense + 2 * dense) * 128 * 128 * 2 * 9 / 16;
-    CHECK(lin.device_bytes() >= plain.device_bytes() + pool);
-    CHECK(lin.device_bytes() <= plain.device_bytes() + pool + 64 * 1024);
   }
   // Other tiles keep their path.
   auto [w, m] = random_layer({256, 512, 64, 32, 0.45}, 12);
@@ -585,27 +641,32 @@ TEST_CASE("bench-deploy's sparse GEMM rows run cuSPARSELt and the CUTLASS kernel
 #endif
 
 #if PATCH_WITH_CUTLASS
-TEST_CASE("the CUTLASS split hybrid GEMM equals the masked dense matmul", "[deploy]") {
+TEST_CASE("the CUTLASS hybrid GEMMs (split and mixed) equal the masked dense matmul", "[deploy]") {
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess || prop.major != 9) return;  // the kernels are sm_90a's
   const at::Device cuda(at::kCUDA, 0);
-  for (double sparsity : {0.25, 0.45, 0.5}) {
-    auto [w, mask] = random_layer({384, 512, 128, 128, sparsity}, 43);
-    const at::Tensor wm = masked(w, mask);
-    void* stream = nullptr;  // the default stream
-    deploy::cutlass_sm90::HybridSplitWeight gemm(bf16_bits(wm), tile_map(mask), 384, 512, stream);
-    for (int64_t tokens : {1, 17, 128, 200, 1024}) {
-      const at::Tensor x = at::randn({tokens, 512}, at::TensorOptions().device(cuda)).to(at::kBFloat16);
-      at::Tensor y = at::empty({tokens, 384}, x.options());
-      gemm.run(x.data_ptr(), y.data_ptr(), tokens, stream);
-      const at::Tensor want = at::linear(x.to(at::kFloat), wm.to(cuda).to(at::kFloat));
-      const double err = (y.to(at::kFloat) - want).abs().max().item<double>() / want.abs().max().item<double>();
-      INFO("sparsity " << sparsity << ", " << tokens << " tokens: relative error " << err);
-      CHECK(err <= 8e-3);
+  using deploy::cutlass_sm90::HybridKernel;
+  // All dense (0.0) and all 2:4 (0.5) leave one pool of the mixed kernel empty.
+  for (HybridKernel kernel : {HybridKernel::kSplit, HybridKernel::kMixed}) {
+    for (double sparsity : {0.25, 0.45, 0.5, 0.0}) {
+      auto [w, mask] = random_layer({384, 512, 128, 128, sparsity}, 43);
+      const at::Tensor wm = masked(w, mask);
+      void* stream = nullptr;  // the default stream
+      deploy::cutlass_sm90::HybridGemmWeight gemm(bf16_bits(wm), tile_map(mask), 384, 512, kernel, stream);
+      for (int64_t tokens : {1, 17, 128, 200, 1024}) {
+        const at::Tensor x = at::randn({tokens, 512}, at::TensorOptions().device(cuda)).to(at::kBFloat16);
+        at::Tensor y = at::empty({tokens, 384}, x.options());
+        gemm.run(x.data_ptr(), y.data_ptr(), tokens, stream);
+        const at::Tensor want = at::linear(x.to(at::kFloat), wm.to(cuda).to(at::kFloat));
+        const double err = (y.to(at::kFloat) - want).abs().max().item<double>() / want.abs().max().item<double>();
+        INFO(deploy::cutlass_sm90::hybrid_kernel_name(kernel) << " kernel, sparsity " << sparsity << ", " << tokens
+                                                              << " tokens: relative error " << err);
+        CHECK(err <= 8e-3);
+      }
     }
   }
-  // bench-deploy times it beside cuBLAS at the sparse GEMM rows' token counts.
+  // bench-deploy times both beside cuBLAS at the sparse GEMM rows' token counts.
   deploy::DeployBenchOptions o;
   o.shapes = {"384x512"};
   o.sparsities = {0.45};
@@ -613,20 +674,25 @@ TEST_CASE("the CUTLASS split hybrid GEMM equals the masked dense matmul", "[depl
   o.gemm_tokens = {17, 256};
   o.repeats = 1;
   o.device = cuda;
-  std::vector<nlohmann::json> split_rows;
+  std::vector<nlohmann::json> rows;
   deploy::bench_deploy(o, [&](const nlohmann::json& j) {
-    if (j["bench"] == "deploy_split_hybrid") split_rows.push_back(j);
+    if (j["bench"] == "deploy_hybrid_gemm") rows.push_back(j);
   });
-  REQUIRE(split_rows.size() == 2);
-  for (const auto& r : split_rows) {
+  REQUIRE(rows.size() == 4);
+  std::set<std::string> kernels;
+  for (const auto& r : rows) {
     INFO(r.dump());
     CHECK_FALSE(r.contains("error"));
     CHECK(r["max_rel_err"].get<double>() <= 8e-3);
     CHECK(r["speedup"].get<double>() > 0);
+    kernels.insert(r["kernel"].get<std::string>());
   }
-  // Shapes the kernel cannot take are refused with the shape named.
-  CHECK_THROWS_WITH(deploy::cutlass_sm90::HybridSplitWeight(std::vector<uint16_t>(100 * 128), {0}, 100, 128, nullptr),
-                    Catch::Contains("[out 100, in 128]"));
+  CHECK(kernels == std::set<std::string>{"split", "mixed"});
+  // Shapes the kernels cannot take are refused with the shape named.
+  for (HybridKernel kernel : {HybridKernel::kSplit, HybridKernel::kMixed})
+    CHECK_THROWS_WITH(
+        deploy::cutlass_sm90::HybridGemmWeight(std::vector<uint16_t>(100 * 128), {0}, 100, 128, kernel, nullptr),
+        Catch::Contains("[out 100, in 128]"));
 }
 #endif
 
