@@ -300,7 +300,9 @@ void bench_split_hybrid(const DeployBenchOptions& o, const BenchShape& shape,
       const auto masked = masked_cpu.to(o.device);
       const auto wf = masked.to(at::kFloat);
       using cutlass_sm90::HybridKernel;
-      for (const HybridKernel kernel : {HybridKernel::kSplit, HybridKernel::kMixed, HybridKernel::kMixedSerial}) {
+      const int64_t sms = at::cuda::getDeviceProperties(o.device.index())->multiProcessorCount;
+      for (const HybridKernel kernel :
+           {HybridKernel::kSplit, HybridKernel::kMixed128, HybridKernel::kMixed64, HybridKernel::kMixedSerial}) {
         const char* name = cutlass_sm90::hybrid_kernel_name(kernel);
         std::unique_ptr<cuda::SplitGemm> gemm;
         std::string error;
@@ -317,6 +319,9 @@ void bench_split_hybrid(const DeployBenchOptions& o, const BenchShape& shape,
                          {"out", s.out},                {"in", s.in},
                          {"target_sparsity", sp},       {"tokens", tokens},
                          {"dense_us", dense_us}};
+          // Which width deploy.split_kernel=mixed runs at this token count.
+          if (kernel == HybridKernel::kMixed128 || kernel == HybridKernel::kMixed64)
+            j["mixed_picks"] = (kernel == HybridKernel::kMixed64) == cutlass_sm90::mixed_narrow(s.out, tokens, sms);
           if (!gemm) {
             j["error"] = error;
             emit(j);

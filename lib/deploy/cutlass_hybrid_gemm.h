@@ -4,9 +4,13 @@
 //   kSplit  the 2:4 tensor cores alone (hybrid_split_plan.h): a 2:4 tile is one
 //           wgmma.sp step, a dense tile two (its groups' inputs 0-1, then 2-3);
 //   kMixed  a 2:4 tile is one wgmma.sp step, a dense tile two dense wgmma steps
-//           of 64 inputs (MixedPlan): the dense tiles read once, at dense speed;
-//           one step's instructions in flight while the next is issued;
-//   kMixedSerial  the same, each step's instructions completed before the next.
+//           of 64 inputs (MixedPlan): the dense tiles read once, at dense speed,
+//           one step's instructions in flight while the next is issued; output
+//           tiles of 128 x 64 tokens where 128 x 128 ones would leave SMs
+//           without a tile (mixed_narrow), else 128 x 128;
+//   kMixed128, kMixed64  kMixed with the one tile width;
+//   kMixedSerial  kMixed128 with each step's instructions completed before the
+//           next is issued.
 // bf16 in and out, fp32 accumulation. Plain C++ (no ATen): device pointers,
 // streams as void*.
 #include <cstddef>
@@ -16,14 +20,22 @@
 
 namespace patch::deploy::cutlass_sm90 {
 
-enum class HybridKernel { kSplit, kMixed, kMixedSerial };
+enum class HybridKernel { kSplit, kMixed, kMixed128, kMixed64, kMixedSerial };
 inline const char* hybrid_kernel_name(HybridKernel k) {
   switch (k) {
     case HybridKernel::kSplit: return "split";
     case HybridKernel::kMixed: return "mixed";
+    case HybridKernel::kMixed128: return "mixed-128";
+    case HybridKernel::kMixed64: return "mixed-64";
     case HybridKernel::kMixedSerial: return "mixed-serial";
   }
   return "?";
+}
+
+// Whether kMixed runs `tokens` of a layer with `out` outputs on tiles of 64
+// tokens: when tiles of 128 would be fewer than the SMs.
+inline bool mixed_narrow(int64_t out, int64_t tokens, int64_t sm_count) {
+  return (out / 128) * ((tokens + 127) / 128) < sm_count;
 }
 
 class HybridGemmWeight {

@@ -266,7 +266,7 @@ std::unique_ptr<ImplBase> make_split_impl(const std::vector<uint16_t>& w, const 
 
 // In cutlass_hybrid_mixed_gemm_cuda.cu.
 std::unique_ptr<ImplBase> make_mixed_impl(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense,
-                                          int64_t out, int64_t in, bool in_flight, cudaStream_t stream);
+                                          int64_t out, int64_t in, HybridKernel kernel, cudaStream_t stream);
 
 }  // namespace detail
 
@@ -280,7 +280,7 @@ HybridGemmWeight::HybridGemmWeight(const std::vector<uint16_t>& w, const std::ve
   const auto s = static_cast<cudaStream_t>(stream);
   impl_->gemm = kernel == HybridKernel::kSplit
                     ? detail::make_split_impl(w, tile_dense, out, in, s)
-                    : detail::make_mixed_impl(w, tile_dense, out, in, kernel == HybridKernel::kMixed, s);
+                    : detail::make_mixed_impl(w, tile_dense, out, in, kernel, s);
 }
 
 HybridGemmWeight::~HybridGemmWeight() = default;

@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "deploy/cutlass_hybrid_gemm.h"
 #include "deploy/cutlass_sparse_gemm_impl.cuh"
 #include "deploy/hybrid_split_plan.h"
 
@@ -20,11 +21,12 @@ namespace patch::deploy::cutlass_sm90::detail {
 // consumer warpgroup. A is the pool of whole 2:4 tiles (compressed), AD the
 // pool of dense tiles (bf16, [tiles * 128, 128] row-major), B is x.
 //
-// A stage holds either a 2:4 step (compressed 128 x 128 A, its metadata, a
-// 128 x 128 block of x) or a dense half step (128 x 64 of a dense tile in A's
-// 16 KB, 128 x 64 of x in the first half of B's 32 KB). Both half operands
-// have the layout of one 128 x 64 K-major bf16 tile with the 128-byte swizzle,
-// which is also how the first 64 inputs of B's tile lie in shared memory.
+// A stage holds either a 2:4 step (compressed 128 x 128 A, its metadata, an
+// N x 128 block of x) or a dense half step (128 x 64 of a dense tile in A's
+// 16 KB, N x 64 of x in the first half of B's buffer). Both half operands
+// have the layout of a K-major bf16 tile of 64 inputs with the 128-byte
+// swizzle, which is also how the first 64 inputs of B's tile lie in shared
+// memory (its atoms are tiled along N first).
 //
 // kInFlight 0: every step's instructions complete before its stage is
 // released (as CUTLASS's sparse main loop does: wgmma.sp reads its metadata
@@ -56,26 +58,29 @@ struct MixedHybridMainloop : Base {
   static_assert(std::is_same_v<typename Base::DispatchPolicy::Schedule, cutlass::gemm::KernelTmaWarpSpecialized>,
                 "mma() takes its row block from blockIdx.x: one output tile per CTA (the non-persistent kernel)");
   static_assert(cute::size(TiledMma{}) == cutlass::NumThreadsPerWarpGroup, "one consumer warpgroup");
-  static_assert(std::is_same_v<TileShape, cute::Shape<cute::_128, cute::_128, cute::_128>>, "128 x 128 x 128 tiles");
+  static_assert(cute::size<0>(TileShape{}) == 128 && cute::size<2>(TileShape{}) == 128, "128 x N x 128 tiles");
+  using TileN = cute::remove_cvref_t<decltype(cute::get<1>(TileShape{}))>;  // cute::Int<N>
   static_assert(std::is_same_v<ElementBMma, Element>, "bf16 activations");
   static_assert(kInFlight == 0 || kInFlight == 1, "0 or 1 steps in flight");
 
-  // A dense half step: M 128, N 128, K 64.
-  using HalfShape = cute::Shape<cute::_128, cute::_128, cute::_64>;
-  using SmemLayoutHalf = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
-                                                      cute::Shape<cute::_128, cute::_64>{}));
+  // A dense half step: M 128, N of the tile, K 64.
+  using HalfShape = cute::Shape<cute::_128, TileN, cute::_64>;
+  using SmemLayoutHalfA = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
+                                                       cute::Shape<cute::_128, cute::_64>{}));
+  using SmemLayoutHalfB = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<Element>{},
+                                                       cute::Shape<TileN, cute::_64>{}));
   using DenseMma = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<Element, Element, float, HalfShape, cute::GMMA::Major::K, cute::GMMA::Major::K>(),
       cute::Layout<cute::Shape<cute::_1, cute::_1, cute::_1>>{}));
 
-  static constexpr int kHalfElements = 128 * 64;
+  static constexpr int kHalfElementsA = 128 * 64, kHalfElementsB = TileN::value * 64;
   static constexpr uint32_t kStageBytesA =
       cutlass::bits_to_bytes(cute::cosize(cute::take<0, 2>(SmemLayoutA{})) * cute::sizeof_bits_v<ElementAMma>);
   static constexpr uint32_t kStageBytesB =
       cutlass::bits_to_bytes(cute::cosize(cute::take<0, 2>(SmemLayoutB{})) * cute::sizeof_bits_v<ElementBMma>);
-  static_assert(kStageBytesA == kHalfElements * sizeof(Element), "a compressed A stage holds a dense half tile");
-  static_assert(kStageBytesB == 2 * kHalfElements * sizeof(Element), "a B stage holds two halves of 64 inputs");
-  static constexpr uint32_t kHalfBytes = 2 * kHalfElements * sizeof(Element);      // dense A half + x half
+  static_assert(kStageBytesA == kHalfElementsA * sizeof(Element), "a compressed A stage holds a dense half tile");
+  static_assert(kStageBytesB == 2 * kHalfElementsB * sizeof(Element), "a B stage holds two halves of 64 inputs");
+  static constexpr uint32_t kHalfBytes = (kHalfElementsA + kHalfElementsB) * sizeof(Element);  // A half + x half
   static constexpr uint32_t kSparseExtraBytes = Base::TmaTransactionBytes - kHalfBytes;  // a 2:4 step's rest
 
   using StrideAD = cutlass::gemm::TagToStrideA_t<cutlass::layout::RowMajor>;
@@ -84,11 +89,11 @@ struct MixedHybridMainloop : Base {
   using TMA_AD = decltype(cute::make_tma_copy_A_sm90<TmaElement>(
       GmemTiledCopyA{},
       cute::make_tensor(static_cast<const TmaElement*>(nullptr), cute::repeat_like(StrideAD{}, int32_t(0)), StrideAD{}),
-      SmemLayoutHalf{}, HalfShape{}, ClusterShape{}));
+      SmemLayoutHalfA{}, HalfShape{}, ClusterShape{}));
   using TMA_BH = decltype(cute::make_tma_copy_B_sm90<TmaElement>(
       GmemTiledCopyB{},
       cute::make_tensor(static_cast<const TmaElement*>(nullptr), cute::repeat_like(StrideB{}, int32_t(0)), StrideB{}),
-      SmemLayoutHalf{}, HalfShape{}, ClusterShape{}));
+      SmemLayoutHalfB{}, HalfShape{}, ClusterShape{}));
 
   struct Arguments {
     const ElementA* ptr_sparse = nullptr;  // compressed pool of 2:4 tiles
@@ -127,10 +132,10 @@ struct MixedHybridMainloop : Base {
                                                      StrideAD{int64_t(128), cute::_1{}, int64_t(dense_rows) * 128}));
     auto x = cute::make_tensor(reinterpret_cast<const TmaElement*>(args.ptr_B),
                                cute::make_layout(cute::make_shape(N, K, L), args.dB));
-    p.tma_load_ad = cute::make_tma_copy_A_sm90<TmaElement>(GmemTiledCopyA{}, dense, SmemLayoutHalf{}, HalfShape{},
+    p.tma_load_ad = cute::make_tma_copy_A_sm90<TmaElement>(GmemTiledCopyA{}, dense, SmemLayoutHalfA{}, HalfShape{},
                                                            ClusterShape{});
     p.tma_load_bh =
-        cute::make_tma_copy_B_sm90<TmaElement>(GmemTiledCopyB{}, x, SmemLayoutHalf{}, HalfShape{}, ClusterShape{});
+        cute::make_tma_copy_B_sm90<TmaElement>(GmemTiledCopyB{}, x, SmemLayoutHalfB{}, HalfShape{}, ClusterShape{});
     p.dense_rows = dense_rows;
     p.steps = args.steps;
     p.counts = args.counts;
@@ -177,12 +182,12 @@ struct MixedHybridMainloop : Base {
 
   // Shared memory of a stage seen as dense half operands.
   CUTLASS_DEVICE static auto half_a(TensorStorage& s, int stage) {
-    auto* base = reinterpret_cast<Element*>(&s.smem_A) + stage * kHalfElements;
-    return cute::make_tensor(cute::make_smem_ptr(base), SmemLayoutHalf{});
+    auto* base = reinterpret_cast<Element*>(&s.smem_A) + stage * kHalfElementsA;
+    return cute::make_tensor(cute::make_smem_ptr(base), SmemLayoutHalfA{});
   }
   CUTLASS_DEVICE static auto half_b(TensorStorage& s, int stage) {
-    auto* base = reinterpret_cast<Element*>(&s.smem_B) + stage * 2 * kHalfElements;
-    return cute::make_tensor(cute::make_smem_ptr(base), SmemLayoutHalf{});
+    auto* base = reinterpret_cast<Element*>(&s.smem_B) + stage * 2 * kHalfElementsB;
+    return cute::make_tensor(cute::make_smem_ptr(base), SmemLayoutHalfB{});
   }
 
   template <class TensorS, class TensorB, class TensorA, class TensorE, class TensorAD, class TensorBH,
@@ -380,11 +385,13 @@ struct MixedHybridMainloop : Base {
 };
 
 // The stock parts of the mixed kernel: CUTLASS's sparse main loop (the base of
-// MixedHybridMainloop) and epilogue for 128 x 128 x 128 tiles and a 1 x 2 cluster.
+// MixedHybridMainloop) and epilogue for 128 x kTileN x 128 tiles and a 1 x 2
+// cluster.
+template <int kTileN>
 struct MixedStock {
   using Element = cutlass::bfloat16_t;
   using Accumulator = float;
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_128>;
+  using TileShape = cute::Shape<cute::_128, cute::Int<kTileN>, cute::_128>;
   using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
   using LayoutA = cutlass::layout::RowMajor;
   using LayoutB = cutlass::layout::ColumnMajor;
@@ -395,28 +402,37 @@ struct MixedStock {
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator, void, LayoutD, kAlignment, Element,
       LayoutD, kAlignment, cutlass::epilogue::TmaWarpSpecialized>::CollectiveOp;
+  // A constant, not the sizeof expression: nvcc's host pass cannot spell the
+  // latter inside a template.
+  static constexpr int kEpilogueBytes = static_cast<int>(sizeof(typename Epilogue::SharedStorage));
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, Element, LayoutA, kAlignment, Element, LayoutB,
       kAlignment, Accumulator, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueBytes>,
       cutlass::gemm::KernelTmaWarpSpecialized>::CollectiveOp;
-  // Named here, outside any template: nvcc's host pass cannot spell it in one.
   using ElementE = typename Mainloop::ElementE;
 };
 
-template <int kInFlight>
+using MixedElementE = MixedStock<128>::ElementE;
+static_assert(std::is_same_v<MixedStock<128>::Mainloop::LayoutA, MixedStock<64>::Mainloop::LayoutA> &&
+                  std::is_same_v<MixedStock<128>::Mainloop::LayoutE, MixedStock<64>::Mainloop::LayoutE>,
+              "both tile widths read the same compressed pool");
+
+template <int kInFlight, int kTileN>
+using MixedGemm = cutlass::gemm::device::GemmUniversalAdapter<cutlass::gemm::kernel::GemmUniversal<
+    cute::Shape<int, int, int, int>, MixedHybridMainloop<typename MixedStock<kTileN>::Mainloop, kInFlight>,
+    typename MixedStock<kTileN>::Epilogue>>;
+
+// The pools (compressed 2:4 tiles, dense tiles, steps) once, and the kernels
+// that read them: tiles of 128 or 64 tokens, or 128 with each step completed
+// before the next (kMixedSerial).
 class HybridMixedImpl final : public ImplBase {
-  using Element = MixedStock::Element;
-  using StockMainloop = MixedStock::Mainloop;
-  using Mainloop = MixedHybridMainloop<StockMainloop, kInFlight>;
-  using ProblemShape = cute::Shape<int, int, int, int>;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, MixedStock::Epilogue>;
-  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+  using Element = cutlass::bfloat16_t;
 
  public:
   HybridMixedImpl(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense, int64_t out, int64_t in,
-                  cudaStream_t stream)
-      : out_(out), in_(in) {
+                  HybridKernel kernel, cudaStream_t stream)
+      : out_(out), in_(in), kernel_(kernel) {
     if (out <= 0 || in <= 0 || out % kSplitTile != 0 || in % kSplitTile != 0 || out > INT_MAX || in > INT_MAX)
       fail("out and in must be positive multiples of 128");
     const int64_t row_blocks = out / kSplitTile, k_tiles = in / kSplitTile;
@@ -439,18 +455,32 @@ class HybridMixedImpl final : public ImplBase {
   }
 
   void run(const void* x, void* y, int64_t tokens, cudaStream_t stream) override {
-    const std::string e = gemm_.run(x, y, tokens, stream, [&](int n) { return arguments(x, y, n); });
+    std::string e;
+    if (kernel_ == HybridKernel::kMixedSerial)
+      e = serial_.run(x, y, tokens, stream, [&](int n) { return arguments<MixedGemm<0, 128>>(x, y, n); });
+    else if (narrow(tokens))
+      e = narrow_.run(x, y, tokens, stream, [&](int n) { return arguments<MixedGemm<1, 64>>(x, y, n); });
+    else
+      e = wide_.run(x, y, tokens, stream, [&](int n) { return arguments<MixedGemm<1, 128>>(x, y, n); });
     if (!e.empty()) fail(e);
   }
 
   size_t bytes() const override { return sparse_.bytes() + dense_.bytes() + steps_.bytes() + counts_.bytes(); }
 
  private:
+  // Tiles of 64 tokens where tiles of 128 leave SMs without a tile (kMixed),
+  // or as asked (kMixed128, kMixed64).
+  bool narrow(int64_t tokens) const {
+    if (kernel_ != HybridKernel::kMixed) return kernel_ == HybridKernel::kMixed64;
+    return mixed_narrow(out_, tokens, hw_info_.sm_count);
+  }
+
+  template <class Gemm>
   typename Gemm::Arguments arguments(const void* x, void* y, int tokens) const {
     auto args = gemm_arguments<Gemm>(x, y, static_cast<int>(out_), tokens, static_cast<int>(in_), hw_info_);
     args.mainloop.ptr_sparse = static_cast<const Element*>(sparse_.values.get());
     args.mainloop.layout_sparse = sparse_.layout_a;
-    args.mainloop.ptr_e = static_cast<const MixedStock::ElementE*>(sparse_.metadata.get());
+    args.mainloop.ptr_e = static_cast<const MixedElementE*>(sparse_.metadata.get());
     args.mainloop.layout_e = sparse_.layout_e;
     args.mainloop.ptr_dense = static_cast<const Element*>(dense_.get());
     args.mainloop.dense_tiles = dense_tiles_;
@@ -466,24 +496,24 @@ class HybridMixedImpl final : public ImplBase {
   }
 
   int64_t out_, in_;
+  HybridKernel kernel_;
   int max_steps_ = 0, dense_tiles_ = 0;
   cutlass::KernelHardwareInfo hw_info_{};
-  CompressedSparse<StockMainloop> sparse_;
+  CompressedSparse<MixedStock<128>::Mainloop> sparse_;
   DeviceBuffer dense_, steps_, counts_;
-  CachedGemm<Gemm> gemm_;
+  CachedGemm<MixedGemm<1, 128>> wide_;
+  CachedGemm<MixedGemm<1, 64>> narrow_;
+  CachedGemm<MixedGemm<0, 128>> serial_;
 };
 
 #endif  // CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED
 
 std::unique_ptr<ImplBase> make_mixed_impl(const std::vector<uint16_t>& w, const std::vector<uint8_t>& tile_dense,
-                                          int64_t out, int64_t in, bool in_flight, cudaStream_t stream) {
+                                          int64_t out, int64_t in, HybridKernel kernel, cudaStream_t stream) {
 #if defined(CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED)
-  if constexpr (kKernelsBuilt) {
-    if (in_flight) return std::make_unique<HybridMixedImpl<1>>(w, tile_dense, out, in, stream);
-    return std::make_unique<HybridMixedImpl<0>>(w, tile_dense, out, in, stream);
-  }
+  if constexpr (kKernelsBuilt) return std::make_unique<HybridMixedImpl>(w, tile_dense, out, in, kernel, stream);
 #endif
-  (void)in_flight;
+  (void)kernel;
   (void)w;
   (void)tile_dense;
   (void)stream;

@@ -641,14 +641,16 @@ TEST_CASE("bench-deploy's sparse GEMM rows run cuSPARSELt and the CUTLASS kernel
 #endif
 
 #if PATCH_WITH_CUTLASS
-TEST_CASE("the CUTLASS hybrid GEMMs (split and mixed) equal the masked dense matmul", "[deploy]") {
+TEST_CASE("the CUTLASS hybrid GEMMs equal the masked dense matmul", "[deploy]") {
   if (!at::hasCUDA()) return;  // built with CUDA, run without a GPU (CI)
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess || prop.major != 9) return;  // the kernels are sm_90a's
   const at::Device cuda(at::kCUDA, 0);
   using deploy::cutlass_sm90::HybridKernel;
   // All dense (0.0) and all 2:4 (0.5) leave one pool of the mixed kernel empty.
-  for (HybridKernel kernel : {HybridKernel::kSplit, HybridKernel::kMixed}) {
+  const std::vector<HybridKernel> all = {HybridKernel::kSplit, HybridKernel::kMixed, HybridKernel::kMixed128,
+                                         HybridKernel::kMixed64, HybridKernel::kMixedSerial};
+  for (HybridKernel kernel : all) {
     for (double sparsity : {0.25, 0.45, 0.5, 0.0}) {
       auto [w, mask] = random_layer({384, 512, 128, 128, sparsity}, 43);
       const at::Tensor wm = masked(w, mask);
@@ -666,7 +668,7 @@ TEST_CASE("the CUTLASS hybrid GEMMs (split and mixed) equal the masked dense mat
       }
     }
   }
-  // bench-deploy times both beside cuBLAS at the sparse GEMM rows' token counts.
+  // bench-deploy times each beside cuBLAS at the sparse GEMM rows' token counts.
   deploy::DeployBenchOptions o;
   o.shapes = {"384x512"};
   o.sparsities = {0.45};
@@ -678,7 +680,7 @@ TEST_CASE("the CUTLASS hybrid GEMMs (split and mixed) equal the masked dense mat
   deploy::bench_deploy(o, [&](const nlohmann::json& j) {
     if (j["bench"] == "deploy_hybrid_gemm") rows.push_back(j);
   });
-  REQUIRE(rows.size() == 4);
+  REQUIRE(rows.size() == 2 * (all.size() - 1));  // every kernel but kMixed, which picks a width
   std::set<std::string> kernels;
   for (const auto& r : rows) {
     INFO(r.dump());
@@ -687,9 +689,9 @@ TEST_CASE("the CUTLASS hybrid GEMMs (split and mixed) equal the masked dense mat
     CHECK(r["speedup"].get<double>() > 0);
     kernels.insert(r["kernel"].get<std::string>());
   }
-  CHECK(kernels == std::set<std::string>{"split", "mixed"});
+  CHECK(kernels == std::set<std::string>{"split", "mixed-128", "mixed-64", "mixed-serial"});
   // Shapes the kernels cannot take are refused with the shape named.
-  for (HybridKernel kernel : {HybridKernel::kSplit, HybridKernel::kMixed})
+  for (HybridKernel kernel : all)
     CHECK_THROWS_WITH(
         deploy::cutlass_sm90::HybridGemmWeight(std::vector<uint16_t>(100 * 128), {0}, 100, 128, kernel, nullptr),
         Catch::Contains("[out 100, in 128]"));
