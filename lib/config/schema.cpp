@@ -295,9 +295,9 @@ std::vector<KeyDef> build() {
           "Packed layers of 128x128 tiles on an sm_90 GPU: keep a pool of 2:4 tiles beside the decode blocks (a "
           "dense tile as two 2:4 halves) and run more than 32 tokens on the 2:4 tensor cores through CUTLASS "
           "instead of expansion + cuBLAS"),
-      choices(key("deploy.split_kernel", T::kString, "mixed",
-                  "deploy.prefill_split's kernel: mixed (2:4 tiles on wgmma.sp, dense tiles on the dense wgmma) or "
-                  "split (a dense tile as two 2:4 halves, the 2:4 tensor cores alone)"),
+      choices(key("deploy.split_kernel", T::kString, "split",
+                  "deploy.prefill_split's kernel: split (a dense tile as two 2:4 halves, the 2:4 tensor cores "
+                  "alone) or mixed (2:4 tiles on wgmma.sp, dense tiles on the dense wgmma; not yet run on a GPU)"),
               {"mixed", "split"}),
       range(key("deploy.gemm_tokens", T::kIntList, Json::array({256, 2048, 8192}),
                 "bench-deploy: tokens of the sparse GEMM rows (a layer of 2:4 tiles only: cuBLAS on the masked "

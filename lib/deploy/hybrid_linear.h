@@ -66,8 +66,9 @@ struct HybridOptions {
   // their path. Excludes prefill_dense_copy.
   bool prefill_split = false;
   // prefill_split's kernel: dense tiles on the dense wgmma beside the 2:4
-  // tiles' wgmma.sp (mixed), or each as two 2:4 halves (split).
-  bool prefill_mixed = true;
+  // tiles' wgmma.sp (mixed), or each as two 2:4 halves (split). Split until
+  // the mixed kernel has run on a GPU.
+  bool prefill_mixed = false;
 };
 
 // Tile columns the decode kernel takes: it keeps a tile row's tile offsets in
@@ -141,7 +142,7 @@ class SparseGemm {
 class SplitGemm {
  public:
   SplitGemm(const at::Tensor& masked, const at::Tensor& tile_dense, at::Device device,
-            cutlass_sm90::HybridKernel kernel = cutlass_sm90::HybridKernel::kMixed);
+            cutlass_sm90::HybridKernel kernel = cutlass_sm90::HybridKernel::kSplit);
   SplitGemm(const SplitGemm&) = delete;
   SplitGemm& operator=(const SplitGemm&) = delete;
   ~SplitGemm();
