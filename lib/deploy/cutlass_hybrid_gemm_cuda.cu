@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "deploy/cutlass_hybrid_stock.cuh"
 #include "deploy/cutlass_sparse_gemm_impl.cuh"
 #include "deploy/hybrid_split_plan.h"
 
@@ -171,27 +172,10 @@ struct SplitHybridMainloop : Base {
 
 class HybridSplitImpl final : public ImplBase {
   using Element = cutlass::bfloat16_t;
-  using Accumulator = float;
-  using TileShape = cute::Shape<cute::_128, cute::_128, cute::_128>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
-  using LayoutA = cutlass::layout::RowMajor;
-  using LayoutB = cutlass::layout::ColumnMajor;
-  using LayoutD = cutlass::layout::ColumnMajor;
-  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
-
-  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator, void, LayoutD, kAlignment, Element,
-      LayoutD, kAlignment, cutlass::epilogue::TmaWarpSpecialized>::CollectiveOp;
-  using StockMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, Element, LayoutA, kAlignment, Element, LayoutB,
-      kAlignment, Accumulator, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecialized>::CollectiveOp;
+  using StockMainloop = HybridStock<128>::Mainloop;
   using Mainloop = SplitHybridMainloop<StockMainloop>;
   using ProblemShape = cute::Shape<int, int, int, int>;
-  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, CollectiveEpilogue>;
+  using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, HybridStock<128>::Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
  public:

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "deploy/cutlass_hybrid_gemm.h"
+#include "deploy/cutlass_hybrid_stock.cuh"
 #include "deploy/cutlass_sparse_gemm_impl.cuh"
 #include "deploy/hybrid_split_plan.h"
 
@@ -384,44 +385,15 @@ struct MixedHybridMainloop : Base {
   int consumed_ = 0;  // steps multiplied (consumer threads' copy)
 };
 
-// The stock parts of the mixed kernel: CUTLASS's sparse main loop (the base of
-// MixedHybridMainloop) and epilogue for 128 x kTileN x 128 tiles and a 1 x 2
-// cluster.
-template <int kTileN>
-struct MixedStock {
-  using Element = cutlass::bfloat16_t;
-  using Accumulator = float;
-  using TileShape = cute::Shape<cute::_128, cute::Int<kTileN>, cute::_128>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_2, cute::_1>;
-  using LayoutA = cutlass::layout::RowMajor;
-  using LayoutB = cutlass::layout::ColumnMajor;
-  using LayoutD = cutlass::layout::ColumnMajor;
-  static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;
-
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
-      cutlass::epilogue::collective::EpilogueTileAuto, Accumulator, Accumulator, void, LayoutD, kAlignment, Element,
-      LayoutD, kAlignment, cutlass::epilogue::TmaWarpSpecialized>::CollectiveOp;
-  // A constant, not the sizeof expression: nvcc's host pass cannot spell the
-  // latter inside a template.
-  static constexpr int kEpilogueBytes = static_cast<int>(sizeof(typename Epilogue::SharedStorage));
-  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, Element, LayoutA, kAlignment, Element, LayoutB,
-      kAlignment, Accumulator, TileShape, ClusterShape,
-      cutlass::gemm::collective::StageCountAutoCarveout<kEpilogueBytes>,
-      cutlass::gemm::KernelTmaWarpSpecialized>::CollectiveOp;
-  using ElementE = typename Mainloop::ElementE;
-};
-
-using MixedElementE = MixedStock<128>::ElementE;
-static_assert(std::is_same_v<MixedStock<128>::Mainloop::LayoutA, MixedStock<64>::Mainloop::LayoutA> &&
-                  std::is_same_v<MixedStock<128>::Mainloop::LayoutE, MixedStock<64>::Mainloop::LayoutE>,
+using MixedElementE = HybridStock<128>::ElementE;  // named outside a template (HybridStock)
+static_assert(std::is_same_v<HybridStock<128>::Mainloop::LayoutA, HybridStock<64>::Mainloop::LayoutA> &&
+                  std::is_same_v<HybridStock<128>::Mainloop::LayoutE, HybridStock<64>::Mainloop::LayoutE>,
               "both tile widths read the same compressed pool");
 
 template <int kInFlight, int kTileN>
 using MixedGemm = cutlass::gemm::device::GemmUniversalAdapter<cutlass::gemm::kernel::GemmUniversal<
-    cute::Shape<int, int, int, int>, MixedHybridMainloop<typename MixedStock<kTileN>::Mainloop, kInFlight>,
-    typename MixedStock<kTileN>::Epilogue>>;
+    cute::Shape<int, int, int, int>, MixedHybridMainloop<typename HybridStock<kTileN>::Mainloop, kInFlight>,
+    typename HybridStock<kTileN>::Epilogue>>;
 
 // The pools (compressed 2:4 tiles, dense tiles, steps) once, and the kernels
 // that read them: tiles of 128 or 64 tokens, or 128 with each step completed
@@ -499,7 +471,7 @@ class HybridMixedImpl final : public ImplBase {
   HybridKernel kernel_;
   int max_steps_ = 0, dense_tiles_ = 0;
   cutlass::KernelHardwareInfo hw_info_{};
-  CompressedSparse<MixedStock<128>::Mainloop> sparse_;
+  CompressedSparse<HybridStock<128>::Mainloop> sparse_;
   DeviceBuffer dense_, steps_, counts_;
   CachedGemm<MixedGemm<1, 128>> wide_;
   CachedGemm<MixedGemm<1, 64>> narrow_;

@@ -33,6 +33,21 @@ struct SplitPlan {
 
 // Header-only: the CUTLASS target, which deploy links, uses it too.
 
+// Both plans take a step per tile and one more per dense tile: each row
+// block's count into `counts`; returns the largest.
+inline int64_t count_steps(const std::vector<uint8_t>& tile_dense, int64_t row_blocks, int64_t k_tiles,
+                           std::vector<int32_t>& counts) {
+  counts.assign(static_cast<size_t>(row_blocks), 0);
+  int64_t max_steps = 0;
+  for (int64_t r = 0; r < row_blocks; ++r) {
+    int64_t dense = 0;
+    for (int64_t k = 0; k < k_tiles; ++k) dense += tile_dense[static_cast<size_t>(r * k_tiles + k)] != 0;
+    counts[static_cast<size_t>(r)] = static_cast<int32_t>(k_tiles + dense);
+    max_steps = std::max(max_steps, k_tiles + dense);
+  }
+  return max_steps;
+}
+
 // The plan for a layer of [row_blocks x k_tiles] tiles of kSplitTile, tile_dense
 // row-major (1: dense). Throws std::invalid_argument on an empty grid.
 inline SplitPlan make_split_plan(const std::vector<uint8_t>& tile_dense, int64_t row_blocks, int64_t k_tiles) {
@@ -42,13 +57,7 @@ inline SplitPlan make_split_plan(const std::vector<uint8_t>& tile_dense, int64_t
   SplitPlan p;
   p.row_blocks = row_blocks;
   p.k_tiles = k_tiles;
-  p.counts.resize(static_cast<size_t>(row_blocks));
-  for (int64_t r = 0; r < row_blocks; ++r) {
-    int64_t dense = 0;
-    for (int64_t k = 0; k < k_tiles; ++k) dense += tile_dense[static_cast<size_t>(r * k_tiles + k)] != 0;
-    p.counts[static_cast<size_t>(r)] = static_cast<int32_t>(k_tiles + dense);
-    p.max_steps = std::max<int64_t>(p.max_steps, k_tiles + dense);
-  }
+  p.max_steps = count_steps(tile_dense, row_blocks, k_tiles, p.counts);
   p.steps.assign(static_cast<size_t>(row_blocks * p.max_steps * 2), -1);
   for (int64_t r = 0; r < row_blocks; ++r) {
     int32_t* out = p.steps.data() + r * p.max_steps * 2;
@@ -118,13 +127,7 @@ inline MixedPlan make_mixed_plan(const std::vector<uint8_t>& tile_dense, int64_t
   MixedPlan p;
   p.row_blocks = row_blocks;
   p.k_tiles = k_tiles;
-  p.counts.resize(static_cast<size_t>(row_blocks));
-  for (int64_t r = 0; r < row_blocks; ++r) {
-    int64_t dense = 0;
-    for (int64_t k = 0; k < k_tiles; ++k) dense += tile_dense[static_cast<size_t>(r * k_tiles + k)] != 0;
-    p.counts[static_cast<size_t>(r)] = static_cast<int32_t>(k_tiles + dense);
-    p.max_steps = std::max<int64_t>(p.max_steps, k_tiles + dense);
-  }
+  p.max_steps = count_steps(tile_dense, row_blocks, k_tiles, p.counts);
   p.steps.assign(static_cast<size_t>(row_blocks * p.max_steps * 2), -1);
   for (int64_t r = 0; r < row_blocks; ++r) {
     int32_t* out = p.steps.data() + r * p.max_steps * 2;
