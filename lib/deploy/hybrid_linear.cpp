@@ -196,7 +196,6 @@ struct HybridLinear::Impl {
 #if PATCH_WITH_CUDA
   std::unique_ptr<cuda::SparseGemm> sparse;  // a layer of 2:4 tiles only, more than kDecodeMaxTokens
   std::unique_ptr<cuda::SplitGemm> split;    // prefill_split, more than kDecodeMaxTokens
-  bool split_mixed = false;                  // its kernel (HybridOptions::prefill_mixed)
   std::shared_ptr<cuda::ExpandPipeline> pipeline;
 
   ~Impl() {
@@ -224,8 +223,8 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device, const Hy
       core::check(split_supported(layer.grid, device), layer.name,
                   "prefill_split needs an sm_90 GPU, a build with the CUTLASS kernels and out and in multiples of "
                   "128");
-      m.split_mixed = options.prefill_mixed;
-      m.split = std::make_unique<cuda::SplitGemm>(unpack_layer(layer), f.tile_dense, device, split_kernel(m.split_mixed));
+      m.split = std::make_unique<cuda::SplitGemm>(unpack_layer(layer), f.tile_dense, device,
+                                                  split_kernel(options.prefill_mixed));
     }
   }
 #endif
@@ -253,9 +252,7 @@ HybridLinear HybridLinear::clone() const {
     // The pool again, from the decode blocks' W ⊙ M.
     auto w = at::empty({m.grid.out(), m.grid.in()}, at::TensorOptions(m.device).dtype(at::kBFloat16));
     cuda::expand_weight(m.dec, m.grid, w);
-    c->split_mixed = m.split_mixed;
-    c->split =
-        std::make_unique<cuda::SplitGemm>(w.cpu(), m.dec.tile_dense.cpu(), m.device, split_kernel(m.split_mixed));
+    c->split = std::make_unique<cuda::SplitGemm>(w.cpu(), m.dec.tile_dense.cpu(), m.device, m.split->kernel());
   }
 #endif
   return HybridLinear(std::move(c));

@@ -148,6 +148,7 @@ class SplitGemm {
   ~SplitGemm();
   void multiply(const at::Tensor& x, at::Tensor& y);
   int64_t bytes() const;  // of the pools, the metadata and the step table
+  cutlass_sm90::HybridKernel kernel() const;
 
  private:
   struct State;

@@ -765,20 +765,21 @@ void SparseGemm::multiply(const at::Tensor& x, at::Tensor& y) {
 #if PATCH_WITH_CUTLASS
 struct SplitGemm::State {
   std::unique_ptr<cutlass_sm90::HybridGemmWeight> gemm;
+  cutlass_sm90::HybridKernel kernel;
 };
 
 SplitGemm::SplitGemm(const at::Tensor& masked, const at::Tensor& tile_dense, at::Device device,
                      cutlass_sm90::HybridKernel kernel)
     : s_(std::make_unique<State>()) {
   const c10::cuda::CUDAGuard guard(device);
+  s_->kernel = kernel;
   const auto w = masked.to(at::kCPU, at::kBFloat16).contiguous();
   const auto td = tile_dense.to(at::kCPU, at::kByte).contiguous();
   const auto* bits = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   const auto* flags = td.data_ptr<uint8_t>();
   s_->gemm = std::make_unique<cutlass_sm90::HybridGemmWeight>(
       std::vector<uint16_t>(bits, bits + w.numel()), std::vector<uint8_t>(flags, flags + td.numel()), w.size(0),
-      w.size(1), kernel,
-      at::cuda::getCurrentCUDAStream(device.index()).stream());
+      w.size(1), kernel, at::cuda::getCurrentCUDAStream(device.index()).stream());
 }
 
 void SplitGemm::multiply(const at::Tensor& x, at::Tensor& y) {
@@ -788,6 +789,10 @@ void SplitGemm::multiply(const at::Tensor& x, at::Tensor& y) {
 
 int64_t SplitGemm::bytes() const {
   return static_cast<int64_t>(s_->gemm->bytes());
+}
+
+cutlass_sm90::HybridKernel SplitGemm::kernel() const {
+  return s_->kernel;
 }
 #else
 struct SplitGemm::State {};
@@ -800,6 +805,10 @@ void SplitGemm::multiply(const at::Tensor&, at::Tensor&) {}
 
 int64_t SplitGemm::bytes() const {
   return 0;
+}
+
+cutlass_sm90::HybridKernel SplitGemm::kernel() const {
+  return cutlass_sm90::HybridKernel::kSplit;
 }
 #endif
 

@@ -48,12 +48,19 @@ inline int64_t count_steps(const std::vector<uint8_t>& tile_dense, int64_t row_b
   return max_steps;
 }
 
+// Both plans' argument check: a non-empty grid and a tile map of its size.
+inline void check_grid(const char* what, const std::vector<uint8_t>& tile_dense, int64_t row_blocks,
+                       int64_t k_tiles) {
+  if (row_blocks <= 0 || k_tiles <= 0 || static_cast<int64_t>(tile_dense.size()) != row_blocks * k_tiles)
+    throw std::invalid_argument(std::string(what) + ": a tile map of " + std::to_string(tile_dense.size()) +
+                                " entries for " + std::to_string(row_blocks) + " x " + std::to_string(k_tiles) +
+                                " tiles");
+}
+
 // The plan for a layer of [row_blocks x k_tiles] tiles of kSplitTile, tile_dense
 // row-major (1: dense). Throws std::invalid_argument on an empty grid.
 inline SplitPlan make_split_plan(const std::vector<uint8_t>& tile_dense, int64_t row_blocks, int64_t k_tiles) {
-  if (row_blocks <= 0 || k_tiles <= 0 || static_cast<int64_t>(tile_dense.size()) != row_blocks * k_tiles)
-    throw std::invalid_argument("split plan: a tile map of " + std::to_string(tile_dense.size()) + " entries for " +
-                                std::to_string(row_blocks) + " x " + std::to_string(k_tiles) + " tiles");
+  check_grid("split plan", tile_dense, row_blocks, k_tiles);
   SplitPlan p;
   p.row_blocks = row_blocks;
   p.k_tiles = k_tiles;
@@ -121,9 +128,7 @@ struct MixedPlan {
 // The mixed plan for [row_blocks x k_tiles] tiles of kSplitTile, tile_dense
 // row-major (1: dense). Throws std::invalid_argument on an empty grid.
 inline MixedPlan make_mixed_plan(const std::vector<uint8_t>& tile_dense, int64_t row_blocks, int64_t k_tiles) {
-  if (row_blocks <= 0 || k_tiles <= 0 || static_cast<int64_t>(tile_dense.size()) != row_blocks * k_tiles)
-    throw std::invalid_argument("mixed plan: a tile map of " + std::to_string(tile_dense.size()) + " entries for " +
-                                std::to_string(row_blocks) + " x " + std::to_string(k_tiles) + " tiles");
+  check_grid("mixed plan", tile_dense, row_blocks, k_tiles);
   MixedPlan p;
   p.row_blocks = row_blocks;
   p.k_tiles = k_tiles;
