@@ -22,7 +22,7 @@ enum class Variant {
   kCooperative128x64x128StreamK,
 };
 
-std::vector<Variant> variants();  // all of them
+std::vector<Variant> variants();  // those built (none with PATCH_CUTLASS_SCHEDULES=OFF)
 const char* variant_name(Variant v);  // e.g. "cutlass_coop_128x128_1x2"
 
 // Whether the kernels were compiled in (nvcc targeting sm_90a, CUDA >= 12.2).

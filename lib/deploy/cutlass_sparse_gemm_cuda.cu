@@ -2,6 +2,8 @@
 // live in the cutlass_sparse_gemm_<variant>_cuda.cu files.
 #include "deploy/cutlass_sparse_gemm.h"
 
+#include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "deploy/cutlass_sparse_gemm_impl.cuh"
@@ -9,6 +11,7 @@
 namespace patch::deploy::cutlass_sm90 {
 
 std::vector<Variant> variants() {
+  if (!PATCH_CUTLASS_SCHEDULES) return {};
   return {Variant::kCooperative128x128x128Cluster1x2, Variant::kPingpong128x128x128Cluster1x2,
           Variant::kCooperative128x256x128Cluster1x2, Variant::kCooperative128x128x128Cluster2x1,
           Variant::kCooperative128x128x128StreamK,     Variant::kCooperative128x64x128StreamK};
@@ -42,6 +45,10 @@ struct SparseWeight::Impl {
 namespace {
 
 std::unique_ptr<detail::ImplBase> make(Variant v, const void* w, int64_t out, int64_t in, cudaStream_t stream) {
+#if !PATCH_CUTLASS_SCHEDULES
+  throw std::runtime_error(std::string("CUTLASS sparse GEMM: ") + variant_name(v) +
+                           " is not built (PATCH_CUTLASS_SCHEDULES=OFF)");
+#else
   switch (v) {
     case Variant::kCooperative128x128x128Cluster1x2:
       return detail::make_impl<Variant::kCooperative128x128x128Cluster1x2>(w, out, in, stream);
@@ -57,6 +64,7 @@ std::unique_ptr<detail::ImplBase> make(Variant v, const void* w, int64_t out, in
       return detail::make_impl<Variant::kCooperative128x64x128StreamK>(w, out, in, stream);
   }
   throw std::runtime_error("CUTLASS sparse GEMM: unknown variant " + std::to_string(static_cast<int>(v)));
+#endif
 }
 
 }  // namespace
