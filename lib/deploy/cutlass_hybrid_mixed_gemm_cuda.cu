@@ -314,6 +314,9 @@ struct MixedHybridMainloop : Base {
     cute::warpgroup_fence_operand(accum);
 
     // Issues step j's instructions as one batch (its metadata through e / e_copy).
+    // Each branch commits its own batch: a commit after the branches join makes
+    // ptxas add an empty wgmma group (C7519), and warpgroup_wait<1> then waits
+    // for the step itself.
     const int32_t* steps = params.steps + static_cast<int64_t>(row_block) * params.max_steps * 2;
     auto issue = [&](int j, auto& e, auto& e_copy) {
       const bool sparse = steps[2 * j] >= 0;
@@ -328,6 +331,7 @@ struct MixedHybridMainloop : Base {
         for (int k_block = 0; k_block < cute::size<2>(tCrA); ++k_block)
           cute::gemm(sparse_mma, cute::make_zip_tensor(tCrA(_, _, k_block, stage), e(_, _, k_block)),
                      tCrB(_, _, k_block, stage), accum);
+        cute::warpgroup_commit_batch();
       } else {
         auto tDrA = dense_thr.make_fragment_A(dense_thr.partition_A(half_a(shared_tensors, stage)));
         auto tDrB = dense_thr.make_fragment_B(dense_thr.partition_B(half_b(shared_tensors, stage)));
@@ -336,8 +340,8 @@ struct MixedHybridMainloop : Base {
         CUTLASS_PRAGMA_UNROLL
         for (int k_block = 0; k_block < cute::size<2>(tDrA); ++k_block)
           cute::gemm(dense_mma, tDrA(_, _, k_block), tDrB(_, _, k_block), accum);
+        cute::warpgroup_commit_batch();
       }
-      cute::warpgroup_commit_batch();
       ++smem_pipe_read;
     };
 
