@@ -10,10 +10,26 @@
 # is git-ignored, so the device call must name it in its carry list
 # (carry: [".gpu_carry"]); the first call (BUILD=1) starts the build with the
 # headers it brings.
+#   bin: the executables TARGETS names (default: patch-train test_hybrid) of this
+#      machine's CUDA build, and the libraries of this Debian the GPU machine has
+#      in other versions (yaml-cpp, spdlog, fmt), for STAGE=prebuilt: no build
+#      there, so a call spends its device time on the run
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-N=${1:?usage: gpu_carry.sh 1|2}
+N=${1:?usage: gpu_carry.sh 1|2|bin}
+if [[ $N == bin ]]; then
+  BIN=${PATCH_BUILD_DIR:-build}/bin
+  grep -qx '/.gpu_carry/' .git/info/exclude 2>/dev/null || echo '/.gpu_carry/' >>.git/info/exclude
+  rm -rf .gpu_carry && mkdir -p .gpu_carry/bin .gpu_carry/lib
+  for t in ${TARGETS:-patch-train test_hybrid}; do
+    [[ -x $BIN/$t ]] || { echo "gpu_carry: $BIN/$t is missing (build it with CUDA first)" >&2; exit 1; }
+    cp "$BIN/$t" .gpu_carry/bin/
+    ldd "$BIN/$t" | awk '/lib(yaml-cpp|spdlog|fmt)\.so/ {print $3}' | xargs -r cp -L -t .gpu_carry/lib/
+  done
+  du -cb .gpu_carry/* | tail -1
+  exit 0
+fi
 DATA=${PATCH_DATA_DIR:-$ROOT/../shared/data}
 ASSETS=${PATCH_ASSETS_DIR:-$ROOT/data/assets}
 GGUF=$ASSETS/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -39,6 +55,6 @@ case $N in
     tar -cf .gpu_carry/data2.tar -C "$DATA" text/extra
     tail -c +$((FIRST + 1)) "$GGUF" >.gpu_carry/smollm2.part.2
     ;;
-  *) echo "gpu_carry: N must be 1 or 2" >&2; exit 1 ;;
+  *) echo "gpu_carry: N must be 1, 2 or bin" >&2; exit 1 ;;
 esac
 du -cb .gpu_carry/* | tail -1

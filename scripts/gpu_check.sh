@@ -34,6 +34,11 @@
 #   STAGE=profile-dense [SHAPES=...] after STAGE=carry BUILD=1: our dense step's device
 #               time per kernel beside the PyTorch peer's (scripts/profile_peer.py), by
 #               kind of kernel (scripts/profile_compare.py, profile_compare.txt)
+#   STAGE=prebuilt [TESTS=spec] [TT=120] [BENCH1=... BENCH2=...] [BT=200] runs what
+#               `scripts/gpu_carry.sh bin` carried (built here, no build there): test_hybrid
+#               on the Catch2 spec TESTS (default "[deploy]~[cli]"; TESTS="" none) within
+#               TT seconds, then bench-deploy with the arguments BENCH1, then BENCH2, each
+#               within BT seconds (bench1.jsonl, bench2.jsonl, summed up in bench.txt)
 #   STAGE=wait [WAIT=540] waits for the background study at most WAIT seconds, then
 #               copies its results to $OUT; call it again at once to keep the machine
 # A device call carries at most 64 MiB, the machine cannot download and is
@@ -159,6 +164,35 @@ if [[ $STAGE == profile-dense ]]; then
     python3 scripts/profile_compare.py "$OUT/profile_ours.jsonl" "$OUT/profile_peer.jsonl" --shape "$SHAPE" |
       tee -a "$OUT/profile_compare.txt"
   done
+  exit 0
+fi
+if [[ $STAGE == prebuilt ]]; then
+  C=$PWD/.gpu_carry
+  [[ -d $C/bin ]] || { echo "no .gpu_carry/bin: run scripts/gpu_carry.sh bin here and carry .gpu_carry" >&2; exit 1; }
+  LDP="$C/lib:$(python3 -c 'import torch,os; print(os.path.dirname(torch.__file__) + "/lib")')"
+  for d in "$(python3 -c 'import nvidia; print(list(nvidia.__path__)[0])')"/*/lib; do [[ -d $d ]] && LDP="$LDP:$d"; done
+  export LD_LIBRARY_PATH="$LDP:${LD_LIBRARY_PATH:-}"
+  chmod +x "$C"/bin/*
+  for b in "$C"/bin/*; do ldd "$b" | grep "not found" | sed "s|^|$(basename "$b"): |"; done
+  if [[ -n ${TESTS-x} && -x $C/bin/test_hybrid ]]; then
+    t0=$(date +%s)
+    timeout "${TT:-120}" "$C/bin/test_hybrid" "${TESTS:-[deploy]~[cli]}" > "$OUT/test.log" 2>&1
+    echo "test_hybrid rc=$? in $(( $(date +%s) - t0 )) s"
+    grep -aE "FAILED|passed|failed|with expansion|REQUIRE|CHECK" "$OUT/test.log" | head -40
+  fi
+  files=()
+  for i in 1 2; do
+    v=BENCH$i
+    [[ -z ${!v:-} ]] && continue
+    t0=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout "${BT:-200}" "$C/bin/patch-train" bench-deploy --set model.device=cuda ${!v} 2> "$OUT/bench$i.err" |
+      grep '^{' > "$OUT/bench$i.jsonl"
+    echo "bench$i rc=${PIPESTATUS[0]} in $(( $(date +%s) - t0 )) s, $(wc -l < "$OUT/bench$i.jsonl") rows"
+    tail -3 "$OUT/bench$i.err"
+    files+=("bench$i=$OUT/bench$i.jsonl")
+  done
+  [[ ${#files[@]} -gt 0 ]] && python3 scripts/bench_deploy_summary.py "${files[@]}" | tee "$OUT/bench.txt"
   exit 0
 fi
 if [[ $STAGE == wait ]]; then
