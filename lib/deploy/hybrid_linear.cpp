@@ -1,6 +1,7 @@
 #include "deploy/hybrid_linear.h"
 
 #include <cstring>
+#include <limits>
 #include <map>
 #include <vector>
 
@@ -25,6 +26,13 @@ cutlass_sm90::HybridKernel split_kernel(bool mixed) {
 #endif
 
 }  // namespace
+
+int64_t split_loses_from(bool mixed, double sparse_fraction) {
+  constexpr int64_t kExpansionFromTokens = 1024;
+  constexpr double kMinSparseFraction = 0.7;
+  if (mixed || sparse_fraction >= kMinSparseFraction) return std::numeric_limits<int64_t>::max();
+  return kExpansionFromTokens;
+}
 
 const char* path_name(HybridPath p) {
   switch (p) {
@@ -196,6 +204,7 @@ struct HybridLinear::Impl {
 #if PATCH_WITH_CUDA
   std::unique_ptr<cuda::SparseGemm> sparse;  // a layer of 2:4 tiles only, more than kDecodeMaxTokens
   std::unique_ptr<cuda::SplitGemm> split;    // prefill_split, more than kDecodeMaxTokens
+  int64_t split_until = 0;                   // and fewer than these tokens (split_loses_from)
   std::shared_ptr<cuda::ExpandPipeline> pipeline;
 
   ~Impl() {
@@ -225,6 +234,8 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device, const Hy
                   "128");
       m.split = std::make_unique<cuda::SplitGemm>(unpack_layer(layer), f.tile_dense, device,
                                                   split_kernel(options.prefill_mixed));
+      const double tiles = static_cast<double>(layer.grid.num_tiles());
+      m.split_until = split_loses_from(options.prefill_mixed, (tiles - layer.dense_tiles()) / tiles);
     }
   }
 #endif
@@ -253,6 +264,7 @@ HybridLinear HybridLinear::clone() const {
     auto w = at::empty({m.grid.out(), m.grid.in()}, at::TensorOptions(m.device).dtype(at::kBFloat16));
     cuda::expand_weight(m.dec, m.grid, w);
     c->split = std::make_unique<cuda::SplitGemm>(w.cpu(), m.dec.tile_dense.cpu(), m.device, m.split->kernel());
+    c->split_until = m.split_until;
   }
 #endif
   return HybridLinear(std::move(c));
@@ -317,7 +329,7 @@ HybridPath HybridLinear::path(int64_t tokens) const {
   if (tokens <= (m.weight.defined() ? kDecodeMaxTokensBesideCopy : kDecodeMaxTokens)) return HybridPath::kDecode;
 #if PATCH_WITH_CUDA
   if (m.sparse && (!m.weight.defined() || tokens >= kSparseMinTokensBesideCopy)) return HybridPath::kSparse;
-  if (m.split) return HybridPath::kSplit;
+  if (m.split && tokens < m.split_until) return HybridPath::kSplit;
 #endif
   return m.weight.defined() ? HybridPath::kDense : HybridPath::kExpand;
 }

@@ -48,6 +48,15 @@ inline constexpr int64_t kDecodeMaxTokensBesideCopy = 16;
 // (LLaMA-2-7B and LLaMA-3.1-8B blocks, H200).
 inline constexpr int64_t kSparseMinTokensBesideCopy = 2048;
 
+// The tokens from which expansion + cuBLAS beats prefill_split's kernel on a
+// layer whose tiles are a fraction `sparse_fraction` 2:4 (INT64_MAX: never).
+// The split kernel costs (2 - f) / s of cuBLAS, s = 1.0-1.1 from 2048 tokens,
+// where expansion + cuBLAS runs 0.78-0.83x; so from about 1024 tokens it loses
+// below f = 0.7 (H100: 0.67x against 0.78x at 25% and 2048 tokens, 0.90x against
+// 0.83x at 45%; at 256 tokens 0.64x against 0.42x). The mixed kernel costs f / s
+// + (1 - f) at best and keeps every token count until measured otherwise.
+int64_t split_loses_from(bool mixed, double sparse_fraction);
+
 struct HybridOptions {
   // Prefill-heavy serving: keep W ⊙ M dense on the device as well, and give
   // cuBLAS more than kDecodeMaxTokensBesideCopy tokens on it (never slower
@@ -62,8 +71,9 @@ struct HybridOptions {
   // (sm_90, a build with the CUTLASS kernels): keep the layer as a pool of 2:4
   // tiles beside the decode blocks, a dense tile as two 2:4 halves, and give
   // more than kDecodeMaxTokens tokens to cuda::SplitGemm instead of expansion
-  // + cuBLAS. Layers of other tiles, or of 2:4 tiles only (cuSPARSELt), keep
-  // their path. Excludes prefill_dense_copy.
+  // + cuBLAS, up to where expansion wins (split_loses_from). Layers of other
+  // tiles, or of 2:4 tiles only (cuSPARSELt), keep their path. Excludes
+  // prefill_dense_copy.
   bool prefill_split = false;
   // prefill_split's kernel: dense tiles on the dense wgmma beside the 2:4
   // tiles' wgmma.sp (mixed), or each as two 2:4 halves (split). Split until
