@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the test suite of a build made by scripts/setup.sh; extra arguments go
 # to ctest (e.g. -R config, -L gpu).
-#   scripts/test.sh            the whole suite (what CI runs): about 8 minutes
-#                              on 2 cores, 2.5 of them fixtures and SmolLM2 tests
+#   scripts/test.sh            the whole suite (what CI runs): about 20 minutes
+#                              on 2 cores (211 tests)
 #   scripts/test.sh --quick    for development: the same minus the slowest
 #                              tests (real-model oracles, interrupt/resume,
 #                              sweeps, multi-rank), about 2 minutes on 2 cores
