@@ -234,8 +234,7 @@ HybridLinear::HybridLinear(const PackedLayer& layer, at::Device device, const Hy
                   "128");
       m.split = std::make_unique<cuda::SplitGemm>(unpack_layer(layer), f.tile_dense, device,
                                                   split_kernel(options.prefill_mixed));
-      const double tiles = static_cast<double>(layer.grid.num_tiles());
-      m.split_until = split_loses_from(options.prefill_mixed, (tiles - layer.dense_tiles()) / tiles);
+      m.split_until = split_loses_from(options.prefill_mixed, layer.sparse_tile_fraction());
     }
   }
 #endif

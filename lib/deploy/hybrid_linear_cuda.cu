@@ -765,14 +765,12 @@ void SparseGemm::multiply(const at::Tensor& x, at::Tensor& y) {
 #if PATCH_WITH_CUTLASS
 struct SplitGemm::State {
   std::unique_ptr<cutlass_sm90::HybridGemmWeight> gemm;
-  cutlass_sm90::HybridKernel kernel;
 };
 
 SplitGemm::SplitGemm(const at::Tensor& masked, const at::Tensor& tile_dense, at::Device device,
                      cutlass_sm90::HybridKernel kernel)
     : s_(std::make_unique<State>()) {
   const c10::cuda::CUDAGuard guard(device);
-  s_->kernel = kernel;
   const auto w = masked.to(at::kCPU, at::kBFloat16).contiguous();
   const auto td = tile_dense.to(at::kCPU, at::kByte).contiguous();
   const auto* bits = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
@@ -792,7 +790,7 @@ int64_t SplitGemm::bytes() const {
 }
 
 cutlass_sm90::HybridKernel SplitGemm::kernel() const {
-  return s_->kernel;
+  return s_->gemm->kernel();
 }
 #else
 struct SplitGemm::State {};

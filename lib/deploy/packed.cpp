@@ -58,6 +58,10 @@ int64_t PackedLayer::dense_tiles() const {
   return tile_dense.to(at::kLong).sum().item<int64_t>();
 }
 
+double PackedLayer::sparse_tile_fraction() const {
+  return 1.0 - static_cast<double>(dense_tiles()) / static_cast<double>(grid.num_tiles());
+}
+
 int64_t PackedLayer::bytes() const {
   return dense.numel() * 2 + values.numel() * 2 + indices.numel();
 }

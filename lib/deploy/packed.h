@@ -35,6 +35,7 @@ struct PackedLayer {
   at::Tensor indices;     // uint8 [ceil(sparse groups / 2)]
 
   int64_t dense_tiles() const;
+  double sparse_tile_fraction() const;  // 2:4 tiles / tiles
   int64_t bytes() const;    // of the four weight tensors
   double sparsity() const;  // zeros / weights
 };

@@ -124,6 +124,8 @@ TEST_CASE("a packed layer holds exactly W times M in 9/16 of the bytes for 2:4 t
     CHECK(p.indices.numel() == (sparse_weights / 4 + 1) / 2);
     CHECK(p.bytes() <= 2 * dense_weights + sparse_weights * 9 / 8 + 1);
     CHECK(p.sparsity() == Approx(static_cast<double>(m.zero_weights()) / m.grid.numel()));
+    CHECK(p.sparse_tile_fraction() ==
+          Approx(1.0 - m.tile_dense.to(at::kDouble).mean().item<double>()));
     // The positions are the mask's kept positions.
     const auto nib = deploy::group_nibbles(p).to(at::kLong);
     auto kept = at::zeros({c.out, c.in / 4, 4}, at::kLong);
@@ -488,16 +490,15 @@ TEST_CASE("HybridLinear with the split prefill equals the masked dense matmul", 
       deploy::HybridLinear plain(p, device), lin(p, device, split);
       deploy::HybridLinear copy = lin.clone();
       const auto ref_w = masked(w, m).to(at::kFloat);
-      const double sparse_fraction = 1.0 - static_cast<double>(p.dense_tiles()) / p.grid.num_tiles();
-      const int64_t loses_from = deploy::split_loses_from(mixed, sparse_fraction);
+      const int64_t loses_from = deploy::split_loses_from(mixed, p.sparse_tile_fraction());
       for (int64_t tokens : {1, 32, 33, 200, 1024}) {
         const auto want = tokens <= deploy::kDecodeMaxTokens ? deploy::HybridPath::kDecode
                           : tokens < loses_from              ? deploy::HybridPath::kSplit
                                                              : deploy::HybridPath::kExpand;
-        CHECK(copy.path(tokens) == want);
         INFO((mixed ? "mixed" : "split") << " kernel, sparsity " << sparsity << ", " << tokens << " tokens, path "
                                          << deploy::path_name(lin.path(tokens)));
         CHECK(lin.path(tokens) == want);
+        CHECK(copy.path(tokens) == want);
         CHECK(plain.path(tokens) == (tokens <= deploy::kDecodeMaxTokens ? want : deploy::HybridPath::kExpand));
         auto x = at::randn({tokens, 512}, at::kFloat).to(at::kBFloat16);
         const auto ref = at::linear(x.to(at::kFloat), ref_w);
